@@ -1,0 +1,3 @@
+from mmdiff.cli import main
+
+main()
