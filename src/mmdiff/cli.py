@@ -1,0 +1,121 @@
+"""The `mmdiff` command line: `mmdiff run` for the whole study, and one command per stage."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from mmdiff.errors import MMDiffError
+
+app = typer.Typer(
+    name="mmdiff",
+    help=(
+        "Multimodal model diffing with sparse autoencoders: find what multimodal fine-tuning changed "
+        "in a VLM's language backbone, and audit, ablate and steer it.\n\n"
+        "`mmdiff run` runs the whole study (on the bundled model organism when no --config is given); "
+        "the other commands run one stage alone."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Study config (YAML). Default: the organism study.")
+RunsOpt = typer.Option(Path("runs"), "--runs-dir", help="Parent folder of run directories.")
+
+
+@app.command()
+def run(
+    config: Optional[Path] = ConfigOpt,
+    runs_dir: Path = RunsOpt,
+    name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the config's name)."),
+    force: bool = typer.Option(False, "--force", help="Redo stages even when their inputs are unchanged."),
+    only: Optional[List[str]] = typer.Option(None, "--only", help="Run only this stage (repeatable)."),
+    start: Optional[str] = typer.Option(None, "--from", help="Run this stage and every later one."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and the files it names; load no weights."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Run the whole study (or some stages) into runs/<name>/, skipping stages already done."""
+    from mmdiff.config import dump_config, load_config
+    from mmdiff.pipeline import RunDir, run_stages
+    from mmdiff.study import check_config, study_stages
+
+    cfg = load_config(config)
+    if name:
+        cfg.name = name
+    problems = check_config(cfg)
+    if dry_run:
+        if problems:
+            for p in problems:
+                console.print(f"[red]x[/red] {p}")
+            raise typer.Exit(1)
+        console.print(f"[green]config OK[/green]: {config or 'organism default'}; stages: "
+                      + ", ".join(s.name for s in study_stages(cfg)))
+        return
+    if problems:
+        raise MMDiffError("the config names things that are not there:\n  " + "\n  ".join(problems))
+    run_dir = RunDir(runs_dir / cfg.name)
+    from mmdiff.atomic import write_text
+
+    write_text(run_dir.path / "config.yaml", dump_config(cfg))
+    if config is None:
+        console.print("[bold]mmdiff[/bold]: no --config given, running the organism study "
+                      "(the bundled tiny LLaVA and its shapes world).")
+
+    def on_event(kind, stage, res):  # type: ignore[no-untyped-def]
+        if kind == "start":
+            console.rule(f"[bold]{stage.name}[/bold] {stage.describe}")
+        elif kind == "skipped":
+            console.print(f"[dim]- {stage.name}: done earlier with the same inputs, skipped (--force redoes it)[/dim]")
+        elif kind == "done":
+            console.print(f"[green]v[/green] {stage.name} in {res.seconds:.1f}s")
+
+    results = run_stages(study_stages(cfg), cfg, run_dir, only=only, start=start, force=force,
+                         progress=progress, on_event=on_event)
+    total = sum(r.seconds for r in results)
+    console.rule("[bold]summary[/bold]")
+    for r in results:
+        console.print(f"  {r.name:<12} {r.status:<8} {r.seconds:8.1f}s")
+    console.print(f"run directory: {run_dir.path.resolve()}  ({total:.1f}s this time)")
+    report = run_dir.path / "report" / "index.html"
+    if report.exists():
+        console.print(f"report: {report.resolve()}")
+
+
+@app.command()
+def stages(config: Optional[Path] = ConfigOpt) -> None:
+    """List the study's stages in order, with what each one writes."""
+    from mmdiff.config import load_config
+    from mmdiff.study import study_stages
+
+    for s in study_stages(load_config(config)):
+        typer.echo(f"{s.name:<12} {s.describe}  -> {', '.join(s.outputs)}")
+
+
+@app.command("config")
+def show_config(config: Optional[Path] = ConfigOpt) -> None:
+    """Print the resolved study config as YAML (the organism study when no file is given)."""
+    from mmdiff.config import dump_config, load_config
+
+    typer.echo(dump_config(load_config(config)))
+
+
+def main() -> None:
+    try:
+        app()
+    except MMDiffError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: finished stages are kept; run again to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

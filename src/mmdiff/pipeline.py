@@ -1,0 +1,255 @@
+"""Stages, the run directory and its manifest: skip what is done, redo what changed, resume.
+
+A study is a list of stages. Each stage reads files in the run directory (or the model and data
+named by the config), writes its own files there atomically, and is recorded in `manifest.json` with
+its status, the hash of its inputs (its config section, the hashes of its upstream stages' outputs,
+the mmdiff version), package versions, wall seconds and peak memory. A stage whose recorded inputs
+hash equals the current one and whose outputs are all present is skipped; `force` redoes it. A stage
+killed mid-way stays "running" in the manifest and is redone on the next run (stages that run long
+keep their own checkpoints inside their output folder and resume from them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from mmdiff import __version__
+from mmdiff.atomic import sha256_json, sha256_tree, write_json
+from mmdiff.errors import ConfigError, MMDiffError
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Stage:
+    """One step of the study.
+
+    `run(ctx)` does the work and returns a small JSON-able summary. `outputs` are paths relative to
+    the run directory that the stage must leave behind; their content hashes feed the inputs hash of
+    every stage listed after it in `needs`.
+    """
+
+    name: str
+    run: Callable[["StageContext"], dict[str, Any] | None]
+    outputs: Sequence[str]
+    needs: Sequence[str] = ()
+    config_key: str | None = None  # the config section whose content is part of the inputs hash
+    describe: str = ""
+
+
+@dataclass
+class StageContext:
+    run_dir: Path
+    config: Any  # mmdiff.config.StudyConfig
+    stage: Stage
+    progress: bool = True
+    cache: dict[str, Any] = field(default_factory=dict)  # objects shared between stages of one run
+
+    def path(self, *parts: str) -> Path:
+        p = self.run_dir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"mmdiff": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "safetensors", "numpy", "pyarrow"):
+        mod = sys.modules.get(name)
+        if mod is None:
+            with contextlib.suppress(ImportError):
+                mod = __import__(name)
+        if mod is not None:
+            versions[name] = getattr(mod, "__version__", "?")
+    return versions
+
+
+class PeakMemory:
+    """Peak resident memory of this process during a block, in MiB (and CUDA peak when present).
+
+    On Linux the high-water mark is reset on entry via /proc/self/clear_refs, so the figure belongs
+    to the block; elsewhere it is the process's peak so far (ru_maxrss).
+    """
+
+    def __enter__(self) -> "PeakMemory":
+        self._reset = False
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+            self._reset = True
+        with contextlib.suppress(Exception):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.rss_mib = _peak_rss_mib()
+        self.cuda_mib = None
+        with contextlib.suppress(Exception):
+            import torch
+
+            if torch.cuda.is_available():
+                self.cuda_mib = torch.cuda.max_memory_allocated() / 2**20
+
+
+def _peak_rss_mib() -> float:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RunDir:
+    """The run directory `runs/<name>/` and its manifest."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.path / MANIFEST
+        self.manifest = self._read_manifest()
+
+    def _read_manifest(self) -> dict[str, Any]:
+        import json
+
+        if not self.manifest_path.exists():
+            return {"mmdiff_version": __version__, "stages": {}}
+        try:
+            data = json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise MMDiffError(
+                f"{self.manifest_path} is not valid JSON ({exc}); it is written atomically, so it was "
+                "edited by hand or the disk is damaged: delete it to rerun every stage"
+            ) from exc
+        data.setdefault("stages", {})
+        return data
+
+    def save(self) -> None:
+        write_json(self.manifest_path, self.manifest)
+
+    def record(self, name: str, **fields: Any) -> None:
+        self.manifest["stages"].setdefault(name, {}).update(fields)
+        self.save()
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.manifest["stages"].get(name, {})
+
+    def outputs_hash(self, stage: Stage) -> str:
+        return sha256_json({o: self.status(stage.name).get("outputs", {}).get(o) for o in stage.outputs})
+
+
+def inputs_hash(stage: Stage, config: Any, run_dir: RunDir, stages: dict[str, Stage]) -> str:
+    section = None
+    if stage.config_key:
+        section = getattr(config, stage.config_key)
+        section = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
+    upstream = {n: run_dir.outputs_hash(stages[n]) for n in stage.needs}
+    shared = config.hash_scope() if hasattr(config, "hash_scope") else None
+    return sha256_json(
+        {"stage": stage.name, "config": section, "shared": shared, "upstream": upstream, "mmdiff": __version__}
+    )
+
+
+def select_stages(
+    stages: Sequence[Stage], only: Iterable[str] | None = None, start: str | None = None
+) -> list[Stage]:
+    names = [s.name for s in stages]
+    for n in list(only or []) + ([start] if start else []):
+        if n not in names:
+            raise ConfigError(f"unknown stage {n!r}; the stages are: {', '.join(names)}")
+    if only:
+        wanted = set(only)
+        return [s for s in stages if s.name in wanted]
+    if start:
+        return list(stages[names.index(start) :])
+    return list(stages)
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # "done" | "skipped" | "failed"
+    seconds: float
+    summary: dict[str, Any] | None = None
+
+
+def run_stages(
+    stages: Sequence[Stage],
+    config: Any,
+    run_dir: RunDir,
+    *,
+    only: Iterable[str] | None = None,
+    start: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    on_event: Callable[[str, Stage, StageResult | None], None] | None = None,
+) -> list[StageResult]:
+    """Run the selected stages in order; skip those done with unchanged inputs unless `force`.
+
+    `only`/`start` restrict which stages run; a selected stage whose upstream stage has never
+    finished gets a clear error instead of silently working on missing files.
+    """
+    by_name = {s.name: s for s in stages}
+    selected = select_stages(stages, only, start)
+    selected_names = {s.name for s in selected}
+    results: list[StageResult] = []
+    ctx_cache: dict[str, Any] = {}
+    for stage in selected:
+        for up in stage.needs:
+            if up not in selected_names and run_dir.status(up).get("status") != "done":
+                raise MMDiffError(
+                    f"stage {stage.name!r} needs the outputs of {up!r}, which has not finished in "
+                    f"{run_dir.path}: run it first (mmdiff run --only {up}) or drop --only/--from"
+                )
+        h = inputs_hash(stage, config, run_dir, by_name)
+        prev = run_dir.status(stage.name)
+        outputs_present = all((run_dir.path / o).exists() for o in stage.outputs)
+        if not force and prev.get("status") == "done" and prev.get("inputs_hash") == h and outputs_present:
+            res = StageResult(stage.name, "skipped", 0.0, prev.get("summary"))
+            results.append(res)
+            if on_event:
+                on_event("skipped", stage, res)
+            continue
+        if on_event:
+            on_event("start", stage, None)
+        run_dir.record(stage.name, status="running", inputs_hash=h, started=time.time())
+        ctx = StageContext(run_dir.path, config, stage, progress=progress, cache=ctx_cache)
+        t0 = time.perf_counter()
+        try:
+            with PeakMemory() as mem:
+                summary = stage.run(ctx) or {}
+        except BaseException as exc:
+            run_dir.record(stage.name, status="failed", error=f"{type(exc).__name__}: {exc}",
+                           seconds=round(time.perf_counter() - t0, 3))
+            raise
+        seconds = time.perf_counter() - t0
+        missing = [o for o in stage.outputs if not (run_dir.path / o).exists()]
+        if missing:
+            run_dir.record(stage.name, status="failed", error=f"missing outputs {missing}")
+            raise MMDiffError(f"stage {stage.name!r} finished without writing {missing}: this is a bug")
+        run_dir.record(
+            stage.name,
+            status="done",
+            inputs_hash=h,
+            outputs={o: sha256_tree(run_dir.path / o) for o in stage.outputs},
+            versions=package_versions(),
+            seconds=round(seconds, 3),
+            peak_rss_mib=round(mem.rss_mib, 1),
+            peak_cuda_mib=None if mem.cuda_mib is None else round(mem.cuda_mib, 1),
+            finished=time.time(),
+            summary=summary,
+            error=None,
+        )
+        res = StageResult(stage.name, "done", seconds, summary)
+        results.append(res)
+        if on_event:
+            on_event("done", stage, res)
+    return results

@@ -1,0 +1,142 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mmdiff.errors import ConfigError, MMDiffError
+from mmdiff.pipeline import RunDir, Stage, run_stages
+
+
+class Cfg:
+    """A minimal stand-in for StudyConfig: sections are plain dicts."""
+
+    def __init__(self, a=1, b=1):
+        self.a = {"value": a}
+        self.b = {"value": b}
+
+
+def make_stages(calls):
+    def stage_a(ctx):
+        calls.append("a")
+        (ctx.run_dir / "a.txt").write_text(str(ctx.config.a["value"]))
+        return {"wrote": "a"}
+
+    def stage_b(ctx):
+        calls.append("b")
+        a = (ctx.run_dir / "a.txt").read_text()
+        (ctx.run_dir / "b.txt").write_text(a + "+" + str(ctx.config.b["value"]))
+
+    return [
+        Stage("a", stage_a, outputs=["a.txt"], config_key="a"),
+        Stage("b", stage_b, outputs=["b.txt"], needs=["a"], config_key="b"),
+    ]
+
+
+def test_skip_when_done_and_inputs_unchanged(tmp_path):
+    calls = []
+    rd = RunDir(tmp_path)
+    res = run_stages(make_stages(calls), Cfg(), rd)
+    assert [r.status for r in res] == ["done", "done"] and calls == ["a", "b"]
+    res = run_stages(make_stages(calls), Cfg(), RunDir(tmp_path))
+    assert [r.status for r in res] == ["skipped", "skipped"] and calls == ["a", "b"]
+    m = json.loads((tmp_path / "manifest.json").read_text())["stages"]["a"]
+    assert m["status"] == "done" and m["summary"] == {"wrote": "a"}
+    assert {"seconds", "peak_rss_mib", "versions", "inputs_hash", "outputs"} <= set(m)
+    assert m["versions"]["mmdiff"] and m["versions"]["torch"]
+
+
+def test_changed_section_reruns_stage_and_its_dependents(tmp_path):
+    calls = []
+    run_stages(make_stages(calls), Cfg(a=1), RunDir(tmp_path))
+    calls.clear()
+    run_stages(make_stages(calls), Cfg(a=2), RunDir(tmp_path))
+    assert calls == ["a", "b"]  # b reruns because a's output changed
+    assert (tmp_path / "b.txt").read_text() == "2+1"
+    calls.clear()
+    run_stages(make_stages(calls), Cfg(a=2, b=5), RunDir(tmp_path))
+    assert calls == ["b"]
+
+
+def test_force_only_and_from(tmp_path):
+    calls = []
+    run_stages(make_stages(calls), Cfg(), RunDir(tmp_path))
+    calls.clear()
+    run_stages(make_stages(calls), Cfg(), RunDir(tmp_path), force=True, only=["b"])
+    assert calls == ["b"]
+    calls.clear()
+    run_stages(make_stages(calls), Cfg(), RunDir(tmp_path), force=True, start="a")
+    assert calls == ["a", "b"]
+    with pytest.raises(ConfigError, match="unknown stage 'c'"):
+        run_stages(make_stages(calls), Cfg(), RunDir(tmp_path), only=["c"])
+
+
+def test_only_without_finished_upstream_is_a_clear_error(tmp_path):
+    with pytest.raises(MMDiffError, match="needs the outputs of 'a'"):
+        run_stages(make_stages([]), Cfg(), RunDir(tmp_path), only=["b"])
+
+
+def test_deleted_output_reruns_stage(tmp_path):
+    calls = []
+    run_stages(make_stages(calls), Cfg(), RunDir(tmp_path))
+    (tmp_path / "b.txt").unlink()
+    calls.clear()
+    run_stages(make_stages(calls), Cfg(), RunDir(tmp_path))
+    assert calls == ["b"]
+
+
+def test_failure_is_recorded_and_redone(tmp_path):
+    state = {"fail": True}
+
+    def flaky(ctx):
+        if state["fail"]:
+            raise RuntimeError("boom")
+        (ctx.run_dir / "x").write_text("ok")
+
+    stages = [Stage("x", flaky, outputs=["x"])]
+    with pytest.raises(RuntimeError):
+        run_stages(stages, Cfg(), RunDir(tmp_path))
+    assert RunDir(tmp_path).status("x")["status"] == "failed"
+    assert "boom" in RunDir(tmp_path).status("x")["error"]
+    state["fail"] = False
+    assert run_stages(stages, Cfg(), RunDir(tmp_path))[0].status == "done"
+
+
+def test_stage_that_forgets_an_output_fails_loudly(tmp_path):
+    stages = [Stage("x", lambda ctx: None, outputs=["missing.txt"])]
+    with pytest.raises(MMDiffError, match="without writing"):
+        run_stages(stages, Cfg(), RunDir(tmp_path))
+
+
+def test_kill_mid_stage_keeps_finished_work_and_resumes(tmp_path):
+    """SIGKILL during stage b: a stays done, b is redone on the next run."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_pipeline import Cfg
+        from mmdiff.pipeline import RunDir, Stage, run_stages
+        def a(ctx): (ctx.run_dir / "a.txt").write_text("1")
+        def b(ctx):
+            (ctx.run_dir / "b.partial").write_text("half")
+            os.kill(os.getpid(), signal.SIGKILL)
+        run_stages([Stage("a", a, ["a.txt"], config_key="a"),
+                    Stage("b", b, ["b.txt"], needs=["a"], config_key="b")], Cfg(), RunDir({str(tmp_path)!r}))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    rd = RunDir(tmp_path)
+    assert rd.status("a")["status"] == "done" and rd.status("b")["status"] == "running"
+    calls = []
+    res = run_stages(make_stages(calls), Cfg(), rd)
+    assert [r.status for r in res] == ["skipped", "done"] and calls == ["b"]
+
+
+def test_corrupt_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(MMDiffError, match="delete it"):
+        RunDir(tmp_path)
