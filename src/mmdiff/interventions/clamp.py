@@ -1,0 +1,95 @@
+"""Clamping SAE features while keeping the SAE's error term: y <- y + W_dec (f_clamped - f)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from mmdiff.interventions._hooks import Intervention, InterventionError, Positions, check_layer
+from mmdiff.models.base import Backbone
+
+
+def clamp_delta(sae: Any, x: torch.Tensor, features: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """[n, d_in] residuals -> [n, d_in] W_dec (f_clamped - f), with f = sae.encode(x) (dense [n, d_sae]).
+
+    Only the clamped features differ between f_clamped and f, so only their decoder rows are used;
+    features clamped to their current value give exactly zero. Assumes a linear decoder
+    x_hat = f W_dec + b_dec in the residual stream's own units (an SAE that rescales its input must
+    fold the scale into W_dec).
+    """
+    w_dec = sae.W_dec  # [d_sae, d_in]
+    f = sae.encode(x.to(w_dec.device, w_dec.dtype))  # [n, d_sae]
+    if f.dim() != 2 or f.shape[0] != x.shape[0]:
+        raise InterventionError(f"sae.encode returned shape {tuple(f.shape)} for input {tuple(x.shape)}; expected [n, d_sae]")
+    diff = values.to(f.device, f.dtype) - f[:, features]  # [n, n_clamped]
+    return (diff @ w_dec[features]).to(x.device, x.dtype)  # [n, d_in]
+
+
+class FeatureClamp(Intervention):
+    """At the selected positions of each layer, set chosen SAE features to fixed values."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        saes: Mapping[int, Any],
+        values: Mapping[int, Mapping[int, float]],
+        positions: Positions = "text",
+        token_types: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(backbone, positions, token_types)
+        self.saes: dict[int, Any] = {}
+        self.features: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        for layer, clamp in values.items():
+            check_layer(backbone, layer)
+            if layer not in saes:
+                raise InterventionError(f"features are clamped at layer {layer} but no SAE was given for it; saes has layers {sorted(saes)}")
+            sae = saes[layer]
+            if not hasattr(sae, "encode") or not hasattr(sae, "W_dec"):
+                raise InterventionError(f"the SAE of layer {layer} ({type(sae).__name__}) lacks encode() or W_dec")
+            d_sae, d_in = sae.W_dec.shape
+            if d_in != backbone.d_model:
+                raise InterventionError(
+                    f"the SAE at layer {layer} has d_in={d_in}, the model's hidden size is {backbone.d_model}: "
+                    "is this SAE for another model?"
+                )
+            idx = [int(i) for i in clamp]
+            bad = [i for i in idx if not 0 <= i < d_sae]
+            if bad:
+                raise InterventionError(f"features {bad} do not exist in the SAE of layer {layer} (d_sae={d_sae})")
+            if not idx:
+                continue  # nothing clamped: an exact no-op
+            self.saes[layer] = sae
+            self.features[layer] = torch.tensor(idx, dtype=torch.long)
+            self.values[layer] = torch.tensor([float(clamp[i]) for i in clamp], dtype=torch.float64)
+
+    def layers(self) -> list[int]:
+        return sorted(self.saes)
+
+    def edit(self, layer: int, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        sae, features, values = self.saes[layer], self.features[layer], self.values[layer]
+        if mask is None:
+            flat = y.reshape(-1, y.shape[-1])  # [batch * seq, d_model]
+            return y + clamp_delta(sae, flat, features.to(sae.W_dec.device), values).reshape(y.shape)
+        if not mask.any():
+            return y
+        out = y.clone()
+        out[mask] = y[mask] + clamp_delta(sae, y[mask], features.to(sae.W_dec.device), values)
+        return out
+
+
+def clamp_features(
+    backbone: Backbone,
+    saes: Mapping[int, Any],
+    values: Mapping[int, Mapping[int, float]],
+    positions: Positions = "text",
+    token_types: torch.Tensor | None = None,
+) -> FeatureClamp:
+    """A context manager that clamps SAE features through the SAE, keeping its error term.
+
+    saes: {layer: SAE with encode(x [n, d_in]) -> dense [n, d_sae] and W_dec [d_sae, d_in]}.
+    values: {layer: {feature: value}}; 0 switches a feature off, a multiple of its max steers it.
+    At hook point L and the selected positions: y <- y + W_dec (f_clamped - f), f = sae.encode(y).
+    """
+    return FeatureClamp(backbone, saes, values, positions, token_types)
