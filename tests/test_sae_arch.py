@@ -92,8 +92,8 @@ def test_jumprelu_exact_and_gating() -> None:
 
 def test_jumprelu_threshold_gets_ste_gradient() -> None:
     sae = build_sae(cfg("jumprelu", l1_coefficient=2.0))
-    _set(sae, W_ENC, B_ENC, W_DEC, B_DEC, threshold=[3.0005, 0.5, 2.0])
-    out = sae(X[:1])  # pre_0 = 3 lies within eps/2 = 0.0005 of theta_0 = 3.0005
+    _set(sae, W_ENC, B_ENC, W_DEC, B_DEC, threshold=[3.0002, 0.5, 2.0])
+    out = sae(X[:1])  # pre_0 = 3 lies within eps/2 = 0.0005 of theta_0 = 3.0002
     loss = sae.sparsity_penalty(out)
     loss.backward()
     # L0 = sum 1[pre > theta]; d/d theta_0 = -(1/eps) * 1 (inside the window); others 0
