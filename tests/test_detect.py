@@ -159,3 +159,18 @@ def test_mismatched_splits(splits):
         contrastive_firing(task, other)
     with pytest.raises(ConfigError, match="'greater' or 'two-sided'"):
         fisher_exact_pvalues([1], 2, [1], 2, "less")
+
+
+def test_plots_of_detection(splits, tmp_path):
+    from PIL import Image
+
+    from mmdiff.errors import DataError
+    from mmdiff.report.feature_plots import plot_adapted_firing, plot_firing_distributions, plot_task_candidates
+
+    task, base, neutral = splits
+    df = task_features(task, base, adapted=ADAPTED, neutral=neutral, min_delta_p=0.02, min_neutral_firing=0.05)
+    for fn, name in ((plot_firing_distributions, "dist.png"), (plot_adapted_firing, "adapted.png"),
+                     (plot_task_candidates, "candidates.png")):
+        assert Image.open(fn(df, tmp_path / name)).size[0] > 300
+    with pytest.raises(DataError, match="adapted set"):
+        plot_adapted_firing(task_features(task, base), tmp_path / "y.png")

@@ -186,3 +186,21 @@ def test_mismatched_inputs(world):
     other = FeatureStats({2: D_SAE}, "text")
     with pytest.raises(ConfigError, match="same hook points"):
         adapted_features(vision, other, base, adapted, n_bootstrap=0)
+
+
+def test_plots_of_the_diff(world, tmp_path):
+    from PIL import Image
+
+    from mmdiff.errors import DataError
+    from mmdiff.report.feature_plots import plot_adapted_per_layer, plot_gap_vs_cosine
+
+    vision, text, base, adapted = world
+    df = adapted_features(vision, text, base, adapted, n_bootstrap=0, progress=False)
+    task = df[["layer", "feature"]].assign(kept=df.selected & (df.layer == 2))
+    p1 = plot_gap_vs_cosine(df, tmp_path / "gap_vs_cosine.png", {"spatial": task})
+    p2 = plot_adapted_per_layer(adapted_counts_per_layer(df), tmp_path / "per_layer.svg")
+    assert Image.open(p1).size[0] > 300
+    assert p2.read_text().lstrip().startswith("<?xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gap_vs_cosine.png", "per_layer.svg"]  # no temp files
+    with pytest.raises(DataError, match="decoder_cosine"):
+        plot_gap_vs_cosine(df.drop(columns="decoder_cosine"), tmp_path / "x.png")
