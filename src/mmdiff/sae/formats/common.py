@@ -84,7 +84,7 @@ def sae_from_tensors(cfg: SAEConfig, tensors: dict[str, Tensor], path: Path) -> 
         state[name] = t.detach().to(device=device, dtype=dtype).contiguous()
     sae.load_state_dict(state, assign=True)
     sae.check_finite(f"loaded from {path}")
-    return sae
+    return sae.eval()  # loaded SAEs infer; BatchTopK uses its threshold in eval mode
 
 
 def fit_check(sae: SAE, *, d_in: int | None, d_sae: int | None, layer: int | None) -> None:
