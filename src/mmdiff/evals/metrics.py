@@ -1,7 +1,8 @@
 """Task metrics, computed exactly as the benchmarks' official scripts compute them.
 
 - Yes/No tasks (VSR, VQAv2 yes/no): accuracy and mean P(correct) from next-token scores, with
-  P(yes) = sum of the yes variants' probabilities normalised against the no variants' (METHOD.md §7).
+  P(yes) = sum of the yes variants' probabilities normalised against the no variants'
+  (METHOD.md §7).
 - VQAv2 soft accuracy: the official evaluator (GT-Vision-Lab/VQA, PythonEvaluationTools/
   vqaEvaluation/vqaEval.py, master), normalisation quirks included.
 - TextVQA soft accuracy: EvalAI's answer processor (pythia/MMF `EvalAIAnswerProcessor`, the one
@@ -55,7 +56,9 @@ def _check_ids(ids: Sequence[int], name: str, vocab: int) -> torch.Tensor:
     return ids_t
 
 
-def yes_probability(scores: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]) -> torch.Tensor:
+def yes_probability(
+    scores: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]
+) -> torch.Tensor:
     """P(yes) = sum_yes p / (sum_yes p + sum_no p) from next-token logits or log-probabilities.
 
     `scores` is [batch, vocab] of logits or log-probs: the normalisation against the no variants
@@ -73,15 +76,22 @@ def yes_probability(scores: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequen
     no_t = _check_ids(no_ids, "no_ids", vocab)
     overlap = set(yes_t.tolist()) & set(no_t.tolist())
     if overlap:
-        raise DataError(f"token ids {sorted(overlap)} are in both yes_ids and no_ids; they must be disjoint")
+        raise DataError(
+            f"token ids {sorted(overlap)} are in both yes_ids and no_ids; they must be disjoint"
+        )
     s = scores.detach().to(torch.float64)
     lse_yes = torch.logsumexp(s[:, yes_t], dim=1)  # [batch]
     lse_no = torch.logsumexp(s[:, no_t], dim=1)  # [batch]
-    bad = torch.isnan(lse_yes) | torch.isnan(lse_no) | ~(torch.isfinite(lse_yes) | torch.isfinite(lse_no))
+    bad = (
+        torch.isnan(lse_yes)
+        | torch.isnan(lse_no)
+        | ~(torch.isfinite(lse_yes) | torch.isfinite(lse_no))
+    )
     if bool(bad.any()):
         rows = torch.nonzero(bad).flatten().tolist()[:5]
         raise DataError(
-            f"rows {rows}: the yes/no scores are nan, or every variant has zero probability (-inf), "
+            f"rows {rows}: the yes/no scores are nan, or every variant has zero probability "
+            "(-inf), "
             "so P(yes) is undefined; check the scores are taken at the answer position"
         )
     return torch.sigmoid(lse_yes - lse_no)
@@ -121,7 +131,8 @@ def yes_no_accuracy(
     labels_list = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
     if len(labels_list) != p_yes.shape[0]:
         raise DataError(
-            f"{len(labels_list)} gold labels for {p_yes.shape[0]} rows of scores; give one label per row"
+            f"{len(labels_list)} gold labels for {p_yes.shape[0]} rows of scores; "
+            "give one label per row"
         )
     gold = torch.tensor([_parse_label(x, i) for i, x in enumerate(labels_list)], dtype=torch.bool)
     p_correct = torch.where(gold, p_yes, 1.0 - p_yes)
@@ -234,7 +245,8 @@ def _check_answers(answers: Sequence[str], n_answers: int | None, metric: str) -
     if n_answers is not None and len(answers) != n_answers:
         raise DataError(
             f"{metric} is defined on {n_answers} human answers per question, found {len(answers)}. "
-            "With fewer answers the leave-one-out score is biased low (one answer always scores 0); "
+            "With fewer answers the leave-one-out score is biased low "
+            "(one answer always scores 0); "
             "for single-reference data use vqa_exact_match, or pass n_answers=None to accept it"
         )
     return answers
@@ -250,7 +262,9 @@ def _leave_one_out(prediction: str, answers: Sequence[str]) -> float:
     return total / len(answers)
 
 
-def vqa_soft_accuracy(prediction: str, answers: Sequence[str], *, n_answers: int | None = 10) -> float:
+def vqa_soft_accuracy(
+    prediction: str, answers: Sequence[str], *, n_answers: int | None = 10
+) -> float:
     """VQAv2 accuracy of one prediction, exactly as the official evaluator computes it.
 
     The prediction is fully normalised (punctuation, lower case, number words, articles,
@@ -294,7 +308,9 @@ def textvqa_normalize_answer(text: str) -> str:
     return vqa_process_digit_article(out)
 
 
-def textvqa_soft_accuracy(prediction: str, answers: Sequence[str], *, n_answers: int | None = 10) -> float:
+def textvqa_soft_accuracy(
+    prediction: str, answers: Sequence[str], *, n_answers: int | None = 10
+) -> float:
     """TextVQA accuracy of one prediction (EvalAI / m4c evaluator): both sides normalised, then the
     same leave-one-out soft score as VQAv2 (the evaluator asserts 10 answers)."""
     answers = _check_answers(answers, n_answers, "TextVQA soft accuracy")
@@ -315,7 +331,9 @@ def vqa_exact_match(prediction: str, answers: Sequence[str]) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def ocrbench_match(prediction: str, answers: str | Sequence[str], *, dataset_name: str = "") -> float:
+def ocrbench_match(
+    prediction: str, answers: str | Sequence[str], *, dataset_name: str = ""
+) -> float:
     """OCRBench score (1.0 / 0.0): some answer is a substring of the prediction.
 
     As OCRBench's script: lower-case, strip, newlines -> spaces. For the HME100k subset

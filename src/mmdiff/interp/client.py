@@ -1,4 +1,4 @@
-"""A small client for any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, sglang, ollama).
+"""A client for any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, sglang, ollama).
 
 What a user gets: `LLMClient(LLMConfig(base_url, model)).chat_json(messages, schema)` returns a
 validated reply; `chat_many` runs a batch under a concurrency limit; replies are cached on disk.
@@ -124,7 +124,9 @@ def image_data_url(image: Any, mime: str = "image/png") -> str:
         image.save(buf, format="PNG")
         data = buf.getvalue()
     else:
-        raise LLMError(f"cannot send a {type(image).__name__} as an image: give PIL, PNG bytes or a path")
+        raise LLMError(
+            f"cannot send a {type(image).__name__} as an image: give PIL, PNG bytes or a path"
+        )
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -186,8 +188,10 @@ def _is_retryable_status(status: int) -> bool:
     return status in _RETRY_STATUS or status >= 500
 
 
-def retry_after_seconds(headers: httpx.Headers | dict[str, str], now: float | None = None) -> float | None:
-    """Seconds a server asked us to wait: `retry-after-ms`, or Retry-After in seconds or HTTP-date."""
+def retry_after_seconds(
+    headers: httpx.Headers | dict[str, str], now: float | None = None
+) -> float | None:
+    """Seconds a server asked us to wait: `retry-after-ms`, or Retry-After (seconds or a date)."""
     h = {k.lower(): v for k, v in headers.items()}
     if "retry-after-ms" in h:
         try:
@@ -248,7 +252,9 @@ class LLMClient:
 
     def __repr__(self) -> str:  # the key is never an attribute, so it can never show here
         c = self.config
-        return f"LLMClient(base_url={c.base_url!r}, model={c.model!r}, api_key_env={c.api_key_env!r})"
+        return (
+            f"LLMClient(base_url={c.base_url!r}, model={c.model!r}, api_key_env={c.api_key_env!r})"
+        )
 
     @property
     def supports_images(self) -> bool:
@@ -269,9 +275,15 @@ class LLMClient:
 
     # -- cache ------------------------------------------------------------------------------------
 
-    def _body(self, messages: Sequence[Message], json_mode: bool, params: dict[str, Any]) -> dict[str, Any]:
+    def _body(
+        self, messages: Sequence[Message], json_mode: bool, params: dict[str, Any]
+    ) -> dict[str, Any]:
         c = self.config
-        body: dict[str, Any] = {"model": c.model, "messages": list(messages), "temperature": c.temperature}
+        body: dict[str, Any] = {
+            "model": c.model,
+            "messages": list(messages),
+            "temperature": c.temperature,
+        }
         if c.max_tokens is not None:
             body["max_tokens"] = c.max_tokens
         if c.seed is not None:
@@ -284,7 +296,9 @@ class LLMClient:
     @staticmethod
     def cache_key(body: dict[str, Any]) -> str:
         """sha256 of (model, messages, params): the request body, which never holds the key."""
-        return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+        return hashlib.sha256(
+            json.dumps(body, sort_keys=True, ensure_ascii=True).encode()
+        ).hexdigest()
 
     def _cache_path(self, key: str) -> Path | None:
         if self.config.cache_dir is None:
@@ -340,8 +354,8 @@ class LLMClient:
                 last = f"HTTP {resp.status_code}: {detail}"
                 if not _is_retryable_status(resp.status_code):
                     raise LLMError(
-                        f"{c.base_url} answered {last} for model {c.model!r}; this is not transient: "
-                        + _hint(resp.status_code, c.api_key_env)
+                        f"{c.base_url} answered {last} for model {c.model!r}; "
+                        "this is not transient: " + _hint(resp.status_code, c.api_key_env)
                     )
                 wait = retry_after_seconds(resp.headers)
             if attempt == c.max_retries:
@@ -351,7 +365,9 @@ class LLMClient:
                 delay = min(max(wait, 0.0), c.backoff_max_s)
             with self._lock:
                 self.stats["retries"] += 1
-            log.info("LLM request %s; retry %d/%d in %.2f s", last, attempt + 1, c.max_retries, delay)
+            log.info(
+                "LLM request %s; retry %d/%d in %.2f s", last, attempt + 1, c.max_retries, delay
+            )
             time.sleep(delay)
         raise LLMError(
             f"{c.base_url} (model {c.model!r}) failed {c.max_retries + 1} times, last: {last}. "
@@ -385,7 +401,9 @@ class LLMClient:
             try:
                 value = self._finish(cached, json_mode, validator)
             except (ValueError, TypeError) as exc:
-                log.warning("cached LLM reply %s no longer validates (%s); asking again", key[:12], exc)
+                log.warning(
+                    "cached LLM reply %s no longer validates (%s); asking again", key[:12], exc
+                )
             else:
                 with self._lock:
                     self.stats["cache_hits"] += 1
@@ -413,7 +431,9 @@ class LLMClient:
             f"tries; last problem: {problem}. Try a stronger model, or one that supports JSON mode"
         )
 
-    def chat_json(self, messages: Sequence[Message], validator: Validator | None = None, **params: Any) -> Any:
+    def chat_json(
+        self, messages: Sequence[Message], validator: Validator | None = None, **params: Any
+    ) -> Any:
         """`chat` in JSON mode (response_format json_object) with parsing and validation."""
         return self.chat(messages, json_mode=True, validator=validator, **params)
 
@@ -436,7 +456,9 @@ class LLMClient:
         def run(i: int) -> None:
             r = requests[i]
             try:
-                results[i] = self.chat(r.messages, json_mode=r.json_mode, validator=r.validator, **r.params)
+                results[i] = self.chat(
+                    r.messages, json_mode=r.json_mode, validator=r.validator, **r.params
+                )
             except LLMError as exc:
                 if not return_exceptions:
                     raise
@@ -468,7 +490,9 @@ def _content_of(resp: httpx.Response) -> str:
             "OpenAI-compatible server?"
         ) from exc
     if content is None:
-        raise LLMReplyError("the endpoint returned an empty message (content null); was it cut off?")
+        raise LLMReplyError(
+            "the endpoint returned an empty message (content null); was it cut off?"
+        )
     return str(content)
 
 
