@@ -37,7 +37,9 @@ def make_batches(n_batches: int = 6, batch: int = 3, seq: int = 7, seed: int = 0
         types[mask == 0] = 2
         acts = {L: torch.randn(batch, seq, D, generator=g) for L in LAYERS}
         ids = [f"r{i * batch + b}" for b in range(batch)]
-        out.append(ActivationBatch(acts=acts, token_types=types, attention_mask=mask, record_ids=ids))
+        input_ids = torch.randint(0, 1000, (batch, seq), generator=g)
+        out.append(ActivationBatch(acts=acts, token_types=types, attention_mask=mask, record_ids=ids,
+                                   input_ids=input_ids))
     return out
 
 
@@ -46,7 +48,8 @@ def expected_tokens(batches: list[ActivationBatch]) -> dict[str, dict[str, torch
     for bt in batches:
         for b, rid in enumerate(bt.record_ids):
             keep = bt.attention_mask[b].bool()
-            exp[rid] = {"types": bt.token_types[b][keep]} | {L: bt.acts[L][b][keep] for L in LAYERS}
+            exp[rid] = {"types": bt.token_types[b][keep], "ids": bt.input_ids[b][keep]}
+            exp[rid] |= {L: bt.acts[L][b][keep] for L in LAYERS}
     return exp
 
 
@@ -62,17 +65,18 @@ def store_files(root: Path) -> dict[str, bytes]:
 
 def test_round_trip_exact_float32(tmp_path):
     batches = make_batches()
-    write_store(tmp_path, batches, dtype="float32", shard_tokens=10)
+    write_store(tmp_path, batches, dtype="float32", shard_tokens=10, input_ids=True)
     store = ActivationStore(tmp_path, verify="hash")
     exp = expected_tokens(batches)
     assert store.complete and store.layers == LAYERS and store.d_model == D
     assert store.num_tokens == sum(len(v["types"]) for v in exp.values())
     assert len(store.shards) > 3  # several shards, each of whole records
-    got = {rid: {"types": [], 1: [], 3: [], "pos": []} for rid in exp}
+    got = {rid: {"types": [], 1: [], 3: [], "pos": [], "ids": []} for rid in exp}
     for bt in store.iter_batches(LAYERS, batch_size=4, shuffle=False):
         for j, ri in enumerate(bt.record_index.tolist()):
             rec = got[store.record_ids[ri]]
             rec["types"].append(bt.token_types[j])
+            rec["ids"].append(bt.input_ids[j])
             rec["pos"].append(int(bt.position[j]))
             for L in LAYERS:
                 rec[L].append(bt.acts[L][j])
@@ -80,6 +84,7 @@ def test_round_trip_exact_float32(tmp_path):
         g = got[rid]
         assert g["pos"] == list(range(len(e["types"])))  # in order, positions among real tokens
         assert torch.equal(torch.stack(g["types"]), e["types"])
+        assert torch.equal(torch.stack(g["ids"]).long(), e["ids"])
         for L in LAYERS:
             assert torch.equal(torch.stack(g[L]), e[L])
     # load_all returns store order = record order here
@@ -94,6 +99,8 @@ def test_float16_default_and_overflow_error(tmp_path):
     exp = expected_tokens(batches)
     want = torch.cat([exp[f"r{i}"][1] for i in range(6)]).half()
     assert torch.equal(store.load_all(1), want)
+    assert next(store.iter_batches(1, 4, dtype=torch.float32)).acts.dtype == torch.float32
+    assert next(store.iter_batches(1, 4)).input_ids is None
     big = make_batches(n_batches=1)[0]
     big.acts[1][0, 0, 0] = 1e6
     w = ActivationStoreWriter(tmp_path / "b", LAYERS, D)
@@ -152,6 +159,8 @@ def test_resume_skips_stored_records_and_checks_shape(tmp_path):
         ActivationStoreWriter(tmp_path, [1, 2], D, dtype="float32")
     with pytest.raises(StoreError, match="is float32, this capture writes float16"):
         ActivationStoreWriter(tmp_path, LAYERS, D)
+    with pytest.raises(StoreError, match="input_ids=False, this capture asks for input_ids=True"):
+        ActivationStoreWriter(tmp_path, LAYERS, D, dtype="float32", input_ids=True)
     with pytest.raises(StoreError, match="expected \\[batch=3, seq=7, d_model=8\\]"):
         bad = make_batches(n_batches=7)[6]
         bad.acts[1] = bad.acts[1][..., :4]
@@ -262,3 +271,18 @@ def test_missing_store_and_bad_manifest(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({"format": "other"}))
     with pytest.raises(StoreError, match="not an mmdiff-activation-store"):
         ActivationStore(tmp_path)
+
+
+def test_empty_records_duplicates_and_empty_store(tmp_path):
+    bt = make_batches(n_batches=1)[0]
+    bt.attention_mask[1] = 0  # a record with no real tokens
+    bt.record_ids = ["x", "y", "x"]  # the repeated id is stored once
+    with ActivationStoreWriter(tmp_path / "s", LAYERS, D, dtype="float32") as w:
+        assert w.add(bt) == int(bt.attention_mask[0].sum())
+    store = ActivationStore(tmp_path / "s")
+    assert store.record_ids == ["x", "y"] and store.num_tokens == int(bt.attention_mask[0].sum())
+    with ActivationStoreWriter(tmp_path / "e", LAYERS, D):
+        pass
+    empty = ActivationStore(tmp_path / "e")
+    assert empty.complete and empty.num_tokens == 0 and list(empty.iter_batches(1, 4)) == []
+    assert empty.load_all(1).shape == (0, D)

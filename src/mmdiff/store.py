@@ -7,7 +7,7 @@ Layout of a store directory:
     shard_000000.safetensors  per shard: "acts.<L>" [n, d_model] for every layer L,
                               "token_types" [n] int8, "record_index" [n] int32 (index into the
                               shard's record ids), "position" [n] int32 (position of the token among
-                              the record's non-padding tokens)
+                              the record's non-padding tokens), and optionally "input_ids" [n] int32
 
 A shard holds whole records only, and it is complete only once its file was renamed into place AND
 the manifest lists it. The manifest is rewritten (atomically) after every shard, so a writer killed
@@ -71,7 +71,7 @@ def _read_manifest(root: Path) -> dict[str, Any]:
 
 
 def _check_shard(root: Path, entry: dict[str, Any], layers: list[int], d_model: int, dtype: str,
-                 verify: Literal["header", "hash"]) -> None:
+                 verify: Literal["header", "hash"], input_ids: bool = False) -> None:
     """Raise StoreError unless the shard file matches its manifest entry (size, header, optionally hash)."""
     from safetensors import safe_open
 
@@ -88,6 +88,8 @@ def _check_shard(root: Path, entry: dict[str, Any], layers: list[int], d_model: 
     n = entry["n_tokens"]
     expected = {f"acts.{L}": ([n, d_model], dtype) for L in layers}
     expected |= {"token_types": ([n], "int8"), "record_index": ([n], "int32"), "position": ([n], "int32")}
+    if input_ids:
+        expected["input_ids"] = ([n], "int32")
     try:
         with safe_open(str(path), framework="pt") as fh:
             for key, (shape, dt) in expected.items():
@@ -121,7 +123,8 @@ class ActivationStoreWriter:
         d_model: int,
         *,
         dtype: str | torch.dtype = "float16",
-        shard_tokens: int = 1 << 16,
+        shard_tokens: int = 1 << 14,
+        input_ids: bool = False,
         meta: dict[str, Any] | None = None,
     ) -> None:
         if not layers:
@@ -133,6 +136,7 @@ class ActivationStoreWriter:
         self.d_model = int(d_model)
         self.dtype = _dtype_name(dtype)
         self.shard_tokens = int(shard_tokens)
+        self.input_ids = bool(input_ids)
         self.root.mkdir(parents=True, exist_ok=True)
         if (self.root / MANIFEST).exists():
             self._manifest = self._resume(meta)
@@ -144,12 +148,13 @@ class ActivationStoreWriter:
                 "d_model": self.d_model,
                 "dtype": self.dtype,
                 "shard_tokens": self.shard_tokens,
+                "input_ids": self.input_ids,
                 "complete": False,
                 "meta": meta or {},
                 "shards": [],
             }
             self._clean_unlisted()
-            write_json(self.root / MANIFEST, self._manifest)
+            self._write_manifest()
         self._done: set[str] = {rid for s in self._manifest["shards"] for rid in s["record_ids"]}
         self._next_index = 1 + max((int(_SHARD_RE.match(s["file"]).group(1)) for s in self._manifest["shards"]),
                                    default=-1)
@@ -167,6 +172,11 @@ class ActivationStoreWriter:
                 f"{manifest['d_model']}, this capture writes layers {self.layers} with d_model="
                 f"{self.d_model}: use another directory, or delete this one to start over"
             )
+        if bool(manifest.get("input_ids")) != self.input_ids:
+            raise StoreError(
+                f"activation store {self.root} was written with input_ids={bool(manifest.get('input_ids'))}, "
+                f"this capture asks for input_ids={self.input_ids}: use the same setting or another directory"
+            )
         if manifest["dtype"] != self.dtype:
             raise StoreError(
                 f"activation store {self.root} is {manifest['dtype']}, this capture writes {self.dtype}: "
@@ -176,7 +186,8 @@ class ActivationStoreWriter:
         for entry in manifest["shards"]:
             if not (self.root / entry["file"]).exists():
                 continue  # deleted by the user after a corruption error: its records are re-captured
-            _check_shard(self.root, entry, self.layers, self.d_model, self.dtype, verify="header")
+            _check_shard(self.root, entry, self.layers, self.d_model, self.dtype, verify="header",
+                         input_ids=self.input_ids)
             kept.append(entry)
         manifest["shards"] = kept
         manifest["complete"] = False
@@ -184,8 +195,12 @@ class ActivationStoreWriter:
             manifest["meta"] = {**manifest.get("meta", {}), **meta}
         self._manifest = manifest
         self._clean_unlisted()
-        write_json(self.root / MANIFEST, manifest)
+        self._write_manifest()
         return manifest
+
+    def _write_manifest(self) -> None:
+        # compact JSON: the manifest is rewritten after every shard and lists every record id
+        write_json(self.root / MANIFEST, self._manifest, indent=None)
 
     def _clean_unlisted(self) -> None:
         """Delete shard files the manifest does not list and temp files of a killed writer."""
@@ -223,40 +238,56 @@ class ActivationStoreWriter:
                     f"layer {L} activations have shape {list(shape)}, expected [batch={B}, seq={T}, "
                     f"d_model={self.d_model}]: is this batch from another model?"
                 )
+        if self.input_ids and (batch.input_ids is None or tuple(batch.input_ids.shape) != (B, T)):
+            raise StoreError(
+                f"this store keeps input_ids, the batch has {None if batch.input_ids is None else list(batch.input_ids.shape)}"
+                f" instead of [{B}, {T}]: capture with input_ids or open the writer with input_ids=False"
+            )
         if tuple(batch.token_types.shape) != (B, T) or len(batch.record_ids) != B:
             raise StoreError(
                 f"batch token_types {list(batch.token_types.shape)} / {len(batch.record_ids)} record ids "
                 f"do not match attention_mask [{B}, {T}]"
             )
-        mask = batch.attention_mask.bool()
-        added = 0
-        pending = set(self._buffer_ids)
+        # Select the new records first, then gather and cast each layer once for all of them.
+        rows, ids, seen = [], [], set(self._buffer_ids) | self._done
         for b, rid in enumerate(batch.record_ids):
             rid = str(rid)
-            if rid in self._done or rid in pending:
-                continue
-            keep = mask[b]  # [seq]
-            rec = {f"acts.{L}": self._cast(batch.acts[L][b][keep], L, rid) for L in self.layers}  # [n, D]
-            n = int(keep.sum())
-            rec["token_types"] = batch.token_types[b][keep].to(torch.int8)  # [n]
-            rec["position"] = torch.arange(n, dtype=torch.int32)  # [n] position among real tokens
-            self._buffer.append(rec)
+            if rid not in seen:
+                rows.append(b)
+                ids.append(rid)
+                seen.add(rid)
+        if not rows:
+            return 0
+        index = torch.tensor(rows)
+        mask = batch.attention_mask.detach().cpu().bool()[index]  # [r, seq]
+        lengths = mask.sum(1).tolist()  # tokens per selected record
+        cols = {}
+        for L in self.layers:
+            x = batch.acts[L].detach()
+            cols[f"acts.{L}"] = self._cast(x[index.to(x.device)][mask.to(x.device)], L)  # [n, d_model]
+        cols["token_types"] = batch.token_types.detach().cpu()[index][mask].to(torch.int8)  # [n]
+        cols["position"] = torch.cat([torch.arange(n, dtype=torch.int32) for n in lengths])  # [n]
+        if self.input_ids:
+            cols["input_ids"] = batch.input_ids.detach().cpu()[index][mask].to(torch.int32)  # [n]
+        parts = {k: torch.split(v, lengths) for k, v in cols.items()}
+        for j, rid in enumerate(ids):
+            self._buffer.append({k: v[j] for k, v in parts.items()})
             self._buffer_ids.append(rid)
-            pending.add(rid)
-            self._buffer_tokens += n
-            added += n
+            self._buffer_tokens += lengths[j]
             if self._buffer_tokens >= self.shard_tokens:
                 self.flush()
-        return added
+        return sum(lengths)
 
-    def _cast(self, x: torch.Tensor, layer: int, rid: str) -> torch.Tensor:
-        y = x.detach().to("cpu", _DTYPES[self.dtype])
-        if self.dtype != "float32" and not torch.isfinite(y).all() and torch.isfinite(x).all():
-            raise StoreError(
-                f"record {rid!r}, layer {layer}: activations overflow {self.dtype} (max |x| = "
-                f"{x.abs().max().item():.4g}); store this model in bfloat16 or float32"
-            )
-        return y
+    def _cast(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """x [n, d_model] to the store dtype on CPU; float16 overflow is an error, not a silent inf."""
+        if self.dtype == "float16" and x.numel():
+            peak = x.abs().amax().item()
+            if math.isfinite(peak) and peak > torch.finfo(torch.float16).max:
+                raise StoreError(
+                    f"layer {layer}: activations overflow float16 (max |x| = {peak:.4g} > 65504); "
+                    "store this model in bfloat16 or float32"
+                )
+        return x.to(_DTYPES[self.dtype]).cpu()  # cast on the capture device: half the transfer
 
     def flush(self) -> None:
         """Write the buffered records as one shard and list it in the manifest (no-op when empty)."""
@@ -283,7 +314,7 @@ class ActivationStoreWriter:
             "record_ids": list(self._buffer_ids),
         }
         self._manifest["shards"].append(entry)
-        write_json(self.root / MANIFEST, self._manifest)  # only now is the shard complete
+        self._write_manifest()  # only now is the shard complete
         self._done.update(self._buffer_ids)
         self._next_index += 1
         self._buffer, self._buffer_ids, self._buffer_tokens = [], [], 0
@@ -292,7 +323,7 @@ class ActivationStoreWriter:
         """Flush the last partial shard and mark the store complete."""
         self.flush()
         self._manifest["complete"] = True
-        write_json(self.root / MANIFEST, self._manifest)
+        self._write_manifest()
 
     def __enter__(self) -> "ActivationStoreWriter":
         return self
@@ -311,6 +342,7 @@ class StoreBatch:
     token_types: torch.Tensor  # [batch] int8
     record_index: torch.Tensor  # [batch] int64, index into ActivationStore.record_ids
     position: torch.Tensor  # [batch] int32, position among the record's non-padding tokens
+    input_ids: torch.Tensor | None = None  # [batch] int32, when the store keeps them
 
 
 class ActivationStore:
@@ -331,9 +363,11 @@ class ActivationStore:
         self.d_model: int = int(self.manifest["d_model"])
         self.dtype: torch.dtype = _DTYPES[self.manifest["dtype"]]
         self.complete: bool = bool(self.manifest["complete"])
+        self.has_input_ids: bool = bool(self.manifest.get("input_ids"))
         self.shards: list[dict[str, Any]] = list(self.manifest["shards"])
         for entry in self.shards:
-            _check_shard(self.root, entry, self.layers, self.d_model, self.manifest["dtype"], verify)
+            _check_shard(self.root, entry, self.layers, self.d_model, self.manifest["dtype"], verify,
+                         input_ids=self.has_input_ids)
         self._record_offsets: list[int] = []
         self.record_ids: list[str] = []
         for entry in self.shards:
@@ -365,7 +399,7 @@ class ActivationStore:
         path = self.root / entry["file"]
         try:
             with safe_open(str(path), framework="pt") as fh:
-                out = {k: fh.get_tensor(k) for k in ("token_types", "record_index", "position")}
+                out = {k: fh.get_tensor(k) for k in self._meta_keys}
                 keep = None
                 if token_types is not None:
                     keep = torch.isin(out["token_types"], torch.tensor(list(token_types), dtype=torch.int8))
@@ -387,18 +421,20 @@ class ActivationStore:
         *,
         token_types: Sequence[int] | None = None,
         shuffle: bool = True,
-        buffer_tokens: int = 1 << 18,
+        buffer_tokens: int = 1 << 17,
         seed: int = 0,
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        dtype: torch.dtype | None = None,
     ) -> Iterator[StoreBatch]:
         """Batches of [batch_size, d_model] tokens; every selected token appears exactly once.
 
         With shuffle, shard order is permuted and tokens pass through a shuffle buffer of about
         `buffer_tokens` tokens (filled, permuted, the first half emitted, refilled), so batches mix
         tokens of several shards; the order is a function of `seed` only. With world_size > 1, rank r
-        reads shards r, r + world_size, ... of the (shuffled) shard order.
+        reads shards r, r + world_size, ... of the (shuffled) shard order. `dtype` casts the
+        activations (default: as stored).
         """
         wanted = self._layers_arg(layers)
         if batch_size < 1:
@@ -408,7 +444,7 @@ class ActivationStore:
         gen = torch.Generator().manual_seed(int(seed))
         order = torch.randperm(len(self.shards), generator=gen).tolist() if shuffle else list(range(len(self.shards)))
         order = order[rank::world_size]
-        keys = ["token_types", "record_index", "position"] + [f"acts.{L}" for L in wanted]
+        keys = self._meta_keys + [f"acts.{L}" for L in wanted]
         buffer: dict[str, torch.Tensor] | None = None
         fill = max(int(buffer_tokens), batch_size) if shuffle else batch_size
 
@@ -417,7 +453,7 @@ class ActivationStore:
                 stop = min(start + batch_size, n)
                 if stop - start < batch_size and drop_last:
                     break
-                yield self._batch({k: v[start:stop] for k, v in buf.items()}, layers)
+                yield self._batch({k: v[start:stop] for k, v in buf.items()}, layers, dtype)
 
         for i in order:
             part = self._load_shard(i, wanted, token_types)
@@ -439,13 +475,17 @@ class ActivationStore:
                 buffer = {k: v[perm] for k, v in buffer.items()}
             yield from emit(buffer, len(buffer["token_types"]))
 
-    def _batch(self, part: dict[str, torch.Tensor], layers: int | Sequence[int]) -> StoreBatch:
-        acts: torch.Tensor | dict[int, torch.Tensor]
-        if isinstance(layers, int):
-            acts = part[f"acts.{layers}"]
-        else:
-            acts = {int(L): part[f"acts.{int(L)}"] for L in layers}
-        return StoreBatch(acts, part["token_types"], part["record_index"], part["position"])
+    @property
+    def _meta_keys(self) -> list[str]:
+        return ["token_types", "record_index", "position"] + (["input_ids"] if self.has_input_ids else [])
+
+    def _batch(self, part: dict[str, torch.Tensor], layers: int | Sequence[int], dtype: torch.dtype | None) -> StoreBatch:
+        def get(L: int) -> torch.Tensor:
+            x = part[f"acts.{L}"]
+            return x if dtype is None else x.to(dtype)
+
+        acts = get(layers) if isinstance(layers, int) else {int(L): get(int(L)) for L in layers}
+        return StoreBatch(acts, part["token_types"], part["record_index"], part["position"], part.get("input_ids"))
 
     def load_all(self, layer: int, token_types: Sequence[int] | None = None) -> torch.Tensor:
         """Every stored token of one layer in store order, [n_tokens, d_model] (small stores only)."""
