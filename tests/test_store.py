@@ -153,6 +153,12 @@ def test_resume_skips_stored_records_and_checks_shape(tmp_path):
     n_shards = len(ActivationStore(tmp_path).shards)
     w2 = ActivationStoreWriter(tmp_path, LAYERS, D, dtype="float32", shard_tokens=10)
     assert w2.add(batches[0]) == 0  # already stored
+    assert w2.has_record("r8") and not w2.has_record("r9")
+    assert w2.num_tokens == ActivationStore(tmp_path).num_tokens
+    before = w2.num_tokens
+    added = w2.append(batches[3])
+    assert added > 0 and w2.num_tokens == before + added
+    assert w2.has_record("r9")  # buffered counts as stored for this writer
     with pytest.raises(StoreError, match="layers \\[1, 3\\] with d_model=8.*d_model=16"):
         ActivationStoreWriter(tmp_path, LAYERS, 16, dtype="float32")
     with pytest.raises(StoreError, match="layers \\[1, 3\\].*layers \\[1, 2\\]"):

@@ -218,9 +218,18 @@ class ActivationStoreWriter:
         """Ids of the records already in finished shards (skipped by `add`)."""
         return set(self._done)
 
+    def has_record(self, record_id: str) -> bool:
+        """Whether a record is already stored (in a finished shard or in the pending buffer)."""
+        return str(record_id) in self._done or str(record_id) in self._buffer_ids
+
     @property
     def num_shards(self) -> int:
         return len(self._manifest["shards"])
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens written so far: finished shards plus the buffer the next flush writes."""
+        return sum(s["n_tokens"] for s in self._manifest["shards"]) + self._buffer_tokens
 
     def add(self, batch: ActivationBatch) -> int:
         """Buffer a batch's non-padding tokens, writing shards as they fill; returns tokens added."""
@@ -277,6 +286,8 @@ class ActivationStoreWriter:
             if self._buffer_tokens >= self.shard_tokens:
                 self.flush()
         return sum(lengths)
+
+    append = add  # the name the capture stage uses
 
     def _cast(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """x [n, d_model] to the store dtype on CPU; float16 overflow is an error, not a silent inf."""
