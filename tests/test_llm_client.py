@@ -141,6 +141,7 @@ def fast_config(base_url: str, **kw: Any) -> LLMConfig:
         reply_retries=1,
         backoff_base_s=0.01,
         backoff_max_s=0.05,
+        trust_env=False,  # a proxy from the environment must not intercept loopback requests
     )
     defaults.update(kw)
     return LLMConfig(base_url=base_url, **defaults)
@@ -165,6 +166,13 @@ def test_json_reply_parsed_validated_and_request_well_formed():
     assert req["temperature"] == 0.0
     assert req["messages"] == [{"role": "user", "content": "hi"}]
     assert srv.auth_headers == [None]  # no key in the environment -> no Authorization header
+
+
+def test_json_mode_without_response_format_for_servers_that_reject_it():
+    with FakeOpenAI(lambda body, i: Reply('```json\n{"label": "a", "score": 0}\n```')) as srv:
+        with LLMClient(fast_config(srv.base_url, json_response_format=False)) as client:
+            assert client.chat_json([user_message("hi")], Verdict).label == "a"
+    assert "response_format" not in srv.requests[0]
 
 
 def test_fenced_json_is_accepted():

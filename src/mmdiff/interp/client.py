@@ -66,6 +66,9 @@ class LLMConfig:
     """NAME of the environment variable holding the API key (the key itself is never stored)."""
     supports_images: bool = True
     """Whether the model takes images (content parts with base64 data URLs)."""
+    json_response_format: bool = True
+    """Send response_format json_object in JSON mode; turn off for servers that reject it (the
+    reply is still parsed and validated as JSON)."""
     temperature: float = 0.0
     """Sampling temperature; 0 makes replies (and cache hits) as repeatable as the server allows."""
     max_tokens: int | None = 1024
@@ -86,6 +89,8 @@ class LLMConfig:
     """Most requests in flight at once from this client (all threads together)."""
     cache_dir: Path | None = None
     """Folder for the on-disk reply cache; None disables caching."""
+    trust_env: bool = True
+    """Honour HTTP(S)_PROXY / NO_PROXY / SSL_CERT_FILE from the environment (clusters need them)."""
 
     def __post_init__(self) -> None:
         if not self.base_url or not re.match(r"^https?://", self.base_url):
@@ -243,7 +248,7 @@ class LLMClient:
             base_url=config.base_url.rstrip("/") + "/",
             timeout=httpx.Timeout(config.timeout_s),
             transport=transport,
-            trust_env=False,  # a proxy picked up from the environment must not see the key
+            trust_env=config.trust_env,
         )
         self._slots = threading.BoundedSemaphore(config.max_concurrency)
         self._rng = random.Random()
@@ -288,7 +293,7 @@ class LLMClient:
             body["max_tokens"] = c.max_tokens
         if c.seed is not None:
             body["seed"] = c.seed
-        if json_mode:
+        if json_mode and c.json_response_format:
             body["response_format"] = {"type": "json_object"}
         body.update(params)
         return body
