@@ -158,6 +158,7 @@ def test_resume_skips_stored_records_and_checks_shape(tmp_path):
     before = w2.num_tokens
     added = w2.append(batches[3])
     assert added > 0 and w2.num_tokens == before + added
+    n_shards = len(ActivationStore(tmp_path).shards)
     assert w2.has_record("r9")  # buffered counts as stored for this writer
     with pytest.raises(StoreError, match="layers \\[1, 3\\] with d_model=8.*d_model=16"):
         ActivationStoreWriter(tmp_path, LAYERS, 16, dtype="float32")
