@@ -346,3 +346,18 @@ def test_llm_and_guard_judges_through_a_loopback_server():
             assert [g.judge("p", r) for r in guard_replies] == ["compliance", "refusal", "confused"]
     assert srv.requests[0]["messages"][-1]["role"] == "assistant"
     assert "response_format" not in srv.requests[0]
+
+
+def test_record_metric_reads_answers_and_ocrbench_subset():
+    from mmdiff.data.records import Record
+    from mmdiff.evals.metrics import record_metric
+
+    rec = Record(id="q1", question="how many?", answers=["2"] * 3 + ["3"] * 7)
+    assert record_metric("vqa_soft_accuracy")("two", rec) == pytest.approx(0.9)
+    hme = Record(id="f1", question="formula?", answers=["x^{2}"], meta={"dataset_name": "HME100k"})
+    assert record_metric("ocrbench_match")("x ^ { 2 }", hme) == 1.0
+    assert record_metric("ocrbench_match")("X ^ { 2 }", hme) == 0.0
+    with pytest.raises(DataError, match="record 'q2'.*found 1"):
+        record_metric("vqa_soft_accuracy")("two", Record(id="q2", question="?", answers=["2"]))
+    with pytest.raises(DataError, match="unknown metric 'bleu'"):
+        record_metric("bleu")

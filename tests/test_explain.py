@@ -123,6 +123,28 @@ def test_offline_explainer_image_dominated_and_silent_features():
         ActivatingExample(["a", "b"], [1.0])
 
 
+def test_example_from_token_ids_and_explanations_round_trip(tmp_path):
+    from mmdiff.interp.explain import read_explanations, write_explanations
+
+    ex = ActivatingExample.from_token_ids(
+        torch.tensor([0, 1, 3]),
+        torch.tensor([0.5, 0.0, 2.0]),
+        TinyTokenizer(),
+        token_types=[IMG, T, T],
+    )
+    assert ex.tokens == ["left", "right", "down"]
+    assert ex.activations == [0.5, 0.0, 2.0] and ex.token_types == [1, 0, 0]
+    exps = [
+        OfflineExplainer().explain(hand_made_evidence()),
+        Explanation("d", 0.5, ["p"], {"c": 1}),
+    ]
+    write_explanations(tmp_path / "interp" / "explanations.json", exps)
+    assert read_explanations(tmp_path / "interp" / "explanations.json") == exps
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(DataError, match="write_explanations"):
+        read_explanations(tmp_path / "bad.json")
+
+
 def test_mark_example_collapses_image_runs_and_marks_active_tokens():
     ex = hand_made_evidence().examples[1]
     assert (

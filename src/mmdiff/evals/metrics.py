@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from mmdiff.errors import DataError
+
+if TYPE_CHECKING:
+    from mmdiff.data.records import Record
 
 # --------------------------------------------------------------------------------------------
 # Yes / No
@@ -407,3 +410,34 @@ def score_all(
             f"{len(predictions)} predictions for {len(references)} references; they must pair up"
         )
     return [metric(p, r, **kwargs) for p, r in zip(predictions, references)]
+
+
+# Open-answer metrics by name, for configs: each scores (prediction, answers).
+OPEN_METRICS: dict[str, Callable[..., float]] = {
+    "vqa_soft_accuracy": vqa_soft_accuracy,
+    "textvqa_soft_accuracy": textvqa_soft_accuracy,
+    "exact_match": vqa_exact_match,
+    "ocrbench_match": ocrbench_match,
+    "anls": anls,
+}
+
+
+def record_metric(name: str, **kwargs: object) -> Callable[[str, "Record"], float]:
+    """A `(prediction, record) -> float` score function (the eval harness's ScoreFn) for a named
+    metric, reading the human answers from `record.answers`. For OCRBench the subset name comes
+    from `record.meta["dataset_name"]` (HME100k is matched without spaces)."""
+    if name not in OPEN_METRICS:
+        raise DataError(f"unknown metric {name!r}; choose one of {', '.join(sorted(OPEN_METRICS))}")
+    metric = OPEN_METRICS[name]
+
+    def score(prediction: str, record: "Record") -> float:
+        extra = dict(kwargs)
+        if name == "ocrbench_match" and "dataset_name" not in extra:
+            extra["dataset_name"] = str(record.meta.get("dataset_name", ""))
+        try:
+            return metric(prediction, record.answers, **extra)
+        except DataError as exc:
+            raise DataError(f"record {record.id!r} ({record.source}): {exc}") from exc
+
+    score.__name__ = f"record_{name}"
+    return score

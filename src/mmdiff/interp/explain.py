@@ -11,14 +11,17 @@ explainer otherwise (METHOD.md §4).
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import torch
 from pydantic import BaseModel, Field, field_validator
 
+from mmdiff.atomic import write_json
 from mmdiff.errors import DataError
 from mmdiff.models.base import TokenType
 
@@ -72,6 +75,31 @@ class ActivatingExample:
                 f"example {self.record_id!r}: {len(self.token_types)} token types for "
                 f"{len(self.tokens)} tokens"
             )
+
+    @classmethod
+    def from_token_ids(
+        cls,
+        token_ids: Sequence[int] | torch.Tensor,
+        activations: Sequence[float] | torch.Tensor,
+        tokenizer: Any,
+        *,
+        token_types: Sequence[int] | torch.Tensor | None = None,
+        heatmap_png: bytes | None = None,
+        record_id: str = "",
+    ) -> "ActivatingExample":
+        """An example from one context window: token ids [T], activations [T], types [T]."""
+
+        def as_list(x: Any) -> list:
+            return x.tolist() if isinstance(x, torch.Tensor) else list(x)
+
+        ids = [int(i) for i in as_list(token_ids)]
+        return cls(
+            tokens=[tokenizer.decode([i]) for i in ids],
+            activations=[float(a) for a in as_list(activations)],
+            token_types=None if token_types is None else [int(t) for t in as_list(token_types)],
+            heatmap_png=heatmap_png,
+            record_id=record_id,
+        )
 
     @property
     def max_activation(self) -> float:
@@ -397,3 +425,21 @@ def make_explainer(llm: "LLMConfig | LLMClient | None" = None, **kwargs: Any) ->
             f"make_explainer expects an LLMConfig, an LLMClient or None, found {type(llm).__name__}"
         )
     return LLMExplainer(llm, **kwargs)
+
+
+def write_explanations(path: str | Path, explanations: Sequence[Explanation]) -> None:
+    """Save explanations as one JSON file, atomically (e.g. runs/<name>/interp/explanations.json)."""
+    write_json(path, {"explanations": [e.to_dict() for e in explanations]})
+
+
+def read_explanations(path: str | Path) -> list[Explanation]:
+    """Explanations saved by `write_explanations`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return [Explanation.from_dict(d) for d in data["explanations"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"cannot read explanations from {path}: {exc}; expected a file written by "
+            "write_explanations (re-run the interp stage to rebuild it)"
+        ) from exc
