@@ -428,7 +428,7 @@ def make_explainer(llm: "LLMConfig | LLMClient | None" = None, **kwargs: Any) ->
 
 
 def write_explanations(path: str | Path, explanations: Sequence[Explanation]) -> None:
-    """Save explanations as one JSON file, atomically (e.g. runs/<name>/interp/explanations.json)."""
+    """Save explanations as one JSON file, atomically (runs/<name>/interp/explanations.json)."""
     write_json(path, {"explanations": [e.to_dict() for e in explanations]})
 
 
