@@ -211,3 +211,34 @@ def test_bad_inputs(setup):
         stats.merge(other)
     with pytest.raises(ConfigError, match="subset of TEXT"):
         stats.mean_sq(3, (SPECIAL,))
+
+
+def _reduce_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    saes = {layer: ReluSAE(D_IN, D_SAE, seed=layer) for layer in LAYERS}
+    mine = make_batches()[rank::world]  # rank 0: batches 0, 2; rank 1: batches 1, 3
+    stats = collect_feature_stats(mine, saes, "vqa", top_k=4, n_chunks=3, progress=False, token_block=5)
+    stats.all_reduce()
+    stats.save(f"{out_dir}/rank{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_all_reduce_across_two_gloo_ranks_equals_single_pass(setup, tmp_path):
+    import torch.multiprocessing as mp
+
+    _, _, whole = setup
+    # fork: the children reuse the imported torch instead of paying for a fresh interpreter each
+    mp.start_processes(_reduce_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    for rank in range(2):
+        got = FeatureStats.load(tmp_path / f"rank{rank}", "vqa")
+        cols = ["layer", "feature", "tokens_text", "tokens_image", "fires_text", "fires_image"]
+        assert got.summary()[cols].equals(whole.summary()[cols])
+        np.testing.assert_allclose(got.summary().sum_h2_image, whole.summary().sum_h2_image, rtol=1e-12)
+        tcols = ["layer", "feature", "rank", "record_id", "position", "value"]
+        assert got.top_examples()[tcols].equals(whole.top_examples()[tcols])
+        for layer in LAYERS:
+            assert torch.equal(got._layer(layer).hist, whole._layer(layer).hist)

@@ -352,7 +352,7 @@ class FeatureStats:
             bins = torch.bucketize(values, self._edges, right=True)  # 0 = underflow, n+1 = overflow
             flat = nz[:, 1] * self.histogram.n_bins + bins
             state.hist += torch.bincount(flat, minlength=F * self.histogram.n_bins).view(F, -1)
-            state.min_pos = torch.minimum(state.min_pos, torch.where(fired, h, math.inf).amin(0))
+            state.min_pos.scatter_reduce_(0, nz[:, 1], values, reduce="amin")
 
         # Top-k tokens of this block, then merged with the running top-k.
         k = min(self.top_k, n)
@@ -392,6 +392,47 @@ class FeatureStats:
             # index -1 (an empty top-k slot) maps to -1 through the appended last entry of remap
             rec = remap.to(dev)[theirs("top_record")]
             a.merge_top(theirs("top_value"), rec, theirs("top_position"), theirs("top_type"))
+        return self
+
+    @torch.no_grad()
+    def all_reduce(self, group: Any = None) -> "FeatureStats":
+        """Reduce over the ranks of torch.distributed (in place): afterwards every rank holds the
+        statistics of all ranks' streams, as `merge` would give. Sums, counts and histograms are
+        all-reduced, minima with MIN, the top-k lists and record ids are gathered and merged.
+        Works with gloo (CPU) and NCCL (state on the rank's GPU)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError("all_reduce needs an initialised torch.distributed process group (torchrun)")
+        world = dist.get_world_size(group)
+        if not self._state:
+            nccl = dist.get_backend(group) == "nccl"
+            self._init_state(torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
+        settings = (self.split, sorted(self._d_sae.items()), self.top_k, self.n_chunks, asdict(self.histogram))
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, (settings, self.record_ids), group=group)
+        if any(s != settings for s, _ in everyone):
+            raise ConfigError(
+                f"ranks collected statistics with different settings: {[s for s, _ in everyone]}; "
+                "use the same split, SAEs, top_k, n_chunks and histogram on every rank"
+            )
+        me = dist.get_rank(group)
+        remaps = [torch.tensor(self._record_indices(ids) + [-1], dtype=torch.long) for _, ids in everyone]
+        for layer in self.layers:
+            st = self._state[layer]
+            for name in ("chunk_sum_h", "chunk_sum_h2", "chunk_fires", "chunk_tokens", "hist"):
+                dist.all_reduce(getattr(st, name), op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(st.min_pos, op=dist.ReduceOp.MIN, group=group)
+            gathered = {}
+            for name in ("top_value", "top_record", "top_position", "top_type"):
+                parts = [torch.empty_like(getattr(st, name)) for _ in range(world)]
+                dist.all_gather(parts, getattr(st, name).contiguous(), group=group)
+                gathered[name] = parts
+            for rank in range(world):
+                if rank == me:
+                    continue
+                rec = remaps[rank].to(st.hist.device)[gathered["top_record"][rank]]
+                st.merge_top(gathered["top_value"][rank], rec, gathered["top_position"][rank], gathered["top_type"][rank])
         return self
 
     # ----------------------------------------------------------------------------- read-outs
