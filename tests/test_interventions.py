@@ -12,6 +12,7 @@ from mmdiff.interventions import (
     clamp_delta,
     clamp_features,
     compose,
+    decoder_directions,
     difference_of_means,
     head_means,
     mean_ablate_heads,
@@ -51,6 +52,8 @@ def tiny():
     ids = torch.tensor([[0, 0, 1, 5, 6, 7, 8, 9], [1, 10, 11, 12, 13, 14, 15, 16]])  # row 0 left-padded
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
     types = torch.tensor([[S, S, S, I, I, I, T, T], [S, I, I, I, T, T, T, T]], dtype=torch.int8)
+    generate(backbone, ids, mask, cache=True, n=1)  # transformers may add its own hooks on a first run
+    assert no_hooks(model)  # records them as the baseline
     return backbone, ids, mask, types
 
 
@@ -62,11 +65,19 @@ def generate(backbone, ids, mask, cache: bool, n: int = 5):
     return out.sequences, torch.stack(out.logits, 1)  # [B, T+n], [B, n, V]
 
 
+def hook_ids(model: torch.nn.Module) -> set[tuple[str, str, int]]:
+    """Every forward (pre-)hook installed on the model, by module and id."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks")
+    return {(name, kind, hid) for name, m in model.named_modules() for kind in kinds for hid in getattr(m, kind)}
+
+
+_BASELINE: dict[int, set] = {}
+
+
 def no_hooks(model: torch.nn.Module) -> bool:
-    return all(
-        not (m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_with_kwargs or m._forward_pre_hooks_with_kwargs)
-        for m in model.modules()
-    )
+    """No hook beyond those the model had when first seen (transformers installs some of its own)."""
+    _BASELINE.setdefault(id(model), hook_ids(model))
+    return hook_ids(model) == _BASELINE[id(model)]
 
 
 # -- exact math on hand-made tensors ------------------------------------------------------------
@@ -301,3 +312,51 @@ def test_difference_of_means_matches_hidden_states(tiny):
         hr = backbone.model(input_ids=torch.tensor([[1, 5, 6]]), output_hidden_states=True).hidden_states[2]
     got = difference_of_means(backbone, right_padded, neg, layer=1, position="last", progress=False)
     torch.testing.assert_close(got, (hr[0, -1] - hs[1, -1]).float(), rtol=0, atol=1e-6)
+
+
+def test_decoder_directions_picks_rows():
+    w_dec = torch.arange(12.0).reshape(4, 3)
+    sae = ReluSAE(w_dec.T, torch.zeros(4), w_dec)
+    dirs = decoder_directions({5: sae}, {5: [3, 1]})
+    assert torch.equal(dirs[5], torch.tensor([[9.0, 10.0, 11.0], [3.0, 4.0, 5.0]]))
+    with pytest.raises(InterventionError, match="d_sae=4"):
+        decoder_directions({5: sae}, {5: [4]})
+
+
+def test_llava_image_positions_kv_cache_equivalence():
+    """Through a VLM wrapper: hooks on the language model's layers, image positions from the prompt."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=8, patch_size=4, projection_dim=16)
+    text = LlamaConfig(vocab_size=70, hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=H,
+                       num_key_value_heads=H, pad_token_id=0, eos_token_id=None)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=69, vision_feature_layer=-1,
+                      vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(cfg).eval().to(torch.float64)
+    backbone = Backbone(model, list(model.get_decoder().layers), H, HD, D)
+    ids = torch.tensor([[1, 5] + [69] * 4 + [7, 8], [0, 1] + [69] * 4 + [9, 10]])  # 2x2 patches per image
+    mask = (ids != 0).long()
+    types = torch.where(ids == 69, I, T).to(torch.int8)
+    types[(ids == 1) | (mask == 0)] = S
+    pixels = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    model.generate(**batch, max_new_tokens=1, pad_token_id=0)  # transformers adds its own capture hooks once
+    assert no_hooks(model)
+
+    def run(cache):
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=cache, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        return out.sequences, torch.stack(out.logits, 1)
+
+    _, base = run(True)
+    means = head_means(backbone, [batch], [0], progress=False)
+    with compose(steer_vector(backbone, 0, torch.ones(D), 2.0, "image", types),
+                 mean_ablate_heads(backbone, {1: [0, 3]}, {1: means[0]}, "image", types)):
+        seq_c, logits_c = run(True)
+        seq_n, logits_n = run(False)
+    assert torch.equal(seq_c, seq_n)
+    torch.testing.assert_close(logits_c, logits_n, rtol=0, atol=1e-9)
+    assert (logits_c[:, 0] - base[:, 0]).abs().max() > 1e-3
+    assert no_hooks(model)

@@ -10,7 +10,13 @@ import contextlib
 from typing import Iterator
 
 from mmdiff.interventions._hooks import Intervention, InterventionError, Positions, position_mask
-from mmdiff.interventions.ablate import FeatureAblation, ablate_features, orthonormal_basis, project_out
+from mmdiff.interventions.ablate import (
+    FeatureAblation,
+    ablate_features,
+    decoder_directions,
+    orthonormal_basis,
+    project_out,
+)
 from mmdiff.interventions.caa import difference_of_means, layer_vectors
 from mmdiff.interventions.clamp import FeatureClamp, clamp_delta, clamp_features
 from mmdiff.interventions.heads import HeadMeanAblation, head_means, mean_ablate_heads, replace_heads
@@ -36,6 +42,7 @@ __all__ = [
     "clamp_delta",
     "clamp_features",
     "compose",
+    "decoder_directions",
     "difference_of_means",
     "head_means",
     "layer_vectors",

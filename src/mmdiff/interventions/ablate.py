@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -38,6 +38,21 @@ def project_out(y: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     q = basis.to(y.device, work)
     y_w = y.to(work)
     return (y_w - (y_w @ q) @ q.T).to(y.dtype)
+
+
+def decoder_directions(saes: Mapping[int, Any], features: Mapping[int, Sequence[int]]) -> dict[int, torch.Tensor]:
+    """{layer: [n, d_in]} the decoder rows W_dec[f] of the chosen features of each layer's SAE."""
+    out: dict[int, torch.Tensor] = {}
+    for layer, idx in features.items():
+        if layer not in saes:
+            raise InterventionError(f"features are chosen at layer {layer} but no SAE was given for it; saes has layers {sorted(saes)}")
+        w_dec = saes[layer].W_dec  # [d_sae, d_in]
+        idx = [int(i) for i in idx]
+        bad = [i for i in idx if not 0 <= i < w_dec.shape[0]]
+        if bad:
+            raise InterventionError(f"features {bad} do not exist in the SAE of layer {layer} (d_sae={w_dec.shape[0]})")
+        out[layer] = w_dec[torch.tensor(idx, dtype=torch.long, device=w_dec.device)].detach()
+    return out
 
 
 class FeatureAblation(Intervention):
