@@ -21,7 +21,9 @@ LAYERS = [1, 3]
 D = 8
 
 
-def make_batches(n_batches: int = 6, batch: int = 3, seq: int = 7, seed: int = 0) -> list[ActivationBatch]:
+def make_batches(
+    n_batches: int = 6, batch: int = 3, seq: int = 7, seed: int = 0
+) -> list[ActivationBatch]:
     """Padded batches (alternately left- and right-padded) with per-record lengths 1..seq."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -30,7 +32,7 @@ def make_batches(n_batches: int = 6, batch: int = 3, seq: int = 7, seed: int = 0
         mask = torch.zeros(batch, seq, dtype=torch.long)
         for b, n in enumerate(lengths.tolist()):
             if i % 2:
-                mask[b, seq - n:] = 1  # left padding
+                mask[b, seq - n :] = 1  # left padding
             else:
                 mask[b, :n] = 1
         types = torch.randint(0, 3, (batch, seq), generator=g).to(torch.int8)
@@ -38,8 +40,15 @@ def make_batches(n_batches: int = 6, batch: int = 3, seq: int = 7, seed: int = 0
         acts = {L: torch.randn(batch, seq, D, generator=g) for L in LAYERS}
         ids = [f"r{i * batch + b}" for b in range(batch)]
         input_ids = torch.randint(0, 1000, (batch, seq), generator=g)
-        out.append(ActivationBatch(acts=acts, token_types=types, attention_mask=mask, record_ids=ids,
-                                   input_ids=input_ids))
+        out.append(
+            ActivationBatch(
+                acts=acts,
+                token_types=types,
+                attention_mask=mask,
+                record_ids=ids,
+                input_ids=input_ids,
+            )
+        )
     return out
 
 
@@ -138,9 +147,14 @@ def test_shuffle_is_permutation_and_deterministic(tmp_path):
     assert not torch.equal(a, ordered)
     key = lambda x: sorted(map(tuple, x.tolist()))  # noqa: E731
     assert key(a) == key(ordered) == key(c)
-    assert len(list(store.iter_batches(3, 6, drop_last=True))) == store.num_batches(6, drop_last=True)
+    assert len(list(store.iter_batches(3, 6, drop_last=True))) == store.num_batches(
+        6, drop_last=True
+    )
     # ranks partition the shards
-    parts = [torch.cat([b.acts for b in store.iter_batches(3, 4, seed=5, rank=r, world_size=2)]) for r in (0, 1)]
+    parts = [
+        torch.cat([b.acts for b in store.iter_batches(3, 4, seed=5, rank=r, world_size=2)])
+        for r in (0, 1)
+    ]
     assert key(torch.cat(parts)) == key(ordered)
 
 
@@ -227,8 +241,12 @@ def test_sigkill_mid_write_then_resume_equals_uninterrupted(tmp_path):
     write_store(tmp_path / "ref", batches, dtype="float32", shard_tokens=10)
     cut = tmp_path / "cut"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(cut), str(Path(__file__).parent)],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(cut), str(Path(__file__).parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert any(p.name.endswith(".tmp") for p in cut.iterdir())  # the half-written temp file
     assert len(ActivationStore(cut).shards) == 2
@@ -242,7 +260,9 @@ def test_corrupt_shard_error_names_it_and_delete_then_resume_repairs(tmp_path):
     write_store(tmp_path / "s", batches, dtype="float32", shard_tokens=10)
     shard = tmp_path / "s" / "shard_000001.safetensors"
     shard.write_bytes(shard.read_bytes()[:-5])
-    with pytest.raises(StoreError, match="shard_000001.safetensors.*truncated.*delete it and resume"):
+    with pytest.raises(
+        StoreError, match="shard_000001.safetensors.*truncated.*delete it and resume"
+    ):
         ActivationStore(tmp_path / "s")
     with pytest.raises(StoreError, match="shard_000001"):
         ActivationStoreWriter(tmp_path / "s", LAYERS, D, dtype="float32", shard_tokens=10)
@@ -250,6 +270,7 @@ def test_corrupt_shard_error_names_it_and_delete_then_resume_repairs(tmp_path):
     write_store(tmp_path / "s", batches, dtype="float32", shard_tokens=10)
     store, ref = ActivationStore(tmp_path / "s", verify="hash"), ActivationStore(tmp_path / "ref")
     assert sorted(store.record_ids) == sorted(ref.record_ids) and store.num_tokens == ref.num_tokens
+
     # same tokens per record, whatever shard they landed in
     def per_record(s):
         out = {}
@@ -257,6 +278,7 @@ def test_corrupt_shard_error_names_it_and_delete_then_resume_repairs(tmp_path):
             for j, ri in enumerate(b.record_index.tolist()):
                 out.setdefault(s.record_ids[ri], []).append(b.acts[j])
         return {k: torch.stack(v) for k, v in out.items()}
+
     a, r = per_record(store), per_record(ref)
     assert all(torch.equal(a[k], r[k]) for k in r)
     # a flipped byte inside a tensor passes the size/header check but not the hash check

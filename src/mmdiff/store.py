@@ -70,8 +70,15 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_shard(root: Path, entry: dict[str, Any], layers: list[int], d_model: int, dtype: str,
-                 verify: Literal["header", "hash"], input_ids: bool = False) -> None:
+def _check_shard(
+    root: Path,
+    entry: dict[str, Any],
+    layers: list[int],
+    d_model: int,
+    dtype: str,
+    verify: Literal["header", "hash"],
+    input_ids: bool = False,
+) -> None:
     """Raise StoreError unless the shard file matches its manifest entry (size, header, optionally hash)."""
     from safetensors import safe_open
 
@@ -87,7 +94,11 @@ def _check_shard(root: Path, entry: dict[str, Any], layers: list[int], d_model: 
         )
     n = entry["n_tokens"]
     expected = {f"acts.{L}": ([n, d_model], dtype) for L in layers}
-    expected |= {"token_types": ([n], "int8"), "record_index": ([n], "int32"), "position": ([n], "int32")}
+    expected |= {
+        "token_types": ([n], "int8"),
+        "record_index": ([n], "int32"),
+        "position": ([n], "int32"),
+    }
     if input_ids:
         expected["input_ids"] = ([n], "int32")
     try:
@@ -95,7 +106,13 @@ def _check_shard(root: Path, entry: dict[str, Any], layers: list[int], d_model: 
             for key, (shape, dt) in expected.items():
                 sl = fh.get_slice(key)
                 got_shape, got_dt = list(sl.get_shape()), sl.get_dtype()
-                want_dt = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "int8": "I8", "int32": "I32"}[dt]
+                want_dt = {
+                    "float16": "F16",
+                    "bfloat16": "BF16",
+                    "float32": "F32",
+                    "int8": "I8",
+                    "int32": "I32",
+                }[dt]
                 if got_shape != shape or got_dt != want_dt:
                     raise StoreError(
                         f"activation shard {path}: tensor {key!r} is {got_dt}{got_shape}, expected "
@@ -106,7 +123,9 @@ def _check_shard(root: Path, entry: dict[str, Any], layers: list[int], d_model: 
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise StoreError(f"activation shard {path} cannot be read ({exc}); {fix}") from exc
     if verify == "hash" and sha256_file(path) != entry["sha256"]:
-        raise StoreError(f"activation shard {path} does not match its sha256 in the manifest; {fix}")
+        raise StoreError(
+            f"activation shard {path} does not match its sha256 in the manifest; {fix}"
+        )
 
 
 class ActivationStoreWriter:
@@ -156,8 +175,9 @@ class ActivationStoreWriter:
             self._clean_unlisted()
             self._write_manifest()
         self._done: set[str] = {rid for s in self._manifest["shards"] for rid in s["record_ids"]}
-        self._next_index = 1 + max((int(_SHARD_RE.match(s["file"]).group(1)) for s in self._manifest["shards"]),
-                                   default=-1)
+        self._next_index = 1 + max(
+            (int(_SHARD_RE.match(s["file"]).group(1)) for s in self._manifest["shards"]), default=-1
+        )
         self._buffer: list[dict[str, torch.Tensor]] = []  # one dict per record
         self._buffer_ids: list[str] = []
         self._buffer_tokens = 0
@@ -186,8 +206,15 @@ class ActivationStoreWriter:
         for entry in manifest["shards"]:
             if not (self.root / entry["file"]).exists():
                 continue  # deleted by the user after a corruption error: its records are re-captured
-            _check_shard(self.root, entry, self.layers, self.d_model, self.dtype, verify="header",
-                         input_ids=self.input_ids)
+            _check_shard(
+                self.root,
+                entry,
+                self.layers,
+                self.d_model,
+                self.dtype,
+                verify="header",
+                input_ids=self.input_ids,
+            )
             kept.append(entry)
         manifest["shards"] = kept
         manifest["complete"] = False
@@ -273,7 +300,9 @@ class ActivationStoreWriter:
         cols = {}
         for L in self.layers:
             x = batch.acts[L].detach()
-            cols[f"acts.{L}"] = self._cast(x[index.to(x.device)][mask.to(x.device)], L)  # [n, d_model]
+            cols[f"acts.{L}"] = self._cast(
+                x[index.to(x.device)][mask.to(x.device)], L
+            )  # [n, d_model]
         cols["token_types"] = batch.token_types.detach().cpu()[index][mask].to(torch.int8)  # [n]
         cols["position"] = torch.cat([torch.arange(n, dtype=torch.int32) for n in lengths])  # [n]
         if self.input_ids:
@@ -310,7 +339,10 @@ class ActivationStoreWriter:
                 tensors[key] = torch.cat([r[key] for r in self._buffer])
         tensors["position"] = torch.cat([r["position"] for r in self._buffer])
         tensors["record_index"] = torch.cat(
-            [torch.full((len(r["position"]),), i, dtype=torch.int32) for i, r in enumerate(self._buffer)]
+            [
+                torch.full((len(r["position"]),), i, dtype=torch.int32)
+                for i, r in enumerate(self._buffer)
+            ]
         )
         name = _shard_name(self._next_index)
         path = self.root / name
@@ -377,8 +409,15 @@ class ActivationStore:
         self.has_input_ids: bool = bool(self.manifest.get("input_ids"))
         self.shards: list[dict[str, Any]] = list(self.manifest["shards"])
         for entry in self.shards:
-            _check_shard(self.root, entry, self.layers, self.d_model, self.manifest["dtype"], verify,
-                         input_ids=self.has_input_ids)
+            _check_shard(
+                self.root,
+                entry,
+                self.layers,
+                self.d_model,
+                self.manifest["dtype"],
+                verify,
+                input_ids=self.has_input_ids,
+            )
         self._record_offsets: list[int] = []
         self.record_ids: list[str] = []
         for entry in self.shards:
@@ -400,10 +439,14 @@ class ActivationStore:
         wanted = [layers] if isinstance(layers, int) else [int(L) for L in layers]
         bad = [L for L in wanted if L not in self.layers]
         if bad or not wanted:
-            raise StoreError(f"layers {bad or wanted} are not in the store at {self.root}; it holds {self.layers}")
+            raise StoreError(
+                f"layers {bad or wanted} are not in the store at {self.root}; it holds {self.layers}"
+            )
         return wanted
 
-    def _load_shard(self, i: int, layers: list[int], token_types: Sequence[int] | None) -> dict[str, torch.Tensor]:
+    def _load_shard(
+        self, i: int, layers: list[int], token_types: Sequence[int] | None
+    ) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
         entry = self.shards[i]
@@ -413,7 +456,9 @@ class ActivationStore:
                 out = {k: fh.get_tensor(k) for k in self._meta_keys}
                 keep = None
                 if token_types is not None:
-                    keep = torch.isin(out["token_types"], torch.tensor(list(token_types), dtype=torch.int8))
+                    keep = torch.isin(
+                        out["token_types"], torch.tensor(list(token_types), dtype=torch.int8)
+                    )
                     out = {k: v[keep] for k, v in out.items()}
                 for L in layers:
                     x = fh.get_tensor(f"acts.{L}")  # [n, d_model]
@@ -453,7 +498,11 @@ class ActivationStore:
         if not 0 <= rank < world_size:
             raise StoreError(f"rank must be in [0, world_size={world_size}), got {rank}")
         gen = torch.Generator().manual_seed(int(seed))
-        order = torch.randperm(len(self.shards), generator=gen).tolist() if shuffle else list(range(len(self.shards)))
+        order = (
+            torch.randperm(len(self.shards), generator=gen).tolist()
+            if shuffle
+            else list(range(len(self.shards)))
+        )
         order = order[rank::world_size]
         keys = self._meta_keys + [f"acts.{L}" for L in wanted]
         buffer: dict[str, torch.Tensor] | None = None
@@ -488,24 +537,35 @@ class ActivationStore:
 
     @property
     def _meta_keys(self) -> list[str]:
-        return ["token_types", "record_index", "position"] + (["input_ids"] if self.has_input_ids else [])
+        return ["token_types", "record_index", "position"] + (
+            ["input_ids"] if self.has_input_ids else []
+        )
 
-    def _batch(self, part: dict[str, torch.Tensor], layers: int | Sequence[int], dtype: torch.dtype | None) -> StoreBatch:
+    def _batch(
+        self, part: dict[str, torch.Tensor], layers: int | Sequence[int], dtype: torch.dtype | None
+    ) -> StoreBatch:
         def get(L: int) -> torch.Tensor:
             x = part[f"acts.{L}"]
             return x if dtype is None else x.to(dtype)
 
         acts = get(layers) if isinstance(layers, int) else {int(L): get(int(L)) for L in layers}
-        return StoreBatch(acts, part["token_types"], part["record_index"], part["position"], part.get("input_ids"))
+        return StoreBatch(
+            acts, part["token_types"], part["record_index"], part["position"], part.get("input_ids")
+        )
 
     def load_all(self, layer: int, token_types: Sequence[int] | None = None) -> torch.Tensor:
         """Every stored token of one layer in store order, [n_tokens, d_model] (small stores only)."""
         wanted = self._layers_arg(layer)
-        parts = [self._load_shard(i, wanted, token_types)[f"acts.{layer}"] for i in range(len(self.shards))]
+        parts = [
+            self._load_shard(i, wanted, token_types)[f"acts.{layer}"]
+            for i in range(len(self.shards))
+        ]
         if not parts:
             return torch.empty(0, self.d_model, dtype=self.dtype)
         return torch.cat(parts)
 
-    def num_batches(self, batch_size: int, token_types: Sequence[int] | None = None, drop_last: bool = False) -> int:
+    def num_batches(
+        self, batch_size: int, token_types: Sequence[int] | None = None, drop_last: bool = False
+    ) -> int:
         n = self.count_tokens(token_types)
         return n // batch_size if drop_last else math.ceil(n / batch_size)

@@ -26,12 +26,16 @@ from mmdiff.errors import DataError
 LOADERS: dict[str, Callable[..., list[Record]]] = {}
 
 
-def register_loader(kind: str) -> Callable[[Callable[..., list[Record]]], Callable[..., list[Record]]]:
+def register_loader(
+    kind: str,
+) -> Callable[[Callable[..., list[Record]]], Callable[..., list[Record]]]:
     """Make a loader available to `load_dataset(kind, ...)` (and so to study configs)."""
 
     def wrap(fn: Callable[..., list[Record]]) -> Callable[..., list[Record]]:
         if kind in LOADERS and LOADERS[kind] is not fn:
-            raise ValueError(f"a dataset loader is already registered as {kind!r}: {LOADERS[kind].__qualname__}")
+            raise ValueError(
+                f"a dataset loader is already registered as {kind!r}: {LOADERS[kind].__qualname__}"
+            )
         LOADERS[kind] = fn
         return fn
 
@@ -59,7 +63,9 @@ def load_dataset(kind: str, **kwargs: Any) -> list[Record]:
     fn = LOADERS[key]
     params = inspect.signature(fn).parameters
     unknown = [k for k in kwargs if k not in params]
-    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs]
+    missing = [
+        n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs
+    ]
     if unknown or missing:
         raise DataError(
             f"dataset kind {kind!r} takes {list(params)} "

@@ -54,9 +54,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {lineno} is not valid JSON ({exc.msg}, column {exc.colno})") from exc
+                raise DataError(
+                    f"{path} line {lineno} is not valid JSON ({exc.msg}, column {exc.colno})"
+                ) from exc
             if not isinstance(row, dict):
-                raise DataError(f"{path} line {lineno}: expected a JSON object, found {type(row).__name__}")
+                raise DataError(
+                    f"{path} line {lineno}: expected a JSON object, found {type(row).__name__}"
+                )
             rows.append(row)
     return rows
 
@@ -80,16 +84,22 @@ def expect_type(obj: Any, typ: type | tuple[type, ...], path: Path, where: str) 
     return obj
 
 
-def require(row: Any, key: str, path: Path, record: str, typ: type | tuple[type, ...] | None = None) -> Any:
+def require(
+    row: Any, key: str, path: Path, record: str, typ: type | tuple[type, ...] | None = None
+) -> Any:
     """row[key], or a DataError naming the file, the record and the missing field."""
     if not isinstance(row, dict):
-        raise DataError(f"{path}: record {record} should be a JSON object, found {type(row).__name__}")
+        raise DataError(
+            f"{path}: record {record} should be a JSON object, found {type(row).__name__}"
+        )
     if key not in row or row[key] is None:
         raise DataError(f"{path}: record {record} has no field {key!r} (fields: {sorted(row)})")
     value = row[key]
     if typ is not None and not isinstance(value, typ):
         names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
-        raise DataError(f"{path}: record {record}, field {key!r} should be a {names}, found {value!r}")
+        raise DataError(
+            f"{path}: record {record}, field {key!r} should be a {names}, found {value!r}"
+        )
     return value
 
 
@@ -123,3 +133,12 @@ def merge_tasks(*groups: Iterable[str]) -> tuple[str, ...]:
             if t not in out:
                 out.append(t)
     return tuple(out)
+
+
+def progress(items: Sequence[T], description: str, min_items: int = 20_000) -> Iterable[T]:
+    """Iterate with a transient rich progress bar when there are many items (image checks on big sets)."""
+    if len(items) < min_items:
+        return items
+    from rich.progress import track
+
+    return track(items, description=description, total=len(items), transient=True)

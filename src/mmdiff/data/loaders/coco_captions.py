@@ -18,7 +18,9 @@ def load_coco_captions(paths: str | Path | Sequence[str | Path]) -> dict[int, li
     for p in files:
         path = existing_file(p, "COCO captions file")
         data = expect_type(read_json(path), dict, path, "the top level")
-        anns = expect_type(require(data, "annotations", path, "(top level)"), list, path, "'annotations'")
+        anns = expect_type(
+            require(data, "annotations", path, "(top level)"), list, path, "'annotations'"
+        )
         for i, ann in enumerate(anns):
             rec = f"annotations[{i}]"
             image_id = require(ann, "image_id", path, rec, int)

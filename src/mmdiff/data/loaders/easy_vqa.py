@@ -10,19 +10,35 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mmdiff.data.loaders._common import existing_dir, existing_file, expect_type, read_json, resolve_image, subsample
+from mmdiff.data.loaders._common import (
+    existing_dir,
+    existing_file,
+    expect_type,
+    progress,
+    read_json,
+    resolve_image,
+    subsample,
+)
 from mmdiff.data.records import Record
 from mmdiff.errors import DataError
 
 COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 _WORD = r"(?P<x>\w+)"
-_COLOUR_QUESTIONS = [re.compile(p) for p in (
-    r"^what color is the (?:shape|\w+)\?$", r"^what is the color of the (?:shape|\w+)\?$",
-)]
-_SHAPE_QUESTIONS = [re.compile(p) for p in (
-    r"^what shape (?:is in the image|does the image contain|is present)\?$", r"^what is the \w+ shape\?$",
-)]
+_COLOUR_QUESTIONS = [
+    re.compile(p)
+    for p in (
+        r"^what color is the (?:shape|\w+)\?$",
+        r"^what is the color of the (?:shape|\w+)\?$",
+    )
+]
+_SHAPE_QUESTIONS = [
+    re.compile(p)
+    for p in (
+        r"^what shape (?:is in the image|does the image contain|is present)\?$",
+        r"^what is the \w+ shape\?$",
+    )
+]
 _COLOUR_IN_QUESTION = re.compile(rf"^what is the {_WORD} shape\?$")
 _SHAPE_IN_QUESTION = re.compile(rf"^what (?:color is|is the color of) the {_WORD}\?$")
 _NEGATION = re.compile(r"\b(?:not|no)\b")
@@ -66,8 +82,10 @@ def easy_vqa_captions(questions: list[tuple[str, str, int]]) -> dict[int, str]:
     for image_id in set(colour) | set(shape):
         c, s = colour.get(image_id, set()), shape.get(image_id, set())
         if len(c) > 1 or len(s) > 1:
-            raise DataError(f"easy-VQA image {image_id}: its questions disagree on its colour {sorted(c)} "
-                            f"or shape {sorted(s)}; the data is not easy-VQA's")
+            raise DataError(
+                f"easy-VQA image {image_id}: its questions disagree on its colour {sorted(c)} "
+                f"or shape {sorted(s)}; the data is not easy-VQA's"
+            )
         words = [*c, *s] if s else [*c, "shape"]
         out[image_id] = f"A {' '.join(words)}."
     return out
@@ -102,23 +120,32 @@ def load_easy_vqa(
     rows = expect_type(read_json(qpath), list, qpath, "the top level")
     parsed = []
     for i, row in enumerate(rows):
-        if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)
-                and isinstance(row[1], str) and isinstance(row[2], int)):
-            raise DataError(f"{qpath}: record [{i}] should be [question, answer, image_id], found {row!r}")
+        if not (
+            isinstance(row, list)
+            and len(row) == 3
+            and isinstance(row[0], str)
+            and isinstance(row[1], str)
+            and isinstance(row[2], int)
+        ):
+            raise DataError(
+                f"{qpath}: record [{i}] should be [question, answer, image_id], found {row!r}"
+            )
         parsed.append((i, row[0], row[1], row[2]))
     captions = easy_vqa_captions([(q, a, im) for _, q, a, im in parsed])
     records = []
-    for i, q, a, image_id in subsample(parsed, limit, seed):
+    for i, q, a, image_id in progress(subsample(parsed, limit, seed), "easy-VQA records"):
         candidates = [image_dir / f"{image_id}.png"]
         image = resolve_image(candidates, f"[{i}]", "easy-VQA") if check_images else candidates[0]
-        records.append(Record(
-            id=f"easy_vqa/{split}/{i}",
-            question=q,
-            answers=[a],
-            image=image,
-            caption=captions.get(image_id),
-            tasks=_tasks(q, a),
-            source="easy_vqa",
-            meta={"image_id": image_id, "split": split},
-        ))
+        records.append(
+            Record(
+                id=f"easy_vqa/{split}/{i}",
+                question=q,
+                answers=[a],
+                image=image,
+                caption=captions.get(image_id),
+                tasks=_tasks(q, a),
+                source="easy_vqa",
+                meta={"image_id": image_id, "split": split},
+            )
+        )
     return records

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmdiff.data.loaders._common import existing_dir, existing_file, read_csv, resolve_image, subsample
+from mmdiff.data.loaders._common import (
+    existing_dir,
+    existing_file,
+    progress,
+    read_csv,
+    resolve_image,
+    subsample,
+)
 from mmdiff.data.records import Record
 from mmdiff.errors import DataError
 
@@ -49,25 +56,35 @@ def load_figstep(
         try:
             cat, task = int(row["category_id"]), int(row["task_id"])
         except ValueError as exc:
-            raise DataError(f"{cpath}: record {rec}: category_id and task_id should be integers, found "
-                            f"{row['category_id']!r}, {row['task_id']!r}") from exc
+            raise DataError(
+                f"{cpath}: record {rec}: category_id and task_id should be integers, found "
+                f"{row['category_id']!r}, {row['task_id']!r}"
+            ) from exc
         parsed.append((row["dataset"].strip(), cat, task, row))
     records = []
-    for dataset, cat, task, row in subsample(parsed, limit, seed):
+    for dataset, cat, task, row in progress(subsample(parsed, limit, seed), "FigStep records"):
         candidates = [image_root / figstep_image_name(dataset, cat, task)]
         rec = f"{dataset} category {cat} task {task}"
         image = resolve_image(candidates, rec, "FigStep") if check_images else candidates[0]
         instruction = row["instruction"].strip()
-        records.append(Record(
-            id=f"figstep/{dataset}/{cat}/{task}",
-            question=prompt,
-            answers=[],
-            image=image,
-            caption=f'Black typewriter text on a white background reading "{instruction}", followed by '
-                    "an empty list numbered 1, 2 and 3.",
-            tasks=("safety",),
-            source="figstep",
-            meta={"category_id": cat, "task_id": task, "category_name": row["category_name"],
-                  "original_question": row["question"], "instruction": instruction, "dataset": dataset},
-        ))
+        records.append(
+            Record(
+                id=f"figstep/{dataset}/{cat}/{task}",
+                question=prompt,
+                answers=[],
+                image=image,
+                caption=f'Black typewriter text on a white background reading "{instruction}", followed by '
+                "an empty list numbered 1, 2 and 3.",
+                tasks=("safety",),
+                source="figstep",
+                meta={
+                    "category_id": cat,
+                    "task_id": task,
+                    "category_name": row["category_name"],
+                    "original_question": row["question"],
+                    "instruction": instruction,
+                    "dataset": dataset,
+                },
+            )
+        )
     return records

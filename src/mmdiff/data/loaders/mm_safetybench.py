@@ -8,6 +8,7 @@ from typing import Sequence
 from mmdiff.data.loaders._common import (
     existing_dir,
     expect_type,
+    progress,
     read_json,
     require,
     resolve_image,
@@ -59,17 +60,23 @@ def load_mm_safetybench(
     qdir = existing_dir(questions, "MM-SafetyBench processed_questions folder")
     bad = [v for v in variants if v not in VARIANT_PROMPT_FIELD]
     if bad or not variants:
-        raise DataError(f"MM-SafetyBench variants must be among {sorted(VARIANT_PROMPT_FIELD)}, got {list(variants)}")
+        raise DataError(
+            f"MM-SafetyBench variants must be among {sorted(VARIANT_PROMPT_FIELD)}, got {list(variants)}"
+        )
     needs_images = any(v != "TEXT" for v in variants)
     image_root = existing_dir(images, "MM-SafetyBench imgs folder") if needs_images else None
     files = sorted(qdir.glob("*.json"))
     if not files:
-        raise DataError(f"no <scenario>.json files in {qdir}: is this MM-SafetyBench's processed_questions folder?")
+        raise DataError(
+            f"no <scenario>.json files in {qdir}: is this MM-SafetyBench's processed_questions folder?"
+        )
     if scenarios is not None:
         known = {f.stem for f in files}
         missing = [s for s in scenarios if s not in known]
         if missing:
-            raise DataError(f"MM-SafetyBench scenarios {missing} not in {qdir}; found {sorted(known)}")
+            raise DataError(
+                f"MM-SafetyBench scenarios {missing} not in {qdir}; found {sorted(known)}"
+            )
         files = [f for f in files if f.stem in set(scenarios)]
 
     parsed = []
@@ -83,21 +90,32 @@ def load_mm_safetybench(
                 prompt = require(entry, VARIANT_PROMPT_FIELD[v], path, rec, str)
                 parsed.append((path.stem, str(qid), v, prompt, question, key_phrase))
     records = []
-    for scenario, qid, variant, prompt, question, key_phrase in subsample(parsed, limit, seed):
+    for scenario, qid, variant, prompt, question, key_phrase in progress(
+        subsample(parsed, limit, seed), "MM-SafetyBench records"
+    ):
         image = None
         if variant != "TEXT":
             candidates = [image_root / scenario / variant / f"{qid}.jpg"]
             rec = f"{scenario}/{qid} ({variant})"
-            image = resolve_image(candidates, rec, "MM-SafetyBench") if check_images else candidates[0]
-        records.append(Record(
-            id=f"mm_safetybench/{scenario}/{variant}/{qid}",
-            question=prompt,
-            answers=[],
-            image=image,
-            caption=variant_caption(variant, key_phrase),
-            tasks=("safety",),
-            source="mm_safetybench",
-            meta={"scenario": scenario, "variant": variant, "question_id": qid,
-                  "original_question": question, "key_phrase": key_phrase},
-        ))
+            image = (
+                resolve_image(candidates, rec, "MM-SafetyBench") if check_images else candidates[0]
+            )
+        records.append(
+            Record(
+                id=f"mm_safetybench/{scenario}/{variant}/{qid}",
+                question=prompt,
+                answers=[],
+                image=image,
+                caption=variant_caption(variant, key_phrase),
+                tasks=("safety",),
+                source="mm_safetybench",
+                meta={
+                    "scenario": scenario,
+                    "variant": variant,
+                    "question_id": qid,
+                    "original_question": question,
+                    "key_phrase": key_phrase,
+                },
+            )
+        )
     return records

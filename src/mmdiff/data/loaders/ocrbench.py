@@ -10,6 +10,7 @@ from mmdiff.data.loaders._common import (
     existing_file,
     expect_type,
     merge_tasks,
+    progress,
     read_json,
     require,
     resolve_image,
@@ -41,27 +42,37 @@ def load_ocrbench(
         answers = require(row, "answers", jpath, rec, (str, list))
         answers = [answers] if isinstance(answers, str) else answers
         if not all(isinstance(a, (str, int, float)) for a in answers) or not answers:
-            raise DataError(f"{jpath}: record {rec}, field 'answers' should be a string or a list of strings, found {answers!r}")
-        parsed.append((
-            row.get("id", i),
-            require(row, "image_path", jpath, rec, str),
-            require(row, "question", jpath, rec, str),
-            [str(a) for a in answers],
-            require(row, "type", jpath, rec, str),
-            require(row, "dataset_name", jpath, rec, str),
-        ))
+            raise DataError(
+                f"{jpath}: record {rec}, field 'answers' should be a string or a list of strings, found {answers!r}"
+            )
+        parsed.append(
+            (
+                row.get("id", i),
+                require(row, "image_path", jpath, rec, str),
+                require(row, "question", jpath, rec, str),
+                [str(a) for a in answers],
+                require(row, "type", jpath, rec, str),
+                require(row, "dataset_name", jpath, rec, str),
+            )
+        )
     records = []
-    for rid, image_path, question, answers, qtype, dataset_name in subsample(parsed, limit, seed):
+    for rid, image_path, question, answers, qtype, dataset_name in progress(
+        subsample(parsed, limit, seed), "OCRBench records"
+    ):
         candidates = [image_root / image_path.removeprefix("./")]
-        image = resolve_image(candidates, f"id={rid}", "OCRBench") if check_images else candidates[0]
-        records.append(Record(
-            id=f"ocrbench/{rid}",
-            question=question,
-            answers=answers,
-            image=image,
-            caption=None,
-            tasks=merge_tasks(["ocr"], question_tasks(question)),
-            source="ocrbench",
-            meta={"type": qtype, "dataset_name": dataset_name, "image_path": image_path},
-        ))
+        image = (
+            resolve_image(candidates, f"id={rid}", "OCRBench") if check_images else candidates[0]
+        )
+        records.append(
+            Record(
+                id=f"ocrbench/{rid}",
+                question=question,
+                answers=answers,
+                image=image,
+                caption=None,
+                tasks=merge_tasks(["ocr"], question_tasks(question)),
+                source="ocrbench",
+                meta={"type": qtype, "dataset_name": dataset_name, "image_path": image_path},
+            )
+        )
     return records

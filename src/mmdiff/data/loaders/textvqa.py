@@ -10,6 +10,7 @@ from mmdiff.data.loaders._common import (
     existing_file,
     expect_type,
     merge_tasks,
+    progress,
     read_json,
     require,
     resolve_image,
@@ -62,17 +63,25 @@ def load_textvqa(
         parsed.append((qid, question, image_id, [str(a) for a in answers], row.get("set_name")))
     caps = load_textcaps(captions) if captions is not None else {}
     records = []
-    for qid, question, image_id, answers, set_name in subsample(parsed, limit, seed):
+    for qid, question, image_id, answers, set_name in progress(
+        subsample(parsed, limit, seed), "TextVQA records"
+    ):
         candidates = [image_root / f"{image_id}.jpg"]
-        image = resolve_image(candidates, f"question_id={qid}", "TextVQA") if check_images else candidates[0]
-        records.append(Record(
-            id=f"textvqa/{qid}",
-            question=question,
-            answers=answers,
-            image=image,
-            caption=caps.get(image_id),
-            tasks=merge_tasks(["vqa", "ocr"], question_tasks(question)),
-            source="textvqa",
-            meta={"question_id": qid, "image_id": image_id, "set_name": set_name},
-        ))
+        image = (
+            resolve_image(candidates, f"question_id={qid}", "TextVQA")
+            if check_images
+            else candidates[0]
+        )
+        records.append(
+            Record(
+                id=f"textvqa/{qid}",
+                question=question,
+                answers=answers,
+                image=image,
+                caption=caps.get(image_id),
+                tasks=merge_tasks(["vqa", "ocr"], question_tasks(question)),
+                source="textvqa",
+                meta={"question_id": qid, "image_id": image_id, "set_name": set_name},
+            )
+        )
     return records

@@ -11,6 +11,7 @@ from mmdiff.data.loaders._common import (
     existing_file,
     expect_type,
     merge_tasks,
+    progress,
     read_json,
     require,
     resolve_image,
@@ -61,7 +62,9 @@ def load_vqav2(
     if annotations is not None:
         apath = existing_file(annotations, "VQAv2 annotations file")
         adata = expect_type(read_json(apath), dict, apath, "the top level")
-        alist = expect_type(require(adata, "annotations", apath, "(top level)"), list, apath, "'annotations'")
+        alist = expect_type(
+            require(adata, "annotations", apath, "(top level)"), list, apath, "'annotations'"
+        )
         for i, ann in enumerate(alist):
             anns[require(ann, "question_id", apath, f"annotations[{i}]", int)] = ann
     caps = load_coco_captions(captions) if captions is not None else {}
@@ -69,13 +72,15 @@ def load_vqav2(
     parsed = []
     for i, q in enumerate(qs):
         rec = f"questions[{i}]"
-        parsed.append((
-            require(q, "question_id", qpath, rec, int),
-            require(q, "image_id", qpath, rec, int),
-            require(q, "question", qpath, rec, str),
-        ))
+        parsed.append(
+            (
+                require(q, "question_id", qpath, rec, int),
+                require(q, "image_id", qpath, rec, int),
+                require(q, "question", qpath, rec, str),
+            )
+        )
     records = []
-    for qid, image_id, question in subsample(parsed, limit, seed):
+    for qid, image_id, question in progress(subsample(parsed, limit, seed), "VQAv2 records"):
         rec = f"question_id={qid}"
         meta: dict = {"question_id": qid, "image_id": image_id}
         answers: list[str] = []
@@ -89,7 +94,9 @@ def load_vqav2(
             ann = anns[qid]
             answer_type = require(ann, "answer_type", apath, rec, str)
             raw = require(ann, "answers", apath, rec, list)
-            answers = [require(a, "answer", apath, f"{rec} answers[{j}]", str) for j, a in enumerate(raw)]
+            answers = [
+                require(a, "answer", apath, f"{rec} answers[{j}]", str) for j, a in enumerate(raw)
+            ]
             meta |= {
                 "answer_type": answer_type,
                 "multiple_choice_answer": require(ann, "multiple_choice_answer", apath, rec, str),
@@ -101,14 +108,16 @@ def load_vqav2(
             meta["captions"] = caps[image_id]
         candidates = coco_image_candidates(image_root, image_id, subtype)
         image = resolve_image(candidates, rec, "VQAv2") if check_images else candidates[0]
-        records.append(Record(
-            id=f"vqav2/{qid}",
-            question=question,
-            answers=answers,
-            image=image,
-            caption=caps[image_id][0] if image_id in caps else None,
-            tasks=merge_tasks(tasks, question_tasks(question)),
-            source="vqav2",
-            meta=meta,
-        ))
+        records.append(
+            Record(
+                id=f"vqav2/{qid}",
+                question=question,
+                answers=answers,
+                image=image,
+                caption=caps[image_id][0] if image_id in caps else None,
+                tasks=merge_tasks(tasks, question_tasks(question)),
+                source="vqav2",
+                meta=meta,
+            )
+        )
     return records

@@ -9,6 +9,7 @@ from typing import Sequence
 from mmdiff.data.loaders._common import (
     existing_dir,
     existing_file,
+    progress,
     read_jsonl,
     require,
     resolve_image,
@@ -18,7 +19,9 @@ from mmdiff.data.loaders.coco_captions import load_coco_captions
 from mmdiff.data.records import Record
 from mmdiff.errors import DataError
 
-_COPULA = re.compile(r"^the\s+(?P<subject>.+?)\s+(?P<verb>is|are)\s+(?P<rest>.+?)[.\s]*$", re.IGNORECASE)
+_COPULA = re.compile(
+    r"^the\s+(?P<subject>.+?)\s+(?P<verb>is|are)\s+(?P<rest>.+?)[.\s]*$", re.IGNORECASE
+)
 
 
 def vsr_question(statement: str) -> str:
@@ -42,7 +45,9 @@ def _label(value: object, path: Path, rec: str) -> bool:
         return bool(value)
     if isinstance(value, str) and value.lower() in ("true", "false", "0", "1"):
         return value.lower() in ("true", "1")
-    raise DataError(f"{path}: record {rec}, field 'label' should be 0/1 or true/false, found {value!r}")
+    raise DataError(
+        f"{path}: record {rec}, field 'label' should be 0/1 or true/false, found {value!r}"
+    )
 
 
 def load_vsr(
@@ -68,29 +73,44 @@ def load_vsr(
     parsed = []
     for i, row in enumerate(rows):
         rec = f"line {i + 1}"
-        parsed.append((
-            i,
-            require(row, "image", jpath, rec, str),
-            require(row, "caption", jpath, rec, str),
-            _label(require(row, "label", jpath, rec), jpath, rec),
-            require(row, "relation", jpath, rec, str),
-        ))
+        parsed.append(
+            (
+                i,
+                require(row, "image", jpath, rec, str),
+                require(row, "caption", jpath, rec, str),
+                _label(require(row, "label", jpath, rec), jpath, rec),
+                require(row, "relation", jpath, rec, str),
+            )
+        )
     caps = load_coco_captions(captions) if captions is not None else {}
     records = []
-    for i, image_name, statement, label, relation in subsample(parsed, limit, seed):
+    for i, image_name, statement, label, relation in progress(
+        subsample(parsed, limit, seed), "VSR records"
+    ):
         rec = f"line {i + 1} ({image_name})"
-        candidates = [image_root / image_name, image_root / "train2017" / image_name, image_root / "val2017" / image_name]
+        candidates = [
+            image_root / image_name,
+            image_root / "train2017" / image_name,
+            image_root / "val2017" / image_name,
+        ]
         image = resolve_image(candidates, rec, "VSR") if check_images else candidates[0]
         stem = Path(image_name).stem
         image_id = int(stem) if stem.isdigit() else None
-        records.append(Record(
-            id=f"vsr/{jpath.stem}/{i}",
-            question=vsr_question(statement),
-            answers=["yes" if label else "no"],
-            image=image,
-            caption=caps[image_id][0] if image_id in caps else None,
-            tasks=("yesno", "spatial"),
-            source="vsr",
-            meta={"statement": statement, "label": label, "relation": relation, "image_id": image_id},
-        ))
+        records.append(
+            Record(
+                id=f"vsr/{jpath.stem}/{i}",
+                question=vsr_question(statement),
+                answers=["yes" if label else "no"],
+                image=image,
+                caption=caps[image_id][0] if image_id in caps else None,
+                tasks=("yesno", "spatial"),
+                source="vsr",
+                meta={
+                    "statement": statement,
+                    "label": label,
+                    "relation": relation,
+                    "image_id": image_id,
+                },
+            )
+        )
     return records
