@@ -37,6 +37,47 @@ class Backbone:
     num_heads: int
     head_dim: int
     d_model: int
+    embed_tokens: nn.Module | None = None  # input embeddings: ids [B, T] -> [B, T, d_model]
+    unembed: nn.Module | None = None  # lm_head: [.., d_model] -> [.., vocab]
+    final_norm: nn.Module | None = None  # norm applied to the last layer's output before lm_head
+
+    @classmethod
+    def from_causal_lm(cls, model: nn.Module) -> "Backbone":
+        """The decoder stack of an HF causal LM or VLM (`get_decoder()`), with its text config."""
+        decoder = model.get_decoder()
+        layers = getattr(decoder, "layers", None)
+        if layers is None:
+            from mmdiff.errors import ModelError
+
+            raise ModelError(
+                f"{type(model).__name__}: its decoder {type(decoder).__name__} has no `layers` list; "
+                "this architecture needs its own adapter"
+            )
+        text_config = model.config.get_text_config()
+        num_heads = int(text_config.num_attention_heads)
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+        return cls(
+            model=model,
+            layers=list(layers),
+            num_heads=num_heads,
+            head_dim=int(head_dim),
+            d_model=int(text_config.hidden_size),
+            embed_tokens=model.get_input_embeddings(),
+            unembed=model.get_output_embeddings(),
+            final_norm=getattr(decoder, "norm", None),
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def attention(self, layer: int) -> nn.Module:
         return self.layers[layer].self_attn
@@ -44,6 +85,31 @@ class Backbone:
     def o_proj(self, layer: int) -> nn.Linear:
         """The attention output projection; its input is the concatenation of per-head outputs."""
         return self.attention(layer).o_proj
+
+    def unembedding_matrix(self) -> torch.Tensor:
+        """W_U, [vocab, d_model]: row v is the direction that promotes token v."""
+        if self.unembed is None:
+            from mmdiff.errors import ModelError
+
+            raise ModelError(f"{type(self.model).__name__} has no output embedding (lm_head)")
+        return self.unembed.weight
+
+    def check_layers(self, layers: Sequence[int]) -> list[int]:
+        """Sorted unique hook points, or a ModelError naming the valid range."""
+        wanted = sorted(set(int(layer) for layer in layers))
+        if not wanted:
+            from mmdiff.errors import ModelError
+
+            raise ModelError("no layers given: pass at least one decoder layer index")
+        bad = [layer for layer in wanted if not 0 <= layer < len(self.layers)]
+        if bad:
+            from mmdiff.errors import ModelError
+
+            raise ModelError(
+                f"layers {bad} do not exist: {type(self.model).__name__} has {len(self.layers)} decoder "
+                f"layers, so hook points are 0..{len(self.layers) - 1}"
+            )
+        return wanted
 
 
 class VLMAdapter(ABC):
@@ -111,3 +177,17 @@ ADAPTERS: dict[str, type[VLMAdapter]] = {}
 def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:
     ADAPTERS[cls.family] = cls
     return cls
+
+
+def adapter_for_model_type(model_type: str) -> type[VLMAdapter]:
+    """The registered adapter whose `model_types` include `model_type`."""
+    for cls in ADAPTERS.values():
+        if model_type in cls.model_types:
+            return cls
+    from mmdiff.errors import ModelError
+
+    known = sorted(t for cls in ADAPTERS.values() for t in cls.model_types)
+    raise ModelError(
+        f"no adapter for model_type {model_type!r}: supported are {known}. Pass family= to force "
+        "one, or add an adapter file under mmdiff/models/"
+    )

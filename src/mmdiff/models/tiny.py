@@ -1,0 +1,462 @@
+"""Tiny random-init checkpoints of every supported VLM family, built locally (no download).
+
+`build_tiny(family, out_dir)` writes `out_dir/vlm` (the VLM and its processor) and `out_dir/base`
+(a causal LM with the same text config and its tokenizer) with `save_pretrained`, so tests load
+them by path through `load_adapter` exactly as they would load a real checkpoint. They use the
+same HF classes as the real models; only the sizes are tiny (hidden 32, 3 layers, 16-pixel images).
+The tokenizers are byte-level BPE trained in memory on a fixed corpus, with each family's special
+tokens and, where the family has one, its chat template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mmdiff.atomic import atomic_dir
+from mmdiff.errors import ModelError
+
+VLM_SUBDIR = "vlm"
+BASE_SUBDIR = "base"
+
+HIDDEN = 32
+LAYERS = 3
+HEADS = 4
+KV_HEADS = 2
+HEAD_DIM = HIDDEN // HEADS
+IMAGE_SIZE = 16
+PATCH = 4
+
+# Words the tiny tokenizers learn as whole tokens, so prompts in tests stay short.
+_CORPUS = [
+    "USER: ASSISTANT: yes no Yes No answer en",
+    "Is the red circle left of the blue square? yes",
+    "Is the green triangle above the yellow star? no",
+    "What colour is the square? red blue green yellow",
+    "What word is written in the image? cat dog stop",
+    "A red circle to the left of a blue square. A small green triangle below a star.",
+    "Describe the positions of all objects in the image. behind in front of next to on top of under",
+    "You are a helpful assistant. system user assistant",
+] + ["yes no Yes No\nyes\nno\nYes\nNo"] * 8
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    """The special tokens a family's tokenizer carries."""
+
+    bos: str | None
+    eos: str
+    pad: str
+    image: str
+    add_bos: bool
+    extra: tuple[str, ...] = ()  # further special tokens (chat and vision markers)
+
+
+def _train_tokenizer(tokens: _Tokens, chat_template: str | None = None, vocab_size: int = 512) -> Any:
+    """A byte-level BPE tokenizer trained on `_CORPUS`, with the family's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [t for t in ("<unk>", tokens.bos, tokens.eos, tokens.pad, tokens.image, *tokens.extra) if t]
+    specials = list(dict.fromkeys(specials))
+    backend = Tokenizer(models.BPE(unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_CORPUS * 4, trainer)
+    kwargs: dict[str, Any] = dict(
+        tokenizer_object=backend,
+        eos_token=tokens.eos,
+        pad_token=tokens.pad,
+        unk_token="<unk>",
+        add_bos_token=tokens.add_bos,
+        padding_side="left",
+    )
+    if tokens.bos:
+        kwargs["bos_token"] = tokens.bos
+    if tokens.extra:
+        kwargs["additional_special_tokens"] = list(tokens.extra)
+    tokenizer = PreTrainedTokenizerFast(**kwargs)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _ids(tokenizer: Any, token: str) -> int:
+    return int(tokenizer.convert_tokens_to_ids(token))
+
+
+def _llama_text_config(tokenizer: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _clip_vision_config(image_size: int = IMAGE_SIZE) -> Any:
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=PATCH,
+        projection_dim=HIDDEN,
+    )
+
+
+_LLAVA_TOKENS = _Tokens(bos="<s>", eos="</s>", pad="<pad>", image="<image>", add_bos=True)
+
+# The llava-hf LLaVA-NeXT (vicuna) chat template: "USER: <image>\n{q} ASSISTANT:".
+_LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _build_llava(seed: int) -> tuple[Any, Any, Any, Any]:
+    """LLaVA-1.5 shape: CLIP tower (16 patches + CLS, CLS dropped), Llama text model, no template."""
+    from transformers import (
+        CLIPImageProcessor,
+        LlamaForCausalLM,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = _train_tokenizer(_LLAVA_TOKENS)
+    text_config = _llama_text_config(tokenizer)
+    config = LlavaConfig(
+        vision_config=_clip_vision_config(),
+        text_config=text_config,
+        image_token_id=_ids(tokenizer, "<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+    )
+    torch.manual_seed(seed)
+    vlm = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    base = LlamaForCausalLM(_llama_text_config(tokenizer))
+    return vlm, processor, base, _train_tokenizer(_LLAVA_TOKENS)
+
+
+NEXT_GRID_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+
+
+def _build_llava_next(seed: int) -> tuple[Any, Any, Any, Any]:
+    """LLaVA-NeXT shape: anyres tiles on a 16-pixel grid plus image_newline, vicuna chat template."""
+    from transformers import (
+        LlamaForCausalLM,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = _train_tokenizer(_LLAVA_TOKENS, chat_template=_LLAVA_CHAT_TEMPLATE)
+    config = LlavaNextConfig(
+        vision_config=_clip_vision_config(),
+        text_config=_llama_text_config(tokenizer),
+        image_token_index=_ids(tokenizer, "<image>"),
+        image_grid_pinpoints=NEXT_GRID_PINPOINTS,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+    )
+    torch.manual_seed(seed)
+    vlm = LlavaNextForConditionalGeneration(config)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=NEXT_GRID_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_LLAVA_CHAT_TEMPLATE,
+    )
+    base = LlamaForCausalLM(_llama_text_config(tokenizer))
+    return vlm, processor, base, _train_tokenizer(_LLAVA_TOKENS, chat_template=_LLAVA_CHAT_TEMPLATE)
+
+
+_GEMMA_TOKENS = _Tokens(bos="<bos>", eos="<eos>", pad="<pad>", image="<image>", add_bos=True)
+
+
+def _gemma2_text_config(tokenizer: Any) -> Any:
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=512,
+        sliding_window=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _build_paligemma(seed: int) -> tuple[Any, Any, Any, Any]:
+    """PaliGemma 2 shape: SigLIP tower (16 tokens), Gemma 2 text model, "answer en {q}" prompts."""
+    from transformers import (
+        Gemma2ForCausalLM,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = _train_tokenizer(_GEMMA_TOKENS)
+    n_image_tokens = (IMAGE_SIZE // PATCH) ** 2
+    image_processor = SiglipImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_seq_length=n_image_tokens
+    )
+    image_processor.image_seq_length = n_image_tokens
+    # the processor adds PaliGemma's <loc....> and <seg...> tokens: build it before sizing the vocab
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    vision_config = SiglipVisionConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        projection_dim=HIDDEN,
+    )
+    config = PaliGemmaConfig(
+        vision_config=vision_config,
+        text_config=_gemma2_text_config(tokenizer),
+        image_token_index=_ids(tokenizer, "<image>"),
+        projection_dim=HIDDEN,
+        hidden_size=HIDDEN,
+        vocab_size=len(tokenizer),
+    )
+    torch.manual_seed(seed)
+    vlm = PaliGemmaForConditionalGeneration(config)
+    base = Gemma2ForCausalLM(_gemma2_text_config(tokenizer))
+    return vlm, processor, base, _train_tokenizer(_GEMMA_TOKENS)
+
+
+_QWEN_TOKENS = _Tokens(
+    bos=None,
+    eos="<|im_end|>",
+    pad="<|endoftext|>",
+    image="<|image_pad|>",
+    add_bos=False,
+    extra=("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"),
+)
+
+# The Qwen2-VL-Instruct chat template (images only; videos are not used here).
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN_PATCH = 4
+QWEN_MERGE = 2
+
+
+def _qwen2_base_config(tokenizer: Any) -> Any:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _qwen_text_kwargs(tokenizer: Any) -> dict[str, Any]:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=512,
+        # M-RoPE: sections of (temporal, height, width) summing to head_dim / 2
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _qwen_processor_parts(tokenizer: Any) -> list[Any]:
+    """The image processor and the tokenizer (with the chat template), saved side by side.
+
+    Not a Qwen2VLProcessor: that class cannot be built without torchvision (it wants a video
+    processor); the Qwen adapter reads these two parts directly, as it does for real checkpoints.
+    """
+    from transformers import Qwen2VLImageProcessorPil
+
+    # the PIL backend: the default one needs torchvision, which the CPU install does not have
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=QWEN_PATCH,
+        merge_size=QWEN_MERGE,
+        temporal_patch_size=2,
+        min_pixels=(QWEN_PATCH * QWEN_MERGE) ** 2,
+        max_pixels=(QWEN_PATCH * QWEN_MERGE * 4) ** 2,
+    )
+    return [image_processor, tokenizer]
+
+
+def _qwen_ids(tokenizer: Any) -> dict[str, int]:
+    return dict(
+        image_token_id=_ids(tokenizer, "<|image_pad|>"),
+        video_token_id=_ids(tokenizer, "<|video_pad|>"),
+        vision_start_token_id=_ids(tokenizer, "<|vision_start|>"),
+        vision_end_token_id=_ids(tokenizer, "<|vision_end|>"),
+    )
+
+
+def _build_qwen2_vl(seed: int) -> tuple[Any, Any, Any, Any]:
+    """Qwen2-VL shape: 4-pixel patches merged 2x2, M-RoPE text model, Qwen chat template."""
+    from transformers import Qwen2ForCausalLM, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tokenizer = _train_tokenizer(_QWEN_TOKENS, chat_template=_QWEN_CHAT_TEMPLATE)
+    vision_config = dict(
+        depth=2,
+        embed_dim=HIDDEN,
+        hidden_size=HIDDEN,
+        mlp_ratio=2,
+        num_heads=2,
+        patch_size=QWEN_PATCH,
+        spatial_merge_size=QWEN_MERGE,
+        temporal_patch_size=2,
+    )
+    config = Qwen2VLConfig(
+        text_config=_qwen_text_kwargs(tokenizer), vision_config=vision_config, **_qwen_ids(tokenizer)
+    )
+    torch.manual_seed(seed)
+    vlm = Qwen2VLForConditionalGeneration(config)
+    processor = _qwen_processor_parts(tokenizer)
+    base = Qwen2ForCausalLM(_qwen2_base_config(tokenizer))
+    return vlm, processor, base, _train_tokenizer(_QWEN_TOKENS, chat_template=_QWEN_CHAT_TEMPLATE)
+
+
+def _build_qwen2_5_vl(seed: int) -> tuple[Any, Any, Any, Any]:
+    """Qwen2.5-VL shape: windowed-attention vision tower, same text side as Qwen2-VL."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2ForCausalLM,
+    )
+
+    tokenizer = _train_tokenizer(_QWEN_TOKENS, chat_template=_QWEN_CHAT_TEMPLATE)
+    vision_config = dict(
+        depth=2,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        out_hidden_size=HIDDEN,
+        num_heads=2,
+        patch_size=QWEN_PATCH,
+        spatial_merge_size=QWEN_MERGE,
+        temporal_patch_size=2,
+        window_size=QWEN_PATCH * QWEN_MERGE * 2,
+        fullatt_block_indexes=[1],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=_qwen_text_kwargs(tokenizer), vision_config=vision_config, **_qwen_ids(tokenizer)
+    )
+    torch.manual_seed(seed)
+    vlm = Qwen2_5_VLForConditionalGeneration(config)
+    processor = _qwen_processor_parts(tokenizer)
+    base = Qwen2ForCausalLM(_qwen2_base_config(tokenizer))
+    return vlm, processor, base, _train_tokenizer(_QWEN_TOKENS, chat_template=_QWEN_CHAT_TEMPLATE)
+
+
+BUILDERS: dict[str, Callable[[int], tuple[Any, Any, Any, Any]]] = {
+    "llava": _build_llava,
+    "llava_next": _build_llava_next,
+    "paligemma": _build_paligemma,
+    "qwen2_vl": _build_qwen2_vl,
+    "qwen2_5_vl": _build_qwen2_5_vl,
+}
+
+
+def build_tiny(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny random-init VLM of `family` to out_dir/vlm and its base LM to out_dir/base.
+
+    Returns out_dir. Load it with `load_adapter(out_dir / "vlm", base_lm=out_dir / "base")`, or
+    `load_tiny(family, out_dir)`. An existing complete build is reused.
+    """
+    if family not in BUILDERS:
+        raise ModelError(f"no tiny builder for family {family!r}; expected one of {sorted(BUILDERS)}")
+    out = Path(out_dir)
+    vlm_dir, base_dir = out / VLM_SUBDIR, out / BASE_SUBDIR
+    if (vlm_dir / "config.json").is_file() and (base_dir / "config.json").is_file():
+        return out
+    vlm, processor, base, base_tokenizer = BUILDERS[family](seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(vlm_dir) as tmp:
+        vlm.save_pretrained(tmp)
+        for part in processor if isinstance(processor, list) else [processor]:
+            part.save_pretrained(tmp)
+    with atomic_dir(base_dir) as tmp:
+        base.save_pretrained(tmp)
+        base_tokenizer.save_pretrained(tmp)
+    return out
+
+
+def load_tiny(family: str, out_dir: str | Path, **kwargs: Any) -> Any:
+    """Build (if needed) and load the tiny `family` checkpoint through `load_adapter`."""
+    from mmdiff.models import load_adapter
+
+    root = build_tiny(family, out_dir)
+    kwargs.setdefault("dtype", torch.float32)
+    return load_adapter(root / VLM_SUBDIR, base_lm=root / BASE_SUBDIR, **kwargs)
