@@ -48,7 +48,7 @@ def hand_made_evidence(with_heatmap: bool = False) -> FeatureEvidence:
         heatmap_png=_png() if with_heatmap else None,
         record_id="r2",
     )
-    ex3 = ActivatingExample(tokens=["Right", " side"], activations=[1.5, 0.2], record_id="r3")
+    ex3 = ActivatingExample(["Right", " side"], [1.5, 0.2], record_id="r3", source="VSR")
     return FeatureEvidence(
         feature_id="L3/F7",
         examples=[ex1, ex2, ex3],
@@ -195,7 +195,7 @@ def test_llm_explainer_prompt_reply_and_images():
         "Example 2 (max activation 2.00): "
         "<image: 2 tokens, 1 active, max 2.00> Is it <<Left>>(2.00)?" in text
     )
-    assert "Example 3 (max activation 1.50): <<Right>>(1.50) side" in text
+    assert "Example 3 [VSR] (max activation 1.50): <<Right>>(1.50) side" in text
     assert "Share of activation mass on image tokens: 20%." in text
     assert "Tokens the feature promotes through the unembedding: 'left', 'right'." in text
     assert image_part["image_url"]["url"].startswith("data:image/png;base64,")
@@ -260,6 +260,26 @@ def test_detection_scoring_with_a_deterministic_server(tmp_path):
         assert (t in ACTIVATING) == y
     assert not any("<<" in json.dumps(q) for q in srv.requests)  # nothing highlighted
     assert r.to_dict()["balanced_accuracy"] == pytest.approx(0.75)
+
+
+def test_score_many_pools_features_and_matches_score():
+    left = Explanation("fires on the word 'left'", 0.9, feature_id="L3/F7")
+    other = Explanation("fires on fruit", 0.5, feature_id="L1/F2")
+    with FakeOpenAI(_detector) as srv:
+        with LLMClient(fast_config(srv.base_url)) as client:
+            scorer = DetectionScorer(client, batch_size=4)
+            many = scorer.score_many(
+                [(left, ACTIVATING, NON_ACTIVATING), (other, ["an apple"], ["left turn"])],
+                seed=3,
+                progress=False,
+            )
+            single = scorer.score(left, ACTIVATING, NON_ACTIVATING, seed=3)
+    assert [r.feature_id for r in many] == ["L3/F7", "L1/F2"]
+    assert many[0].metrics == single.metrics and many[0].texts == single.texts
+    # the fake reader marks 'left turn' (non-activating) and misses 'an apple': all wrong
+    m = many[1].metrics
+    assert (m.tp, m.fn, m.fp, m.tn) == (0, 1, 1, 0) and m.balanced_accuracy == 0.0
+    assert len(srv.requests) == 2 + 1 + 2  # 8 examples / 4, then 2 / 4, then the repeat
 
 
 def test_shuffle_is_deterministic_by_seed():

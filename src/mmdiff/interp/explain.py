@@ -62,6 +62,7 @@ class ActivatingExample:
     token_types: list[int] | None = None  # [len(tokens)] TokenType values; None = all text
     heatmap_png: bytes | None = None  # optional image-patch heatmap, PNG bytes
     record_id: str = ""
+    source: str = ""  # which dataset it came from, e.g. "VQAv2" or "VSR" (shown to the LLM)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.activations):
@@ -369,8 +370,8 @@ class LLMExplainer:
         lines = [f"Feature {evidence.feature_id}. Top {len(examples)} activating examples:"]
         for n, ex in enumerate(examples, start=1):
             lines.append(
-                f"Example {n} (max activation {ex.max_activation:.2f}): "
-                + mark_example(ex, threshold)
+                f"Example {n}{f' [{ex.source}]' if ex.source else ''} "
+                f"(max activation {ex.max_activation:.2f}): " + mark_example(ex, threshold)
             )
         lines.append(
             f"Share of activation mass on image tokens: {evidence.image_token_share():.0%}."

@@ -179,16 +179,13 @@ class DetectionScorer:
             lines.append(f"Example {i}: {t[: self.max_chars]}")
         return [system_message(self.system_prompt), user_message("\n".join(lines))]
 
-    def score(
+    def _plan(
         self,
         explanation: Explanation,
         activating: Sequence[ExampleLike],
         non_activating: Sequence[ExampleLike],
-        *,
-        seed: int = 0,
-        progress: bool = False,
-    ) -> DetectionResult:
-        """Detection score of one explanation on a seeded shuffle of the two example sets."""
+        seed: int,
+    ) -> tuple[list[str], list[bool], list[Any]]:
         from mmdiff.interp.client import ChatRequest
 
         if self.batch_size < 1:
@@ -204,7 +201,16 @@ class DetectionScorer:
             ChatRequest(self.messages(explanation, b), validator=_reply_validator(len(b)))
             for b in batches
         ]
-        replies = self.client.chat_many(reqs, progress=progress, description="detection scoring")
+        return texts, labels, reqs
+
+    def _result(
+        self,
+        explanation: Explanation,
+        texts: list[str],
+        labels: list[bool],
+        replies: list,
+        seed: int,
+    ) -> DetectionResult:
         predictions = [p for r in replies for p in r]
         return DetectionResult(
             feature_id=explanation.feature_id,
@@ -215,3 +221,35 @@ class DetectionScorer:
             seed=seed,
             source=f"llm:{self.client.name}",
         )
+
+    def score(
+        self,
+        explanation: Explanation,
+        activating: Sequence[ExampleLike],
+        non_activating: Sequence[ExampleLike],
+        *,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> DetectionResult:
+        """Detection score of one explanation on a seeded shuffle of the two example sets."""
+        texts, labels, reqs = self._plan(explanation, activating, non_activating, seed)
+        replies = self.client.chat_many(reqs, progress=progress, description="detection scoring")
+        return self._result(explanation, texts, labels, replies, seed)
+
+    def score_many(
+        self,
+        items: Sequence[tuple[Explanation, Sequence[ExampleLike], Sequence[ExampleLike]]],
+        *,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> list[DetectionResult]:
+        """Detection scores of many (explanation, activating, non_activating) triples; every
+        feature's batches share one request pool, so a slow feature does not idle the others."""
+        plans = [self._plan(e, a, n, seed) for e, a, n in items]
+        flat = [r for _, _, reqs in plans for r in reqs]
+        replies = self.client.chat_many(flat, progress=progress, description="detection scoring")
+        out, at = [], 0
+        for (explanation, _, _), (texts, labels, reqs) in zip(items, plans):
+            out.append(self._result(explanation, texts, labels, replies[at : at + len(reqs)], seed))
+            at += len(reqs)
+        return out
