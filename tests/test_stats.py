@@ -242,3 +242,19 @@ def test_all_reduce_across_two_gloo_ranks_equals_single_pass(setup, tmp_path):
         assert got.top_examples()[tcols].equals(whole.top_examples()[tcols])
         for layer in LAYERS:
             assert torch.equal(got._layer(layer).hist, whole._layer(layer).hist)
+
+
+def test_with_the_project_topk_sae():
+    from mmdiff.sae import SAEConfig, build_sae
+
+    saes = {}
+    for layer in LAYERS:
+        saes[layer] = build_sae(SAEConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=3))
+        saes[layer].init_weights(seed=layer)
+    batches = make_batches(seed=4, n_batches=2)
+    stats = collect_feature_stats(batches, saes, "vqa", top_k=2, n_chunks=2, progress=False)
+    for layer in LAYERS:
+        with torch.no_grad():
+            h, _ = materialise(batches, saes, layer)
+        assert int(stats.firing_counts(layer).sum()) == int((h > 0).sum()) <= 3 * len(h)
+        torch.testing.assert_close(stats.sum_h2(layer), (h**2).sum(0), rtol=1e-5, atol=1e-6)
