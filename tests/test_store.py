@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mmdiff.activations import ActivationBatch
 from mmdiff.errors import StoreError
@@ -315,3 +317,26 @@ def test_empty_records_duplicates_and_empty_store(tmp_path):
     empty = ActivationStore(tmp_path / "e")
     assert empty.complete and empty.num_tokens == 0 and list(empty.iter_batches(1, 4)) == []
     assert empty.load_all(1).shape == (0, D)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    shard_tokens=st.integers(1, 40),
+    batch_size=st.integers(1, 17),
+    buffer_tokens=st.integers(0, 60),
+    types=st.sampled_from([None, (0,), (1, 2)]),
+    seed=st.integers(0, 3),
+)
+def test_every_token_exactly_once_for_any_sizes(tmp_path_factory, shard_tokens, batch_size,
+                                                 buffer_tokens, types, seed):
+    root = tmp_path_factory.mktemp("s")
+    write_store(root, make_batches(n_batches=4, seed=seed), dtype="float32", shard_tokens=shard_tokens)
+    store = ActivationStore(root)
+    got = list(store.iter_batches(LAYERS, batch_size, token_types=types, buffer_tokens=buffer_tokens,
+                                  seed=seed))
+    assert all(len(b.token_types) == batch_size for b in got[:-1])
+    assert len(got) == store.num_batches(batch_size, token_types=types)
+    pairs = sorted((int(r), int(p)) for b in got for r, p in zip(b.record_index, b.position))
+    ordered = list(store.iter_batches(LAYERS, 1000, token_types=types, shuffle=False))
+    want = sorted((int(r), int(p)) for b in ordered for r, p in zip(b.record_index, b.position))
+    assert pairs == want and len(want) == store.count_tokens(types)
