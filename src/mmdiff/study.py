@@ -90,11 +90,11 @@ def stage_capture(ctx: StageContext) -> dict[str, Any]:
                 out, layers=ctx.config.layers, d_model=adapter.backbone(side).d_model,
                 dtype=c.dtype, shard_tokens=c.shard_tokens,
             )
-            todo = [r for r in records if not writer.has_record(r.id)]
-            for batch in iter_activations(adapter, todo, ctx.config.layers, side=side,
-                                          batch_size=c.batch_size, progress=ctx.progress):
-                writer.append(batch)
-            writer.close()
+            with writer:
+                todo = [r for r in records if not writer.has_record(r.id)]
+                for batch in iter_activations(adapter, todo, ctx.config.layers, side=side,
+                                              batch_size=c.batch_size, progress=ctx.progress):
+                    writer.add(batch)
             summary[f"{ds}/{side}"] = {"records": len(records), "tokens": writer.num_tokens}
     return summary
 
