@@ -1,24 +1,6 @@
-import math
-
 import numpy as np
 import pytest
-import torch
-
 from mmdiff.evals.bootstrap import bootstrap_mean, paired_effect
-from mmdiff.evals.harness import yes_no_probability
-
-
-def test_yes_no_probability_sums_variants_and_normalises():
-    # vocab: 0 "yes", 1 " Yes", 2 "no", 3 other
-    logits = torch.log(torch.tensor([[0.2, 0.1, 0.1, 0.6]]))
-    p = yes_no_probability(logits, [0, 1], [2])
-    assert p.item() == pytest.approx(0.3 / 0.4)
-
-
-def test_yes_no_probability_ignores_other_tokens():
-    a = yes_no_probability(torch.tensor([[2.0, 0.0, 5.0]]), [0], [1])
-    b = yes_no_probability(torch.tensor([[2.0, 0.0, -5.0]]), [0], [1])
-    assert a.item() == pytest.approx(b.item()) == pytest.approx(1 / (1 + math.exp(-2)))
 
 
 def test_bootstrap_constant_and_coverage():

@@ -15,6 +15,7 @@ import torch
 
 from mmdiff.data.records import Record
 from mmdiff.errors import DataError
+from mmdiff.evals.metrics import yes_probability
 
 ScoreFn = Callable[[str, Record], float]
 
@@ -53,14 +54,6 @@ class EvalResult:
         if self.p_correct:
             cols["p_correct"] = self.p_correct
         return pd.DataFrame(cols)
-
-
-def yes_no_probability(logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]) -> torch.Tensor:
-    """[batch] P(yes) from next-token logits [batch, vocab], normalised over the yes+no variants."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    yes = torch.logsumexp(logp[:, list(yes_ids)], dim=-1)
-    no = torch.logsumexp(logp[:, list(no_ids)], dim=-1)
-    return torch.sigmoid(yes - no)
 
 
 def _gold_yes(record: Record) -> bool:
@@ -103,12 +96,13 @@ def evaluate(adapter, task: EvalTask, *, batch_size: int = 16, progress: bool = 
             inputs = _inputs(adapter, task.side, batch)
             if task.kind == "yesno":
                 logits = model(**inputs).logits[:, -1, :]  # left padding: last position is next token
-                p_yes = yes_no_probability(logits, yes_ids, no_ids).tolist()
+                p_yes = yes_probability(logits, yes_ids, no_ids).tolist()
                 for rec, p in zip(batch, p_yes):
                     gold = _gold_yes(rec)
                     result.p_correct.append(p if gold else 1.0 - p)
-                    result.scores.append(float((p > 0.5) == gold))
-                    result.predictions.append("yes" if p > 0.5 else "no")
+                    # an exact tie (p == 0.5) is scored wrong, as evals.metrics.yes_no_accuracy does
+                    result.scores.append(float(p > 0.5 if gold else p < 0.5))
+                    result.predictions.append("yes" if p > 0.5 else "no" if p < 0.5 else "tie")
             else:
                 tok = _tokenizer(adapter, task.side)
                 out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False,
