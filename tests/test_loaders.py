@@ -22,6 +22,7 @@ from mmdiff.data.filters import (
     is_spatial_question,
     ocr_cues,
     question_tasks,
+    relation_subset,
     spatial_cues,
     spatial_subset,
     yes_no_subset,
@@ -146,6 +147,9 @@ def test_vsr(tmp_path):
     }
     assert recs[0].image == paths["images"] / "train2017" / "000000000001.jpg"
     assert recs[0].id == "vsr/test/0"
+    assert [r.id for r in relation_subset(recs, ["Under", "behind"])] == ["vsr/test/1", "vsr/test/2"]
+    with pytest.raises(DataError, match="no meta\\['relation'\\]"):
+        relation_subset([Record("q", "Is it?")], ["under"])
 
 
 def test_vsr_errors(tmp_path):

@@ -182,3 +182,22 @@ def ocr_subset(records: Iterable[Record]) -> list[Record]:
 def with_task(records: Iterable[Record], task: str) -> list[Record]:
     """Records tagged with `task` (by their loader)."""
     return [r for r in records if task in r.tasks]
+
+
+def relation_subset(records: Iterable[Record], relations: Iterable[str]) -> list[Record]:
+    """VSR records whose annotated spatial relation (record.meta["relation"]) is one of `relations`.
+
+    The relation-matched evaluation of a spatial feature (ablate a "left of" feature, score on "left
+    of" items) and its relation-mismatched control both select items this way.
+    """
+    wanted = {r.strip().lower() for r in relations}
+    out = []
+    for r in records:
+        if "relation" not in r.meta:
+            raise DataError(
+                f"record {r.id!r} ({r.source or 'unknown source'}) has no meta['relation']; relation "
+                "subsets need VSR records (load them with the vsr loader)"
+            )
+        if str(r.meta["relation"]).strip().lower() in wanted:
+            out.append(r)
+    return out
