@@ -174,3 +174,10 @@ def test_ground_in_tokens_uses_the_model_unembedding():
     expected = concepts @ model.lm_head.weight.detach().T
     assert torch.equal(ids, expected.topk(4, dim=1).indices)
     torch.testing.assert_close(logits, expected.topk(4, dim=1).values)
+
+
+def test_kmeans_survives_duplicate_points():
+    x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    result = kmeans(x, 3, seed=0)
+    assert result.objective[-1] == 0.0
+    assert result.labels[0] == result.labels[1] and result.labels[2] == result.labels[3] != result.labels[0]

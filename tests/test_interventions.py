@@ -360,3 +360,13 @@ def test_llava_image_positions_kv_cache_equivalence():
     torch.testing.assert_close(logits_c, logits_n, rtol=0, atol=1e-9)
     assert (logits_c[:, 0] - base[:, 0]).abs().max() > 1e-3
     assert no_hooks(model)
+
+
+def test_bad_positions_are_reported_when_built(tiny):
+    backbone = tiny[0]
+    with pytest.raises(InterventionError, match="bool"):
+        steer_vector(backbone, 0, torch.ones(D), 1.0, torch.ones(2, 8))
+    with pytest.raises(InterventionError, match="positions must be"):
+        steer_vector(backbone, 0, torch.ones(D), 1.0, "tokens")
+    with pytest.raises(InterventionError, match="token_types"):
+        ablate_features(backbone, {0: torch.ones(1, D)})  # default "text" needs token types

@@ -16,7 +16,7 @@ All decompositions are seeded and deterministic, and run in float64 on the CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -92,13 +92,13 @@ def kmeans(
             labels = d2.argmin(1)
             history.append(float(d2.gather(1, labels[:, None]).sum()))
             new = centers.clone()
+            farthest = d2.gather(1, labels[:, None]).squeeze(1).argsort(descending=True).tolist()
             for c in range(k):
                 members = labels == c
                 if members.any():
                     new[c] = x[members].mean(0)
-                else:  # an empty cluster takes the point farthest from its center
-                    far = d2.gather(1, labels[:, None]).squeeze(1).argmax()
-                    new[c] = x[far]
+                else:  # an empty cluster takes the point farthest from its own center
+                    new[c] = x[farthest.pop(0)]
             shift = float(((new - centers) ** 2).sum())
             centers = new
             if shift <= tol:
@@ -202,14 +202,19 @@ def dictionary_learning(
     return ConceptDecomposition("dictionary", atoms, codes, labels, history)
 
 
-def decompose(x: torch.Tensor, k: int = 20, method: Method = "kmeans", *, seed: int = 0) -> ConceptDecomposition:
-    """K concepts of the sample vectors x [N, D] by `method`: "kmeans", "semi_nmf" or "dictionary"."""
+def decompose(
+    x: torch.Tensor, k: int = 20, method: Method = "kmeans", *, seed: int = 0, **options: Any
+) -> ConceptDecomposition:
+    """K concepts of the sample vectors x [N, D] by `method`: "kmeans", "semi_nmf" or "dictionary".
+
+    options go to the method (e.g. max_iter, n_init for k-means, alpha for dictionary learning).
+    """
     if method == "kmeans":
-        return kmeans(x, k, seed=seed)
+        return kmeans(x, k, seed=seed, **options)
     if method == "semi_nmf":
-        return semi_nmf(x, k, seed=seed)
+        return semi_nmf(x, k, seed=seed, **options)
     if method == "dictionary":
-        return dictionary_learning(x, k, seed=seed)
+        return dictionary_learning(x, k, seed=seed, **options)
     raise ConceptError(f'method must be "kmeans", "semi_nmf" or "dictionary"; got {method!r}')
 
 
@@ -325,11 +330,16 @@ class ConceptShift:
 
 
 def concept_shift(
-    x_orig: torch.Tensor, x_ft: torch.Tensor, k: int = 20, method: Method = "kmeans", *, seed: int = 0
+    x_orig: torch.Tensor, x_ft: torch.Tensor, k: int = 20, method: Method = "kmeans", *, seed: int = 0, **options: Any
 ) -> ConceptShift:
-    """Concepts of both models on the same samples, their Hungarian matching and the shift vectors."""
-    original = decompose(x_orig, k, method, seed=seed)
-    finetuned = decompose(x_ft, k, method, seed=seed)
+    """Concepts of both models on the same samples, their Hungarian matching and the shift vectors.
+
+    x_orig, x_ft: [N, D] the original and the fine-tuned model's vectors of the same N samples
+    (`sample_vectors` on each model with the same batches). Samples are assigned to concepts by
+    the original model's decomposition (A_c), as in the paper.
+    """
+    original = decompose(x_orig, k, method, seed=seed, **options)
+    finetuned = decompose(x_ft, k, method, seed=seed, **options)
     matching = match_concepts(original.concepts, finetuned.concepts)
     deltas, counts = shift_vectors(x_orig, x_ft, original.labels, k)
     moved = shifted_concepts(original.concepts, deltas)
@@ -351,4 +361,4 @@ def steer_concept_shift(
     A sample of concept c sits near u_c; adding alpha * Delta_c at hook point `layer` moves it to
     u_c + alpha * Delta_c, where the fine-tuned model puts it (alpha = 1).
     """
-    return steer_vector(backbone, layer, delta.to(torch.float32), alpha, positions, token_types)
+    return steer_vector(backbone, layer, delta, alpha, positions, token_types)

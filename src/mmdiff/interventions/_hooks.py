@@ -161,8 +161,19 @@ class Intervention:
         self.backbone = backbone
         self.positions = positions
         self.token_types = token_types
-        if isinstance(positions, str):
+        # validate now, not at the first forward
+        if isinstance(positions, torch.Tensor):
+            position_mask(positions, None, positions.shape[0] if positions.dim() else 0, 0, 0)
+        elif isinstance(positions, str):
             position_mask(positions, token_types, 0 if token_types is None else token_types.shape[0], 0, 0)
+        else:
+            raise InterventionError(
+                f"positions must be 'text', 'image', 'all' or a [batch, seq] bool mask; got {type(positions).__name__}"
+            )
+        if token_types is not None and (not isinstance(token_types, torch.Tensor) or token_types.dim() != 2):
+            raise InterventionError(
+                f"token_types must be a [batch, seq] tensor of TokenType values; got {getattr(token_types, 'shape', type(token_types))}"
+            )
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._tracker = _PositionTracker()
 
