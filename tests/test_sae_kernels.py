@@ -36,6 +36,9 @@ def _grads(outputs, params, seed=1):
 def backend(request, monkeypatch):
     if request.param == "fallback":  # force the gather / index_add primitives
         monkeypatch.setattr(kernels, "_csr_usable", lambda device, dtype: False)
+    else:  # torch's CPU CSR kernels run float32 / float64: the fast primitives must be chosen
+        assert kernels._csr_usable(torch.device("cpu"), torch.float64)
+        assert kernels._csr_usable(torch.device("cpu"), torch.float32)
     return request.param
 
 

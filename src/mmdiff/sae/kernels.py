@@ -40,7 +40,8 @@ def _csr_usable(device: torch.device, dtype: torch.dtype) -> bool:
                     torch.ones(1, device=device, dtype=dtype), (2, 3))
                 m = torch.ones(3, 2, device=device, dtype=dtype)
                 ok1 = torch.allclose((a @ m).cpu().float(), torch.tensor([[1.0, 1.0], [0, 0]]))
-                s = torch.sparse.sampled_addmm(a, m.T.contiguous(), m)
+                # pattern [2, 3] sampled from [2, 2] @ [2, 3] of ones, plus the pattern's 1: 3
+                s = torch.sparse.sampled_addmm(a, m[:2], m.T.contiguous())
                 ok2 = bool((s.values().cpu().float() == 3).all())
             _CSR_OK[key] = ok1 and ok2
         except (RuntimeError, NotImplementedError, TypeError):
