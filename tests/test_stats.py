@@ -258,3 +258,28 @@ def test_with_the_project_topk_sae():
             h, _ = materialise(batches, saes, layer)
         assert int(stats.firing_counts(layer).sum()) == int((h > 0).sum()) <= 3 * len(h)
         torch.testing.assert_close(stats.sum_h2(layer), (h**2).sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_by_split_one_pass_equals_direct(setup, tmp_path):
+    from mmdiff.stats import write_feature_stats
+
+    saes, batches, whole = setup
+    members = {"rec0_1", "rec1_0", "rec1_2", "rec3_1"}
+    paths = write_feature_stats(batches, saes, {"vqa": None, "spatial": members}, tmp_path, top_k=4, n_chunks=3,
+                                progress=False, token_block=5)
+    assert set(paths) == {"vqa", "spatial"}
+    full = FeatureStats.load(paths["vqa"]["state"])
+    part = FeatureStats.load(paths["spatial"]["state"])
+    assert full.summary().equals(whole.summary())
+    for layer in LAYERS:
+        h, meta = materialise(batches, saes, layer)
+        sel = torch.tensor([m[0] in members for m in meta])
+        assert part.n_tokens(layer) == int(sel.sum())
+        torch.testing.assert_close(part.sum_h2(layer), (h[sel] ** 2).sum(0), rtol=1e-12, atol=1e-12)
+        assert torch.equal(part.firing_counts(layer), (h[sel] > 0).sum(0))
+        top = part.top_examples(layer)
+        assert set(top.record_id) <= members
+        f = int(torch.argmax((h[sel] > 0).sum(0)))
+        best = int(torch.argmax(torch.where(sel, h[:, f], -1.0)))
+        row = top[(top.feature == f) & (top["rank"] == 0)].iloc[0]
+        assert (row.record_id, row.position) == meta[best][:2]

@@ -27,7 +27,7 @@ import math
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Collection, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -216,78 +216,13 @@ class FeatureStats:
         return len(self.record_ids)
 
     # ----------------------------------------------------------------------------- updates
-    @torch.no_grad()
     def update(self, batch: ActivationBatch, saes: Mapping[int, SAELike], *, token_block: int = 2048) -> None:
         """Encode `batch` with `saes[layer]` for every layer of these statistics and accumulate.
 
         Activations are cast to the SAE decoder's dtype and device; `token_block` bounds the
         [tokens, d_sae] code matrix held at once.
         """
-        missing = [layer for layer in self.layers if layer not in saes]
-        if missing:
-            raise SAEError(f"statistics of split {self.split!r} need an SAE for layers {missing}; got {sorted(saes)}")
-        absent = [layer for layer in self.layers if layer not in batch.acts]
-        if absent:
-            raise DataError(
-                f"activation batch has layers {sorted(batch.acts)}, the statistics need {self.layers}: "
-                "capture those hook points"
-            )
-        rows = self._rows(batch)
-        if rows is None:
-            return
-        keep, record, position, ttype, group = rows
-        for layer in self.layers:
-            acts = batch.acts[layer]
-            if acts.shape[:2] != keep.shape:
-                raise DataError(
-                    f"layer {layer} activations have shape {tuple(acts.shape)}, expected [batch, seq, d] with "
-                    f"[batch, seq] = {tuple(keep.shape)} as in token_types"
-                )
-            sae = saes[layer]
-            x = acts[keep]  # [n_tokens, d_model]
-            w = sae.W_dec
-            x = x.to(device=w.device, dtype=w.dtype)
-            for start in range(0, x.shape[0], token_block):
-                sl = slice(start, start + token_block)
-                h = sae.encode(x[sl])  # [n_block, d_sae]
-                if h.ndim != 2 or h.shape[1] != self._d_sae[layer]:
-                    raise SAEError(
-                        f"SAE of layer {layer} returned codes of shape {tuple(h.shape)}, expected "
-                        f"[{x[sl].shape[0]}, {self._d_sae[layer]}]: is it the SAE these statistics were made for?"
-                    )
-                self.update_codes(
-                    layer, h, record=record[sl], position=position[sl], token_type=ttype[sl], group=group[sl]
-                )
-
-    def _rows(self, batch: ActivationBatch):
-        tt = batch.token_types
-        if tt.ndim != 2 or batch.attention_mask.shape != tt.shape:
-            raise DataError(
-                f"token_types {tuple(tt.shape)} and attention_mask {tuple(batch.attention_mask.shape)} must "
-                "both be [batch, seq]"
-            )
-        if len(batch.record_ids) != tt.shape[0]:
-            raise DataError(f"batch has {tt.shape[0]} rows but {len(batch.record_ids)} record_ids")
-        bad = ~torch.isin(tt.long(), torch.tensor([int(t) for t in TokenType], device=tt.device))
-        if bad.any():
-            raise DataError(
-                f"token_types holds values {sorted(set(tt[bad].tolist()))}; expected TokenType values "
-                f"{[int(t) for t in TokenType]}"
-            )
-        mask = batch.attention_mask.bool()
-        keep = mask & (tt.long() != int(TokenType.SPECIAL))  # [batch, seq]
-        if not keep.any():
-            return None
-        record_idx = torch.tensor(self._record_indices(batch.record_ids), dtype=torch.long)  # [batch]
-        chunks = torch.tensor([chunk_of(r, self.n_chunks) for r in batch.record_ids], dtype=torch.long)
-        positions = mask.long().cumsum(1) - 1  # [batch, seq]: index in the unpadded sequence
-        keep_cpu = keep.cpu()
-        b_idx = keep_cpu.nonzero()[:, 0]
-        record = record_idx[b_idx]  # [n_tokens]
-        position = positions.cpu()[keep_cpu]
-        ttype = tt.long().cpu()[keep_cpu]
-        group = chunks[b_idx] * 2 + ttype  # [n_tokens]: row of the [C * 2, F] chunk arrays
-        return keep, record, position, ttype, group
+        update_splits([(self, None)], batch, saes, token_block=token_block)
 
     @torch.no_grad()
     def update_codes(
@@ -670,6 +605,174 @@ class FeatureStats:
         return stats
 
 
+@dataclass
+class _KeptTokens:
+    """The non-special, non-padding tokens of a batch, flattened in row-major order."""
+
+    keep: torch.Tensor  # [batch, seq] bool
+    row: torch.Tensor  # [n_tokens] batch row of each token (CPU)
+    position: torch.Tensor  # [n_tokens] index in the record's unpadded sequence (CPU)
+    token_type: torch.Tensor  # [n_tokens] TEXT or IMAGE (CPU)
+
+
+def _kept_tokens(batch: ActivationBatch) -> _KeptTokens | None:
+    tt = batch.token_types
+    if tt.ndim != 2 or batch.attention_mask.shape != tt.shape:
+        raise DataError(
+            f"token_types {tuple(tt.shape)} and attention_mask {tuple(batch.attention_mask.shape)} must "
+            "both be [batch, seq]"
+        )
+    if len(batch.record_ids) != tt.shape[0]:
+        raise DataError(f"batch has {tt.shape[0]} rows but {len(batch.record_ids)} record_ids")
+    bad = ~torch.isin(tt.long(), torch.tensor([int(t) for t in TokenType], device=tt.device))
+    if bad.any():
+        raise DataError(
+            f"token_types holds values {sorted(set(tt[bad].tolist()))}; expected TokenType values "
+            f"{[int(t) for t in TokenType]}"
+        )
+    mask = batch.attention_mask.bool()
+    keep = mask & (tt.long() != int(TokenType.SPECIAL))  # [batch, seq]
+    if not keep.any():
+        return None
+    keep_cpu = keep.cpu()
+    positions = mask.long().cumsum(1).cpu() - 1  # [batch, seq]
+    return _KeptTokens(
+        keep=keep,
+        row=keep_cpu.nonzero()[:, 0],
+        position=positions[keep_cpu],
+        token_type=tt.long().cpu()[keep_cpu],
+    )
+
+
+@torch.no_grad()
+def update_splits(
+    targets: Sequence[tuple[FeatureStats, Collection[str] | None]],
+    batch: ActivationBatch,
+    saes: Mapping[int, SAELike],
+    *,
+    token_block: int = 2048,
+) -> None:
+    """Encode `batch` once per layer and accumulate it into several statistics.
+
+    Each target is (stats, members): the stats take the batch rows whose record id is in
+    `members` (None = every row). One forward pass over all records can so fill a base split and
+    its task splits (spatial, OCR, ...) at once, each SAE encoding done once.
+    """
+    layers = sorted({layer for st, _ in targets for layer in st.layers})
+    missing = [layer for layer in layers if layer not in saes]
+    if missing:
+        raise SAEError(f"statistics need an SAE for layers {missing}; got SAEs for {sorted(saes)}")
+    absent = [layer for layer in layers if layer not in batch.acts]
+    if absent:
+        raise DataError(
+            f"activation batch has layers {sorted(batch.acts)}, the statistics need {layers}: capture those hook points"
+        )
+    tokens = _kept_tokens(batch)
+    if tokens is None:
+        return
+    plans = []
+    for stats, members in targets:
+        in_split = [members is None or rid in members for rid in batch.record_ids]
+        if not any(in_split):
+            continue
+        ids = [rid for rid, ok in zip(batch.record_ids, in_split) if ok]
+        row_record = torch.full((len(in_split),), -1, dtype=torch.long)  # [batch]
+        row_record[torch.tensor(in_split)] = torch.tensor(stats._record_indices(ids), dtype=torch.long)
+        row_chunk = torch.tensor([chunk_of(r, stats.n_chunks) for r in batch.record_ids], dtype=torch.long)
+        record = row_record[tokens.row]  # [n_tokens], -1 outside the split
+        group = row_chunk[tokens.row] * 2 + tokens.token_type  # [n_tokens]: row of the [C * 2, F] arrays
+        plans.append((stats, record >= 0, record, group))
+    if not plans:
+        return
+    for layer in layers:
+        acts = batch.acts[layer]
+        if acts.shape[:2] != tokens.keep.shape:
+            raise DataError(
+                f"layer {layer} activations have shape {tuple(acts.shape)}, expected [batch, seq, d] with "
+                f"[batch, seq] = {tuple(tokens.keep.shape)} as in token_types"
+            )
+        users = [p for p in plans if layer in p[0].layers]
+        if not users:
+            continue
+        sae = saes[layer]
+        w = sae.W_dec
+        x = acts[tokens.keep].to(device=w.device, dtype=w.dtype)  # [n_tokens, d_model]
+        for start in range(0, x.shape[0], token_block):
+            sl = slice(start, start + token_block)
+            h = sae.encode(x[sl])  # [n_block, d_sae]
+            for stats, member, record, group in users:
+                if h.ndim != 2 or h.shape[1] != stats.d_sae(layer):
+                    raise SAEError(
+                        f"SAE of layer {layer} returned codes of shape {tuple(h.shape)}, expected "
+                        f"[{x[sl].shape[0]}, {stats.d_sae(layer)}]: is it the SAE these statistics were made for?"
+                    )
+                m = member[sl]
+                if bool(m.all()):
+                    sel_h, sel = h, slice(None)
+                else:
+                    sel = m.nonzero().squeeze(1)
+                    if sel.numel() == 0:
+                        continue
+                    sel_h = h[sel.to(h.device)]
+                stats.update_codes(
+                    layer, sel_h, record=record[sl][sel], position=tokens.position[sl][sel],
+                    token_type=tokens.token_type[sl][sel], group=group[sl][sel],
+                )
+
+
+def _d_sae_of(saes: Mapping[int, SAELike]) -> dict[int, int]:
+    if not saes:
+        raise SAEError("statistics need at least one SAE: pass saes={layer: sae}")
+    d_sae = {}
+    for layer, sae in saes.items():
+        w = getattr(sae, "W_dec", None)
+        if w is None or w.ndim != 2:
+            raise SAEError(f"SAE of layer {layer} has no 2-D W_dec [d_sae, d_in]; is it an SAE object?")
+        d_sae[int(layer)] = int(w.shape[0])
+    return d_sae
+
+
+def collect_feature_stats_by_split(
+    batches: Iterable[ActivationBatch],
+    saes: Mapping[int, SAELike],
+    splits: Mapping[str, Collection[str] | None],
+    *,
+    top_k: int = 20,
+    n_chunks: int = 32,
+    histogram: LogHistogram = LogHistogram(),
+    token_block: int = 2048,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, FeatureStats]:
+    """One pass over `batches`, several splits: split name -> record ids in it (None = all records).
+
+    A record may belong to several splits (e.g. "vqa" = all records, "spatial" = those with spatial
+    cue words); each SAE encoding is computed once. The state lives on `device` (default: the
+    first SAE's device).
+    """
+    if not splits:
+        raise ConfigError("pass at least one split: splits={name: record_ids or None}")
+    d_sae = _d_sae_of(saes)
+    if device is None:
+        device = next(iter(saes.values())).W_dec.device
+    stats = {
+        name: FeatureStats(d_sae, name, top_k=top_k, n_chunks=n_chunks, histogram=histogram, device=device)
+        for name in splits
+    }
+    targets = [(stats[name], None if members is None else set(members)) for name, members in splits.items()]
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(f"statistics [{', '.join(splits)}]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        disable=not progress, transient=True,
+    ) as bar:
+        task = bar.add_task("batches", total=len(batches) if hasattr(batches, "__len__") else None)
+        for batch in batches:
+            update_splits(targets, batch, saes, token_block=token_block)
+            bar.advance(task)
+    return stats
+
+
 def collect_feature_stats(
     batches: Iterable[ActivationBatch],
     saes: Mapping[int, SAELike],
@@ -686,36 +789,26 @@ def collect_feature_stats(
 
     The state lives on `device` (default: the first SAE's device).
     """
-    if not saes:
-        raise SAEError("collect_feature_stats needs at least one SAE: pass saes={layer: sae}")
-    d_sae = {}
-    for layer, sae in saes.items():
-        w = getattr(sae, "W_dec", None)
-        if w is None or w.ndim != 2:
-            raise SAEError(f"SAE of layer {layer} has no 2-D W_dec [d_sae, d_in]; is it an SAE object?")
-        d_sae[int(layer)] = int(w.shape[0])
-    if device is None:
-        device = next(iter(saes.values())).W_dec.device
-    stats = FeatureStats(d_sae, split, top_k=top_k, n_chunks=n_chunks, histogram=histogram, device=device)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn(f"statistics [{split}]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        disable=not progress, transient=True,
-    ) as bar:
-        task = bar.add_task("batches", total=len(batches) if hasattr(batches, "__len__") else None)
-        for batch in batches:
-            stats.update(batch, saes, token_block=token_block)
-            bar.advance(task)
-    return stats
+    return collect_feature_stats_by_split(
+        batches, saes, {split: None}, top_k=top_k, n_chunks=n_chunks, histogram=histogram,
+        token_block=token_block, device=device, progress=progress,
+    )[split]
 
 
 def write_feature_stats(
     batches: Iterable[ActivationBatch],
     saes: Mapping[int, SAELike],
-    split: str,
+    splits: str | Mapping[str, Collection[str] | None],
     out_dir: str | Path,
     **kwargs: Any,
-) -> dict[str, Path]:
-    """Pipeline stage: collect the statistics of `split` and write them under `out_dir` (stats/)."""
-    return collect_feature_stats(batches, saes, split, **kwargs).save(out_dir)
+) -> dict[str, dict[str, Path]]:
+    """Pipeline stage: one pass, then `{split}.parquet`, `{split}.topk.parquet` and
+    `{split}.state.safetensors` under `out_dir` (the run's stats/) for each split.
+
+    `splits` is a split name (all records) or split name -> record ids (None = all records).
+    Keyword arguments go to `collect_feature_stats_by_split`.
+    """
+    if isinstance(splits, str):
+        splits = {splits: None}
+    stats = collect_feature_stats_by_split(batches, saes, splits, **kwargs)
+    return {name: st.save(out_dir) for name, st in stats.items()}
