@@ -17,6 +17,7 @@ writer deletes unlisted files and skips records already stored.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -38,6 +39,13 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
 }
+_SAFETENSORS_DTYPES = {
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "int8": "I8",
+    "int32": "I32",
+}
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
@@ -52,8 +60,6 @@ def _shard_name(index: int) -> str:
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
-    import json
-
     path = root / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -106,13 +112,7 @@ def _check_shard(
             for key, (shape, dt) in expected.items():
                 sl = fh.get_slice(key)
                 got_shape, got_dt = list(sl.get_shape()), sl.get_dtype()
-                want_dt = {
-                    "float16": "F16",
-                    "bfloat16": "BF16",
-                    "float32": "F32",
-                    "int8": "I8",
-                    "int32": "I32",
-                }[dt]
+                want_dt = _SAFETENSORS_DTYPES[dt]
                 if got_shape != shape or got_dt != want_dt:
                     raise StoreError(
                         f"activation shard {path}: tensor {key!r} is {got_dt}{got_shape}, expected "
@@ -240,11 +240,6 @@ class ActivationStoreWriter:
 
     # -- writing ------------------------------------------------------------------------------
 
-    @property
-    def record_ids(self) -> set[str]:
-        """Ids of the records already in finished shards (skipped by `add`)."""
-        return set(self._done)
-
     def has_record(self, record_id: str) -> bool:
         """Whether a record is already stored (in a finished shard or in the pending buffer)."""
         return str(record_id) in self._done or str(record_id) in self._buffer_ids
@@ -333,17 +328,11 @@ class ActivationStoreWriter:
         """Write the buffered records as one shard and list it in the manifest (no-op when empty)."""
         if not self._buffer_ids:
             return
-        tensors: dict[str, torch.Tensor] = {}
-        for key in self._buffer[0]:
-            if key != "position":
-                tensors[key] = torch.cat([r[key] for r in self._buffer])
-        tensors["position"] = torch.cat([r["position"] for r in self._buffer])
-        tensors["record_index"] = torch.cat(
-            [
-                torch.full((len(r["position"]),), i, dtype=torch.int32)
-                for i, r in enumerate(self._buffer)
-            ]
-        )
+        tensors = {k: torch.cat([r[k] for r in self._buffer]) for k in self._buffer[0]}
+        lengths = torch.tensor([len(r["position"]) for r in self._buffer])
+        tensors["record_index"] = torch.repeat_interleave(
+            torch.arange(len(self._buffer), dtype=torch.int32), lengths
+        )  # [n]
         name = _shard_name(self._next_index)
         path = self.root / name
         save_safetensors(path, tensors)
