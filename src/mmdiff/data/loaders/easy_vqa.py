@@ -135,7 +135,7 @@ def load_easy_vqa(
     records = []
     for i, q, a, image_id in progress(subsample(parsed, limit, seed), "easy-VQA records"):
         candidates = [image_dir / f"{image_id}.png"]
-        image = resolve_image(candidates, f"[{i}]", "easy-VQA") if check_images else candidates[0]
+        image = resolve_image(candidates, f"[{i}]", "easy-VQA", check=check_images)
         records.append(
             Record(
                 id=f"easy_vqa/{split}/{i}",

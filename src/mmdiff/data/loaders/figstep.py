@@ -65,7 +65,7 @@ def load_figstep(
     for dataset, cat, task, row in progress(subsample(parsed, limit, seed), "FigStep records"):
         candidates = [image_root / figstep_image_name(dataset, cat, task)]
         rec = f"{dataset} category {cat} task {task}"
-        image = resolve_image(candidates, rec, "FigStep") if check_images else candidates[0]
+        image = resolve_image(candidates, rec, "FigStep", check=check_images)
         instruction = row["instruction"].strip()
         records.append(
             Record(

@@ -82,11 +82,7 @@ def load_jsonl(
         image_path = None
         if image is not None:
             candidates = [image_root / image]
-            image_path = (
-                resolve_image(candidates, rec, f"JSONL {jpath.name}")
-                if check_images
-                else candidates[0]
-            )
+            image_path = resolve_image(candidates, rec, f"JSONL {jpath.name}", check=check_images)
         records.append(
             Record(
                 id=rid,

@@ -97,9 +97,7 @@ def load_mm_safetybench(
         if variant != "TEXT":
             candidates = [image_root / scenario / variant / f"{qid}.jpg"]
             rec = f"{scenario}/{qid} ({variant})"
-            image = (
-                resolve_image(candidates, rec, "MM-SafetyBench") if check_images else candidates[0]
-            )
+            image = resolve_image(candidates, rec, "MM-SafetyBench", check=check_images)
         records.append(
             Record(
                 id=f"mm_safetybench/{scenario}/{variant}/{qid}",

@@ -60,9 +60,7 @@ def load_ocrbench(
         subsample(parsed, limit, seed), "OCRBench records"
     ):
         candidates = [image_root / image_path.removeprefix("./")]
-        image = (
-            resolve_image(candidates, f"id={rid}", "OCRBench") if check_images else candidates[0]
-        )
+        image = resolve_image(candidates, f"id={rid}", "OCRBench", check=check_images)
         records.append(
             Record(
                 id=f"ocrbench/{rid}",

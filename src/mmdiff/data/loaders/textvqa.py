@@ -67,11 +67,7 @@ def load_textvqa(
         subsample(parsed, limit, seed), "TextVQA records"
     ):
         candidates = [image_root / f"{image_id}.jpg"]
-        image = (
-            resolve_image(candidates, f"question_id={qid}", "TextVQA")
-            if check_images
-            else candidates[0]
-        )
+        image = resolve_image(candidates, f"question_id={qid}", "TextVQA", check=check_images)
         records.append(
             Record(
                 id=f"textvqa/{qid}",

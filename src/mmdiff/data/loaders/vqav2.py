@@ -107,7 +107,7 @@ def load_vqav2(
         if image_id in caps:
             meta["captions"] = caps[image_id]
         candidates = coco_image_candidates(image_root, image_id, subtype)
-        image = resolve_image(candidates, rec, "VQAv2") if check_images else candidates[0]
+        image = resolve_image(candidates, rec, "VQAv2", check=check_images)
         records.append(
             Record(
                 id=f"vqav2/{qid}",

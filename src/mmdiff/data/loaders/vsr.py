@@ -93,7 +93,7 @@ def load_vsr(
             image_root / "train2017" / image_name,
             image_root / "val2017" / image_name,
         ]
-        image = resolve_image(candidates, rec, "VSR") if check_images else candidates[0]
+        image = resolve_image(candidates, rec, "VSR", check=check_images)
         stem = Path(image_name).stem
         image_id = int(stem) if stem.isdigit() else None
         records.append(
