@@ -30,6 +30,13 @@ class PaliGemmaAdapter(HFAdapter):
     def base_prompt(self, caption: str, question: str) -> str:
         return f"{caption}\nanswer en {question}\n"
 
+    def patch_grid(self, inputs: dict[str, torch.Tensor], row: int) -> list[tuple[int, int, bool]]:
+        """The image tiles of batch row `row` in token order, each (rows, cols, newline): SigLIP's
+        square grid of (image_size / patch_size)^2 patches, no CLS token."""
+        vision = self.model.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        return [(side, side, False)]
+
     def _encode_vlm(
         self, prompts: list[str], images: list[Any], answers: list[str] | None
     ) -> dict[str, torch.Tensor]:

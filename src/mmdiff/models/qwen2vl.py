@@ -101,6 +101,19 @@ class Qwen2VLAdapter(HFAdapter):
             encoded["labels"] = _answer_labels(encoded, _answer_lengths(prompts, texts, self.tokenizer))
         return encoded
 
+    def patch_grid(self, inputs: dict[str, torch.Tensor], row: int) -> list[tuple[int, int, bool]]:
+        """The image tiles of batch row `row` in token order, each (rows, cols, newline): per temporal
+        patch one (h / merge) x (w / merge) grid, (t, h, w) = the row's `image_grid_thw`, so the
+        grid is not square for non-square images. Rows without image tokens have no image."""
+        if "image_grid_thw" not in inputs:
+            raise ModelError("Qwen2-VL inputs need image_grid_thw for the patch grid: pass the dict from vlm_inputs")
+        has_image = (inputs["input_ids"] == self.image_token_id).any(1).tolist()  # [batch]
+        if not has_image[row]:
+            raise ModelError(f"batch row {row} holds no image tokens, so it has no patch grid")
+        t, h, w = (int(v) for v in inputs["image_grid_thw"][sum(has_image[:row])].tolist())
+        merge = int(self.model.config.vision_config.spatial_merge_size)
+        return [(h // merge, w // merge, False)] * t
+
 
 def _processor_chat_template(vlm: str | Path, local_files_only: bool | None) -> str | None:
     """The chat template stored beside the processor (chat_template.jinja or chat_template.json)."""
