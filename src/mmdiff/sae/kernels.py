@@ -127,11 +127,16 @@ class TopKAutoencode(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor | None, g_values: Tensor | None, _g_idx: Any) -> tuple:
         x_in, W_enc, W_dec, values, indices = ctx.saved_tensors
         need_x, need_We, need_be, need_Wd, need_bd = ctx.needs_input_grad[:5]
-        gv = values.new_zeros(values.shape) if g_values is None else g_values.to(values.dtype)
+        gv = None if g_values is None else g_values.to(values.dtype)
         if g is not None:
             g = g.to(W_dec.dtype)
-            gv = gv + gather_dot(g, W_dec.T, indices)  # [N, k]
-        gpre = gv * (values > 0)  # ReLU on the selected pre-activations
+            from_decoder = gather_dot(g, W_dec.T, indices)  # [N, k]
+            gv = from_decoder if gv is None else gv + from_decoder
+        if gv is None:
+            gv = torch.zeros_like(values)
+        elif gv is g_values:  # never write into the incoming gradient
+            gv = gv.clone()
+        gpre = gv.masked_fill_(values <= 0, 0.0)  # ReLU on the selected pre-activations
         inc = _LatentIncidence(indices, W_enc.shape[1])
         gx = gWe = gbe = gWd = gbd = None
         if need_be or need_bd:
