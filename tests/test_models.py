@@ -263,3 +263,22 @@ def test_load_tiny_reuses_the_build(tmp_path):
     assert a.vlm.dtype == torch.float32
     with pytest.raises(ModelError, match="no tiny builder"):
         build_tiny("blip", tmp_path / "x")
+
+
+def test_dtype_and_device_options(tiny_root):
+    from mmdiff.models.loading import parse_dtype
+
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("torch.float16") is torch.float16
+    assert parse_dtype("auto") == "auto"
+    with pytest.raises(ModelError, match="unknown dtype"):
+        parse_dtype("int3")
+    root = tiny_root("llava")
+    with pytest.raises(ModelError, match="unknown device"):
+        load_adapter(root / VLM_SUBDIR, device="gpu0")
+    a = load_adapter(root / VLM_SUBDIR, base_lm=root / BASE_SUBDIR, dtype="bfloat16")
+    assert a.vlm.dtype == torch.bfloat16 and a.base.dtype == torch.bfloat16
+    inputs = a.vlm_inputs(make_records(1))
+    assert inputs["pixel_values"].dtype == torch.bfloat16  # float inputs follow the model
+    assert inputs["input_ids"].dtype == torch.long
+    with torch.no_grad():
+        assert torch.isfinite(a.vlm.model(**inputs).logits).all()

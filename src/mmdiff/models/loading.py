@@ -131,15 +131,21 @@ def load_model(
 
     transformers 5 reads safetensors, and falls back to torch.load(weights_only=True) for .bin files.
     """
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:0', 'mps', ...") from exc
     model = pretrained_call(
         model_class.from_pretrained,
         path_or_id,
         what,
         local_files_only=local_files_only,
         dtype=parse_dtype(dtype),
+        # weights go straight to the device, never through a full copy in CPU memory
+        device_map=str(target),
         trust_remote_code=trust_remote_code,
     )
-    return model.to(device).eval()
+    return model.eval()
 
 
 def load_tokenizer(

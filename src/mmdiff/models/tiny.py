@@ -94,16 +94,16 @@ def _ids(tokenizer: Any, token: str) -> int:
     return int(tokenizer.convert_tokens_to_ids(token))
 
 
-def _llama_text_config(tokenizer: Any) -> Any:
+def _llama_text_config(tokenizer: Any, hidden: int = HIDDEN, layers: int = LAYERS, heads: int = HEADS) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -111,17 +111,17 @@ def _llama_text_config(tokenizer: Any) -> Any:
     )
 
 
-def _clip_vision_config(image_size: int = IMAGE_SIZE) -> Any:
+def _clip_vision_config(image_size: int = IMAGE_SIZE, hidden: int = HIDDEN) -> Any:
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
         image_size=image_size,
         patch_size=PATCH,
-        projection_dim=HIDDEN,
+        projection_dim=hidden,
     )
 
 
@@ -136,8 +136,11 @@ _LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def _build_llava(seed: int) -> tuple[Any, Any, Any, Any]:
-    """LLaVA-1.5 shape: CLIP tower (16 patches + CLS, CLS dropped), Llama text model, no template."""
+def _build_llava(
+    seed: int, hidden: int = HIDDEN, layers: int = LAYERS, heads: int = HEADS, image_size: int = IMAGE_SIZE
+) -> tuple[Any, Any, Any, Any]:
+    """LLaVA-1.5 shape: CLIP tower ((image_size / 4)^2 patches + CLS, CLS dropped), Llama text
+    model, no chat template (the organism's layout). The sizes are parameters for benchmarks."""
     from transformers import (
         CLIPImageProcessor,
         LlamaForCausalLM,
@@ -147,19 +150,18 @@ def _build_llava(seed: int) -> tuple[Any, Any, Any, Any]:
     )
 
     tokenizer = _train_tokenizer(_LLAVA_TOKENS)
-    text_config = _llama_text_config(tokenizer)
     config = LlavaConfig(
-        vision_config=_clip_vision_config(),
-        text_config=text_config,
+        vision_config=_clip_vision_config(image_size, hidden),
+        text_config=_llama_text_config(tokenizer, hidden, layers, heads),
         image_token_id=_ids(tokenizer, "<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
-        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+        image_seq_length=(image_size // PATCH) ** 2,
     )
     torch.manual_seed(seed)
     vlm = LlavaForConditionalGeneration(config)
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     processor = LlavaProcessor(
         image_processor=image_processor,
@@ -168,7 +170,7 @@ def _build_llava(seed: int) -> tuple[Any, Any, Any, Any]:
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    base = LlamaForCausalLM(_llama_text_config(tokenizer))
+    base = LlamaForCausalLM(_llama_text_config(tokenizer, hidden, layers, heads))
     return vlm, processor, base, _train_tokenizer(_LLAVA_TOKENS)
 
 
@@ -429,11 +431,12 @@ BUILDERS: dict[str, Callable[[int], tuple[Any, Any, Any, Any]]] = {
 }
 
 
-def build_tiny(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
+def build_tiny(family: str, out_dir: str | Path, *, seed: int = 0, **sizes: int) -> Path:
     """Write a tiny random-init VLM of `family` to out_dir/vlm and its base LM to out_dir/base.
 
     Returns out_dir. Load it with `load_adapter(out_dir / "vlm", base_lm=out_dir / "base")`, or
-    `load_tiny(family, out_dir)`. An existing complete build is reused.
+    `load_tiny(family, out_dir)`. An existing complete build is reused. `sizes` (hidden, layers,
+    heads, image_size) are accepted by the "llava" builder only, for benchmarks.
     """
     if family not in BUILDERS:
         raise ModelError(f"no tiny builder for family {family!r}; expected one of {sorted(BUILDERS)}")
@@ -441,7 +444,9 @@ def build_tiny(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     vlm_dir, base_dir = out / VLM_SUBDIR, out / BASE_SUBDIR
     if (vlm_dir / "config.json").is_file() and (base_dir / "config.json").is_file():
         return out
-    vlm, processor, base, base_tokenizer = BUILDERS[family](seed)
+    if sizes and family != "llava":
+        raise ModelError(f"only the llava builder takes sizes; got {sorted(sizes)} for {family!r}")
+    vlm, processor, base, base_tokenizer = BUILDERS[family](seed, **sizes)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_dir(vlm_dir) as tmp:
         vlm.save_pretrained(tmp)
