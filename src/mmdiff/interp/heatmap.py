@@ -1,0 +1,122 @@
+"""Image-patch heatmaps on the model's real patch grid: per-image-token values -> a continuous map.
+
+An adapter's `patch_grid(inputs, row)` lists the image tiles of one batch row in token order, each
+(rows, cols, newline): LLaVA-1.5 one square grid, LLaVA-NeXT the base grid then the anyres grid
+whose rows end in an `image_newline` token, Qwen2-VL a non-square (h / 2) x (w / 2) grid per
+temporal patch, PaliGemma one square grid. Every tile views the whole image, so each tile's map is
+upsampled bilinearly to the image size and the maps are averaged (1x1 tiles such as a CLS token
+only count when nothing finer exists). Newline tokens carry no patch and are dropped.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mmdiff.errors import DataError, ModelError
+
+Tile = tuple[int, int, bool]  # (rows, cols, newline): a grid of patches, newline = one extra token per row
+
+
+def patch_grid(adapter: Any, inputs: dict[str, torch.Tensor], row: int) -> list[Tile]:
+    """The image tiles of batch row `row` in token order, from the adapter's `patch_grid`.
+
+    Adapters without one fall back to a single square grid when the row's image-token count is a
+    perfect square; otherwise a ModelError says to add `patch_grid` to the adapter.
+    """
+    method = getattr(adapter, "patch_grid", None)
+    if method is not None:
+        return [(int(r), int(c), bool(nl)) for r, c, nl in method(inputs, row)]
+    n = int(adapter.image_token_mask(inputs["input_ids"][row : row + 1]).sum())
+    side = int(round(n**0.5))
+    if n == 0 or side * side != n:
+        raise ModelError(
+            f"{type(adapter).__name__} has no patch_grid method and row {row} has {n} image tokens, "
+            "not a square grid: add patch_grid(inputs, row) to the family's adapter"
+        )
+    return [(side, side, False)]
+
+
+def tile_token_count(tiles: Sequence[Tile]) -> int:
+    """How many image tokens the tiles take: rows * (cols + newline) summed over tiles."""
+    return sum(r * (c + int(nl)) for r, c, nl in tiles)
+
+
+def patch_maps(values: torch.Tensor | Sequence[float], tiles: Sequence[Tile]) -> list[torch.Tensor]:
+    """Per-image-token values [n_image] (token order) -> one [rows, cols] map per tile, newlines dropped."""
+    v = torch.as_tensor(values, dtype=torch.float32).flatten().cpu()  # [n_image]
+    expected = tile_token_count(tiles)
+    if v.numel() != expected:
+        raise DataError(
+            f"got {v.numel()} image-token values but the patch grid {list(tiles)} holds {expected} image "
+            "tokens: pass the values of this row's image tokens, in token order"
+        )
+    maps, start = [], 0
+    for rows, cols, newline in tiles:
+        width = cols + int(newline)
+        block = v[start : start + rows * width].reshape(rows, width)
+        maps.append(block[:, :cols])  # [rows, cols]
+        start += rows * width
+    return maps
+
+
+def upsampled_heatmap(
+    values: torch.Tensor | Sequence[float], tiles: Sequence[Tile], size: tuple[int, int]
+) -> np.ndarray:
+    """A continuous heatmap [height, width] over an image of `size` = (width, height), PIL order.
+
+    Each tile's map is upsampled bilinearly (align_corners=False, so each patch value sits at its
+    patch centre) and the maps of the finest tiles are averaged.
+    """
+    width, height = int(size[0]), int(size[1])
+    if width < 1 or height < 1:
+        raise DataError(f"image size must be positive (width, height), got {size}")
+    maps = patch_maps(values, tiles)
+    spatial = [m for m in maps if m.numel() > 1] or maps
+    out = torch.zeros(height, width)
+    for m in spatial:
+        up = F.interpolate(m[None, None], size=(height, width), mode="bilinear", align_corners=False)
+        out += up[0, 0]
+    return (out / len(spatial)).numpy()
+
+
+def overlay_png(
+    image: Image.Image,
+    values: torch.Tensor | Sequence[float],
+    tiles: Sequence[Tile],
+    *,
+    title: str | None = None,
+    vmax: float | None = None,
+    alpha: float = 0.55,
+    cmap: str = "inferno",
+    max_side: int = 336,
+) -> bytes:
+    """PNG bytes: the image with the heatmap of `values` overlaid (colour bar, optional title).
+
+    The colour scale runs from 0 to `vmax` (default: the largest value; negative values clip to 0).
+    The image is shown with its longer side at `max_side` pixels.
+    """
+    from matplotlib.figure import Figure
+
+    image = image.convert("RGB")
+    scale = max_side / max(image.size)  # shown with the longer side at max_side, small images enlarged
+    if scale != 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    heat = upsampled_heatmap(values, tiles, image.size)
+    top = float(vmax) if vmax is not None else float(max(heat.max(), 0.0))
+    fig = Figure(figsize=(3.2, 3.2 * image.height / image.width + (0.3 if title else 0.0)))
+    ax = fig.add_subplot()
+    ax.imshow(np.asarray(image))
+    shown = ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0.0, vmax=top if top > 0 else 1.0, interpolation="nearest")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
