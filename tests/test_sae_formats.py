@@ -275,3 +275,11 @@ def test_hub_id_offline_and_not_cached(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(SAEError, match="not cached and the hub cannot be reached"):
         load_sae("nobody-xyz/no-such-sae/layer_3")
+
+
+def test_save_records_the_tensors_dtype_after_to(tmp_path: Path) -> None:
+    sae = _random_sae("topk", k=4).to(torch.float64)
+    sae.save(tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "cfg.json").read_text())["dtype"] == "float64"
+    assert load_sae(tmp_path / "s").W_enc.dtype == torch.float64
+    assert load_sae(tmp_path / "s", dtype="bfloat16").W_dec.dtype == torch.bfloat16

@@ -116,3 +116,20 @@ def test_sae_forward_uses_fast_path_and_matches_encode(backend) -> None:
     ref_loss.backward()
     for g, p in zip(grads, sae.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_grad_through_values_only_leaves_incoming_grad_intact() -> None:
+    params = _params(11)
+    _, values, idx = TopKAutoencode.apply(*params, K, True, None)
+    g_in = torch.randn(values.shape, dtype=torch.float64)
+    keep = g_in.clone()
+    grads = torch.autograd.grad(values, params, grad_outputs=g_in, allow_unused=True)
+    assert torch.equal(g_in, keep)
+    _, ref_values, ref_idx = topk_autoencode_dense(*params, K)
+    # same latents; map the incoming gradient onto the reference order through the indices
+    f_g = torch.zeros(N, F, dtype=torch.float64).scatter(1, idx, g_in)
+    ref_grads = torch.autograd.grad(ref_values, params, grad_outputs=f_g.gather(1, ref_idx),
+                                    allow_unused=True)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a),
+                                   rtol=1e-10, atol=1e-10)

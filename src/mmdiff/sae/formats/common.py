@@ -60,8 +60,8 @@ def layer_from_name(name: str | None) -> int | None:
     """12 from "blocks.12.hook_resid_post", "model.layers.12", "layer_12/width_16k/..."."""
     if not name:
         return None
-    m = re.search(r"(?:blocks|layers|layer)[._/-]?(\d+)", str(name))
-    return int(m.group(1)) if m else None
+    hits = re.findall(r"(?:blocks|layers|layer)[._/-]?(\d+)", str(name))
+    return int(hits[-1]) if hits else None  # the last one: the nearest folder of a path
 
 
 def sae_from_tensors(cfg: SAEConfig, tensors: dict[str, Tensor], path: Path) -> SAE:

@@ -39,7 +39,7 @@ def resolve_path(path: str | Path) -> Path:
         except Exception as e:  # network, auth, missing repo: all end in the same advice
             errors.append(f"{type(e).__name__}: {e}")
     raise SAEError(
-        f"cannot get SAE {s!r} from the Hugging Face hub: it is not cached and the hub cannot be "
-        f"reached ({errors[-1]}). Download it on a machine with network access "
-        f"(huggingface-cli download {repo_id}) and pass the local folder."
+        f"SAE path {s!r} does not exist locally, and as a Hugging Face hub id it is not cached and "
+        f"the hub cannot be reached ({errors[-1]}). Check the local path, or download it on a "
+        f"machine with network access (huggingface-cli download {repo_id}) and pass the folder."
     )

@@ -9,7 +9,7 @@ import torch
 
 from mmdiff.atomic import save_safetensors, write_json
 from mmdiff.errors import SAEError
-from mmdiff.sae.base import SAE, SAEConfig
+from mmdiff.sae.base import SAE, SAEConfig, dtype_to_str
 from mmdiff.sae.formats.common import read_json, read_safetensors, sae_from_tensors
 
 FORMAT = "mmdiff-sae"
@@ -38,7 +38,8 @@ def save_mmdiff_checkpoint(sae: SAE, path: str | Path) -> Path:
     tensors = {k: v.detach().cpu() for k, v in sae.state_dict().items()}
     save_safetensors(path, tensors)
     write_json(path.with_suffix(".json"), {"format": FORMAT, "version": VERSION,
-                                           "config": sae.cfg.to_dict()})
+                                           "config": {**sae.cfg.to_dict(), "device": "cpu",
+                                                      "dtype": dtype_to_str(sae.W_enc.dtype)}})
     return path
 
 

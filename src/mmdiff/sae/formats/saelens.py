@@ -79,7 +79,7 @@ def saelens_cfg(sae: SAE, notes: dict[str, Any]) -> dict[str, Any]:
         "architecture": _TO_SAELENS[cfg.architecture],
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
-        "dtype": cfg.dtype,
+        "dtype": dtype_to_str(sae.W_enc.dtype),  # the tensors' dtype, even after sae.to(...)
         "device": "cpu",
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
         "normalize_activations": "none",
