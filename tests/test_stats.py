@@ -283,3 +283,11 @@ def test_by_split_one_pass_equals_direct(setup, tmp_path):
         best = int(torch.argmax(torch.where(sel, h[:, f], -1.0)))
         row = top[(top.feature == f) & (top["rank"] == 0)].iloc[0]
         assert (row.record_id, row.position) == meta[best][:2]
+
+
+def test_negative_codes_are_refused_before_any_update():
+    stats = FeatureStats({0: 2}, "s", n_chunks=1)
+    with pytest.raises(SAEError, match="negative values"):
+        stats.update_codes(0, torch.tensor([[1.0, -0.5]]), record=torch.tensor([0]), position=torch.tensor([1]),
+                           token_type=torch.tensor([TEXT]), record_ids=["a"])
+    assert stats.n_tokens(0) == 0

@@ -268,30 +268,52 @@ class FeatureStats:
         record, position, token_type = record.to(dev), position.to(dev), token_type.to(dev)
         n_groups = self.n_chunks * 2
         F = state.d_sae
-
-        # Sums per (chunk, type): one index_add each, in float64 so that sums do not depend on how
-        # the stream was split into batches, blocks or shards (merge == single pass).
-        h64 = h.double()
-        state.sum_h.index_add_(0, token_type, h64)  # type index == TokenType value (TEXT 0, IMAGE 1)
-        state.chunk_sum_h2.view(n_groups, F).index_add_(0, group, h64 * h64)
-        del h64
-        fired = h > 0  # [n, F]
-        state.chunk_fires.view(n_groups, F).index_add_(0, group, fired.int())
+        if bool((h < 0).any()):
+            raise SAEError(
+                f"SAE codes of layer {layer} hold negative values (min {float(h.min()):.3g}); the statistics "
+                "assume non-negative activations (ReLU, TopK, BatchTopK, JumpReLU SAEs)"
+            )
         state.chunk_tokens += torch.bincount(group, minlength=n_groups).view(self.n_chunks, 2)
+        # Everything below touches only the positive entries (k per token for TopK SAEs), so the
+        # cost is O(nnz), not O(tokens * d_sae). Zeros add nothing to any statistic.
+        fired = h > 0  # [n, F]
+        nz = fired.nonzero()  # [nnz, 2] (token, feature), row-major like h[fired]
+        if nz.shape[0] == 0:
+            return
+        tok, feat = nz[:, 0], nz[:, 1]
+        values = h[fired]  # [nnz] float32
+        v64 = values.double()  # float64 sums: independent of how the stream is split (merge == single pass)
+        cell = group[tok] * F + feat  # [nnz] flat index into the [C * 2, F] chunk arrays
+        state.sum_h.view(-1).index_add_(0, token_type[tok] * F + feat, v64)  # type index == TokenType value
+        state.chunk_sum_h2.view(-1).index_add_(0, cell, v64 * v64)
+        state.chunk_fires.view(-1).index_add_(0, cell, torch.ones_like(cell, dtype=torch.int32))
 
-        # Histogram of positive values.
-        nz = fired.nonzero()  # [n_pos, 2] (token, feature), row-major like h[fired]
-        if nz.shape[0]:
-            values = h[fired]
-            bins = torch.bucketize(values, self._edges, right=True)  # 0 = underflow, n+1 = overflow
-            flat = nz[:, 1] * self.histogram.n_bins + bins
-            state.hist += torch.bincount(flat, minlength=F * self.histogram.n_bins).view(F, -1)
-            state.min_pos.scatter_reduce_(0, nz[:, 1], values, reduce="amin")
+        # Histogram of positive values, and the smallest positive value.
+        bins = torch.bucketize(values, self._edges, right=True)  # 0 = underflow, n+1 = overflow
+        state.hist.view(-1).index_add_(0, feat * self.histogram.n_bins + bins, torch.ones_like(bins))
+        state.min_pos.scatter_reduce_(0, feat, values, reduce="amin")
 
-        # Top-k tokens of this block, then merged with the running top-k.
-        k = min(self.top_k, n)
-        value, idx = h.topk(k, dim=0)  # [k, F]
-        state.merge_top(value, record[idx], position[idx], token_type[idx])
+        # Top-k per feature among this block's positive entries: sort by value (descending), then
+        # stably by feature, and keep the first k of each feature's run.
+        by_value = torch.argsort(values, descending=True, stable=True)
+        order = by_value[torch.argsort(feat[by_value], stable=True)]  # [nnz]
+        f_sorted = feat[order]
+        counts = torch.bincount(f_sorted, minlength=F)
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(len(order), device=dev) - starts[f_sorted]
+        keep = rank < self.top_k
+        order, f_sorted, rank = order[keep], f_sorted[keep], rank[keep]
+        k = int(min(self.top_k, int(counts.max())))
+        cand_value = torch.full((k, F), -math.inf, dtype=torch.float32, device=dev)  # [k, F]
+        cand_record = torch.full((k, F), -1, dtype=torch.long, device=dev)
+        cand_position = torch.full((k, F), -1, dtype=torch.long, device=dev)
+        cand_type = torch.full((k, F), -1, dtype=torch.long, device=dev)
+        t = tok[order]
+        cand_value[rank, f_sorted] = values[order]
+        cand_record[rank, f_sorted] = record[t].long()
+        cand_position[rank, f_sorted] = position[t].long()
+        cand_type[rank, f_sorted] = token_type[t]
+        state.merge_top(cand_value, cand_record, cand_position, cand_type)
 
     def merge(self, other: "FeatureStats") -> "FeatureStats":
         """Add `other`'s statistics into these (in place) and return self.
