@@ -22,8 +22,8 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -43,7 +43,9 @@ def make_records(n: int, image_size: int):
         Record(
             id=f"b{i}",
             question=questions[i % 2] + " " + "Describe the positions of all objects." * (i % 3),
-            image=Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)),
+            image=Image.fromarray(
+                rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)
+            ),
             caption="A red circle to the left of a blue square.",
         )
         for i in range(n)
@@ -62,7 +64,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--hidden", type=int, default=256)
@@ -81,9 +85,16 @@ def main() -> None:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = build_tiny(
-            "llava", Path(tmp), hidden=args.hidden, layers=args.layers, heads=args.heads, image_size=args.image_size
+            "llava",
+            Path(tmp),
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=args.heads,
+            image_size=args.image_size,
         )
-        adapter = load_adapter(root / VLM_SUBDIR, base_lm=root / BASE_SUBDIR, dtype=args.dtype, device=device)
+        adapter = load_adapter(
+            root / VLM_SUBDIR, base_lm=root / BASE_SUBDIR, dtype=args.dtype, device=device
+        )
     backbone = adapter.vlm
     inputs = adapter.vlm_inputs(make_records(args.batch, args.image_size))
     n = args.layers
@@ -91,7 +102,9 @@ def main() -> None:
     early = list(range(min(4, n // 2)))
 
     variants: dict[str, Callable[[], object]] = {
-        "bare forward (output_hidden_states)": lambda: backbone.model(**inputs, output_hidden_states=True, use_cache=False),
+        "bare forward (output_hidden_states)": lambda: backbone.model(
+            **inputs, output_hidden_states=True, use_cache=False
+        ),
         "plain forward (logits only)": lambda: backbone.model(**inputs, use_cache=False),
         f"capture layers {spread}": lambda: capture_residuals(backbone, inputs, spread),
         f"capture layers {early}": lambda: capture_residuals(backbone, inputs, early),
@@ -108,8 +121,10 @@ def main() -> None:
 
     b, t = inputs["input_ids"].shape
     print(f"device {device}, dtype {backbone.dtype}, torch threads {torch.get_num_threads()}")
-    print(f"model: hidden {args.hidden}, {n} layers, {args.heads} heads; batch {b} x {t} tokens "
-          f"({int((inputs['input_ids'] == adapter.image_token_id).sum()) // b} image tokens per row)")
+    print(
+        f"model: hidden {args.hidden}, {n} layers, {args.heads} heads; batch {b} x {t} tokens "
+        f"({int((inputs['input_ids'] == adapter.image_token_id).sum()) // b} image tokens per row)"
+    )
     # On a shared CPU, wall time includes waiting for a core; process CPU time does not (exact with
     # one thread). On a GPU only the wall figure means anything.
     ratios = {}
@@ -124,7 +139,9 @@ def main() -> None:
         ratios[clock] = statistics.median(x[index] for x in times[names[2]]) / base
     for clock, ratio in ratios.items():
         verdict = "meets" if ratio <= TARGET_RATIO else "MISSES"
-        print(f"capture/bare ({clock}) with the last layer hooked: {ratio:.3f} ({verdict} the target <= {TARGET_RATIO})")
+        print(
+            f"capture/bare ({clock}) with the last layer hooked: {ratio:.3f} ({verdict} the target <= {TARGET_RATIO})"
+        )
 
 
 if __name__ == "__main__":

@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_models import FAMILIES, make_records
 
 from mmdiff.activations import ActivationBatch
-from mmdiff.data.records import Record
 from mmdiff.capture import capture, capture_head_inputs, capture_residuals, iter_activations
 from mmdiff.errors import ModelError
-from mmdiff.models import TokenType, load_adapter
-from mmdiff.models.tiny import BASE_SUBDIR, VLM_SUBDIR, build_tiny
-
-def make_records(n: int = 3) -> list[Record]:
-    """Records with images of three sizes (so VLM batches need padding) and captions."""
-    rng = np.random.default_rng(0)
-    sizes = [(20, 30), (40, 16), (16, 16)]
-    questions = ["Is it red?", "Is the green triangle above the yellow star?", "What?"]
-    return [
-        Record(
-            id=f"r{i}",
-            question=questions[i % 3],
-            answers=["yes"],
-            image=Image.fromarray(rng.integers(0, 255, (*sizes[i % 3], 3), dtype=np.uint8)),
-            caption="A red circle left of a blue square." if i % 3 != 1 else "A star.",
-        )
-        for i in range(n)
-    ]
-
-FAMILIES = ["llava", "llava_next", "paligemma", "qwen2_vl", "qwen2_5_vl"]
+from mmdiff.models import TokenType
+from mmdiff.models.tiny import load_tiny
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +19,7 @@ def adapter(tmp_path_factory):
 
     def get(family: str):
         if family not in cache:
-            root = build_tiny(family, tmp_path_factory.mktemp(family))
-            cache[family] = load_adapter(root / VLM_SUBDIR, base_lm=root / BASE_SUBDIR, dtype=torch.float32)
+            cache[family] = load_tiny(family, tmp_path_factory.mktemp(family))
         return cache[family]
 
     return get
@@ -75,14 +54,18 @@ def test_batched_capture_equals_unbatched(adapter, family, side):
         n = single["input_ids"].shape[1]
         assert torch.equal(batched["input_ids"][row, -n:], single["input_ids"][0])
         for layer in (0, 2):
-            torch.testing.assert_close(acts[layer][row, -n:], single_acts[layer][0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                acts[layer][row, -n:], single_acts[layer][0], rtol=0, atol=1e-5
+            )
 
 
 def test_head_inputs_split_o_proj_input_by_head(adapter):
     a = adapter("llava")
     inputs = a.vlm_inputs(make_records())
     seen = {}
-    handle = a.vlm.o_proj(1).register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+    handle = a.vlm.o_proj(1).register_forward_hook(
+        lambda m, args, out: seen.update(x=args[0], y=out)
+    )
     try:
         with torch.no_grad():
             a.vlm.model(**inputs)
@@ -94,7 +77,9 @@ def test_head_inputs_split_o_proj_input_by_head(adapter):
     torch.testing.assert_close(heads.reshape(b, t, 32), seen["x"], rtol=0, atol=0)
     # head h's contribution is its slice through W_O's columns h*8:(h+1)*8; they sum to o_proj's output
     w_o = a.vlm.o_proj(1).weight  # [d_model, heads * head_dim]
-    per_head = torch.stack([heads[:, :, h] @ w_o[:, h * 8 : (h + 1) * 8].T for h in range(4)], dim=2)
+    per_head = torch.stack(
+        [heads[:, :, h] @ w_o[:, h * 8 : (h + 1) * 8].T for h in range(4)], dim=2
+    )
     torch.testing.assert_close(per_head.sum(2), seen["y"], rtol=1e-5, atol=1e-6)
 
 
@@ -104,11 +89,17 @@ def test_capture_stops_after_last_hooked_layer(adapter):
     # transformers installs hooks of its own on the first forward and keeps them; ours must go
     with torch.no_grad():
         a.vlm.model(**inputs)
-    hooks_before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in a.vlm.model.modules()]
+    hooks_before = [
+        (len(m._forward_hooks), len(m._forward_pre_hooks)) for m in a.vlm.model.modules()
+    ]
     calls = {"layer2": 0, "lm_head": 0}
     handles = [
-        a.vlm.layers[2].register_forward_hook(lambda *_: calls.__setitem__("layer2", calls["layer2"] + 1)),
-        a.vlm.unembed.register_forward_hook(lambda *_: calls.__setitem__("lm_head", calls["lm_head"] + 1)),
+        a.vlm.layers[2].register_forward_hook(
+            lambda *_: calls.__setitem__("layer2", calls["layer2"] + 1)
+        ),
+        a.vlm.unembed.register_forward_hook(
+            lambda *_: calls.__setitem__("lm_head", calls["lm_head"] + 1)
+        ),
     ]
     try:
         capture_residuals(a.vlm, inputs, [0, 1])
@@ -122,7 +113,9 @@ def test_capture_stops_after_last_hooked_layer(adapter):
             h.remove()
     with torch.no_grad():
         torch.testing.assert_close(both.logits, a.vlm.model(**inputs).logits)
-    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in a.vlm.model.modules()] == hooks_before
+    assert [
+        (len(m._forward_hooks), len(m._forward_pre_hooks)) for m in a.vlm.model.modules()
+    ] == hooks_before
 
 
 def test_bad_layers_are_rejected(adapter):
@@ -151,7 +144,9 @@ def test_iter_activations_pairs_vlm_and_base_runs(adapter, side):
         # the same activations as a direct capture of the same batch
         chunk = records[start : start + b]
         inputs = a.vlm_inputs(chunk) if side == "vlm" else a.base_inputs(chunk)
-        torch.testing.assert_close(batch.acts[2], capture_residuals(a.backbone(side), inputs, [2])[2])
+        torch.testing.assert_close(
+            batch.acts[2], capture_residuals(a.backbone(side), inputs, [2])[2]
+        )
         flat = batch.flat(0, (int(TokenType.TEXT),))
         assert flat.shape == (int((batch.token_types == TokenType.TEXT).sum()), 32)
 

@@ -74,7 +74,9 @@ def adapter(tiny_root):
     def get(family: str):
         if family not in cache:
             root = tiny_root(family)
-            cache[family] = load_adapter(root / VLM_SUBDIR, base_lm=root / BASE_SUBDIR, dtype=torch.float32)
+            cache[family] = load_adapter(
+                root / VLM_SUBDIR, base_lm=root / BASE_SUBDIR, dtype=torch.float32
+            )
         return cache[family]
 
     return get
@@ -138,7 +140,10 @@ def test_paligemma_layout(adapter):
     assert a.tokenizer.decode(ids[n + 1 :]) == "answer en Is it red?\n"
     assert (inputs["token_type_ids"] == 0).all()  # no suffix: everything is prefix
     base = a.base_inputs(make_records(1))
-    assert a.base_tokenizer.decode(base["input_ids"][0]) == "<bos>A red circle left of a blue square.\nanswer en Is it red?\n"
+    assert (
+        a.base_tokenizer.decode(base["input_ids"][0])
+        == "<bos>A red circle left of a blue square.\nanswer en Is it red?\n"
+    )
 
 
 def test_qwen_inputs_carry_grid_and_mm_types(adapter):
@@ -147,12 +152,15 @@ def test_qwen_inputs_carry_grid_and_mm_types(adapter):
     grid = inputs["image_grid_thw"]
     assert grid.tolist() == [[1, 4, 8], [1, 10, 4], [1, 4, 4]]
     assert inputs["pixel_values"].shape[0] == int(grid.prod(-1).sum())
-    assert torch.equal(inputs["mm_token_type_ids"], (inputs["input_ids"] == a.image_token_id).long())
+    assert torch.equal(
+        inputs["mm_token_type_ids"], (inputs["input_ids"] == a.image_token_id).long()
+    )
     text = a.tokenizer.decode(inputs["input_ids"][2][inputs["attention_mask"][2].bool()])
     assert text.endswith("<|vision_end|>What?<|im_end|>\n<|im_start|>assistant\n")
     types = a.token_types(inputs)
     vision_markers = torch.isin(
-        inputs["input_ids"], torch.tensor(a.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"]))
+        inputs["input_ids"],
+        torch.tensor(a.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])),
     )
     assert (types[vision_markers] == TokenType.SPECIAL).all()
 
@@ -177,7 +185,11 @@ def test_base_inputs_pair_caption_and_question(adapter, family):
 def test_with_answer_labels_cover_answer_and_eos(adapter, family, side):
     a = adapter(family)
     records = make_records()
-    inputs = a.vlm_inputs(records, with_answer=True) if side == "vlm" else a.base_inputs(records, with_answer=True)
+    inputs = (
+        a.vlm_inputs(records, with_answer=True)
+        if side == "vlm"
+        else a.base_inputs(records, with_answer=True)
+    )
     tokenizer = a.tokenizer if side == "vlm" else a.base_tokenizer
     for row, record in enumerate(records):
         labelled = inputs["labels"][row][inputs["labels"][row] != -100]
@@ -198,7 +210,9 @@ def test_yes_no_ids_decode_to_yes_and_no(adapter, family, side):
     assert yes and no and not set(yes) & set(no)
     assert {tokenizer.decode([i]).strip().lower() for i in yes} == {"yes"}
     assert {tokenizer.decode([i]).strip().lower() for i in no} == {"no"}
-    assert tokenizer.convert_tokens_to_ids("yes") in yes  # the bare word is one token in the tiny vocab
+    assert (
+        tokenizer.convert_tokens_to_ids("yes") in yes
+    )  # the bare word is one token in the tiny vocab
 
 
 def test_records_without_caption_or_answer_fail_clearly(adapter):
@@ -235,11 +249,21 @@ def test_missing_directory_and_unknown_family(tmp_path, tiny_root):
 def test_base_lm_of_another_model_is_rejected(tiny_root, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     other.save_pretrained(tmp_path / "other")
     root = tiny_root("llava")
-    (tmp_path / "other").joinpath("tokenizer.json").write_bytes((root / BASE_SUBDIR / "tokenizer.json").read_bytes())
+    (tmp_path / "other").joinpath("tokenizer.json").write_bytes(
+        (root / BASE_SUBDIR / "tokenizer.json").read_bytes()
+    )
     (tmp_path / "other").joinpath("tokenizer_config.json").write_bytes(
         (root / BASE_SUBDIR / "tokenizer_config.json").read_bytes()
     )

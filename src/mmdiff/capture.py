@@ -9,9 +9,10 @@ module, so capturing early layers costs only those layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,8 +31,12 @@ class _StopForward(Exception):
 class Capture:
     """What one forward pass read."""
 
-    residuals: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [batch, seq, d_model]
-    head_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [batch, seq, heads, head_dim]
+    residuals: dict[int, torch.Tensor] = field(
+        default_factory=dict
+    )  # layer -> [batch, seq, d_model]
+    head_inputs: dict[int, torch.Tensor] = field(
+        default_factory=dict
+    )  # layer -> [batch, seq, heads, head_dim]
     logits: torch.Tensor | None = None  # [batch, seq, vocab], only with with_logits=True
 
 
@@ -68,10 +73,15 @@ def capture(
     residual_layers = backbone.check_layers(residual_layers) if residual_layers else []
     head_layers = backbone.check_layers(head_layers) if head_layers else []
     if not residual_layers and not head_layers and not with_logits:
-        raise ModelError("nothing to capture: give residual_layers, head_layers or with_logits=True")
+        raise ModelError(
+            "nothing to capture: give residual_layers, head_layers or with_logits=True"
+        )
     result = Capture()
     # the module after which nothing more is needed: the later of the last residual / o_proj hook
-    last = max([(layer, 1) for layer in residual_layers] + [(layer, 0) for layer in head_layers], default=None)
+    last = max(
+        [(layer, 1) for layer in residual_layers] + [(layer, 0) for layer in head_layers],
+        default=None,
+    )
     stop_after = None if with_logits else last
     pending = len(residual_layers) + len(head_layers)
 
@@ -91,16 +101,22 @@ def capture(
     def head_hook(layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
             x = args[0]  # [batch, seq, heads * head_dim]
-            result.head_inputs[layer] = x.reshape(*x.shape[:-1], backbone.num_heads, backbone.head_dim)
+            result.head_inputs[layer] = x.reshape(
+                *x.shape[:-1], backbone.num_heads, backbone.head_dim
+            )
             done()
 
         return hook
 
     registrations: list[Callable[[], torch.utils.hooks.RemovableHandle]] = []
     for layer in residual_layers:
-        registrations.append(lambda layer=layer: backbone.layers[layer].register_forward_hook(residual_hook(layer)))
+        registrations.append(
+            lambda layer=layer: backbone.layers[layer].register_forward_hook(residual_hook(layer))
+        )
     for layer in head_layers:
-        registrations.append(lambda layer=layer: backbone.o_proj(layer).register_forward_pre_hook(head_hook(layer)))
+        registrations.append(
+            lambda layer=layer: backbone.o_proj(layer).register_forward_pre_hook(head_hook(layer))
+        )
 
     kwargs = dict(inputs)
     kwargs.setdefault("use_cache", False)
@@ -112,7 +128,9 @@ def capture(
             output = None
     if with_logits:
         result.logits = output.logits
-    missing = sorted(set(residual_layers) - set(result.residuals)) + sorted(set(head_layers) - set(result.head_inputs))
+    missing = sorted(set(residual_layers) - set(result.residuals)) + sorted(
+        set(head_layers) - set(result.head_inputs)
+    )
     if missing:
         raise ModelError(
             f"hooks at layers {missing} never fired: is {type(backbone.model).__name__}'s decoder "
@@ -121,12 +139,16 @@ def capture(
     return result
 
 
-def capture_residuals(backbone: Backbone, inputs: dict[str, torch.Tensor], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+def capture_residuals(
+    backbone: Backbone, inputs: dict[str, torch.Tensor], layers: Sequence[int]
+) -> dict[int, torch.Tensor]:
     """layer -> [batch, seq, d_model]: the residual stream after each decoder layer, one forward pass."""
     return capture(backbone, inputs, residual_layers=layers).residuals
 
 
-def capture_head_inputs(backbone: Backbone, inputs: dict[str, torch.Tensor], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+def capture_head_inputs(
+    backbone: Backbone, inputs: dict[str, torch.Tensor], layers: Sequence[int]
+) -> dict[int, torch.Tensor]:
     """layer -> [batch, seq, heads, head_dim]: each head's output, the input of o_proj split into heads."""
     return capture(backbone, inputs, head_layers=layers).head_inputs
 
@@ -167,9 +189,20 @@ def iter_activations(
     make_inputs = adapter.vlm_inputs if side == "vlm" else adapter.base_inputs
     total = len(records) if hasattr(records, "__len__") else None  # type: ignore[arg-type]
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task(f"capture {side} layers {layers}", total=total)
         for chunk in _batches(records, batch_size):

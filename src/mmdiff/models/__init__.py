@@ -12,7 +12,15 @@ import torch
 
 from mmdiff.errors import ModelError
 from mmdiff.models import llava, llava_next, paligemma, qwen2vl  # noqa: F401  (registers the families)
-from mmdiff.models.base import ADAPTERS, Backbone, Side, TokenType, VLMAdapter, adapter_for_model_type, register_adapter
+from mmdiff.models.base import (
+    ADAPTERS,
+    Backbone,
+    Side,
+    TokenType,
+    VLMAdapter,
+    adapter_for_model_type,
+    register_adapter,
+)
 from mmdiff.models.loading import read_config
 
 __all__ = [
@@ -46,7 +54,9 @@ def load_adapter(
             raise ModelError(f"unknown family {family!r}: expected one of {sorted(ADAPTERS)}")
         cls = ADAPTERS[family]
     else:
-        config = read_config(vlm_path_or_id, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+        config = read_config(
+            vlm_path_or_id, local_files_only=local_files_only, trust_remote_code=trust_remote_code
+        )
         cls = adapter_for_model_type(config.model_type)
     return cls.from_pretrained(
         vlm_path_or_id,

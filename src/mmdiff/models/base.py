@@ -8,9 +8,10 @@ HF `hidden_states[L + 1]`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ class Backbone:
     final_norm: nn.Module | None = None  # norm applied to the last layer's output before lm_head
 
     @classmethod
-    def from_causal_lm(cls, model: nn.Module) -> "Backbone":
+    def from_causal_lm(cls, model: nn.Module) -> Backbone:
         """The decoder stack of an HF causal LM or VLM (`get_decoder()`), with its text config."""
         decoder = model.get_decoder()
         layers = getattr(decoder, "layers", None)
@@ -96,7 +97,7 @@ class Backbone:
 
     def check_layers(self, layers: Sequence[int]) -> list[int]:
         """Sorted unique hook points, or a ModelError naming the valid range."""
-        wanted = sorted(set(int(layer) for layer in layers))
+        wanted = sorted({int(layer) for layer in layers})
         if not wanted:
             from mmdiff.errors import ModelError
 
@@ -134,15 +135,19 @@ class VLMAdapter(ABC):
         device: str | torch.device = "cpu",
         local_files_only: bool | None = None,
         trust_remote_code: bool = False,
-    ) -> "VLMAdapter":
+    ) -> VLMAdapter:
         """Load a VLM (and optionally its base LM) from a local path or a hub id."""
 
     @abstractmethod
-    def vlm_inputs(self, records: Sequence[Record], *, with_answer: bool = False) -> dict[str, torch.Tensor]:
+    def vlm_inputs(
+        self, records: Sequence[Record], *, with_answer: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Padded model inputs for (image, question), in the processor's prompt format."""
 
     @abstractmethod
-    def base_inputs(self, records: Sequence[Record], *, with_answer: bool = False) -> dict[str, torch.Tensor]:
+    def base_inputs(
+        self, records: Sequence[Record], *, with_answer: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Padded base-LM inputs for (caption, question): the caption stands in for the image."""
 
     @property

@@ -7,8 +7,10 @@ more than `processor(images=..., text=...)`.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -61,11 +63,11 @@ class HFAdapter(VLMAdapter):
         device: str | torch.device = "cpu",
         local_files_only: bool | None = None,
         trust_remote_code: bool = False,
-    ) -> "HFAdapter":
+    ) -> HFAdapter:
         """Load the VLM with its processor, and the base LM with its tokenizer when `base_lm` is given."""
         import transformers
 
-        options = dict(local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+        options = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
         config = read_config(vlm, **options)
         if config.model_type not in cls.vlm_classes:
             raise ModelError(
@@ -78,14 +80,23 @@ class HFAdapter(VLMAdapter):
         base_model = base_tokenizer = None
         if base_lm is not None:
             base_model = load_model(
-                transformers.AutoModelForCausalLM, base_lm, dtype=dtype, device=device, what="base LM", **options
+                transformers.AutoModelForCausalLM,
+                base_lm,
+                dtype=dtype,
+                device=device,
+                what="base LM",
+                **options,
             )
             base_tokenizer = load_tokenizer(base_lm, what="base LM tokenizer", **options)
         return cls(model, processor, base_model, base_tokenizer, name=str(vlm))
 
     @classmethod
-    def load_processor(cls, vlm: str | Path, *, local_files_only: bool | None, trust_remote_code: bool) -> Any:
-        return load_processor(vlm, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+    def load_processor(
+        cls, vlm: str | Path, *, local_files_only: bool | None, trust_remote_code: bool
+    ) -> Any:
+        return load_processor(
+            vlm, local_files_only=local_files_only, trust_remote_code=trust_remote_code
+        )
 
     def _check_pair(self) -> None:
         assert self.base is not None
@@ -105,34 +116,48 @@ class HFAdapter(VLMAdapter):
         if token_id is None:
             token_id = getattr(config, "image_token_index", None)
         if token_id is None:
-            raise ModelError(f"{type(config).__name__} has neither image_token_id nor image_token_index")
+            raise ModelError(
+                f"{type(config).__name__} has neither image_token_id nor image_token_index"
+            )
         return int(token_id)
 
     @property
     def image_token(self) -> str:
-        return str(getattr(self.processor, "image_token", None) or self.tokenizer.convert_ids_to_tokens(self.image_token_id))
+        return str(
+            getattr(self.processor, "image_token", None)
+            or self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        )
 
     def has_chat_template(self) -> bool:
-        return bool(getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None))
+        return bool(
+            getattr(self.processor, "chat_template", None)
+            or getattr(self.tokenizer, "chat_template", None)
+        )
 
     def chat_prompt(self, content: list[dict[str, Any]]) -> str:
         """One user turn rendered with the processor's chat template, ready for the assistant's reply."""
         messages = [{"role": "user", "content": content}]
-        template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
-        text = template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        template_owner = (
+            self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
+        )
+        text = template_owner.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
         return text[0] if isinstance(text, list) else str(text)
 
+    @abstractmethod
     def vlm_prompt(self, question: str) -> str:
         """The (image, question) prompt, with the image placeholder the processor expands."""
-        raise NotImplementedError
 
+    @abstractmethod
     def base_prompt(self, caption: str, question: str) -> str:
         """The (caption, question) prompt for the base LM: the caption takes the image's place."""
-        raise NotImplementedError
 
     # ---- inputs --------------------------------------------------------------------------------
 
-    def vlm_inputs(self, records: Sequence[Record], *, with_answer: bool = False) -> dict[str, torch.Tensor]:
+    def vlm_inputs(
+        self, records: Sequence[Record], *, with_answer: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Left-padded VLM inputs for (image, question): **-passable to the VLM.
 
         With `with_answer`, the first answer and EOS follow the prompt and `labels` holds them
@@ -145,7 +170,9 @@ class HFAdapter(VLMAdapter):
         encoded = self._encode_vlm(prompts, images, answers)
         return self._to_device(encoded, self.vlm)
 
-    def base_inputs(self, records: Sequence[Record], *, with_answer: bool = False) -> dict[str, torch.Tensor]:
+    def base_inputs(
+        self, records: Sequence[Record], *, with_answer: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Left-padded base-LM inputs for (caption, question), in the VLM's prompt shape."""
         tokenizer = self._require_base_tokenizer()
         records = _check_records(records)
@@ -153,7 +180,12 @@ class HFAdapter(VLMAdapter):
         answers = [_first_answer(r) for r in records] if with_answer else None
         texts = self._with_answers(prompts, answers, tokenizer)
         encoded = dict(
-            tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=_add_bos(texts, tokenizer))
+            tokenizer(
+                texts,
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=_add_bos(texts, tokenizer),
+            )
         )
         if answers is not None:
             encoded["labels"] = _answer_labels(encoded, _answer_lengths(prompts, texts, tokenizer))
@@ -173,10 +205,14 @@ class HFAdapter(VLMAdapter):
             )
         )
         if answers is not None:
-            encoded["labels"] = _answer_labels(encoded, _answer_lengths(prompts, texts, self.tokenizer))
+            encoded["labels"] = _answer_labels(
+                encoded, _answer_lengths(prompts, texts, self.tokenizer)
+            )
         return encoded
 
-    def _with_answers(self, prompts: list[str], answers: list[str] | None, tokenizer: Any) -> list[str]:
+    def _with_answers(
+        self, prompts: list[str], answers: list[str] | None, tokenizer: Any
+    ) -> list[str]:
         if answers is None:
             return list(prompts)
         eos = tokenizer.eos_token or ""
@@ -207,7 +243,7 @@ class HFAdapter(VLMAdapter):
         """Ids labelled SPECIAL: BOS/EOS/pad/unk, every added special token (chat and vision markers)."""
         if side not in self._special_cache:
             tokenizer = self._tokenizer(side)
-            ids = set(int(i) for i in tokenizer.all_special_ids if i is not None)
+            ids = {int(i) for i in tokenizer.all_special_ids if i is not None}
             for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
                 if getattr(token, "special", False):
                     ids.add(int(token_id))
@@ -220,7 +256,9 @@ class HFAdapter(VLMAdapter):
         """[batch, seq] int8: IMAGE where input_ids == image_token_id (VLM side only), SPECIAL for
         padding and special tokens, TEXT elsewhere."""
         input_ids = inputs["input_ids"]
-        types = torch.full(input_ids.shape, int(TokenType.TEXT), dtype=torch.int8, device=input_ids.device)
+        types = torch.full(
+            input_ids.shape, int(TokenType.TEXT), dtype=torch.int8, device=input_ids.device
+        )
         special = torch.isin(input_ids, self.special_token_ids(side).to(input_ids.device))
         types[special] = int(TokenType.SPECIAL)
         if side == "vlm":
@@ -271,6 +309,7 @@ def _answer_lengths(prompts: list[str], texts: list[str], tokenizer: Any) -> lis
 
     Image placeholders are one token in both texts, so the difference counts the answer only.
     """
+
     def count(batch: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]]
 
@@ -295,7 +334,7 @@ def _single_token_ids(tokenizer: Any, variants: Sequence[str], word: str) -> lis
     found: list[int] = []
     for variant in variants:
         ids = tokenizer(variant, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1 and ids[0] not in found:
-            if tokenizer.decode(ids).strip().lower() == word:
-                found.append(int(ids[0]))
+        single = len(ids) == 1 and ids[0] not in found
+        if single and tokenizer.decode(ids).strip().lower() == word:
+            found.append(int(ids[0]))
     return found

@@ -28,7 +28,10 @@ class LlavaNextAdapter(LlavaAdapter):
         (image_size / patch)^2 grid of the whole image, then the anyres tiles joined into one grid
         unpadded to the image's aspect ratio, every row ending in `image_newline` (the layout of
         `LlavaNextModel.pack_image_features`)."""
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            unpad_image,
+        )
 
         config = self.model.config
         if getattr(config, "vision_feature_select_strategy", "default") != "default":
@@ -37,10 +40,14 @@ class LlavaNextAdapter(LlavaAdapter):
                 f"{config.vision_feature_select_strategy!r}: the anyres grid layout is only defined without CLS"
             )
         if "image_sizes" not in inputs:
-            raise ModelError("LLaVA-NeXT inputs need image_sizes for the anyres grid: pass the dict from vlm_inputs")
+            raise ModelError(
+                "LLaVA-NeXT inputs need image_sizes for the anyres grid: pass the dict from vlm_inputs"
+            )
         vision = config.vision_config
         side = int(vision.image_size) // int(vision.patch_size)
         size = inputs["image_sizes"][row].cpu()  # (height, width) of the original image
-        n_h, n_w = get_anyres_image_grid_shape(size.tolist(), config.image_grid_pinpoints, vision.image_size)
+        n_h, n_w = get_anyres_image_grid_shape(
+            size.tolist(), config.image_grid_pinpoints, vision.image_size
+        )
         unpadded = unpad_image(torch.empty(1, int(n_h) * side, int(n_w) * side), size)
         return [(side, side, False), (int(unpadded.shape[1]), int(unpadded.shape[2]), True)]

@@ -8,8 +8,9 @@ another family all fail with one clear `ModelError`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -29,7 +30,7 @@ _DTYPES: dict[str, torch.dtype] = {
 
 
 def parse_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
-    """"auto" (the checkpoint's own dtype), a torch dtype, or one of float32/float16/bfloat16."""
+    """ "auto" (the checkpoint's own dtype), a torch dtype, or one of float32/float16/bfloat16."""
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
@@ -58,7 +59,8 @@ def looks_like_path(path_or_id: str | Path) -> bool:
         isinstance(path_or_id, Path)
         or text.startswith(("/", "./", "../", "~"))
         or text.count("/") > 1
-        or os.sep != "/" and os.sep in text
+        or os.sep != "/"
+        and os.sep in text
     )
 
 
@@ -81,7 +83,12 @@ def resolve(path_or_id: str | Path, local_files_only: bool | None) -> tuple[str,
 
 
 def pretrained_call(
-    load: Callable[..., T], path_or_id: str | Path, what: str, *, local_files_only: bool | None, **kwargs: Any
+    load: Callable[..., T],
+    path_or_id: str | Path,
+    what: str,
+    *,
+    local_files_only: bool | None,
+    **kwargs: Any,
 ) -> T:
     """Call `load(path_or_id, local_files_only=..., **kwargs)`; turn load failures into ModelError."""
     target, offline = resolve(path_or_id, local_files_only)
@@ -104,7 +111,9 @@ def pretrained_call(
         raise ModelError(f"cannot load the {what} from {target!r}: {exc}") from exc
 
 
-def read_config(path_or_id: str | Path, *, local_files_only: bool | None = None, trust_remote_code: bool = False) -> Any:
+def read_config(
+    path_or_id: str | Path, *, local_files_only: bool | None = None, trust_remote_code: bool = False
+) -> Any:
     """The checkpoint's HF config (AutoConfig), or a ModelError saying why it cannot be read."""
     from transformers import AutoConfig
 
@@ -134,7 +143,9 @@ def load_model(
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ModelError(f"unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:0', 'mps', ...") from exc
+        raise ModelError(
+            f"unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:0', 'mps', ..."
+        ) from exc
     model = pretrained_call(
         model_class.from_pretrained,
         path_or_id,
@@ -149,7 +160,11 @@ def load_model(
 
 
 def load_tokenizer(
-    path_or_id: str | Path, *, local_files_only: bool | None, trust_remote_code: bool, what: str = "tokenizer"
+    path_or_id: str | Path,
+    *,
+    local_files_only: bool | None,
+    trust_remote_code: bool,
+    what: str = "tokenizer",
 ) -> Any:
     """AutoTokenizer, padding on the left so the last position is the next-token position."""
     from transformers import AutoTokenizer

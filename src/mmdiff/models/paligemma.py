@@ -41,7 +41,12 @@ class PaliGemmaAdapter(HFAdapter):
         self, prompts: list[str], images: list[Any], answers: list[str] | None
     ) -> dict[str, torch.Tensor]:
         # the processor appends answer + EOS as a causal suffix and builds labels itself
-        kwargs: dict[str, Any] = dict(images=images, text=prompts, return_tensors="pt", padding=True)
+        kwargs: dict[str, Any] = {
+            "images": images,
+            "text": prompts,
+            "return_tensors": "pt",
+            "padding": True,
+        }
         if answers is not None:
             kwargs["suffix"] = answers
         encoded = dict(self.processor(**kwargs))

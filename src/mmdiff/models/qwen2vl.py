@@ -34,7 +34,9 @@ class QwenVLProcessor:
     image_token: str = "<|image_pad|>"
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, **kwargs
+        )
 
 
 @register_adapter
@@ -48,7 +50,9 @@ class Qwen2VLAdapter(HFAdapter):
     answer_separator: ClassVar[str] = ""  # the template ends with "assistant\n"
 
     @classmethod
-    def load_processor(cls, vlm: str | Path, *, local_files_only: bool | None, trust_remote_code: bool) -> Any:
+    def load_processor(
+        cls, vlm: str | Path, *, local_files_only: bool | None, trust_remote_code: bool
+    ) -> Any:
         from transformers import AutoImageProcessor
 
         image_processor = pretrained_call(
@@ -58,8 +62,12 @@ class Qwen2VLAdapter(HFAdapter):
             local_files_only=local_files_only,
             trust_remote_code=trust_remote_code,
         )
-        tokenizer = load_tokenizer(vlm, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
-        template = getattr(tokenizer, "chat_template", None) or _processor_chat_template(vlm, local_files_only)
+        tokenizer = load_tokenizer(
+            vlm, local_files_only=local_files_only, trust_remote_code=trust_remote_code
+        )
+        template = getattr(tokenizer, "chat_template", None) or _processor_chat_template(
+            vlm, local_files_only
+        )
         if not template:
             raise ModelError(
                 f"{vlm}: no chat template found (neither in the tokenizer nor in chat_template.json / "
@@ -91,14 +99,21 @@ class Qwen2VLAdapter(HFAdapter):
                 )
             expanded.append(text.replace(placeholder, placeholder * int(n)))
         encoded = dict(
-            self.tokenizer(expanded, return_tensors="pt", padding=True, add_special_tokens=_add_bos(texts, self.tokenizer))
+            self.tokenizer(
+                expanded,
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=_add_bos(texts, self.tokenizer),
+            )
         )
         encoded["pixel_values"] = vision["pixel_values"]  # [n_patches_total, C * t * p * p]
         encoded["image_grid_thw"] = grid_thw
         # 0 = text, 1 = image: the M-RoPE layout read by get_rope_index
         encoded["mm_token_type_ids"] = (encoded["input_ids"] == self.image_token_id).long()
         if answers is not None:
-            encoded["labels"] = _answer_labels(encoded, _answer_lengths(prompts, texts, self.tokenizer))
+            encoded["labels"] = _answer_labels(
+                encoded, _answer_lengths(prompts, texts, self.tokenizer)
+            )
         return encoded
 
     def patch_grid(self, inputs: dict[str, torch.Tensor], row: int) -> list[tuple[int, int, bool]]:
@@ -106,7 +121,9 @@ class Qwen2VLAdapter(HFAdapter):
         patch one (h / merge) x (w / merge) grid, (t, h, w) = the row's `image_grid_thw`, so the
         grid is not square for non-square images. Rows without image tokens have no image."""
         if "image_grid_thw" not in inputs:
-            raise ModelError("Qwen2-VL inputs need image_grid_thw for the patch grid: pass the dict from vlm_inputs")
+            raise ModelError(
+                "Qwen2-VL inputs need image_grid_thw for the patch grid: pass the dict from vlm_inputs"
+            )
         has_image = (inputs["input_ids"] == self.image_token_id).any(1).tolist()  # [batch]
         if not has_image[row]:
             raise ModelError(f"batch row {row} holds no image tokens, so it has no patch grid")

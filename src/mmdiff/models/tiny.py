@@ -10,9 +10,10 @@ tokens and, where the family has one, its chat template.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -55,12 +56,16 @@ class _Tokens:
     extra: tuple[str, ...] = ()  # further special tokens (chat and vision markers)
 
 
-def _train_tokenizer(tokens: _Tokens, chat_template: str | None = None, vocab_size: int = 512) -> Any:
+def _train_tokenizer(
+    tokens: _Tokens, chat_template: str | None = None, vocab_size: int = 512
+) -> Any:
     """A byte-level BPE tokenizer trained on `_CORPUS`, with the family's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [t for t in ("<unk>", tokens.bos, tokens.eos, tokens.pad, tokens.image, *tokens.extra) if t]
+    specials = [
+        t for t in ("<unk>", tokens.bos, tokens.eos, tokens.pad, tokens.image, *tokens.extra) if t
+    ]
     specials = list(dict.fromkeys(specials))
     backend = Tokenizer(models.BPE(unk_token=None))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -72,14 +77,14 @@ def _train_tokenizer(tokens: _Tokens, chat_template: str | None = None, vocab_si
         show_progress=False,
     )
     backend.train_from_iterator(_CORPUS * 4, trainer)
-    kwargs: dict[str, Any] = dict(
-        tokenizer_object=backend,
-        eos_token=tokens.eos,
-        pad_token=tokens.pad,
-        unk_token="<unk>",
-        add_bos_token=tokens.add_bos,
-        padding_side="left",
-    )
+    kwargs: dict[str, Any] = {
+        "tokenizer_object": backend,
+        "eos_token": tokens.eos,
+        "pad_token": tokens.pad,
+        "unk_token": "<unk>",
+        "add_bos_token": tokens.add_bos,
+        "padding_side": "left",
+    }
     if tokens.bos:
         kwargs["bos_token"] = tokens.bos
     if tokens.extra:
@@ -94,7 +99,9 @@ def _ids(tokenizer: Any, token: str) -> int:
     return int(tokenizer.convert_tokens_to_ids(token))
 
 
-def _llama_text_config(tokenizer: Any, hidden: int = HIDDEN, layers: int = LAYERS, heads: int = HEADS) -> Any:
+def _llama_text_config(
+    tokenizer: Any, hidden: int = HIDDEN, layers: int = LAYERS, heads: int = HEADS
+) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -137,7 +144,11 @@ _LLAVA_CHAT_TEMPLATE = (
 
 
 def _build_llava(
-    seed: int, hidden: int = HIDDEN, layers: int = LAYERS, heads: int = HEADS, image_size: int = IMAGE_SIZE
+    seed: int,
+    hidden: int = HIDDEN,
+    layers: int = LAYERS,
+    heads: int = HEADS,
+    image_size: int = IMAGE_SIZE,
 ) -> tuple[Any, Any, Any, Any]:
     """LLaVA-1.5 shape: CLIP tower ((image_size / 4)^2 patches + CLS, CLS dropped), Llama text
     model, no chat template (the organism's layout). The sizes are parameters for benchmarks."""
@@ -322,20 +333,24 @@ def _qwen2_base_config(tokenizer: Any) -> Any:
 
 
 def _qwen_text_kwargs(tokenizer: Any) -> dict[str, Any]:
-    return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=512,
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": HIDDEN,
+        "intermediate_size": 2 * HIDDEN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "max_position_embeddings": 512,
         # M-RoPE: sections of (temporal, height, width) summing to head_dim / 2
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [1, 1, 2],
+        },
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def _qwen_processor_parts(tokenizer: Any) -> list[Any]:
@@ -358,71 +373,69 @@ def _qwen_processor_parts(tokenizer: Any) -> list[Any]:
 
 
 def _qwen_ids(tokenizer: Any) -> dict[str, int]:
-    return dict(
-        image_token_id=_ids(tokenizer, "<|image_pad|>"),
-        video_token_id=_ids(tokenizer, "<|video_pad|>"),
-        vision_start_token_id=_ids(tokenizer, "<|vision_start|>"),
-        vision_end_token_id=_ids(tokenizer, "<|vision_end|>"),
+    return {
+        "image_token_id": _ids(tokenizer, "<|image_pad|>"),
+        "video_token_id": _ids(tokenizer, "<|video_pad|>"),
+        "vision_start_token_id": _ids(tokenizer, "<|vision_start|>"),
+        "vision_end_token_id": _ids(tokenizer, "<|vision_end|>"),
+    }
+
+
+_QWEN2_VL_VISION = {
+    "depth": 2,
+    "embed_dim": HIDDEN,
+    "hidden_size": HIDDEN,
+    "mlp_ratio": 2,
+    "num_heads": 2,
+    "patch_size": QWEN_PATCH,
+    "spatial_merge_size": QWEN_MERGE,
+    "temporal_patch_size": 2,
+}
+# Qwen2.5-VL's tower: windowed attention, full attention in block 1, an explicit output size
+_QWEN2_5_VL_VISION = {
+    "depth": 2,
+    "hidden_size": HIDDEN,
+    "intermediate_size": 2 * HIDDEN,
+    "out_hidden_size": HIDDEN,
+    "num_heads": 2,
+    "patch_size": QWEN_PATCH,
+    "spatial_merge_size": QWEN_MERGE,
+    "temporal_patch_size": 2,
+    "window_size": QWEN_PATCH * QWEN_MERGE * 2,
+    "fullatt_block_indexes": [1],
+}
+
+
+def _build_qwen(
+    seed: int, config_class: str, model_class: str, vision_config: dict[str, Any]
+) -> tuple[Any, Any, Any, Any]:
+    """Qwen2-VL / Qwen2.5-VL shape: 4-pixel patches merged 2x2, M-RoPE text model, Qwen chat template."""
+    import transformers
+
+    tokenizer = _train_tokenizer(_QWEN_TOKENS, chat_template=_QWEN_CHAT_TEMPLATE)
+    config = getattr(transformers, config_class)(
+        text_config=_qwen_text_kwargs(tokenizer),
+        vision_config=dict(vision_config),
+        **_qwen_ids(tokenizer),
     )
+    torch.manual_seed(seed)
+    vlm = getattr(transformers, model_class)(config)
+    processor = _qwen_processor_parts(tokenizer)
+    base = transformers.Qwen2ForCausalLM(_qwen2_base_config(tokenizer))
+    return vlm, processor, base, _train_tokenizer(_QWEN_TOKENS, chat_template=_QWEN_CHAT_TEMPLATE)
 
 
 def _build_qwen2_vl(seed: int) -> tuple[Any, Any, Any, Any]:
-    """Qwen2-VL shape: 4-pixel patches merged 2x2, M-RoPE text model, Qwen chat template."""
-    from transformers import Qwen2ForCausalLM, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    tokenizer = _train_tokenizer(_QWEN_TOKENS, chat_template=_QWEN_CHAT_TEMPLATE)
-    vision_config = dict(
-        depth=2,
-        embed_dim=HIDDEN,
-        hidden_size=HIDDEN,
-        mlp_ratio=2,
-        num_heads=2,
-        patch_size=QWEN_PATCH,
-        spatial_merge_size=QWEN_MERGE,
-        temporal_patch_size=2,
-    )
-    config = Qwen2VLConfig(
-        text_config=_qwen_text_kwargs(tokenizer), vision_config=vision_config, **_qwen_ids(tokenizer)
-    )
-    torch.manual_seed(seed)
-    vlm = Qwen2VLForConditionalGeneration(config)
-    processor = _qwen_processor_parts(tokenizer)
-    base = Qwen2ForCausalLM(_qwen2_base_config(tokenizer))
-    return vlm, processor, base, _train_tokenizer(_QWEN_TOKENS, chat_template=_QWEN_CHAT_TEMPLATE)
+    return _build_qwen(seed, "Qwen2VLConfig", "Qwen2VLForConditionalGeneration", _QWEN2_VL_VISION)
 
 
 def _build_qwen2_5_vl(seed: int) -> tuple[Any, Any, Any, Any]:
-    """Qwen2.5-VL shape: windowed-attention vision tower, same text side as Qwen2-VL."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2ForCausalLM,
+    return _build_qwen(
+        seed, "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", _QWEN2_5_VL_VISION
     )
 
-    tokenizer = _train_tokenizer(_QWEN_TOKENS, chat_template=_QWEN_CHAT_TEMPLATE)
-    vision_config = dict(
-        depth=2,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        out_hidden_size=HIDDEN,
-        num_heads=2,
-        patch_size=QWEN_PATCH,
-        spatial_merge_size=QWEN_MERGE,
-        temporal_patch_size=2,
-        window_size=QWEN_PATCH * QWEN_MERGE * 2,
-        fullatt_block_indexes=[1],
-    )
-    config = Qwen2_5_VLConfig(
-        text_config=_qwen_text_kwargs(tokenizer), vision_config=vision_config, **_qwen_ids(tokenizer)
-    )
-    torch.manual_seed(seed)
-    vlm = Qwen2_5_VLForConditionalGeneration(config)
-    processor = _qwen_processor_parts(tokenizer)
-    base = Qwen2ForCausalLM(_qwen2_base_config(tokenizer))
-    return vlm, processor, base, _train_tokenizer(_QWEN_TOKENS, chat_template=_QWEN_CHAT_TEMPLATE)
 
-
-BUILDERS: dict[str, Callable[[int], tuple[Any, Any, Any, Any]]] = {
+BUILDERS: dict[str, Callable[..., tuple[Any, Any, Any, Any]]] = {
     "llava": _build_llava,
     "llava_next": _build_llava_next,
     "paligemma": _build_paligemma,
@@ -439,7 +452,9 @@ def build_tiny(family: str, out_dir: str | Path, *, seed: int = 0, **sizes: int)
     heads, image_size) are accepted by the "llava" builder only, for benchmarks.
     """
     if family not in BUILDERS:
-        raise ModelError(f"no tiny builder for family {family!r}; expected one of {sorted(BUILDERS)}")
+        raise ModelError(
+            f"no tiny builder for family {family!r}; expected one of {sorted(BUILDERS)}"
+        )
     out = Path(out_dir)
     vlm_dir, base_dir = out / VLM_SUBDIR, out / BASE_SUBDIR
     if (vlm_dir / "config.json").is_file() and (base_dir / "config.json").is_file():
