@@ -75,6 +75,11 @@ def test_vqav2_errors(tmp_path):
     with pytest.raises(DataError, match="nope.json does not exist"):
         load_dataset("vqav2", **{**paths, "annotations": tmp_path / "nope.json"})
     ann = json.loads(paths["annotations"].read_text())
+    ann["annotations"][0]["answers"][3] = {"text": "yes"}
+    paths["annotations"].write_text(json.dumps(ann))
+    with pytest.raises(DataError, match="record question_id=1001 answers\\[3\\] has no field 'answer'"):
+        load_dataset("vqav2", **paths)
+    ann["annotations"][0]["answers"][3] = {"answer": "yes"}
     del ann["annotations"][2]["answer_type"]
     paths["annotations"].write_text(json.dumps(ann))
     with pytest.raises(

@@ -132,7 +132,7 @@ def spatial_cues(question: str) -> list[str]:
 
 
 def is_spatial_question(question: str) -> bool:
-    return bool(spatial_cues(question))
+    return _SPATIAL.search(_SPATIAL_FALSE.sub(" ", question)) is not None
 
 
 def ocr_cues(question: str) -> list[str]:
@@ -141,7 +141,7 @@ def ocr_cues(question: str) -> list[str]:
 
 
 def is_ocr_question(question: str) -> bool:
-    return bool(ocr_cues(question))
+    return _OCR.search(question) is not None
 
 
 def question_tasks(question: str) -> tuple[str, ...]:

@@ -116,15 +116,15 @@ def subsample(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
 def resolve_image(candidates: Iterable[Path], record: str, source: str, check: bool = True) -> Path:
     """The first existing candidate path, or a DataError listing every path tried.
 
-    With check=False nothing is looked up: the first candidate is returned, and a missing file
-    surfaces only when `Record.load_image` opens it (fast loading of huge sets).
+    Candidates are looked at lazily (a generator costs nothing past the hit). With check=False
+    nothing is looked up: the first candidate is returned, and a missing file surfaces only when
+    `Record.load_image` opens it (fast loading of huge sets).
     """
-    tried = list(candidates)
-    if not check:
-        return tried[0]
-    for p in tried:
-        if p.is_file():
+    tried = []
+    for p in candidates:
+        if not check or p.is_file():
             return p
+        tried.append(p)
     raise DataError(
         f"{source} record {record}: image not found; tried {', '.join(map(str, tried))}. "
         "Check the image folder you passed"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from mmdiff.data.filters import question_tasks
 from mmdiff.data.loaders._common import (
@@ -24,12 +24,14 @@ from mmdiff.errors import DataError
 COCO_SUBTYPES = ("val2014", "train2014", "test2015")
 
 
-def coco_image_candidates(images: Path, image_id: int, subtype: str | None) -> list[Path]:
-    """Where a COCO image may lie: COCO_<subtype>_%012d.jpg (2014 names) or %012d.jpg (2017 names)."""
+def coco_image_candidates(images: Path, image_id: int, subtype: str | None) -> Iterator[Path]:
+    """Where a COCO image may lie: COCO_<subtype>_%012d.jpg (2014 names) or %012d.jpg (2017 names),
+    directly in `images` or in its <subtype> subfolder; most likely first, built lazily."""
     subtypes = [subtype] if subtype else list(COCO_SUBTYPES)
     names = [f"COCO_{s}_{image_id:012d}.jpg" for s in subtypes] + [f"{image_id:012d}.jpg"]
-    dirs = [images] + [images / s for s in subtypes]
-    return [d / n for d in dirs for n in names]
+    for folder in [images] + [images / s for s in subtypes]:
+        for name in names:
+            yield folder / name
 
 
 def load_vqav2(
@@ -94,9 +96,15 @@ def load_vqav2(
             ann = anns[qid]
             answer_type = require(ann, "answer_type", apath, rec, str)
             raw = require(ann, "answers", apath, rec, list)
-            answers = [
-                require(a, "answer", apath, f"{rec} answers[{j}]", str) for j, a in enumerate(raw)
-            ]
+            try:  # fast path; the checked one below names the bad entry
+                answers = [a["answer"] for a in raw if isinstance(a["answer"], str)]
+            except (KeyError, TypeError):
+                answers = []
+            if len(answers) != len(raw):
+                answers = [
+                    require(a, "answer", apath, f"{rec} answers[{j}]", str)
+                    for j, a in enumerate(raw)
+                ]
             meta |= {
                 "answer_type": answer_type,
                 "multiple_choice_answer": require(ann, "multiple_choice_answer", apath, rec, str),
