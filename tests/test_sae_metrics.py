@@ -64,7 +64,7 @@ def test_fvu_accumulator_streams_exactly():
     x, x_hat = torch.randn(50, 3, generator=g), torch.randn(50, 3, generator=g)
     acc = FVUAccumulator()
     for s in range(0, 50, 7):
-        acc.update(x[s:s + 7], x_hat[s:s + 7])
+        acc.update(x[s : s + 7], x_hat[s : s + 7])
     assert acc.value() == pytest.approx(fvu(x, x_hat), rel=1e-12)
     assert math.isnan(FVUAccumulator().value())
 
@@ -97,7 +97,9 @@ def test_evaluate_sae_hand_case_with_k1():
     # k=1 keeps only the 4 of [3, 4]: squared error 9 on that token, all others exact
     assert ev.fvu_text == pytest.approx(9 / 22.5)  # text mean [1.5, 1]
     assert ev.fvu == pytest.approx(9 / (210 / 9))  # all-token mean [4/3, 2/3]
-    ev_special = evaluate_sae(signed_identity_sae(2, k=1), [_batch()], layer=5, exclude_special=False)
+    ev_special = evaluate_sae(
+        signed_identity_sae(2, k=1), [_batch()], layer=5, exclude_special=False
+    )
     assert ev_special.n_tokens == 4  # BOS counts, padding never does
 
 
@@ -113,8 +115,8 @@ def test_decoder_cosine_hand_case():
     with torch.no_grad():
         b.W_dec.copy_(torch.tensor([[1.0, 1.0], [0.0, -1.0], [-2.0, 0.0], [0.0, 0.0]]))
     cos = decoder_cosine(a, b)
-    assert cos.tolist() == pytest.approx([2 ** -0.5, -1.0, 1.0, 0.0], abs=1e-6)
-    assert mean_decoder_cosine(a, b) == pytest.approx((2 ** -0.5 - 1 + 1 + 0) / 4, abs=1e-6)
+    assert cos.tolist() == pytest.approx([2**-0.5, -1.0, 1.0, 0.0], abs=1e-6)
+    assert mean_decoder_cosine(a, b) == pytest.approx((2**-0.5 - 1 + 1 + 0) / 4, abs=1e-6)
     with pytest.raises(SAEError, match="index-aligned"):
         decoder_cosine(a, signed_identity_sae(3, 3))
 
@@ -127,8 +129,15 @@ def tiny_lm() -> Backbone:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     model = LlamaForCausalLM(cfg).eval()
     return Backbone(model, list(model.model.layers), num_heads=2, head_dim=4, d_model=8)
 
@@ -149,7 +158,9 @@ def test_next_token_ce_matches_hf_loss(tiny_lm):
     ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         out = tiny_lm.model(input_ids=ids, labels=ids)
-    assert next_token_ce(out.logits, ids, torch.ones_like(ids, dtype=torch.bool)) == pytest.approx(float(out.loss), rel=1e-5)
+    assert next_token_ce(out.logits, ids, torch.ones_like(ids, dtype=torch.bool)) == pytest.approx(
+        float(out.loss), rel=1e-5
+    )
 
 
 def test_identity_sae_recovers_everything(tiny_lm):
@@ -168,15 +179,16 @@ def test_zero_reconstruction_recovers_nothing_and_hook_is_removed(tiny_lm):
     assert r.fraction_recovered == pytest.approx(0.0, abs=1e-9)
     with torch.no_grad():
         again = tiny_lm.model(**inputs).logits
-    with replace_layer_output(tiny_lm, 1, lambda h: h):
-        with torch.no_grad():
-            same = tiny_lm.model(**inputs).logits
+    with replace_layer_output(tiny_lm, 1, lambda h: h), torch.no_grad():
+        same = tiny_lm.model(**inputs).logits
     assert torch.equal(again, same)
     assert not tiny_lm.layers[1]._forward_hooks
 
 
 def test_fraction_recovered_formula_and_errors(tiny_lm):
-    assert SplicedLoss(0, ce_clean=1.0, ce_sae=2.0, ce_zero=5.0, n_targets=1).fraction_recovered == pytest.approx(0.75)
+    assert SplicedLoss(
+        0, ce_clean=1.0, ce_sae=2.0, ce_zero=5.0, n_targets=1
+    ).fraction_recovered == pytest.approx(0.75)
     inputs, types = _inputs()
     with pytest.raises(ModelError, match="out of range"):
         spliced_loss(tiny_lm, 7, torch.zeros_like, inputs, types)

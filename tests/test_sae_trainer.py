@@ -51,8 +51,15 @@ def sparse_dictionary(d: int = D, n_atoms: int = N_ATOMS, seed: int = 0) -> torc
     return w / w.norm(dim=1, keepdim=True)
 
 
-def synthetic_batches(atoms: torch.Tensor, n_batches: int, seed: int = 1, batch: int = 8, seq: int = 32,
-                      k_true: int = 3, nan_types: tuple[int, ...] = ()) -> list[ActivationBatch]:
+def synthetic_batches(
+    atoms: torch.Tensor,
+    n_batches: int,
+    seed: int = 1,
+    batch: int = 8,
+    seq: int = 32,
+    k_true: int = 3,
+    nan_types: tuple[int, ...] = (),
+) -> list[ActivationBatch]:
     """ActivationBatches of layers 0 and 1 whose tokens are sparse sums of k_true atoms (+ noise).
 
     Position 0 is BOS (special, norm ~100), positions 1-12 image, the rest text; odd rows end with
@@ -66,7 +73,9 @@ def synthetic_batches(atoms: torch.Tensor, n_batches: int, seed: int = 1, batch:
         n = batch * seq
         idx = torch.argsort(torch.rand(n, n_atoms, generator=g), dim=1)[:, :k_true]
         val = torch.rand(n, k_true, generator=g) + 1.0
-        x = torch.zeros(n, n_atoms).scatter(1, idx, val) @ atoms + 0.01 * torch.randn(n, d, generator=g)
+        x = torch.zeros(n, n_atoms).scatter(1, idx, val) @ atoms + 0.01 * torch.randn(
+            n, d, generator=g
+        )
         x = x.view(batch, seq, d)
         types = torch.full((batch, seq), TXT, dtype=torch.int8)
         types[:, 1:13] = IMG
@@ -77,7 +86,9 @@ def synthetic_batches(atoms: torch.Tensor, n_batches: int, seed: int = 1, batch:
         types[~mask] = SPC
         bad = ~mask | torch.isin(types, torch.tensor(nan_types, dtype=torch.int8))
         x[bad] = float("nan")
-        out.append(ActivationBatch({0: x, 1: -2.0 * x}, types, mask, [f"b{b}r{i}" for i in range(batch)]))
+        out.append(
+            ActivationBatch({0: x, 1: -2.0 * x}, types, mask, [f"b{b}r{i}" for i in range(batch)])
+        )
     return out
 
 
@@ -120,20 +131,26 @@ def _hand_batch() -> ActivationBatch:
     return ActivationBatch({3: acts}, types, mask, ["a", "b"])
 
 
-@pytest.mark.parametrize("regime,exclude,ids", [
-    ("full", True, [1, 2, 3, 4, 6, 7]),
-    ("full", False, [0, 1, 2, 3, 4, 5, 6, 7, 8]),
-    ("image", True, [1, 2, 6]),
-    ("text", True, [3, 4, 7]),
-    ("text", False, [0, 3, 4, 5, 7, 8]),
-])
+@pytest.mark.parametrize(
+    "regime,exclude,ids",
+    [
+        ("full", True, [1, 2, 3, 4, 6, 7]),
+        ("full", False, [0, 1, 2, 3, 4, 5, 6, 7, 8]),
+        ("image", True, [1, 2, 6]),
+        ("text", True, [3, 4, 7]),
+        ("text", False, [0, 3, 4, 5, 7, 8]),
+    ],
+)
 def test_as_token_batch_selects_exactly_the_regimes_tokens(regime, exclude, ids):
     tb = as_token_batch(_hand_batch(), [3], regime_token_types(regime, exclude))
     assert tb.acts[3][:, 0].tolist() == ids
 
 
 def test_as_token_batch_reads_flat_store_batches_and_names_missing_layers():
-    flat = {"acts": torch.arange(4.0).view(4, 1), "token_types": torch.tensor([IMG, TXT, SPC, TXT], dtype=torch.int8)}
+    flat = {
+        "acts": torch.arange(4.0).view(4, 1),
+        "token_types": torch.tensor([IMG, TXT, SPC, TXT], dtype=torch.int8),
+    }
     assert as_token_batch(flat, [5], (TXT,)).acts[5][:, 0].tolist() == [1.0, 3.0]
     with pytest.raises(DataError, match="capture layers \\[4\\]"):
         as_token_batch(_hand_batch(), [3, 4], (TXT,))
@@ -145,8 +162,13 @@ def test_as_token_batch_reads_flat_store_batches_and_names_missing_layers():
 
 
 def _id_batches(n_items: int, per_item: int = 7) -> list[dict]:
-    return [{"acts": torch.arange(i * per_item, (i + 1) * per_item, dtype=torch.float32).view(-1, 1),
-             "token_types": torch.full((per_item,), TXT, dtype=torch.int8)} for i in range(n_items)]
+    return [
+        {
+            "acts": torch.arange(i * per_item, (i + 1) * per_item, dtype=torch.float32).view(-1, 1),
+            "token_types": torch.full((per_item,), TXT, dtype=torch.int8),
+        }
+        for i in range(n_items)
+    ]
 
 
 def _ids(stream, n):
@@ -155,11 +177,23 @@ def _ids(stream, n):
 
 def test_stream_emits_every_token_once_and_is_a_function_of_the_seed():
     items = _id_batches(10)  # 70 tokens
-    one_shot = [tok for b, _ in shuffled_batches(iter(items), [0], (TXT,), 5, 12, seed=3) for tok in b.acts[0][:, 0].long().tolist()]
+    one_shot = [
+        tok
+        for b, _ in shuffled_batches(iter(items), [0], (TXT,), 5, 12, seed=3)
+        for tok in b.acts[0][:, 0].long().tolist()
+    ]
     assert len(one_shot) == 70 and sorted(one_shot) == list(range(70))  # 70 = 14 full batches
     assert one_shot != list(range(70))  # shuffled
-    again = [tok for b, _ in shuffled_batches(iter(items), [0], (TXT,), 5, 12, seed=3) for tok in b.acts[0][:, 0].long().tolist()]
-    other = [tok for b, _ in shuffled_batches(iter(items), [0], (TXT,), 5, 12, seed=4) for tok in b.acts[0][:, 0].long().tolist()]
+    again = [
+        tok
+        for b, _ in shuffled_batches(iter(items), [0], (TXT,), 5, 12, seed=3)
+        for tok in b.acts[0][:, 0].long().tolist()
+    ]
+    other = [
+        tok
+        for b, _ in shuffled_batches(iter(items), [0], (TXT,), 5, 12, seed=4)
+        for tok in b.acts[0][:, 0].long().tolist()
+    ]
     assert again == one_shot and other != one_shot
 
 
@@ -172,7 +206,9 @@ def test_stream_resumes_exactly_from_any_position_across_epochs():
         for _ in range(cut):
             _, pos = next(stream)
         state = pos.to_state()  # what a checkpoint stores
-        resumed = shuffled_batches(items, [0], (TXT,), 5, 12, seed=0, start=StreamPosition.from_state(state))
+        resumed = shuffled_batches(
+            items, [0], (TXT,), 5, 12, seed=0, start=StreamPosition.from_state(state)
+        )
         assert _ids(resumed, 40 - cut) == reference[cut:], f"resume after batch {cut}"
 
 
@@ -226,8 +262,18 @@ def atoms() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def trained(atoms, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
-    cfg = TrainConfig(k=4, d_sae=128, batch_size=256, total_tokens=40_000, lr=5e-3, buffer_tokens=2048,
-                      dead_tokens_threshold=2000, checkpoint_every=0, log_every=10, seed=0)
+    cfg = TrainConfig(
+        k=4,
+        d_sae=128,
+        batch_size=256,
+        total_tokens=40_000,
+        lr=5e-3,
+        buffer_tokens=2048,
+        dead_tokens_threshold=2000,
+        checkpoint_every=0,
+        log_every=10,
+        seed=0,
+    )
     data = synthetic_batches(atoms, 40, seed=1)
     return train_saes(None, data, [0, 1], cfg, out, progress=False), out
 
@@ -245,8 +291,10 @@ def test_training_reduces_fvu_and_writes_loadable_saes(trained, atoms):
         assert sae.decoder_norms().tolist() == pytest.approx([1.0] * 128, abs=1e-5)
     held = synthetic_batches(atoms, 3, seed=99)
     ev = evaluate_sae(result.saes[0], held, layer=0)
-    print(f"training FVU {fvu[0]:.3f} -> {fvu[-1]:.3f}; held-out FVU {ev.fvu:.4f} "
-          f"(image {ev.fvu_image:.4f}, text {ev.fvu_text:.4f}), L0 {ev.l0:.2f}")
+    print(
+        f"training FVU {fvu[0]:.3f} -> {fvu[-1]:.3f}; held-out FVU {ev.fvu:.4f} "
+        f"(image {ev.fvu_image:.4f}, text {ev.fvu_text:.4f}), L0 {ev.l0:.2f}"
+    )
     assert ev.fvu < 0.2 and ev.l0 <= 4
     assert not (out / CHECKPOINT_DIR).exists()
 
@@ -260,11 +308,20 @@ def test_recovers_the_true_sparse_dictionary(trained, atoms):
 
 
 @pytest.mark.parametrize("regime,nan_types", [("full", ()), ("image", (TXT,)), ("text", (IMG,))])
-def test_regimes_and_special_tokens_keep_other_tokens_out_of_training(atoms, tmp_path, regime, nan_types):
+def test_regimes_and_special_tokens_keep_other_tokens_out_of_training(
+    atoms, tmp_path, regime, nan_types
+):
     # BOS and padding are always NaN here, and so are the tokens the regime must leave out
     data = synthetic_batches(atoms, 4, nan_types=(SPC, *nan_types))
-    cfg = TrainConfig(k=4, d_sae=64, batch_size=128, total_tokens=128 * 12, buffer_tokens=512,
-                      checkpoint_every=0, regime=regime)
+    cfg = TrainConfig(
+        k=4,
+        d_sae=64,
+        batch_size=128,
+        total_tokens=128 * 12,
+        buffer_tokens=512,
+        checkpoint_every=0,
+        regime=regime,
+    )
     result = train_saes(None, data, [0], cfg, tmp_path, progress=False)
     assert all(torch.isfinite(p).all() for p in result.saes[0].parameters())
     assert all(math.isfinite(r["fvu"]) for r in result.metrics)
@@ -272,8 +329,17 @@ def test_regimes_and_special_tokens_keep_other_tokens_out_of_training(atoms, tmp
 
 def test_including_special_tokens_is_configurable(atoms, tmp_path):
     data = synthetic_batches(atoms, 4)
-    only_special = TrainConfig(k=2, d_sae=16, batch_size=8, total_tokens=16, buffer_tokens=64,
-                               checkpoint_every=0, regime="text", exclude_special=False, log_every=1)
+    only_special = TrainConfig(
+        k=2,
+        d_sae=16,
+        batch_size=8,
+        total_tokens=16,
+        buffer_tokens=64,
+        checkpoint_every=0,
+        regime="text",
+        exclude_special=False,
+        log_every=1,
+    )
     result = train_saes(None, data, [0], only_special, tmp_path, progress=False)
     assert result.steps == 2  # BOS (norm 100) now enters training: no exception, by request
 
@@ -281,9 +347,25 @@ def test_including_special_tokens_is_configurable(atoms, tmp_path):
 def test_warm_start_stays_close_and_random_control_does_not(trained, atoms, tmp_path):
     base, _ = trained
     data = synthetic_batches(atoms, 6, seed=5)
-    cfg = TrainConfig(k=4, batch_size=256, total_tokens=256 * 15, buffer_tokens=1024, checkpoint_every=0)
-    warm = train_saes(base.saes, data, [0], TrainConfig(**{**cfg.__dict__, "regime": "image"}), tmp_path / "w", progress=False)
-    rand = train_saes(base.saes, data, [0], TrainConfig(**{**cfg.__dict__, "regime": "random"}), tmp_path / "r", progress=False)
+    cfg = TrainConfig(
+        k=4, batch_size=256, total_tokens=256 * 15, buffer_tokens=1024, checkpoint_every=0
+    )
+    warm = train_saes(
+        base.saes,
+        data,
+        [0],
+        TrainConfig(**{**cfg.__dict__, "regime": "image"}),
+        tmp_path / "w",
+        progress=False,
+    )
+    rand = train_saes(
+        base.saes,
+        data,
+        [0],
+        TrainConfig(**{**cfg.__dict__, "regime": "random"}),
+        tmp_path / "r",
+        progress=False,
+    )
     cos_warm = float(decoder_cosine(warm.saes[0], base.saes[0]).mean())
     cos_rand = float(decoder_cosine(rand.saes[0], base.saes[0]).mean())
     assert cos_warm > 0.95 and cos_rand < 0.3, (cos_warm, cos_rand)
@@ -297,7 +379,9 @@ def test_warm_start_from_jumprelu_goes_through_to_topk(tmp_path, atoms):
     jr = JumpReLUSAE(SAEConfig(architecture="jumprelu", d_in=D, d_sae=64, hook_layer=0))
     with torch.no_grad():
         jr.W_dec.mul_(torch.linspace(0.5, 2.0, 64)[:, None])  # non-unit decoder rows
-    cfg = TrainConfig(k=4, batch_size=128, total_tokens=128 * 2, buffer_tokens=512, checkpoint_every=0)
+    cfg = TrainConfig(
+        k=4, batch_size=128, total_tokens=128 * 2, buffer_tokens=512, checkpoint_every=0
+    )
     result = train_saes({0: jr}, synthetic_batches(atoms, 2), [0], cfg, tmp_path, progress=False)
     sae = result.saes[0]
     assert sae.cfg.architecture == "topk" and sae.cfg.k == 4
@@ -308,18 +392,36 @@ def test_warm_start_from_jumprelu_goes_through_to_topk(tmp_path, atoms):
 
 def test_checkpoint_refuses_other_settings(atoms, tmp_path):
     data = synthetic_batches(atoms, 2)
-    cfg = TrainConfig(k=2, d_sae=16, batch_size=64, total_tokens=64 * 3, buffer_tokens=256,
-                      checkpoint_every=1, keep_checkpoint=True)
+    cfg = TrainConfig(
+        k=2,
+        d_sae=16,
+        batch_size=64,
+        total_tokens=64 * 3,
+        buffer_tokens=256,
+        checkpoint_every=1,
+        keep_checkpoint=True,
+    )
     train_saes(None, data, [0], cfg, tmp_path, progress=False)
     assert (tmp_path / CHECKPOINT_DIR / "state.pt").is_file()
     with pytest.raises(ConfigError, match="lr"):
-        train_saes(None, data, [0], TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path, progress=False)
+        train_saes(
+            None, data, [0], TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path, progress=False
+        )
 
 
 # ----------------------------------------------------------------------------- SIGKILL + resume
 
-KILL_CFG = dict(k=4, d_sae=64, batch_size=64, total_tokens=64 * 40, buffer_tokens=256, checkpoint_every=7,
-                dead_tokens_threshold=100, log_every=5, seed=11)
+KILL_CFG = {
+    "k": 4,
+    "d_sae": 64,
+    "batch_size": 64,
+    "total_tokens": 64 * 40,
+    "buffer_tokens": 256,
+    "checkpoint_every": 7,
+    "dead_tokens_threshold": 100,
+    "log_every": 5,
+    "seed": 11,
+}
 KILL_ITEMS, KILL_AFTER = 6, 8  # 6 source batches per epoch; the child hangs when asked for the 9th
 
 CHILD = """
@@ -349,9 +451,15 @@ train_saes(None, HangsLater(data), [0, 1], TrainConfig(**KILL_CFG), {out!r}, pro
 def test_sigkill_then_resume_is_bit_identical_to_uninterrupted(tmp_path):
     killed, marker = tmp_path / "killed", tmp_path / "hanging"
     script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(CHILD.format(tests=str(Path(__file__).parent), marker=str(marker), out=str(killed))))
+    script.write_text(
+        textwrap.dedent(
+            CHILD.format(tests=str(Path(__file__).parent), marker=str(marker), out=str(killed))
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(
+        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 300  # generous: the CI machine may be shared
         while not marker.exists():
@@ -389,25 +497,67 @@ def test_train_study_saes_writes_every_role_and_the_tables(atoms, tmp_path):
     base_atoms = atoms
     vlm_atoms = sparse_dictionary(seed=0).clone()
     vlm_atoms[:8] = sparse_dictionary(n_atoms=8, seed=7)  # fine-tuning moved 8 of the 64 directions
-    data = {"base": synthetic_batches(base_atoms, 6, seed=1), "vlm": synthetic_batches(vlm_atoms, 6, seed=2)}
-    held = {"base": synthetic_batches(base_atoms, 2, seed=3), "vlm": synthetic_batches(vlm_atoms, 2, seed=4)}
-    cfg = TrainConfig(k=4, batch_size=256, total_tokens=256 * 10, buffer_tokens=1024, checkpoint_every=0)
-    base_cfg = TrainConfig(k=4, d_sae=64, batch_size=256, total_tokens=256 * 30, lr=5e-3, buffer_tokens=1024,
-                           checkpoint_every=0)
-    study = train_study_saes(None, [], [], [0], cfg, tmp_path, base_cfg=base_cfg, spliced=False,
-                             progress=False, data=data, heldout=held)
+    data = {
+        "base": synthetic_batches(base_atoms, 6, seed=1),
+        "vlm": synthetic_batches(vlm_atoms, 6, seed=2),
+    }
+    held = {
+        "base": synthetic_batches(base_atoms, 2, seed=3),
+        "vlm": synthetic_batches(vlm_atoms, 2, seed=4),
+    }
+    cfg = TrainConfig(
+        k=4, batch_size=256, total_tokens=256 * 10, buffer_tokens=1024, checkpoint_every=0
+    )
+    base_cfg = TrainConfig(
+        k=4,
+        d_sae=64,
+        batch_size=256,
+        total_tokens=256 * 30,
+        lr=5e-3,
+        buffer_tokens=1024,
+        checkpoint_every=0,
+    )
+    study = train_study_saes(
+        None,
+        [],
+        [],
+        [0],
+        cfg,
+        tmp_path,
+        base_cfg=base_cfg,
+        spliced=False,
+        progress=False,
+        data=data,
+        heldout=held,
+    )
     for role in ("base", "full", "image", "text", "random"):
         assert (tmp_path / "saes" / role / "layer_0" / "cfg.json").is_file()
         assert study.saes[role][0].cfg.d_sae == 64
     held_df = pd.read_parquet(study.tables["heldout"])
-    assert set(zip(held_df["regime"], held_df["side"])) == {("base", "base"), *((r, "vlm") for r in study.saes)}
-    by_layer = pd.read_parquet(study.tables["decoder_cosine_by_layer"]).set_index("regime")["mean_cosine"]
+    assert set(zip(held_df["regime"], held_df["side"])) == {
+        ("base", "base"),
+        *((r, "vlm") for r in study.saes),
+    }
+    by_layer = pd.read_parquet(study.tables["decoder_cosine_by_layer"]).set_index("regime")[
+        "mean_cosine"
+    ]
     assert by_layer["full"] > 0.5 > by_layer["random"]
     for name in ("fvu_curves_png", "fvu_by_token_type_png", "decoder_cosine_png"):
         assert study.tables[name].stat().st_size > 1000
     curves = pd.read_parquet(study.tables["fvu_curves"])
     assert set(curves["regime"]) == {"base", "full", "image", "text", "random"}
     # a second call reloads the finished roles instead of training again
-    again = train_study_saes(None, [], [], [0], cfg, tmp_path, base_cfg=base_cfg, spliced=False,
-                             progress=False, data=data, heldout=held)
+    again = train_study_saes(
+        None,
+        [],
+        [],
+        [0],
+        cfg,
+        tmp_path,
+        base_cfg=base_cfg,
+        spliced=False,
+        progress=False,
+        data=data,
+        heldout=held,
+    )
     assert torch.equal(again.saes["text"][0].W_dec, study.saes["text"][0].W_dec)

@@ -7,8 +7,9 @@ Everything here returns numbers or tensors; tables, plots and files live in `tra
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,10 @@ from mmdiff.errors import ModelError, SAEError
 from mmdiff.models.base import Backbone, TokenType
 
 # token-type groups FVU is reported on; "all" = every token the SAE is evaluated on
-TOKEN_GROUPS: dict[str, tuple[int, ...]] = {"image": (int(TokenType.IMAGE),), "text": (int(TokenType.TEXT),)}
+TOKEN_GROUPS: dict[str, tuple[int, ...]] = {
+    "image": (int(TokenType.IMAGE),),
+    "text": (int(TokenType.TEXT),),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +60,9 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     x, x_hat: [n_tokens, d]. The mean is the per-dimension mean over the n tokens.
     """
     if x.shape != x_hat.shape or x.ndim != 2:
-        raise ValueError(f"fvu expects x and x_hat of the same [n, d] shape, found {tuple(x.shape)} and {tuple(x_hat.shape)}")
+        raise ValueError(
+            f"fvu expects x and x_hat of the same [n, d] shape, found {tuple(x.shape)} and {tuple(x_hat.shape)}"
+        )
     acc = FVUAccumulator()
     acc.update(x, x_hat)
     return acc.value()
@@ -95,17 +101,23 @@ class FVUAccumulator:
         return self.sse / var
 
 
-def fvu_by_token_type(x: torch.Tensor, x_hat: torch.Tensor, token_types: torch.Tensor) -> dict[str, float]:
+def fvu_by_token_type(
+    x: torch.Tensor, x_hat: torch.Tensor, token_types: torch.Tensor
+) -> dict[str, float]:
     """FVU over all given tokens and within each token type ("image", "text").
 
     x, x_hat: [n, d]; token_types: [n] TokenType values. Each group's FVU uses the group's own mean,
     so a group is explained relative to its own variance. A group with no tokens gives NaN.
     """
     if token_types.shape != x.shape[:1]:
-        raise ValueError(f"token_types must be [n]={tuple(x.shape[:1])}, found {tuple(token_types.shape)}")
+        raise ValueError(
+            f"token_types must be [n]={tuple(x.shape[:1])}, found {tuple(token_types.shape)}"
+        )
     out = {"all": fvu(x, x_hat)}
     for name, types in TOKEN_GROUPS.items():
-        keep = torch.isin(token_types, torch.tensor(types, dtype=token_types.dtype, device=token_types.device))
+        keep = torch.isin(
+            token_types, torch.tensor(types, dtype=token_types.dtype, device=token_types.device)
+        )
         out[name] = fvu(x[keep], x_hat[keep])
     return out
 
@@ -154,13 +166,17 @@ class SAEEvaluation:
         return d
 
 
-def evaluation_tokens(batch: ActivationBatch, layer: int, exclude_special: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluation_tokens(
+    batch: ActivationBatch, layer: int, exclude_special: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(acts [n, d], token_types [n]) of the tokens an SAE is evaluated on.
 
     Padding never counts; special tokens (BOS, ...) only when exclude_special is False.
     """
     if layer not in batch.acts:
-        raise SAEError(f"the activation batch has layers {sorted(batch.acts)}, not layer {layer}; capture that layer")
+        raise SAEError(
+            f"the activation batch has layers {sorted(batch.acts)}, not layer {layer}; capture that layer"
+        )
     keep = batch.attention_mask.bool()
     if exclude_special:
         keep = keep & (batch.token_types != int(TokenType.SPECIAL))
@@ -182,8 +198,10 @@ class _SAEEvalAccumulator:
             return
         d_in = _sae_d_in(self.sae)
         if d_in is not None and x.shape[-1] != d_in:
-            raise SAEError(f"SAE for layer {self.layer} expects d_in={d_in}, the activations have "
-                           f"d={x.shape[-1]}: is this SAE for another model?")
+            raise SAEError(
+                f"SAE for layer {self.layer} expects d_in={d_in}, the activations have "
+                f"d={x.shape[-1]}: is this SAE for another model?"
+            )
         param = next(self.sae.parameters())
         x = x.to(device=param.device, dtype=param.dtype)
         x_hat, acts = sae_forward(self.sae, x)
@@ -199,11 +217,20 @@ class _SAEEvalAccumulator:
     def result(self) -> SAEEvaluation:
         n = self.accs["all"].n
         if n == 0 or self.fire_counts is None:
-            raise SAEError(f"no tokens to evaluate the layer-{self.layer} SAE on: the held-out batches are empty after masking")
+            raise SAEError(
+                f"no tokens to evaluate the layer-{self.layer} SAE on: the held-out batches are empty after masking"
+            )
         return SAEEvaluation(
-            layer=self.layer, n_tokens=n, n_image_tokens=self.accs["image"].n, n_text_tokens=self.accs["text"].n,
-            fvu=self.accs["all"].value(), fvu_image=self.accs["image"].value(), fvu_text=self.accs["text"].value(),
-            l0=self.l0_sum / n, dead_fraction=dead_fraction(self.fire_counts), fire_counts=self.fire_counts,
+            layer=self.layer,
+            n_tokens=n,
+            n_image_tokens=self.accs["image"].n,
+            n_text_tokens=self.accs["text"].n,
+            fvu=self.accs["all"].value(),
+            fvu_image=self.accs["image"].value(),
+            fvu_text=self.accs["text"].value(),
+            l0=self.l0_sum / n,
+            dead_fraction=dead_fraction(self.fire_counts),
+            fire_counts=self.fire_counts,
         )
 
 
@@ -253,7 +280,9 @@ def replace_layer_output(
     on `backbone.layers[layer]`; it handles layers returning a tensor or a tuple (hidden, ...).
     """
     if not 0 <= layer < len(backbone.layers):
-        raise ModelError(f"layer {layer} is out of range: the backbone has {len(backbone.layers)} decoder layers")
+        raise ModelError(
+            f"layer {layer} is out of range: the backbone has {len(backbone.layers)} decoder layers"
+        )
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output  # [batch, seq, d_model]
@@ -274,14 +303,18 @@ def replace_layer_output(
         handle.remove()
 
 
-def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> float:
+def next_token_ce(
+    logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor
+) -> float:
     """Mean CE of predicting input_ids[:, t+1] from logits[:, t], over targets where target_mask[:, t+1].
 
     logits: [batch, seq, vocab]; input_ids, target_mask: [batch, seq].
     """
     mask = target_mask[:, 1:].bool()
     if not mask.any():
-        raise ValueError("no target tokens to score: target_mask selects nothing after the first position")
+        raise ValueError(
+            "no target tokens to score: target_mask selects nothing after the first position"
+        )
     lp = F.log_softmax(logits[:, :-1].double(), dim=-1)  # [batch, seq-1, vocab]
     nll = -lp.gather(-1, input_ids[:, 1:, None].to(lp.device)).squeeze(-1)
     return float(nll[mask.to(nll.device)].mean())
@@ -311,7 +344,9 @@ def _model_logits(backbone: Backbone, inputs: Mapping[str, torch.Tensor]) -> tor
     out = backbone.model(**inputs)
     logits = getattr(out, "logits", None)
     if logits is None:
-        raise ModelError(f"the backbone's model returned {type(out).__name__} without logits; spliced loss needs a causal-LM head")
+        raise ModelError(
+            f"the backbone's model returned {type(out).__name__} without logits; spliced loss needs a causal-LM head"
+        )
     return logits
 
 
@@ -343,11 +378,14 @@ def spliced_loss(
         positions, targets = attn, attn
     else:
         if token_types.shape != input_ids.shape:
-            raise ModelError(f"token_types are {tuple(token_types.shape)}, input_ids {tuple(input_ids.shape)}: they must match")
+            raise ModelError(
+                f"token_types are {tuple(token_types.shape)}, input_ids {tuple(input_ids.shape)}: they must match"
+            )
         positions = attn & (token_types != int(TokenType.SPECIAL)) if exclude_special else attn
         targets = attn & (token_types == int(TokenType.TEXT))
 
     if isinstance(sae, nn.Module) and hasattr(sae, "W_dec"):
+
         def reconstruct(h: torch.Tensor) -> torch.Tensor:
             p = next(sae.parameters())
             return sae_forward(sae, h.to(p.dtype))[0]
@@ -380,7 +418,9 @@ def spliced_loss_over_batches(
         n += r.n_targets
     if n == 0:
         raise ValueError("no batches (or no target tokens) to compute the spliced loss on")
-    return SplicedLoss(layer, totals["ce_clean"] / n, totals["ce_sae"] / n, totals["ce_zero"] / n, n)
+    return SplicedLoss(
+        layer, totals["ce_clean"] / n, totals["ce_sae"] / n, totals["ce_zero"] / n, n
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ import hashlib
 import itertools
 import math
 import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmdiff.activations import ActivationBatch
@@ -88,8 +88,17 @@ class TrainConfig:
         if self.regime not in REGIMES:
             raise ConfigError(f"TrainConfig.regime must be one of {REGIMES}, found {self.regime!r}")
         if self.random_tokens not in ("full", "image", "text"):
-            raise ConfigError(f"TrainConfig.random_tokens must be full, image or text, found {self.random_tokens!r}")
-        for name in ("k", "batch_size", "total_tokens", "buffer_tokens", "log_every", "expansion_factor"):
+            raise ConfigError(
+                f"TrainConfig.random_tokens must be full, image or text, found {self.random_tokens!r}"
+            )
+        for name in (
+            "k",
+            "batch_size",
+            "total_tokens",
+            "buffer_tokens",
+            "log_every",
+            "expansion_factor",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"TrainConfig.{name} must be >= 1, found {getattr(self, name)!r}")
         if self.buffer_tokens < self.batch_size:
@@ -115,7 +124,9 @@ def default_lr(d_sae: int) -> float:
     return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
-def regime_token_types(regime: str, exclude_special: bool = True, random_tokens: str = "full") -> tuple[int, ...]:
+def regime_token_types(
+    regime: str, exclude_special: bool = True, random_tokens: str = "full"
+) -> tuple[int, ...]:
     """The TokenType values whose positions count in the loss under a masking regime."""
     if regime == "random":
         regime = random_tokens
@@ -145,11 +156,11 @@ class TokenBatch:
     def n(self) -> int:
         return int(self.token_types.shape[0])
 
-    def take(self, index: Tensor) -> "TokenBatch":
+    def take(self, index: Tensor) -> TokenBatch:
         return TokenBatch({L: a[index] for L, a in self.acts.items()}, self.token_types[index])
 
     @staticmethod
-    def cat(parts: Sequence["TokenBatch"]) -> "TokenBatch":
+    def cat(parts: Sequence[TokenBatch]) -> TokenBatch:
         layers = list(parts[0].acts)
         return TokenBatch(
             {L: torch.cat([p.acts[L] for p in parts]) for L in layers},
@@ -171,7 +182,11 @@ def as_token_batch(item: Any, layers: Sequence[int], token_types: tuple[int, ...
         acts_src, types = item.acts, item.token_types
     else:
         acts_src = item.get("acts") if isinstance(item, Mapping) else getattr(item, "acts", None)
-        types = item.get("token_types") if isinstance(item, Mapping) else getattr(item, "token_types", None)
+        types = (
+            item.get("token_types")
+            if isinstance(item, Mapping)
+            else getattr(item, "token_types", None)
+        )
         if acts_src is None or types is None:
             raise DataError(
                 f"expected ActivationBatch or a flat token batch with acts and token_types, found "
@@ -179,12 +194,16 @@ def as_token_batch(item: Any, layers: Sequence[int], token_types: tuple[int, ...
             )
         if isinstance(acts_src, Tensor):
             if len(layers) != 1:
-                raise DataError(f"the source gives one layer's tokens per batch, but layers {list(layers)} are trained")
+                raise DataError(
+                    f"the source gives one layer's tokens per batch, but layers {list(layers)} are trained"
+                )
             acts_src = {layers[0]: acts_src}
         keep = torch.isin(types, torch.tensor(token_types, dtype=types.dtype))
     missing = [L for L in layers if L not in acts_src]
     if missing:
-        raise DataError(f"the activations hold layers {sorted(acts_src)}, training needs {list(layers)}: capture layers {missing}")
+        raise DataError(
+            f"the activations hold layers {sorted(acts_src)}, training needs {list(layers)}: capture layers {missing}"
+        )
     return TokenBatch({L: acts_src[L][keep] for L in layers}, types[keep].to(torch.int8))
 
 
@@ -199,18 +218,31 @@ class StreamPosition:
     carry: TokenBatch | None = None  # leftover tokens (< batch_size) that open the current block
 
     def to_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"epoch": self.epoch, "item": self.item, "block": self.block, "offset": self.offset}
+        state: dict[str, Any] = {
+            "epoch": self.epoch,
+            "item": self.item,
+            "block": self.block,
+            "offset": self.offset,
+        }
         if self.carry is not None:
             state["carry_types"] = self.carry.token_types
             state["carry_acts"] = {str(L): a for L, a in self.carry.acts.items()}
         return state
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> "StreamPosition":
+    def from_state(cls, state: Mapping[str, Any]) -> StreamPosition:
         carry = None
         if "carry_types" in state:
-            carry = TokenBatch({int(L): a for L, a in state["carry_acts"].items()}, state["carry_types"])
-        return cls(int(state["epoch"]), int(state["item"]), int(state["block"]), int(state["offset"]), carry)
+            carry = TokenBatch(
+                {int(L): a for L, a in state["carry_acts"].items()}, state["carry_types"]
+            )
+        return cls(
+            int(state["epoch"]),
+            int(state["item"]),
+            int(state["block"]),
+            int(state["offset"]),
+            carry,
+        )
 
 
 def derived_seed(*parts: Any) -> int:
@@ -223,13 +255,26 @@ def _is_store(data: Any) -> bool:
     return hasattr(data, "iter_batches") and hasattr(data, "count_tokens")
 
 
-def _open_source(data: Any, layers: Sequence[int], token_types: tuple[int, ...], epoch: int, item: int,
-                 seed: int, batch_size: int) -> Iterator[Any]:
+def _open_source(
+    data: Any,
+    layers: Sequence[int],
+    token_types: tuple[int, ...],
+    epoch: int,
+    item: int,
+    seed: int,
+    batch_size: int,
+) -> Iterator[Any]:
     """A fresh iterator over the source for `epoch`, with the first `item` items skipped."""
     if _is_store(data):
         # The store reads its shards in an order seeded per epoch, already filtered by token type.
-        it = data.iter_batches(list(layers), batch_size, token_types=token_types, shuffle=True,
-                               buffer_tokens=batch_size, seed=derived_seed(seed, "store", epoch))
+        it = data.iter_batches(
+            list(layers),
+            batch_size,
+            token_types=token_types,
+            shuffle=True,
+            buffer_tokens=batch_size,
+            seed=derived_seed(seed, "store", epoch),
+        )
     else:
         it = iter(data)
     for _ in range(item):
@@ -289,12 +334,17 @@ def shuffled_batches(
         if n < batch_size:
             return
         buf = TokenBatch.cat(parts)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, "block", block)))
+        perm = torch.randperm(
+            n, generator=torch.Generator().manual_seed(derived_seed(seed, "block", block))
+        )
         n_batches = n // batch_size
         for j in range(skip, n_batches):
-            yield buf.take(perm[j * batch_size:(j + 1) * batch_size]), dataclasses.replace(opened, offset=j + 1)
+            yield (
+                buf.take(perm[j * batch_size : (j + 1) * batch_size]),
+                dataclasses.replace(opened, offset=j + 1),
+            )
         skip = 0
-        carry = buf.take(perm[n_batches * batch_size:]) if n % batch_size else None
+        carry = buf.take(perm[n_batches * batch_size :]) if n % batch_size else None
         block += 1
         if exhausted:
             return
@@ -319,8 +369,10 @@ def warm_start_sae(init: Any, layer: int, k: int, device: str | None = None) -> 
     if isinstance(init, SAE):
         sae = init
         if sae.cfg.hook_layer is not None and sae.cfg.hook_layer != layer:
-            raise SAEError(f"the warm start given for layer {layer} was trained at layer {sae.cfg.hook_layer}: "
-                           "pass each layer its own SAE")
+            raise SAEError(
+                f"the warm start given for layer {layer} was trained at layer {sae.cfg.hook_layer}: "
+                "pass each layer its own SAE"
+            )
     else:
         from mmdiff.sae import load_sae
 
@@ -329,9 +381,17 @@ def warm_start_sae(init: Any, layer: int, k: int, device: str | None = None) -> 
         from mmdiff.sae import to_topk
 
         sae = to_topk(sae, k=k)
-    cfg = SAEConfig.from_dict({**sae.cfg.to_dict(), "architecture": "topk", "k": k, "dtype": "float32",
-                               "decoder_norm_gating": False, "hook_layer": layer,
-                               "device": device or str(sae.W_enc.device)})
+    cfg = SAEConfig.from_dict(
+        {
+            **sae.cfg.to_dict(),
+            "architecture": "topk",
+            "k": k,
+            "dtype": "float32",
+            "decoder_norm_gating": False,
+            "hook_layer": layer,
+            "device": device or str(sae.W_enc.device),
+        }
+    )
     out = TopKSAE(cfg)
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
@@ -349,8 +409,16 @@ def fold_decoder_norms_(sae: Any) -> None:
     sae.W_dec.div_(norms[:, None])
 
 
-def random_sae(d_in: int, d_sae: int, k: int, layer: int, seed: int, device: str = "cpu",
-               like: Any = None, purpose: str = "init") -> Any:
+def random_sae(
+    d_in: int,
+    d_sae: int,
+    k: int,
+    layer: int,
+    seed: int,
+    device: str = "cpu",
+    like: Any = None,
+    purpose: str = "init",
+) -> Any:
     """A randomly initialised TopK SAE (the `random` control, or a first SAE with no warm start).
 
     Unit-norm random decoder rows, encoder = decoder transpose, zero biases; b_dec is set to the
@@ -363,9 +431,18 @@ def random_sae(d_in: int, d_sae: int, k: int, layer: int, seed: int, device: str
 
     base = like.cfg.to_dict() if like is not None else {}
     keep = {k_: base[k_] for k_ in ("hook_name", "model_name") if k_ in base}
-    cfg = SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k, hook_layer=layer, device=device,
-                    norm_scale=float(base.get("norm_scale", 1.0)), apply_b_dec_to_input=True,
-                    metadata={"init": "random", "seed": seed, "init_purpose": purpose}, **keep)
+    cfg = SAEConfig(
+        architecture="topk",
+        d_in=d_in,
+        d_sae=d_sae,
+        k=k,
+        hook_layer=layer,
+        device=device,
+        norm_scale=float(base.get("norm_scale", 1.0)),
+        apply_b_dec_to_input=True,
+        metadata={"init": "random", "seed": seed, "init_purpose": purpose},
+        **keep,
+    )
     sae = TopKSAE(cfg)
     sae.init_weights(seed=derived_seed(seed, purpose, layer))
     return sae
@@ -406,7 +483,11 @@ def topk_loss(sae: Any, x: Tensor, dead_mask: Tensor | None, auxk_alpha: float) 
     total variance.
     """
     out = sae(x)
-    x_hat, top_values, top_indices = out.x_hat, out.top_values, out.top_indices  # [n, d_in], [n, k], [n, k]
+    x_hat, top_values, top_indices = (
+        out.x_hat,
+        out.top_values,
+        out.top_indices,
+    )  # [n, d_in], [n, k], [n, k]
     total_variance = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
     e = x - x_hat
     fvu = e.pow(2).sum() / total_variance
@@ -457,13 +538,27 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def save_checkpoint(folder: Path, saes: Mapping[int, Any], optimizer: torch.optim.Optimizer,
-                    dead: DeadLatents, position: StreamPosition, step: int, tokens: int,
-                    metrics: list[dict[str, Any]], cfg: TrainConfig) -> None:
+def save_checkpoint(
+    folder: Path,
+    saes: Mapping[int, Any],
+    optimizer: torch.optim.Optimizer,
+    dead: DeadLatents,
+    position: StreamPosition,
+    step: int,
+    tokens: int,
+    metrics: list[dict[str, Any]],
+    cfg: TrainConfig,
+) -> None:
     """Atomically replace `folder` with weights, optimizer, RNG, data position, step and metrics."""
     with atomic_dir(folder) as tmp:
-        save_safetensors(tmp / "saes.safetensors",
-                         {f"{L}.{name}": t.detach().cpu() for L, s in saes.items() for name, t in s.state_dict().items()})
+        save_safetensors(
+            tmp / "saes.safetensors",
+            {
+                f"{L}.{name}": t.detach().cpu()
+                for L, s in saes.items()
+                for name, t in s.state_dict().items()
+            },
+        )
         state = {
             "step": step,
             "tokens": tokens,
@@ -479,25 +574,34 @@ def save_checkpoint(folder: Path, saes: Mapping[int, Any], optimizer: torch.opti
             torch.save(state, fh)
 
 
-def load_checkpoint(folder: Path, saes: Mapping[int, Any], optimizer: torch.optim.Optimizer,
-                    cfg: TrainConfig) -> tuple[dict[str, Any], DeadLatents, StreamPosition]:
+def load_checkpoint(
+    folder: Path, saes: Mapping[int, Any], optimizer: torch.optim.Optimizer, cfg: TrainConfig
+) -> tuple[dict[str, Any], DeadLatents, StreamPosition]:
     """Load a checkpoint into `saes` and `optimizer`; the state dict, dead counters and position."""
     from safetensors.torch import load_file
 
     state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
     if state["layers"] != sorted(saes):
-        raise ConfigError(f"the checkpoint in {folder} trains layers {state['layers']}, this run {sorted(saes)}: "
-                          "use another out_dir or the same layers")
+        raise ConfigError(
+            f"the checkpoint in {folder} trains layers {state['layers']}, this run {sorted(saes)}: "
+            "use another out_dir or the same layers"
+        )
     if state["trajectory"] != cfg.trajectory_key():
-        diff = sorted(k for k in cfg.trajectory_key() if state["trajectory"].get(k) != cfg.trajectory_key()[k])
-        raise ConfigError(f"the checkpoint in {folder} was trained with other settings ({diff}); "
-                          "resume with the same TrainConfig, or delete the checkpoint to start over")
+        diff = sorted(
+            k for k in cfg.trajectory_key() if state["trajectory"].get(k) != cfg.trajectory_key()[k]
+        )
+        raise ConfigError(
+            f"the checkpoint in {folder} was trained with other settings ({diff}); "
+            "resume with the same TrainConfig, or delete the checkpoint to start over"
+        )
     weights = load_file(str(folder / "saes.safetensors"))
     for L, sae in saes.items():
         sae.load_state_dict({name: weights[f"{L}.{name}"] for name in sae.state_dict()})
     optimizer.load_state_dict(state["optimizer"])
     device = next(iter(saes.values())).W_dec.device
-    dead = DeadLatents({int(L): t.to(device) for L, t in state["since_fired"].items()}, cfg.dead_tokens_threshold)
+    dead = DeadLatents(
+        {int(L): t.to(device) for L, t in state["since_fired"].items()}, cfg.dead_tokens_threshold
+    )
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -524,8 +628,12 @@ class TrainResult:
     init: dict[int, Any] = field(default_factory=dict, repr=False)  # warm-start SAEs (for cosines)
 
 
-def build_saes(init: Mapping[int, Any] | None, dims: Mapping[int, int] | None, layers: Sequence[int],
-               cfg: TrainConfig) -> tuple[dict[int, Any], dict[int, Any]]:
+def build_saes(
+    init: Mapping[int, Any] | None,
+    dims: Mapping[int, int] | None,
+    layers: Sequence[int],
+    cfg: TrainConfig,
+) -> tuple[dict[int, Any], dict[int, Any]]:
     """(trainable TopK SAEs, frozen warm-start SAEs) per layer, following the regime.
 
     dims: d_in per layer, needed only for a random init without warm start.
@@ -534,7 +642,9 @@ def build_saes(init: Mapping[int, Any] | None, dims: Mapping[int, int] | None, l
     if init is not None:
         missing = [L for L in layers if L not in init]
         if missing:
-            raise SAEError(f"no warm-start SAE for layers {missing} (have {sorted(init)}); pass one per trained layer")
+            raise SAEError(
+                f"no warm-start SAE for layers {missing} (have {sorted(init)}); pass one per trained layer"
+            )
         warm = {L: warm_start_sae(init[L], L, cfg.k, cfg.device) for L in layers}
     if warm and cfg.regime != "random":
         return warm, warm_copies(warm)
@@ -548,8 +658,16 @@ def build_saes(init: Mapping[int, Any] | None, dims: Mapping[int, int] | None, l
         d_sae = warm[L].cfg.d_sae if warm else (cfg.d_sae or cfg.expansion_factor * dims[L])
         if cfg.k > d_sae:
             raise ConfigError(f"k={cfg.k} is larger than d_sae={d_sae} at layer {L}")
-        saes[L] = random_sae(dims[L], d_sae, cfg.k, L, cfg.seed, device, like=warm.get(L),
-                             purpose="random control" if cfg.regime == "random" else "init")
+        saes[L] = random_sae(
+            dims[L],
+            d_sae,
+            cfg.k,
+            L,
+            cfg.seed,
+            device,
+            like=warm.get(L),
+            purpose="random control" if cfg.regime == "random" else "init",
+        )
     return saes, warm_copies(warm)
 
 
@@ -597,23 +715,33 @@ def train_saes(
     dims = checkpoint_dims(ckpt, layers) if resuming else None
     stream: Iterator[tuple[TokenBatch, StreamPosition]] | None = None
     if init is None and dims is None:  # the width comes from the data: peek at the first batch
-        stream = shuffled_batches(data, layers, token_types, cfg.batch_size, cfg.buffer_tokens, cfg.seed)
+        stream = shuffled_batches(
+            data, layers, token_types, cfg.batch_size, cfg.buffer_tokens, cfg.seed
+        )
         first = [nxt] if (nxt := next(stream, None)) is not None else []
         if not first:
-            raise DataError(f"the data yields fewer than batch_size={cfg.batch_size} tokens of types {token_types}")
+            raise DataError(
+                f"the data yields fewer than batch_size={cfg.batch_size} tokens of types {token_types}"
+            )
         dims = {L: int(first[0][0].acts[L].shape[-1]) for L in layers}
     saes, warm = build_saes(init, dims, layers, cfg)
     device = next(iter(saes.values())).W_dec.device
     base_lrs = {L: cfg.lr or default_lr(saes[L].cfg.d_sae) for L in layers}
-    optimizer = torch.optim.Adam([{"params": list(saes[L].parameters()), "lr": base_lrs[L]} for L in layers])
-    dead = DeadLatents({L: torch.zeros(saes[L].cfg.d_sae, dtype=torch.long, device=device) for L in layers},
-                       cfg.dead_tokens_threshold)
+    optimizer = torch.optim.Adam(
+        [{"params": list(saes[L].parameters()), "lr": base_lrs[L]} for L in layers]
+    )
+    dead = DeadLatents(
+        {L: torch.zeros(saes[L].cfg.d_sae, dtype=torch.long, device=device) for L in layers},
+        cfg.dead_tokens_threshold,
+    )
     step, tokens, position, metrics = 0, 0, StreamPosition(), []
     if resuming:
         state, dead, position = load_checkpoint(ckpt, saes, optimizer, cfg)
         step, tokens, metrics = int(state["step"]), int(state["tokens"]), list(state["metrics"])
     if stream is None:
-        stream = shuffled_batches(data, layers, token_types, cfg.batch_size, cfg.buffer_tokens, cfg.seed, position)
+        stream = shuffled_batches(
+            data, layers, token_types, cfg.batch_size, cfg.buffer_tokens, cfg.seed, position
+        )
     batches = itertools.chain(first, stream)
     resumed_from, total_steps, data_ran_out = step, cfg.total_steps, False
 
@@ -637,7 +765,9 @@ def train_saes(
                 save_checkpoint(ckpt, saes, optimizer, dead, position, step, tokens, metrics, cfg)
     if cfg.keep_checkpoint:
         save_checkpoint(ckpt, saes, optimizer, dead, position, step, tokens, metrics, cfg)
-    return finish_training(saes, warm, metrics, out_dir, step, tokens, resumed_from, data_ran_out, cfg)
+    return finish_training(
+        saes, warm, metrics, out_dir, step, tokens, resumed_from, data_ran_out, cfg
+    )
 
 
 def checkpoint_dims(folder: Path, layers: Sequence[int]) -> dict[int, int]:
@@ -648,17 +778,30 @@ def checkpoint_dims(folder: Path, layers: Sequence[int]) -> dict[int, int]:
         keys = set(fh.keys())
         missing = [L for L in layers if f"{L}.W_enc" not in keys]
         if missing:
-            raise ConfigError(f"the checkpoint in {folder} has no SAE for layers {missing}: use another out_dir")
+            raise ConfigError(
+                f"the checkpoint in {folder} has no SAE for layers {missing}: use another out_dir"
+            )
         return {L: int(fh.get_slice(f"{L}.W_enc").get_shape()[0]) for L in layers}
 
 
 @contextlib.contextmanager
 def training_progress(regime: str, layers: Sequence[int], total: int, done: int, enabled: bool):
     """A rich progress bar over training steps (disabled = no output at all)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (TextColumn(f"SAE {regime} layers {list(layers)}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    columns = (
+        TextColumn(f"SAE {regime} layers {list(layers)}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, disable=not enabled, transient=True) as bar:
         yield bar, bar.add_task("train", total=total, completed=done, info="")
 
@@ -667,12 +810,22 @@ def training_progress(regime: str, layers: Sequence[int], total: int, done: int,
 def init_decoder_bias_(saes: Mapping[int, Any], batch: TokenBatch, device: torch.device) -> None:
     """b_dec = mean of the first batch (in the SAE's scaled units): pre-activations start centred."""
     for L, sae in saes.items():
-        sae.b_dec.copy_(batch.acts[L].to(device=device, dtype=torch.float32).mean(0) * sae.cfg.norm_scale)
+        sae.b_dec.copy_(
+            batch.acts[L].to(device=device, dtype=torch.float32).mean(0) * sae.cfg.norm_scale
+        )
 
 
-def train_step(saes: Mapping[int, Any], optimizer: torch.optim.Optimizer, dead: DeadLatents,
-               batch: TokenBatch, cfg: TrainConfig, step: int, base_lrs: Mapping[int, float],
-               device: torch.device, log: bool = True) -> list[dict[str, Any]]:
+def train_step(
+    saes: Mapping[int, Any],
+    optimizer: torch.optim.Optimizer,
+    dead: DeadLatents,
+    batch: TokenBatch,
+    cfg: TrainConfig,
+    step: int,
+    base_lrs: Mapping[int, float],
+    device: torch.device,
+    log: bool = True,
+) -> list[dict[str, Any]]:
     """One Adam step on every layer's SAE; one metrics row per layer when `log` (else none)."""
     rows = []
     optimizer.zero_grad(set_to_none=True)
@@ -686,30 +839,70 @@ def train_step(saes: Mapping[int, Any], optimizer: torch.optim.Optimizer, dead: 
         constrain_decoder_grad(sae)
         dead.update(L, out.top_indices, out.top_values, x.shape[0])
         if log:
-            rows.append({"layer": L, "loss": float(out.loss.detach()), "fvu": float(out.fvu.detach()), "auxk_loss": float(out.auxk.detach()),
-                         "l0": float(out.l0.detach()), "dead_fraction": dead.fraction(L), "lr": group["lr"]})
+            rows.append(
+                {
+                    "layer": L,
+                    "loss": float(out.loss.detach()),
+                    "fvu": float(out.fvu.detach()),
+                    "auxk_loss": float(out.auxk.detach()),
+                    "l0": float(out.l0.detach()),
+                    "dead_fraction": dead.fraction(L),
+                    "lr": group["lr"],
+                }
+            )
     optimizer.step()
     for sae in saes.values():
         sae.set_decoder_norm_to_unit_norm()
     return rows
 
 
-def finish_training(saes: dict[int, Any], warm: dict[int, Any], metrics: list[dict[str, Any]], out_dir: Path,
-                    step: int, tokens: int, resumed_from: int, data_ran_out: bool, cfg: TrainConfig) -> TrainResult:
+def finish_training(
+    saes: dict[int, Any],
+    warm: dict[int, Any],
+    metrics: list[dict[str, Any]],
+    out_dir: Path,
+    step: int,
+    tokens: int,
+    resumed_from: int,
+    data_ran_out: bool,
+    cfg: TrainConfig,
+) -> TrainResult:
     """Write the SAE folders and the metrics table; drop the checkpoint unless asked to keep it."""
     sae_dirs = {}
     for L, sae in saes.items():
-        sae.cfg.metadata = {**sae.cfg.metadata, "regime": cfg.regime, "train_tokens": tokens, "train_steps": step,
-                            "warm_start": bool(warm) and cfg.regime != "random"}
+        sae.cfg.metadata = {
+            **sae.cfg.metadata,
+            "regime": cfg.regime,
+            "train_tokens": tokens,
+            "train_steps": step,
+            "warm_start": bool(warm) and cfg.regime != "random",
+        }
         sae_dirs[L] = Path(sae.save(out_dir / f"layer_{L}"))
     import pandas as pd
 
-    write_parquet(out_dir / METRICS_FILE, pd.DataFrame(metrics, columns=[
-        "step", "tokens", "layer", "loss", "fvu", "auxk_loss", "l0", "dead_fraction", "lr"]))
+    write_parquet(
+        out_dir / METRICS_FILE,
+        pd.DataFrame(
+            metrics,
+            columns=[
+                "step",
+                "tokens",
+                "layer",
+                "loss",
+                "fvu",
+                "auxk_loss",
+                "l0",
+                "dead_fraction",
+                "lr",
+            ],
+        ),
+    )
     ckpt = out_dir / CHECKPOINT_DIR
     if not cfg.keep_checkpoint and ckpt.exists():
         shutil.rmtree(ckpt)
-    return TrainResult(dict(saes), metrics, out_dir, sae_dirs, step, tokens, resumed_from, data_ran_out, warm)
+    return TrainResult(
+        dict(saes), metrics, out_dir, sae_dirs, step, tokens, resumed_from, data_ran_out, warm
+    )
 
 
 # =============================================================================================
@@ -723,15 +916,36 @@ TRAIN_CONFIG_FILE = "train_config.json"
 class CapturedActivations:
     """Re-iterable ActivationBatches of a model side: every pass re-runs the (deterministic) capture."""
 
-    def __init__(self, adapter: Any, records: Sequence[Any], layers: Sequence[int], side: str, batch_size: int) -> None:
-        self.adapter, self.records, self.layers, self.side, self.batch_size = adapter, list(records), list(layers), side, batch_size
+    def __init__(
+        self,
+        adapter: Any,
+        records: Sequence[Any],
+        layers: Sequence[int],
+        side: str,
+        batch_size: int,
+    ) -> None:
+        self.adapter, self.records, self.layers, self.side, self.batch_size = (
+            adapter,
+            list(records),
+            list(layers),
+            side,
+            batch_size,
+        )
 
     def __iter__(self) -> Iterator[ActivationBatch]:
         from mmdiff.capture import iter_activations
 
         # no capture bar: the trainer's bar is the live display (rich allows one at a time)
-        return iter(iter_activations(self.adapter, self.records, self.layers, side=self.side,
-                                     batch_size=self.batch_size, progress=False))
+        return iter(
+            iter_activations(
+                self.adapter,
+                self.records,
+                self.layers,
+                side=self.side,
+                batch_size=self.batch_size,
+                progress=False,
+            )
+        )
 
 
 @dataclass
@@ -741,7 +955,9 @@ class StudySAEs:
     saes: dict[str, dict[int, Any]]
     sae_dirs: dict[str, dict[int, Path]]
     results: dict[str, TrainResult]
-    tables: dict[str, Path]  # name -> Parquet / PNG path (see training_report.write_training_report)
+    tables: dict[
+        str, Path
+    ]  # name -> Parquet / PNG path (see training_report.write_training_report)
 
 
 def _role_settings(cfg: TrainConfig, layers: Sequence[int]) -> dict[str, Any]:
@@ -758,11 +974,20 @@ def _finished_role(role_dir: Path, cfg: TrainConfig, layers: Sequence[int]) -> b
     if json.loads(marker.read_text()) != json.loads(json.dumps(_role_settings(cfg, layers))):
         shutil.rmtree(role_dir)  # trained under other settings: start this role over
         return False
-    return (role_dir / METRICS_FILE).is_file() and all((role_dir / f"layer_{L}").is_dir() for L in layers)
+    return (role_dir / METRICS_FILE).is_file() and all(
+        (role_dir / f"layer_{L}").is_dir() for L in layers
+    )
 
 
-def train_role(role: str, init: Mapping[int, Any] | None, data: Any, layers: Sequence[int], cfg: TrainConfig,
-               role_dir: Path, progress: bool) -> TrainResult:
+def train_role(
+    role: str,
+    init: Mapping[int, Any] | None,
+    data: Any,
+    layers: Sequence[int],
+    cfg: TrainConfig,
+    role_dir: Path,
+    progress: bool,
+) -> TrainResult:
     """Train (or resume, or reload when already done with the same settings) one role's SAEs."""
     from mmdiff.atomic import write_json
 
@@ -774,9 +999,15 @@ def train_role(role: str, init: Mapping[int, Any] | None, data: Any, layers: Seq
         saes = {L: load_sae(role_dir / f"layer_{L}", layer=L) for L in layers}
         metrics = pd.read_parquet(role_dir / METRICS_FILE).to_dict("records")
         warm = {L: warm_start_sae(init[L], L, cfg.k) for L in layers} if init is not None else {}
-        return TrainResult(saes, metrics, role_dir, {L: role_dir / f"layer_{L}" for L in layers},
-                           steps=int(metrics[-1]["step"]) if metrics else 0,
-                           tokens=int(metrics[-1]["tokens"]) if metrics else 0, init=warm)
+        return TrainResult(
+            saes,
+            metrics,
+            role_dir,
+            {L: role_dir / f"layer_{L}" for L in layers},
+            steps=int(metrics[-1]["step"]) if metrics else 0,
+            tokens=int(metrics[-1]["tokens"]) if metrics else 0,
+            init=warm,
+        )
     write_json(role_dir / TRAIN_CONFIG_FILE, _role_settings(cfg, layers))
     return train_saes(init, data, layers, cfg, role_dir, progress)
 
@@ -785,8 +1016,13 @@ def _to_device(inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
 
-def spliced_loss_rows(adapter: Any, side: str, records: Sequence[Any], saes: Mapping[str, Mapping[int, Any]],
-                      batch_size: int) -> list[dict[str, Any]]:
+def spliced_loss_rows(
+    adapter: Any,
+    side: str,
+    records: Sequence[Any],
+    saes: Mapping[str, Mapping[int, Any]],
+    batch_size: int,
+) -> list[dict[str, Any]]:
     """Spliced-in CE (clean / SAE / zero, fraction recovered) of every role's SAE on one model side."""
     from mmdiff.sae.metrics import spliced_loss_over_batches
 
@@ -795,8 +1031,10 @@ def spliced_loss_rows(adapter: Any, side: str, records: Sequence[Any], saes: Map
     make = adapter.vlm_inputs if side == "vlm" else adapter.base_inputs
     batches = []
     for s in range(0, len(records), batch_size):
-        inputs = make(records[s:s + batch_size])
-        batches.append((_to_device(inputs, device), adapter.token_types(inputs, side=side).to(device)))
+        inputs = make(records[s : s + batch_size])
+        batches.append(
+            (_to_device(inputs, device), adapter.token_types(inputs, side=side).to(device))
+        )
     rows = []
     for role, by_layer in saes.items():
         for L, sae in by_layer.items():
@@ -844,6 +1082,7 @@ def train_study_saes(
         raise ConfigError(f"unknown regimes {bad}; expected some of {REGIMES}")
     layers = sorted({int(L) for L in layers})
     out_dir = Path(out_dir)
+
     def source(given: Mapping[str, Any] | None, records: Sequence[Any], side: str) -> Any:
         if given is not None and given.get(side) is not None:
             return given[side]
@@ -854,27 +1093,51 @@ def train_study_saes(
 
     results: dict[str, TrainResult] = {}
     bcfg = base_cfg or dataclasses.replace(cfg, regime="full")
-    results["base"] = train_role("base", None, src["base"], layers, bcfg, out_dir / "saes" / "base", progress)
+    results["base"] = train_role(
+        "base", None, src["base"], layers, bcfg, out_dir / "saes" / "base", progress
+    )
     for regime in regimes:
-        results[regime] = train_role(regime, results["base"].saes, src["vlm"], layers,
-                                     dataclasses.replace(cfg, regime=regime), out_dir / "saes" / regime, progress)
+        results[regime] = train_role(
+            regime,
+            results["base"].saes,
+            src["vlm"],
+            layers,
+            dataclasses.replace(cfg, regime=regime),
+            out_dir / "saes" / regime,
+            progress,
+        )
     saes = {role: r.saes for role, r in results.items()}
 
     rows = []
     for side, roles in (("base", ["base"]), ("vlm", list(saes))):
-        evals = evaluate_saes({(role, L): (saes[role][L], L) for role in roles for L in layers}, held[side],
-                              exclude_special=cfg.exclude_special)
+        evals = evaluate_saes(
+            {(role, L): (saes[role][L], L) for role in roles for L in layers},
+            held[side],
+            exclude_special=cfg.exclude_special,
+        )
         rows += [{"regime": role, "side": side, **ev.row()} for (role, _), ev in evals.items()]
-    cosines = {role: {L: decoder_cosine(r.saes[L], r.init[L]) for L in layers}
-               for role, r in results.items() if r.init}
+    cosines = {
+        role: {L: decoder_cosine(r.saes[L], r.init[L]) for L in layers}
+        for role, r in results.items()
+        if r.init
+    }
     spliced_df = None
     if spliced:
         import pandas as pd
 
-        spliced_rows = spliced_loss_rows(adapter, "base", list(records_heldout), {"base": saes["base"]}, capture_batch_size)
-        spliced_rows += spliced_loss_rows(adapter, "vlm", list(records_heldout), saes, capture_batch_size)
+        spliced_rows = spliced_loss_rows(
+            adapter, "base", list(records_heldout), {"base": saes["base"]}, capture_batch_size
+        )
+        spliced_rows += spliced_loss_rows(
+            adapter, "vlm", list(records_heldout), saes, capture_batch_size
+        )
         spliced_df = pd.DataFrame(spliced_rows)
-    tables = write_training_report(out_dir / "stats", out_dir / "report",
-                                   fvu_curves({role: r.metrics for role, r in results.items()}),
-                                   heldout_table(rows), cosines, spliced_df)
+    tables = write_training_report(
+        out_dir / "stats",
+        out_dir / "report",
+        fvu_curves({role: r.metrics for role, r in results.items()}),
+        heldout_table(rows),
+        cosines,
+        spliced_df,
+    )
     return StudySAEs(saes, {role: r.sae_dirs for role, r in results.items()}, results, tables)

@@ -7,8 +7,9 @@ display); `write_training_report` writes the Parquet tables and PNG files given 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -16,16 +17,26 @@ from mmdiff.atomic import atomic_path, write_parquet
 from mmdiff.errors import DataError
 
 REGIME_ORDER = ("base", "full", "image", "text", "random")
-REGIME_COLOURS = {"base": "#555555", "full": "#1f77b4", "image": "#ff7f0e", "text": "#2ca02c", "random": "#d62728"}
+REGIME_COLOURS = {
+    "base": "#555555",
+    "full": "#1f77b4",
+    "image": "#ff7f0e",
+    "text": "#2ca02c",
+    "random": "#d62728",
+}
 CURVE_COLUMNS = ["regime", "layer", "step", "tokens", "fvu", "l0", "dead_fraction"]
 
 
 def _order(regimes: Iterable[str]) -> list[str]:
     regimes = list(dict.fromkeys(regimes))
-    return [r for r in REGIME_ORDER if r in regimes] + sorted(r for r in regimes if r not in REGIME_ORDER)
+    return [r for r in REGIME_ORDER if r in regimes] + sorted(
+        r for r in regimes if r not in REGIME_ORDER
+    )
 
 
-def fvu_curves(metrics: Mapping[str, pd.DataFrame | list[dict[str, Any]] | str | Path]) -> pd.DataFrame:
+def fvu_curves(
+    metrics: Mapping[str, pd.DataFrame | list[dict[str, Any]] | str | Path],
+) -> pd.DataFrame:
     """One table of training FVU vs tokens: rows (regime, layer, step, tokens, fvu, l0, dead_fraction).
 
     metrics: per regime, the trainer's per-step rows (a list of dicts, a DataFrame, or the path of
@@ -36,8 +47,10 @@ def fvu_curves(metrics: Mapping[str, pd.DataFrame | list[dict[str, Any]] | str |
         df = pd.read_parquet(m) if isinstance(m, (str, Path)) else pd.DataFrame(m)
         missing = {"layer", "step", "tokens", "fvu"} - set(df.columns)
         if missing:
-            raise DataError(f"training metrics of regime {regime!r} lack columns {sorted(missing)}: "
-                            "pass the trainer's train_metrics.parquet or TrainResult.metrics")
+            raise DataError(
+                f"training metrics of regime {regime!r} lack columns {sorted(missing)}: "
+                "pass the trainer's train_metrics.parquet or TrainResult.metrics"
+            )
         df = df.assign(regime=regime)
         for col in ("l0", "dead_fraction"):
             if col not in df:
@@ -45,7 +58,9 @@ def fvu_curves(metrics: Mapping[str, pd.DataFrame | list[dict[str, Any]] | str |
         frames.append(df[CURVE_COLUMNS])
     if not frames:
         return pd.DataFrame(columns=CURVE_COLUMNS)
-    return pd.concat(frames, ignore_index=True).sort_values(["regime", "layer", "step"], ignore_index=True)
+    return pd.concat(frames, ignore_index=True).sort_values(
+        ["regime", "layer", "step"], ignore_index=True
+    )
 
 
 def heldout_table(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
@@ -59,10 +74,14 @@ def heldout_table(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     if "side" not in df:
         df["side"] = "vlm"
     first = ["regime", "side", "layer"]
-    return df[first + [c for c in df.columns if c not in first]].sort_values(first, ignore_index=True)
+    return df[first + [c for c in df.columns if c not in first]].sort_values(
+        first, ignore_index=True
+    )
 
 
-def decoder_cosine_tables(cosines: Mapping[str, Mapping[int, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def decoder_cosine_tables(
+    cosines: Mapping[str, Mapping[int, Any]],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-latent table (regime, layer, latent, cosine), per-layer table (regime, layer, mean, median, n)).
 
     cosines: per regime, per layer, the [d_sae] decoder cosines to the warm start
@@ -72,14 +91,27 @@ def decoder_cosine_tables(cosines: Mapping[str, Mapping[int, Any]]) -> tuple[pd.
     for regime, by_layer in cosines.items():
         for layer, cos in by_layer.items():
             values = [float(v) for v in (cos.tolist() if hasattr(cos, "tolist") else cos)]
-            per_latent.append(pd.DataFrame({"regime": regime, "layer": int(layer),
-                                            "latent": range(len(values)), "cosine": values}))
+            per_latent.append(
+                pd.DataFrame(
+                    {
+                        "regime": regime,
+                        "layer": int(layer),
+                        "latent": range(len(values)),
+                        "cosine": values,
+                    }
+                )
+            )
     if not per_latent:
         empty = pd.DataFrame(columns=["regime", "layer", "latent", "cosine"])
-        return empty, pd.DataFrame(columns=["regime", "layer", "mean_cosine", "median_cosine", "n_latents"])
+        return empty, pd.DataFrame(
+            columns=["regime", "layer", "mean_cosine", "median_cosine", "n_latents"]
+        )
     latents = pd.concat(per_latent, ignore_index=True)
-    per_layer = (latents.groupby(["regime", "layer"], sort=True)["cosine"]
-                 .agg(mean_cosine="mean", median_cosine="median", n_latents="size").reset_index())
+    per_layer = (
+        latents.groupby(["regime", "layer"], sort=True)["cosine"]
+        .agg(mean_cosine="mean", median_cosine="median", n_latents="size")
+        .reset_index()
+    )
     return latents, per_layer
 
 
@@ -117,7 +149,9 @@ def plot_fvu_by_token_type(heldout: pd.DataFrame, side: str = "vlm"):
     for ax, regime in zip(axes, regimes):
         r = df[df["regime"] == regime].sort_values("layer")
         x = range(len(r))
-        ax.bar([i - 0.2 for i in x], r["fvu_image"], width=0.4, label="image tokens", color="#ff7f0e")
+        ax.bar(
+            [i - 0.2 for i in x], r["fvu_image"], width=0.4, label="image tokens", color="#ff7f0e"
+        )
         ax.bar([i + 0.2 for i in x], r["fvu_text"], width=0.4, label="text tokens", color="#2ca02c")
         ax.set_xticks(list(x), [str(v) for v in r["layer"]])
         ax.set_title(regime)
@@ -135,7 +169,9 @@ def plot_decoder_cosine(per_layer: pd.DataFrame):
     ax = fig.subplots()
     for regime in _order(per_layer["regime"]) if not per_layer.empty else []:
         r = per_layer[per_layer["regime"] == regime].sort_values("layer")
-        ax.plot(r["layer"], r["mean_cosine"], marker="o", label=regime, color=REGIME_COLOURS.get(regime))
+        ax.plot(
+            r["layer"], r["mean_cosine"], marker="o", label=regime, color=REGIME_COLOURS.get(regime)
+        )
     ax.set_xlabel("layer")
     ax.set_ylabel("mean decoder cosine to warm start")
     ax.set_ylim(-0.05, 1.05)
@@ -163,19 +199,24 @@ def write_training_report(
     written: dict[str, Path] = {}
     write_parquet(tables_dir / "sae_fvu_curves.parquet", curves)
     written["fvu_curves"] = tables_dir / "sae_fvu_curves.parquet"
-    written["fvu_curves_png"] = save_figure(plot_fvu_curves(curves), plots_dir / "sae_fvu_curves.png")
+    written["fvu_curves_png"] = save_figure(
+        plot_fvu_curves(curves), plots_dir / "sae_fvu_curves.png"
+    )
     if heldout is not None and not heldout.empty:
         write_parquet(tables_dir / "sae_heldout.parquet", heldout)
         written["heldout"] = tables_dir / "sae_heldout.parquet"
-        written["fvu_by_token_type_png"] = save_figure(plot_fvu_by_token_type(heldout),
-                                                       plots_dir / "sae_fvu_by_token_type.png")
+        written["fvu_by_token_type_png"] = save_figure(
+            plot_fvu_by_token_type(heldout), plots_dir / "sae_fvu_by_token_type.png"
+        )
     if cosines:
         latents, per_layer = decoder_cosine_tables(cosines)
         write_parquet(tables_dir / "sae_decoder_cosine.parquet", latents)
         write_parquet(tables_dir / "sae_decoder_cosine_by_layer.parquet", per_layer)
         written["decoder_cosine"] = tables_dir / "sae_decoder_cosine.parquet"
         written["decoder_cosine_by_layer"] = tables_dir / "sae_decoder_cosine_by_layer.parquet"
-        written["decoder_cosine_png"] = save_figure(plot_decoder_cosine(per_layer), plots_dir / "sae_decoder_cosine.png")
+        written["decoder_cosine_png"] = save_figure(
+            plot_decoder_cosine(per_layer), plots_dir / "sae_decoder_cosine.png"
+        )
     if spliced is not None and not spliced.empty:
         write_parquet(tables_dir / "sae_spliced_loss.parquet", spliced)
         written["spliced_loss"] = tables_dir / "sae_spliced_loss.parquet"
