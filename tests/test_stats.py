@@ -291,3 +291,29 @@ def test_negative_codes_are_refused_before_any_update():
         stats.update_codes(0, torch.tensor([[1.0, -0.5]]), record=torch.tensor([0]), position=torch.tensor([1]),
                            token_type=torch.tensor([TEXT]), record_ids=["a"])
     assert stats.n_tokens(0) == 0
+
+
+def test_merge_of_any_partition_equals_single_pass(setup):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    saes, batches, whole = setup
+
+    @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.integers(0, 2), min_size=len(batches), max_size=len(batches)))
+    def check(assignment):
+        parts = [FeatureStats({layer: D_SAE for layer in LAYERS}, "vqa", top_k=4, n_chunks=3) for _ in range(3)]
+        for batch, part in zip(batches, assignment):
+            parts[part].update(batch, saes, token_block=5)
+        merged = parts[2].merge(parts[0]).merge(parts[1])
+        got, want = merged.summary(), whole.summary()
+        assert list(got.columns) == list(want.columns)
+        for col in got.columns:  # counts exactly; float sums up to summation order
+            if got[col].dtype.kind in "iub" or col == "split":
+                assert got[col].equals(want[col]), col
+            else:
+                np.testing.assert_allclose(got[col], want[col], rtol=1e-12, err_msg=col)
+        cols = ["layer", "feature", "rank", "record_id", "position", "value"]
+        assert merged.top_examples()[cols].equals(whole.top_examples()[cols])
+
+    check()
