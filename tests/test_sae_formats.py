@@ -283,3 +283,12 @@ def test_save_records_the_tensors_dtype_after_to(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "s" / "cfg.json").read_text())["dtype"] == "float64"
     assert load_sae(tmp_path / "s").W_enc.dtype == torch.float64
     assert load_sae(tmp_path / "s", dtype="bfloat16").W_dec.dtype == torch.bfloat16
+
+
+def test_sae_load_classmethod_checks_the_class(tmp_path: Path) -> None:
+    from mmdiff.sae import SAE, JumpReLUSAE, TopKSAE
+
+    _random_sae("topk", k=4).save(tmp_path / "s")
+    assert isinstance(SAE.load(tmp_path / "s", d_in=D), TopKSAE)
+    with pytest.raises(SAEError, match="holds a topk SAE, not a JumpReLUSAE"):
+        JumpReLUSAE.load(tmp_path / "s")

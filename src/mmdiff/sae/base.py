@@ -285,6 +285,16 @@ class SAE(nn.Module):
 
         return save_saelens(self, folder)
 
+    @classmethod
+    def load(cls, path: str | Path, **kwargs: Any) -> "SAE":
+        """Same as `mmdiff.sae.load_sae(path, d_in=, d_sae=, layer=, device=, dtype=)`."""
+        from mmdiff.sae.formats import load_sae
+
+        sae = load_sae(path, **kwargs)
+        if cls is not SAE and not isinstance(sae, cls):
+            raise SAEError(f"{path} holds a {sae.cfg.architecture} SAE, not a {cls.__name__}.")
+        return sae
+
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"architecture={c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}, k={c.k}, "
