@@ -228,8 +228,7 @@ def test_records_without_caption_or_answer_fail_clearly(adapter):
         a.vlm_inputs([])
 
 
-def test_offline_uncached_hub_id_gives_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+def test_offline_uncached_hub_id_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE"):
         load_adapter("mmdiff-test/no-such-vlm")
@@ -306,3 +305,23 @@ def test_dtype_and_device_options(tiny_root):
     assert inputs["input_ids"].dtype == torch.long
     with torch.no_grad():
         assert torch.isfinite(a.vlm.model(**inputs).logits).all()
+
+
+def test_qwen_chat_template_from_processor_file(tiny_root, tmp_path):
+    """Real Qwen2-VL repos keep the template in the processor's chat_template.json."""
+    import json
+    import shutil
+
+    vlm = tmp_path / "qwen"
+    shutil.copytree(tiny_root("qwen2_vl") / VLM_SUBDIR, vlm)
+    template = (vlm / "chat_template.jinja").read_text()
+    (vlm / "chat_template.jinja").unlink()
+    (vlm / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    a = load_adapter(vlm, dtype="float32")
+    assert a.tokenizer.chat_template is None
+    assert a.vlm_prompt("What?").endswith(
+        "<|vision_start|><|image_pad|><|vision_end|>What?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    (vlm / "chat_template.json").unlink()
+    with pytest.raises(ModelError, match="no chat template"):
+        load_adapter(vlm, dtype="float32")
