@@ -1,0 +1,323 @@
+"""Feature dashboards: one self-contained HTML page per feature, and an index linking them all.
+
+A page shows the feature's statistics (every scalar column of its row in each given table, e.g.
+the diff table's variance gap and decoder cosine, a task table's firing frequencies and odds
+ratio, firing frequency by token type from a statistics summary), a histogram of its activations,
+the top examples with each token's background set by its activation and the image heatmaps, the
+explanation with its detection score, the top heads from attribution patching and their attention
+overlays. Images are inlined as base64 data URIs, so a page is one file.
+
+Templates are rendered by Jinja2 with autoescape on: every piece of dataset text (questions,
+captions, tokens, explanations) is escaped, and nothing from data is ever marked safe.
+`write_interp` is the interp pipeline stage.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from mmdiff.errors import DataError
+from mmdiff.interp.examples import FeatureKey, feature_id
+from mmdiff.interp.explain import ActivatingExample, Explanation, FeatureEvidence
+from mmdiff.models.base import TokenType
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "report" / "templates"
+_KEYS = ("layer", "feature")
+
+
+@dataclass
+class FeatureCard:
+    """Everything one feature's dashboard shows; every part but the key is optional."""
+
+    layer: int
+    feature: int
+    evidence: FeatureEvidence | None = None
+    explanation: Explanation | None = None
+    detection: Any = None  # DetectionMetrics, or a mapping of metric name -> value
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # table name -> {column: value}
+    activations: np.ndarray | None = None  # values for the histogram (e.g. per-record max activation)
+    heads: pd.DataFrame | None = None  # this feature's rows of attribution/heads.parquet
+    overlays: dict[str, bytes] = field(default_factory=dict)  # name -> PNG (attention overlays)
+    records: dict[str, Any] = field(default_factory=dict)  # record id -> Record, for question and caption
+
+    @property
+    def key(self) -> FeatureKey:
+        return (int(self.layer), int(self.feature))
+
+    @property
+    def feature_id(self) -> str:
+        return feature_id(self.key)
+
+    @property
+    def file_name(self) -> str:
+        return f"L{int(self.layer)}_F{int(self.feature)}.html"
+
+
+def data_uri(png: bytes) -> str:
+    """A PNG as a data: URI (base64 only, so it needs no escaping)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def histogram_png(values: Sequence[float] | np.ndarray, *, bins: int = 30, title: str = "") -> bytes:
+    """PNG bytes of a histogram of the positive values (log-scaled counts)."""
+    from matplotlib.figure import Figure
+
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v) & (v > 0)]
+    fig = Figure(figsize=(3.6, 2.4))
+    ax = fig.add_subplot()
+    if v.size:
+        ax.hist(v, bins=bins, color="#e7298a")
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "never fires", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("activation", fontsize=8)
+    ax.set_ylabel("count", fontsize=8)
+    ax.tick_params(labelsize=7)
+    if title:
+        ax.set_title(title, fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        x = float(value)
+        if math.isnan(x):
+            return "n/a"
+        return f"{x:.4g}"
+    return str(value)
+
+
+def feature_row(table: pd.DataFrame, key: FeatureKey) -> dict[str, Any]:
+    """The scalar columns (all but layer and feature) of the table's row for `key`; {} if absent."""
+    missing = [c for c in _KEYS if c not in table.columns]
+    if missing:
+        raise DataError(f"a statistics table needs columns layer and feature; it has {list(table.columns)}")
+    rows = table[(table["layer"] == key[0]) & (table["feature"] == key[1])]
+    if rows.empty:
+        return {}
+    row = rows.iloc[0]
+    out: dict[str, Any] = {}
+    for column, value in row.items():
+        if column in _KEYS or not np.isscalar(value):
+            continue
+        out[str(column)] = value
+    # firing frequency by token type, from a FeatureStats summary's counts
+    for kind in ("text", "image"):
+        fires, tokens = out.get(f"fires_{kind}"), out.get(f"tokens_{kind}")
+        if fires is not None and tokens:
+            out[f"firing_frequency_{kind}"] = float(fires) / float(tokens)
+    return out
+
+
+def _pieces(example: ActivatingExample, peak: float) -> list[dict[str, Any]]:
+    """Tokens as display pieces; image-token runs collapse to one piece (the heatmap shows them)."""
+    pieces: list[dict[str, Any]] = []
+    types = example.types()
+    i = 0
+    while i < len(example.tokens):
+        if types[i] == TokenType.IMAGE:
+            j = i
+            while j < len(types) and types[j] == TokenType.IMAGE:
+                j += 1
+            acts = example.activations[i:j]
+            pieces.append(
+                {"kind": "image", "text": f"<image x{j - i}>", "title": f"{j - i} image tokens, max activation {max(acts):.3g}"}
+            )
+            i = j
+            continue
+        a = float(example.activations[i])
+        kind = "special" if types[i] == TokenType.SPECIAL else "text"
+        alpha = min(1.0, max(0.0, a / peak)) if peak > 0 else 0.0
+        pieces.append({"kind": kind, "text": example.tokens[i], "alpha": f"{alpha:.3f}", "title": f"activation {a:.3g}"})
+        i += 1
+    return pieces
+
+
+def _detection_rows(detection: Any) -> list[tuple[str, str]]:
+    if detection is None:
+        return []
+    if isinstance(detection, Mapping):
+        items = detection.items()
+    else:
+        names = ("balanced_accuracy", "precision", "recall", "f1")
+        items = [(n, getattr(detection, n)) for n in names if hasattr(detection, n)]
+    return [(str(k), _fmt(v)) for k, v in items]
+
+
+def _heads_table(heads: pd.DataFrame | None, n: int) -> dict[str, Any] | None:
+    if heads is None or heads.empty:
+        return None
+    score = "score_a" if "score_a" in heads.columns else None
+    if score is None:
+        raise DataError(f"the heads table needs a score_a column (attribution/heads.parquet); it has {list(heads.columns)}")
+    top = heads.reindex(heads[score].abs().sort_values(ascending=False).index).head(n)
+    columns = [c for c in ("layer", "head", "score_a", "score_b", "exact") if c in top.columns]
+    return {"columns": columns, "rows": [[_fmt(v) for v in row] for row in top[columns].itertuples(index=False)]}
+
+
+def _environment() -> Any:
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,  # every {{ }} is HTML-escaped; templates never use |safe on data
+        undefined=jinja2.StrictUndefined,
+    )
+
+
+def render_feature_page(card: FeatureCard, *, index_href: str = "index.html", top_heads: int = 10) -> str:
+    """The HTML of one feature's dashboard."""
+    ev = card.evidence
+    examples = []
+    if ev is not None:
+        peak = max((ex.max_activation for ex in ev.examples), default=0.0)
+        for ex in sorted(ev.examples, key=lambda e: -e.max_activation):
+            record = card.records.get(ex.record_id)
+            examples.append(
+                {
+                    "question": getattr(record, "question", None),
+                    "caption": getattr(record, "caption", None),
+                    "source": ex.source or "examples",
+                    "record_id": ex.record_id,
+                    "max_activation": _fmt(ex.max_activation),
+                    "pieces": _pieces(ex, peak),
+                    "heatmap": data_uri(ex.heatmap_png) if ex.heatmap_png else None,
+                }
+            )
+    histogram = None
+    if card.activations is not None:
+        histogram = data_uri(histogram_png(card.activations, title="per-record max activation"))
+    page = {
+        "title": f"Feature {card.feature_id}",
+        "index_href": index_href,
+        "explanation": card.explanation,
+        "detection": _detection_rows(card.detection),
+        "tables": [{"name": name, "rows": [(k, _fmt(v)) for k, v in row.items()]} for name, row in card.tables.items() if row],
+        "histogram": histogram,
+        "promoted": [(tok, _fmt(logit)) for tok, logit in (ev.promoted_tokens if ev else [])],
+        "image_share": _fmt(ev.image_token_share()) if ev is not None else None,
+        "examples": examples,
+        "heads": _heads_table(card.heads, top_heads),
+        "overlays": [(name, data_uri(png)) for name, png in card.overlays.items()],
+    }
+    return _environment().get_template("feature.html.j2").render(page=page)
+
+
+def render_index(cards: Sequence[FeatureCard], *, title: str = "Feature dashboards") -> str:
+    """The HTML of the index page linking every feature's dashboard."""
+    rows = []
+    for card in cards:
+        ex = card.explanation
+        ev = card.evidence
+        rows.append(
+            {
+                "href": card.file_name,
+                "feature_id": card.feature_id,
+                "description": ex.description if ex else "",
+                "confidence": _fmt(ex.confidence) if ex else "",
+                "image_share": _fmt(ev.image_token_share()) if ev else "",
+                "n_examples": len(ev.examples) if ev else 0,
+            }
+        )
+    return _environment().get_template("feature_index.html.j2").render(title=title, rows=rows)
+
+
+def write_dashboards(cards: Sequence[FeatureCard], out_dir: str | Path, *, title: str = "Feature dashboards") -> dict[str, Path]:
+    """Write one page per card (L{layer}_F{feature}.html) and index.html under out_dir, atomically."""
+    from mmdiff.atomic import write_text
+
+    if not cards:
+        raise DataError("no feature cards to write: pass at least one FeatureCard")
+    out = Path(out_dir)
+    paths: dict[str, Path] = {}
+    for card in cards:
+        path = out / card.file_name
+        write_text(path, render_feature_page(card))
+        paths[card.feature_id] = path
+    paths["index"] = out / "index.html"
+    write_text(paths["index"], render_index(cards, title=title))
+    return paths
+
+
+def write_interp(
+    adapter: Any,
+    saes: Mapping[int, Any],
+    features: pd.DataFrame,
+    sources: Mapping[str, Sequence[Any]],
+    out_dir: str | Path,
+    *,
+    explainer: Any = None,
+    tables: Mapping[str, pd.DataFrame] | None = None,
+    heads: pd.DataFrame | None = None,
+    overlays_dir: str | Path | None = None,
+    k: int = 10,
+    heatmaps: bool = True,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Pipeline stage: top examples, explanations and dashboards of every feature in `features`.
+
+    sources: example source name -> records (e.g. {"VQAv2": vqa, "VSR": vsr}). explainer: any
+    object with explain(evidence) (default: the offline explainer). tables: name -> a table with
+    layer and feature columns shown on each page (the features table itself is always shown as
+    "selection"). heads: attribution/heads.parquet; overlays_dir: attribution/overlays. Writes
+    under out_dir (the run's interp/): examples.parquet (per-record maxima of every source),
+    explanations.json, dashboards/L{L}_F{f}.html and dashboards/index.html. Returns the paths.
+    """
+    from mmdiff.atomic import write_parquet
+    from mmdiff.interp.examples import collect_evidence, feature_keys
+    from mmdiff.interp.explain import OfflineExplainer, write_explanations
+
+    out = Path(out_dir)
+    keys = feature_keys(features)
+    collected = collect_evidence(
+        adapter, saes, keys, sources, k=k, heatmaps=heatmaps, batch_size=batch_size, progress=progress
+    )
+    explainer = explainer or OfflineExplainer()
+    explanations = {key: explainer.explain(collected.evidence[key]) for key in keys if collected.evidence[key].examples}
+    all_tables = {"selection": features, **dict(tables or {})}
+    by_id = {record.id: record for records in sources.values() for record in records}
+    cards = []
+    for key in keys:
+        maxima = collected.maxima[(collected.maxima["layer"] == key[0]) & (collected.maxima["feature"] == key[1])]
+        card_heads = None
+        if heads is not None:
+            card_heads = heads[(heads["feature_layer"] == key[0]) & (heads["feature"] == key[1])]
+        overlays: dict[str, bytes] = {}
+        if overlays_dir is not None:
+            for path in sorted(Path(overlays_dir).glob(f"L{key[0]}F{key[1]}_*.png")):
+                overlays[path.stem.split("_", 1)[1]] = path.read_bytes()
+        cards.append(
+            FeatureCard(
+                layer=key[0],
+                feature=key[1],
+                evidence=collected.evidence[key],
+                explanation=explanations.get(key),
+                tables={name: feature_row(table, key) for name, table in all_tables.items()},
+                activations=maxima["max_activation"].to_numpy(),
+                heads=card_heads,
+                overlays=overlays,
+                records={ex.record_id: by_id[ex.record_id] for ex in collected.evidence[key].examples},
+            )
+        )
+    paths = {"examples": out / "examples.parquet", "explanations": out / "explanations.json"}
+    write_parquet(paths["examples"], collected.maxima)
+    write_explanations(paths["explanations"], list(explanations.values()))
+    dashboards = write_dashboards(cards, out / "dashboards")
+    paths["dashboards"] = dashboards["index"]
+    return paths
