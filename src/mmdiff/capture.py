@@ -10,7 +10,7 @@ module, so capturing early layers costs only those layers.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,18 +45,6 @@ def _first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-@contextmanager
-def _hooks(registrations: list[Callable[[], torch.utils.hooks.RemovableHandle]]) -> Iterator[None]:
-    handles = []
-    try:
-        for register in registrations:
-            handles.append(register())
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def capture(
     backbone: Backbone,
     inputs: dict[str, torch.Tensor],
@@ -77,18 +65,13 @@ def capture(
             "nothing to capture: give residual_layers, head_layers or with_logits=True"
         )
     result = Capture()
-    # the module after which nothing more is needed: the later of the last residual / o_proj hook
-    last = max(
-        [(layer, 1) for layer in residual_layers] + [(layer, 0) for layer in head_layers],
-        default=None,
-    )
-    stop_after = None if with_logits else last
     pending = len(residual_layers) + len(head_layers)
 
     def done() -> None:
+        # once every hook has fired, nothing later in the model is needed unless logits are
         nonlocal pending
         pending -= 1
-        if stop_after is not None and pending == 0:
+        if pending == 0 and not with_logits:
             raise _StopForward
 
     def residual_hook(layer: int) -> Callable[..., None]:
@@ -108,24 +91,23 @@ def capture(
 
         return hook
 
-    registrations: list[Callable[[], torch.utils.hooks.RemovableHandle]] = []
-    for layer in residual_layers:
-        registrations.append(
-            lambda layer=layer: backbone.layers[layer].register_forward_hook(residual_hook(layer))
-        )
-    for layer in head_layers:
-        registrations.append(
-            lambda layer=layer: backbone.o_proj(layer).register_forward_pre_hook(head_hook(layer))
-        )
-
     kwargs = dict(inputs)
     kwargs.setdefault("use_cache", False)
     grad = nullcontext() if torch.is_inference_mode_enabled() else torch.no_grad()
-    with grad, _hooks(registrations):
-        try:
+    output = None
+    handles = []
+    try:
+        for layer in residual_layers:
+            handles.append(backbone.layers[layer].register_forward_hook(residual_hook(layer)))
+        for layer in head_layers:
+            handles.append(backbone.o_proj(layer).register_forward_pre_hook(head_hook(layer)))
+        with grad:
             output = backbone.model(**kwargs)
-        except _StopForward:
-            output = None
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
     if with_logits:
         result.logits = output.logits
     missing = sorted(set(residual_layers) - set(result.residuals)) + sorted(
