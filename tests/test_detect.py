@@ -161,16 +161,21 @@ def test_mismatched_splits(splits):
         fisher_exact_pvalues([1], 2, [1], 2, "less")
 
 
-def test_plots_of_detection(splits, tmp_path):
-    from PIL import Image
-
+def test_write_feature_plots_from_a_run_directory(splits, tmp_path):
     from mmdiff.errors import DataError
-    from mmdiff.report.feature_plots import plot_adapted_firing, plot_firing_distributions, plot_task_candidates
+    from mmdiff.report.feature_plots import write_feature_plots
 
     task, base, neutral = splits
-    df = task_features(task, base, adapted=ADAPTED, neutral=neutral, min_delta_p=0.02, min_neutral_firing=0.05)
-    for fn, name in ((plot_firing_distributions, "dist.png"), (plot_adapted_firing, "adapted.png"),
-                     (plot_task_candidates, "candidates.png")):
-        assert Image.open(fn(df, tmp_path / name)).size[0] > 300
+    write_task_features({"spatial": task}, base, tmp_path, adapted=ADAPTED, neutral={"spatial": neutral},
+                        min_delta_p=0.02, min_neutral_firing=0.05)
+    written = write_feature_plots(tmp_path)
+    assert sorted(written) == ["spatial_adapted_firing", "spatial_candidates", "spatial_firing"]
+    from PIL import Image
+
+    assert all(p.parent == tmp_path / "report" and Image.open(p).size[0] > 300 for p in written.values())
+    from mmdiff.report.feature_plots import plot_adapted_firing
+
     with pytest.raises(DataError, match="adapted set"):
         plot_adapted_firing(task_features(task, base), tmp_path / "y.png")
+    with pytest.raises(DataError, match="run the diff and detect stages"):
+        write_feature_plots(tmp_path / "empty")

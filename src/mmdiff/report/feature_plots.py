@@ -171,3 +171,31 @@ def plot_adapted_per_layer(per_layer: pd.DataFrame, path: str | Path) -> Path:
     for ax in (ax1, ax2):
         ax.set_xticks(x)
     return _save(fig, path)
+
+
+def write_feature_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Report stage: every plot above from a run directory's tables, into `out_dir` (default run/report).
+
+    Reads stats/diff.parquet and stats/adapted_per_layer.parquet (from `mmdiff.diff.write_adapted_features`)
+    and each stats/detect_{task}.parquet (from `mmdiff.detect.write_task_features`); tables that do not
+    exist are skipped, so the report can be drawn after the diff alone.
+    """
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    stats = run_dir / "stats"
+    tasks = {p.stem.removeprefix("detect_"): pd.read_parquet(p) for p in sorted(stats.glob("detect_*.parquet"))}
+    written: dict[str, Path] = {}
+    if (stats / "diff.parquet").is_file():
+        diff = pd.read_parquet(stats / "diff.parquet")
+        written["gap_vs_cosine"] = plot_gap_vs_cosine(diff, out / "gap_vs_cosine.png", tasks)
+    if (stats / "adapted_per_layer.parquet").is_file():
+        per_layer = pd.read_parquet(stats / "adapted_per_layer.parquet")
+        written["adapted_per_layer"] = plot_adapted_per_layer(per_layer, out / "adapted_per_layer.png")
+    for name, table in tasks.items():
+        written[f"{name}_firing"] = plot_firing_distributions(table, out / f"{name}_firing.png")
+        written[f"{name}_candidates"] = plot_task_candidates(table, out / f"{name}_candidates.png")
+        if not table["in_adapted_set"].isna().all():
+            written[f"{name}_adapted_firing"] = plot_adapted_firing(table, out / f"{name}_adapted_firing.png")
+    if not written:
+        raise DataError(f"no diff or detection tables under {stats}; run the diff and detect stages first")
+    return written
