@@ -340,3 +340,18 @@ def test_every_token_exactly_once_for_any_sizes(tmp_path_factory, shard_tokens, 
     ordered = list(store.iter_batches(LAYERS, 1000, token_types=types, shuffle=False))
     want = sorted((int(r), int(p)) for b in ordered for r, p in zip(b.record_index, b.position))
     assert pairs == want and len(want) == store.count_tokens(types)
+
+
+def test_store_feeds_the_sae_trainer(tmp_path):
+    """The store is a data source of `train_saes` (many layers, float16 on disk, text+image tokens)."""
+    from mmdiff.sae.trainer import TrainConfig, train_saes
+
+    with ActivationStoreWriter(tmp_path / "store", LAYERS, D, shard_tokens=20) as w:
+        for bt in make_batches(n_batches=40):
+            w.add(bt)
+    store = ActivationStore(tmp_path / "store")
+    cfg = TrainConfig(k=2, batch_size=16, total_tokens=320, buffer_tokens=32, d_sae=16,
+                      checkpoint_every=0, regime="full")
+    result = train_saes(None, store, LAYERS, cfg, tmp_path / "out", progress=False)
+    assert result.steps == 20 and result.tokens == 320 and not result.data_ran_out
+    assert sorted(result.sae_dirs) == LAYERS and all(p.is_dir() for p in result.sae_dirs.values())
