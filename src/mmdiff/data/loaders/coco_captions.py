@@ -29,15 +29,3 @@ def load_coco_captions(paths: str | Path | Sequence[str | Path]) -> dict[int, li
             found.setdefault(image_id, []).append((order, caption.strip()))
     return {k: [c for _, c in sorted(v, key=lambda t: t[0])] for k, v in found.items()}
 
-
-def load_coco_file_names(paths: str | Path | Sequence[str | Path]) -> dict[int, str]:
-    """{image_id: file_name} from the "images" list of COCO annotation files (empty if absent)."""
-    files = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    names: dict[int, str] = {}
-    for p in files:
-        path = existing_file(p, "COCO captions file")
-        data = expect_type(read_json(path), dict, path, "the top level")
-        for i, img in enumerate(data.get("images") or []):
-            rec = f"images[{i}]"
-            names[require(img, "id", path, rec, int)] = require(img, "file_name", path, rec, str)
-    return names
