@@ -17,6 +17,10 @@ accumulator over both streams. Nothing it keeps grows with the number of tokens:
 Memory per layer is about d_sae * (24 * n_chunks + 8 * n_bins + 13 * top_k + 20) bytes: 99 MB for
 d_sae = 65536 with the defaults (32 chunks, 58 bins, top 20).
 
+Besides, the list of record ids seen (one string per record). Codes must be non-negative (ReLU,
+TopK, BatchTopK, JumpReLU SAEs); only the positive entries are touched, so an update costs
+O(nonzero codes), not O(tokens * d_sae).
+
 Special tokens (TokenType.SPECIAL: BOS, attention sinks) and padding (attention_mask == 0) never
 enter any statistic. Positions are indices into the record's unpadded token sequence
 (attention_mask.cumsum - 1), so they do not depend on the padding side or on the batch.
