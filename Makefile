@@ -15,7 +15,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test,peers]"
+	$(BIN)/pip install --quiet -e ".[test,peers,data]"
 	@touch $(STAMP)
 
 venv: $(STAMP)
