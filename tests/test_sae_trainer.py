@@ -386,6 +386,11 @@ def test_warm_start_from_jumprelu_goes_through_to_topk(tmp_path, atoms):
     sae = result.saes[0]
     assert sae.cfg.architecture == "topk" and sae.cfg.k == 4
     assert sae.decoder_norms().tolist() == pytest.approx([1.0] * 64, abs=1e-5)
+    jr.save(tmp_path / "jr")  # any load_sae-readable folder works as a warm start too
+    from_path = train_saes(
+        {0: tmp_path / "jr"}, synthetic_batches(atoms, 2), [0], cfg, tmp_path / "p", progress=False
+    )
+    assert torch.equal(from_path.saes[0].W_dec, sae.W_dec)
     with pytest.raises(SAEError, match="trained at layer 0"):
         train_saes({1: jr}, synthetic_batches(atoms, 2), [1], cfg, tmp_path / "x", progress=False)
 
@@ -401,8 +406,14 @@ def test_checkpoint_refuses_other_settings(atoms, tmp_path):
         checkpoint_every=1,
         keep_checkpoint=True,
     )
-    train_saes(None, data, [0], cfg, tmp_path, progress=False)
+    first = train_saes(None, data, [0], cfg, tmp_path, progress=False)
     assert (tmp_path / CHECKPOINT_DIR / "state.pt").is_file()
+    # a kill between atomic_dir's two renames leaves only .checkpoint.old: still resumable
+    (tmp_path / CHECKPOINT_DIR).rename(tmp_path / f".{CHECKPOINT_DIR}.old")
+    again = train_saes(None, data, [0], cfg, tmp_path, progress=False)
+    assert again.resumed_from_step == 3 and torch.equal(again.saes[0].W_dec, first.saes[0].W_dec)
+    longer = TrainConfig(**{**cfg.__dict__, "total_tokens": 64 * 5})  # extending a finished run
+    assert train_saes(None, data, [0], longer, tmp_path, progress=False).steps == 5
     with pytest.raises(ConfigError, match="lr"):
         train_saes(
             None, data, [0], TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path, progress=False
@@ -561,3 +572,36 @@ def test_train_study_saes_writes_every_role_and_the_tables(atoms, tmp_path):
         heldout=held,
     )
     assert torch.equal(again.saes["text"][0].W_dec, study.saes["text"][0].W_dec)
+
+
+def test_train_study_saes_on_a_tiny_llava_with_live_capture(tmp_path):
+    """The real data path: capture from a tiny LLaVA and its base LM, spliced-in loss on both."""
+    from PIL import Image
+
+    from mmdiff.data.records import Record
+    from mmdiff.models.tiny import load_tiny
+
+    adapter = load_tiny("llava", tmp_path / "tiny")
+    records = [
+        Record(
+            id=f"r{i}",
+            question="Is the red circle left of the blue square?",
+            answers=["yes"],
+            image=Image.new("RGB", (16, 16), (40 * i, 0, 200)),
+            caption="A red circle to the left of a blue square.",
+        )
+        for i in range(5)
+    ]
+    cfg = TrainConfig(k=4, d_sae=64, batch_size=32, total_tokens=32 * 4, buffer_tokens=64)
+    study = train_study_saes(
+        adapter, records[:3], records[3:], [1], cfg, tmp_path / "run",
+        capture_batch_size=2, plots=False, progress=False,
+    )  # fmt: skip
+    assert all(study.results[r].steps == 4 for r in ("base", "full", "image", "text", "random"))
+    held = pd.read_parquet(study.tables["heldout"]).set_index(["regime", "side"])
+    assert held.loc[("base", "base"), "n_image_tokens"] == 0  # captions stand in for images
+    assert held.loc[("full", "vlm"), "n_image_tokens"] > 0
+    spliced = pd.read_parquet(study.tables["spliced_loss"])
+    assert len(spliced) == 1 + 5  # base SAE on the base LM, every role on the VLM
+    assert spliced[["ce_clean", "ce_sae", "ce_zero"]].notna().all().all()
+    assert (spliced["n_targets"] > 0).all()

@@ -709,6 +709,7 @@ def train_saes(
         raise ConfigError("train_saes needs at least one layer")
     out_dir, ckpt = Path(out_dir), Path(out_dir) / CHECKPOINT_DIR
     token_types = regime_token_types(cfg.regime, cfg.exclude_special, cfg.random_tokens)
+    recover_checkpoint(ckpt)
     resuming = (ckpt / "state.pt").is_file()
     random_init = init is None or cfg.regime == "random"
     first: list[tuple[TokenBatch, StreamPosition]] = []
@@ -768,6 +769,18 @@ def train_saes(
     return finish_training(
         saes, warm, metrics, out_dir, step, tokens, resumed_from, data_ran_out, cfg
     )
+
+
+def recover_checkpoint(ckpt: Path) -> None:
+    """Put back the previous checkpoint when a kill fell between atomic_dir's two renames.
+
+    atomic_dir moves the old folder to .<name>.old before renaming the new one into place; a kill
+    in between leaves no checkpoint folder but a complete .old one, which is still a valid resume
+    point.
+    """
+    old = ckpt.with_name(f".{ckpt.name}.old")
+    if not ckpt.exists() and (old / "state.pt").is_file():
+        old.rename(ckpt)
 
 
 def checkpoint_dims(folder: Path, layers: Sequence[int]) -> dict[int, int]:
@@ -1055,6 +1068,7 @@ def train_study_saes(
     base_cfg: TrainConfig | None = None,
     capture_batch_size: int = 8,
     spliced: bool = True,
+    plots: bool = True,
     progress: bool = True,
     data: Mapping[str, Any] | None = None,
     heldout: Mapping[str, Any] | None = None,
@@ -1139,5 +1153,6 @@ def train_study_saes(
         heldout_table(rows),
         cosines,
         spliced_df,
+        plots=plots,
     )
     return StudySAEs(saes, {role: r.sae_dirs for role, r in results.items()}, results, tables)

@@ -193,30 +193,35 @@ def write_training_report(
     heldout: pd.DataFrame | None = None,
     cosines: Mapping[str, Mapping[int, Any]] | None = None,
     spliced: pd.DataFrame | None = None,
+    *,
+    plots: bool = True,
 ) -> dict[str, Path]:
-    """Write the Parquet tables and PNG plots of SAE training; returns {name: path}."""
+    """Write the Parquet tables and (with `plots`) PNG plots of SAE training; returns {name: path}."""
     tables_dir, plots_dir = Path(tables_dir), Path(plots_dir)
     written: dict[str, Path] = {}
     write_parquet(tables_dir / "sae_fvu_curves.parquet", curves)
     written["fvu_curves"] = tables_dir / "sae_fvu_curves.parquet"
-    written["fvu_curves_png"] = save_figure(
-        plot_fvu_curves(curves), plots_dir / "sae_fvu_curves.png"
-    )
+    if plots:
+        written["fvu_curves_png"] = save_figure(
+            plot_fvu_curves(curves), plots_dir / "sae_fvu_curves.png"
+        )
     if heldout is not None and not heldout.empty:
         write_parquet(tables_dir / "sae_heldout.parquet", heldout)
         written["heldout"] = tables_dir / "sae_heldout.parquet"
-        written["fvu_by_token_type_png"] = save_figure(
-            plot_fvu_by_token_type(heldout), plots_dir / "sae_fvu_by_token_type.png"
-        )
+        if plots:
+            written["fvu_by_token_type_png"] = save_figure(
+                plot_fvu_by_token_type(heldout), plots_dir / "sae_fvu_by_token_type.png"
+            )
     if cosines:
         latents, per_layer = decoder_cosine_tables(cosines)
         write_parquet(tables_dir / "sae_decoder_cosine.parquet", latents)
         write_parquet(tables_dir / "sae_decoder_cosine_by_layer.parquet", per_layer)
         written["decoder_cosine"] = tables_dir / "sae_decoder_cosine.parquet"
         written["decoder_cosine_by_layer"] = tables_dir / "sae_decoder_cosine_by_layer.parquet"
-        written["decoder_cosine_png"] = save_figure(
-            plot_decoder_cosine(per_layer), plots_dir / "sae_decoder_cosine.png"
-        )
+        if plots:
+            written["decoder_cosine_png"] = save_figure(
+                plot_decoder_cosine(per_layer), plots_dir / "sae_decoder_cosine.png"
+            )
     if spliced is not None and not spliced.empty:
         write_parquet(tables_dir / "sae_spliced_loss.parquet", spliced)
         written["spliced_loss"] = tables_dir / "sae_spliced_loss.parquet"
