@@ -300,6 +300,7 @@ def test_dtype_and_device_options(tiny_root):
         load_adapter(root / VLM_SUBDIR, device="gpu0")
     a = load_adapter(root / VLM_SUBDIR, base_lm=root / BASE_SUBDIR, dtype="bfloat16")
     assert a.vlm.dtype == torch.bfloat16 and a.base.dtype == torch.bfloat16
+    assert a.vlm.device == torch.device("cpu")
     inputs = a.vlm_inputs(make_records(1))
     assert inputs["pixel_values"].dtype == torch.bfloat16  # float inputs follow the model
     assert inputs["input_ids"].dtype == torch.long
@@ -325,3 +326,12 @@ def test_qwen_chat_template_from_processor_file(tiny_root, tmp_path):
     (vlm / "chat_template.json").unlink()
     with pytest.raises(ModelError, match="no chat template"):
         load_adapter(vlm, dtype="float32")
+
+
+def test_loads_without_accelerate(tiny_root, monkeypatch):
+    """device_map needs accelerate, which is not a core dependency: load, then move."""
+    from mmdiff.models import loading
+
+    monkeypatch.setattr(loading, "accelerate_available", lambda: False)
+    a = load_adapter(tiny_root("llava") / VLM_SUBDIR, device="cpu", dtype="float32")
+    assert a.vlm.device == torch.device("cpu") and a.vlm.dtype == torch.float32

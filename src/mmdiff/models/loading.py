@@ -146,17 +146,25 @@ def load_model(
         raise ModelError(
             f"unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:0', 'mps', ..."
         ) from exc
+    # with accelerate (not a core dependency), weights go straight to the device
+    placement = {"device_map": str(target)} if accelerate_available() else {}
     model = pretrained_call(
         model_class.from_pretrained,
         path_or_id,
         what,
         local_files_only=local_files_only,
         dtype=parse_dtype(dtype),
-        # weights go straight to the device, never through a full copy in CPU memory
-        device_map=str(target),
         trust_remote_code=trust_remote_code,
+        **placement,
     )
-    return model.eval()
+    return model.to(target).eval()
+
+
+def accelerate_available() -> bool:
+    """Whether transformers can place weights with device_map (it needs accelerate for that)."""
+    from transformers.utils import is_accelerate_available
+
+    return bool(is_accelerate_available())
 
 
 def load_tokenizer(
