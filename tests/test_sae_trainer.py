@@ -420,6 +420,33 @@ def test_checkpoint_refuses_other_settings(atoms, tmp_path):
         )
 
 
+def test_trains_from_an_activation_store_and_resumes_exactly(atoms, tmp_path):
+    from mmdiff.store import ActivationStore, ActivationStoreWriter
+
+    # special tokens hold NaN: the store keeps them, the trainer must not read them
+    batches = synthetic_batches(atoms, 6, nan_types=(SPC,))
+    with ActivationStoreWriter(
+        tmp_path / "store", [0, 1], D, dtype="float32", shard_tokens=512
+    ) as w:
+        for b in batches:
+            w.add(b)
+    store = ActivationStore(tmp_path / "store")
+    cfg = TrainConfig(
+        k=4, d_sae=64, batch_size=128, total_tokens=128 * 14, buffer_tokens=512,
+        checkpoint_every=0, keep_checkpoint=True, log_every=1,
+    )  # fmt: skip
+    straight = train_saes(None, store, [0, 1], cfg, tmp_path / "a", progress=False)
+    short = TrainConfig(**{**cfg.__dict__, "total_tokens": 128 * 5})
+    train_saes(None, store, [0, 1], short, tmp_path / "b", progress=False)
+    rest = train_saes(None, store, [0, 1], cfg, tmp_path / "b", progress=False)
+    assert rest.resumed_from_step == 5 and rest.steps == straight.steps == 14  # two epochs
+    for L in (0, 1):
+        assert torch.equal(rest.saes[L].W_enc, straight.saes[L].W_enc)
+        fvu = [r["fvu"] for r in straight.metrics if r["layer"] == L]
+        assert all(math.isfinite(v) for v in fvu) and fvu[-1] < fvu[0]
+    assert rest.metrics == straight.metrics
+
+
 # ----------------------------------------------------------------------------- SIGKILL + resume
 
 KILL_CFG = {
