@@ -370,3 +370,36 @@ def test_bad_positions_are_reported_when_built(tiny):
         steer_vector(backbone, 0, torch.ones(D), 1.0, "tokens")
     with pytest.raises(InterventionError, match="token_types"):
         ablate_features(backbone, {0: torch.ones(1, D)})  # default "text" needs token types
+
+
+class _TupleLayer(torch.nn.Module):
+    def forward(self, x):
+        return x + 1, "extra"  # older decoder layers return (hidden_states, ...)
+
+
+class _DictLayer(torch.nn.Module):
+    def forward(self, x):
+        return {"hidden_states": x}
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([layer])
+
+    def forward(self, x):
+        return self.layers[0](x)
+
+
+def test_tuple_layer_outputs_are_edited_and_other_outputs_rejected():
+    toy = _Toy(_TupleLayer())
+    backbone = Backbone(toy, list(toy.layers), 1, 4, 4)
+    x = torch.zeros(1, 2, 4)
+    with steer_vector(backbone, 0, torch.tensor([1.0, 0, 0, 0]), 2.0):
+        y, extra = toy(x)
+    assert extra == "extra"
+    assert torch.equal(y, torch.tensor([[[3.0, 1, 1, 1], [3.0, 1, 1, 1]]]))
+    odd = _Toy(_DictLayer())
+    with pytest.raises(InterventionError, match="tuple"):
+        with steer_vector(Backbone(odd, list(odd.layers), 1, 4, 4), 0, torch.ones(4), 1.0):
+            odd(x)

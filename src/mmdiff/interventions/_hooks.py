@@ -215,6 +215,8 @@ class Intervention:
         if self._handles:
             raise InterventionError("this intervention is already active; build a new one to nest it")
         bb = self.backbone
+        if not self.layers():  # nothing to do: install no hook at all
+            return self
         try:
             self._handles.append(bb.model.register_forward_pre_hook(self._tracker.model_pre_hook, with_kwargs=True))
             self._handles.append(bb.model.register_forward_hook(self._tracker.model_post_hook, with_kwargs=True))
