@@ -26,5 +26,6 @@ class ActivationBatch:
         """[n_tokens, d_model] activations of non-padding tokens, optionally of some token types."""
         keep = self.attention_mask.bool()
         if token_types is not None:
-            keep = keep & torch.isin(self.token_types, torch.tensor(token_types, dtype=self.token_types.dtype))
+            wanted = torch.tensor(token_types, dtype=self.token_types.dtype, device=self.token_types.device)
+            keep = keep & torch.isin(self.token_types, wanted)
         return self.acts[layer][keep]
