@@ -43,3 +43,12 @@ def test_layers_are_sorted_and_unique(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("layers: [3, 1, 3]\n")
     assert load_config(p).layers == [1, 3]
+
+
+def test_environment_variables_expand(tmp_path, monkeypatch):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  vlm: ${DATA_ROOT}/llava\n")
+    with pytest.raises(ConfigError, match="not set: DATA_ROOT"):
+        load_config(p)
+    monkeypatch.setenv("DATA_ROOT", "/d")
+    assert load_config(p).model.vlm == "/d/llava"

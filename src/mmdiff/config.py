@@ -6,6 +6,8 @@ With no config file, `default_config()` describes the organism study. Every sect
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +55,60 @@ class CaptureSpec(Section):
     shard_tokens: int = Field(65536, ge=1024, description="Tokens per shard file.")
 
 
+class TrainSpec(Section):
+    """Multimodal SAEs by warm start (METHOD.md §1): base-LM SAEs, then each masking regime on the VLM."""
+
+    dataset: str = Field("train", description="Dataset the SAEs train on (its captured activations).")
+    heldout: str = Field("test", description="Dataset for held-out FVU, L0, dead fraction, spliced-in loss.")
+    regimes: list[Literal["full", "image", "text", "random"]] = Field(
+        default_factory=lambda: ["full", "image", "text", "random"])
+    base_saes: str | None = Field(None, description=(
+        "Pretrained base-LM SAEs: a folder template with {layer}, e.g. '/sae/L{layer}R-8x' (Llama Scope, "
+        "Gemma Scope, SAELens or mmdiff folders). None = train them on the base LM first."))
+    k: int = Field(32, ge=1, description="Active latents per token (TopK).")
+    expansion_factor: int = Field(8, ge=1, description="d_sae = expansion_factor * d_model for base SAEs trained here.")
+    batch_size: int = Field(1024, ge=1, description="Tokens per optimisation step.")
+    total_tokens: int = Field(200_000, ge=1, description="Training tokens per regime.")
+    base_total_tokens: int | None = Field(None, description="Training tokens of the base-LM SAEs (default: total_tokens).")
+    lr: float | None = Field(None, description="Adam learning rate; None = layer-scaled default.")
+    checkpoint_every: int = Field(200, ge=0)
+    spliced_loss: bool = Field(True, description="Measure the spliced-in next-token loss on the held-out set.")
+
+
+class StatsSpec(Section):
+    """One statistics pass per side over the analysis dataset, split by task tags (METHOD.md §2-3)."""
+
+    dataset: str = Field("test", description="Dataset whose records are analysed.")
+    role: str = Field("text", description="Which adapted SAEs (regime) are diffed against the base SAEs.")
+    base_split: str = Field("vqa", description="Task tag of the generic split that task splits are contrasted with.")
+    tasks: list[str] = Field(default_factory=lambda: ["spatial", "ocr", "safety"], description="Task tags to detect.")
+    neutral_tasks: list[str] = Field(default_factory=lambda: ["spatial"], description=(
+        "Tasks whose images are re-run with the neutral instruction for the lexical filter."))
+    neutral_instruction: str = Field("Describe the positions of all objects in the image.", description=(
+        "The lexical filter's prompt-neutral question (the seed's); use one the model's vocabulary knows."))
+    top_k: int = Field(16, ge=1, description="Top activating examples kept per feature.")
+    n_chunks: int = Field(32, ge=2, description="Record chunks kept for the bootstrap.")
+    batch_size: int = Field(16, ge=1)
+
+
+class DiffSpec(Section):
+    """The two-stage global selection of adapted features."""
+
+    p_gap: float = Field(0.2, gt=0, le=1, description="Keep this top share of all features by variance gap...")
+    p_cos: float = Field(0.2, gt=0, le=1, description="...then this bottom share of those by decoder cosine.")
+    n_bootstrap: int = Field(100, ge=0, description="Resamples for each selected feature's stability score.")
+
+
+class DetectSpec(Section):
+    """Task features by contrastive firing, then the lexical filter."""
+
+    min_delta_p: float = Field(0.01, ge=0, description="Minimum rise in firing frequency, task vs base.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Benjamini-Hochberg false discovery rate.")
+    min_neutral_firing: float = Field(1e-3, ge=0, description="Lexical filter: firing frequency on the neutral re-run.")
+    min_image_share: float = Field(0.5, ge=0, le=1, description="Lexical filter: image-token share of activation mass.")
+    restrict_to_adapted: bool = Field(True, description="Intersect candidates with the adapted set (the seed's method).")
+
+
 class StudyConfig(Section):
     """A whole study: the model pair, the data, the layers and each stage's parameters."""
 
@@ -62,6 +118,10 @@ class StudyConfig(Section):
     layers: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], description="Hook points (residual after layer L).")
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
     capture: CaptureSpec = Field(default_factory=CaptureSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    stats: StatsSpec = Field(default_factory=StatsSpec)
+    diff: DiffSpec = Field(default_factory=DiffSpec)
+    detect: DetectSpec = Field(default_factory=DetectSpec)
 
     @field_validator("layers")
     @classmethod
@@ -105,8 +165,24 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _expand(obj: Any) -> Any:
+    """Expand ${VAR} and ~ in every string, so configs can name data roots portably."""
+    import os
+
+    if isinstance(obj, str):
+        return os.path.expanduser(os.path.expandvars(obj))
+    if isinstance(obj, dict):
+        return {k: _expand(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_expand(v) for v in obj]
+    return obj
+
+
 def load_config(path: str | Path | None) -> StudyConfig:
-    """Read and validate a YAML study config; None gives the organism study."""
+    """Read and validate a YAML study config; None gives the organism study.
+
+    ${VAR} and ~ in string values are expanded from the environment; an unset variable is an error.
+    """
     if path is None:
         return default_config()
     path = Path(path)
@@ -120,6 +196,10 @@ def load_config(path: str | Path | None) -> StudyConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, found {type(raw).__name__}")
+    unset = sorted(set(re.findall(r"\$\{(\w+)\}", path.read_text())) - set(os.environ))
+    if unset:
+        raise ConfigError(f"config {path} uses environment variables that are not set: {', '.join(unset)}")
+    raw = _expand(raw)
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as exc:
