@@ -121,6 +121,7 @@ def decoder_cosine_tables(
 def plot_fvu_curves(curves: pd.DataFrame):
     """Figure 1 analogue: training FVU vs tokens, one panel per layer, one line per regime."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     layers = sorted(curves["layer"].unique()) if not curves.empty else []
     fig = Figure(figsize=(4 * max(1, len(layers)), 3.2), layout="constrained")
@@ -132,8 +133,10 @@ def plot_fvu_curves(curves: pd.DataFrame):
             ax.plot(r["tokens"], r["fvu"], label=regime, color=REGIME_COLOURS.get(regime))
         ax.set_title(f"layer {layer}")
         ax.set_xlabel("training tokens")
-        ax.set_ylabel("FVU")
+        ax.set_ylabel("FVU (training batches)")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
         ax.legend(fontsize=8)
     return fig
 
@@ -156,14 +159,18 @@ def plot_fvu_by_token_type(heldout: pd.DataFrame, side: str = "vlm"):
         ax.set_xticks(list(x), [str(v) for v in r["layer"]])
         ax.set_title(regime)
         ax.set_xlabel("layer")
-        ax.set_ylabel("held-out FVU")
-        ax.legend(fontsize=8)
+    axes[0].set_ylabel(f"held-out FVU ({side} run)")
+    if regimes:
+        fig.legend(
+            *axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=2, fontsize=8
+        )
     return fig
 
 
 def plot_decoder_cosine(per_layer: pd.DataFrame):
     """Figure 7 analogue: mean decoder cosine to the warm start by layer, one line per regime."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(4.5, 3.2), layout="constrained")
     ax = fig.subplots()
@@ -174,7 +181,9 @@ def plot_decoder_cosine(per_layer: pd.DataFrame):
         )
     ax.set_xlabel("layer")
     ax.set_ylabel("mean decoder cosine to warm start")
-    ax.set_ylim(-0.05, 1.05)
+    low = float(per_layer["mean_cosine"].min()) if not per_layer.empty else 0.0
+    ax.set_ylim(min(-0.05, low - 0.05), 1.05)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     return fig
 
