@@ -99,12 +99,161 @@ def stage_capture(ctx: StageContext) -> dict[str, Any]:
     return summary
 
 
+def stage_train(ctx: StageContext) -> dict[str, Any]:
+    """Base-LM SAEs (trained here when none are given), then each masking regime on the VLM."""
+    import dataclasses
+
+    from mmdiff.sae.trainer import TrainConfig, train_study_saes
+    from mmdiff.store import ActivationStore
+
+    cfg, t = ctx.config, ctx.config.train
+    if t.base_saes is not None:
+        raise ConfigError(
+            "train.base_saes (pretrained base-LM SAEs) is not wired into the train stage yet; "
+            "leave it unset to train base SAEs on the base LM"
+        )
+    adapter = get_adapter(ctx)
+    tc = TrainConfig(k=t.k, lr=t.lr, batch_size=t.batch_size, total_tokens=t.total_tokens,
+                     expansion_factor=t.expansion_factor, checkpoint_every=t.checkpoint_every,
+                     seed=cfg.seed, buffer_tokens=max(1 << 16, t.batch_size))
+    base_cfg = dataclasses.replace(tc, regime="full", total_tokens=t.base_total_tokens or t.total_tokens)
+    data = {}
+    for side in ("base", "vlm"):
+        store = ctx.run_dir / "activations" / t.dataset / side
+        data[side] = ActivationStore(store) if (store / "manifest.json").exists() else None
+    result = train_study_saes(
+        adapter, get_records(ctx, t.dataset), get_records(ctx, t.heldout), cfg.layers, tc, ctx.run_dir,
+        regimes=t.regimes, base_cfg=base_cfg, capture_batch_size=cfg.capture.batch_size,
+        spliced=t.spliced_loss, progress=ctx.progress, data=data,
+    )
+    held = result.tables.get("heldout") if hasattr(result, "tables") else None
+    summary: dict[str, Any] = {"roles": sorted(result.saes)}
+    if held is not None:
+        import pandas as pd
+
+        df = pd.read_parquet(held)
+        summary["heldout"] = df.to_dict(orient="records")[:64]
+    return summary
+
+
+def load_role_saes(run_dir: Path, role: str, layers: list[int], adapter=None, side: str = "vlm") -> dict:
+    """{layer: SAE} of one role (base | full | image | text | random) from the run directory."""
+    from mmdiff.sae import load_sae
+
+    d_in = adapter.backbone(side).d_model if adapter is not None else None
+    out = {}
+    for L in layers:
+        folder = run_dir / "saes" / role / f"layer_{L}"
+        if not folder.exists():
+            raise ConfigError(f"no {role} SAE for layer {L} in {folder.parent}: run the train stage first")
+        out[L] = load_sae(folder, d_in=d_in, layer=L)
+    return out
+
+
+def task_splits(records: list[Record], base_tag: str, tasks: list[str]) -> dict[str, list[str]]:
+    """Record ids per split: each task's tagged records, and the base split without any task tag."""
+    splits = {t: [r.id for r in records if t in r.tasks] for t in tasks}
+    task_set = set(tasks)
+    splits[base_tag] = [r.id for r in records if base_tag in r.tasks and not task_set.intersection(r.tasks)]
+    empty = [k for k, v in splits.items() if not v]
+    if empty:
+        raise ConfigError(
+            f"no records carry the task tags {empty} in the analysis dataset; check stats.tasks / "
+            "stats.base_split against the dataset's tags"
+        )
+    return splits
+
+
+def neutral_records(records: list[Record], instruction: str) -> list[Record]:
+    """The same images with the question replaced by the neutral instruction (lexical filter)."""
+    from dataclasses import replace
+
+    return [replace(r, question=instruction) for r in records if r.image is not None]
+
+
+def stage_stats(ctx: StageContext) -> dict[str, Any]:
+    """Per-feature statistics: VLM + adapted SAEs by split, base LM + base SAEs, neutral re-runs."""
+    from mmdiff.capture import iter_activations
+    from mmdiff.stats import write_feature_stats
+
+    cfg, s = ctx.config, ctx.config.stats
+    adapter = get_adapter(ctx)
+    records = get_records(ctx, s.dataset)
+    layers = cfg.layers
+    adapted = load_role_saes(ctx.run_dir, s.role, layers, adapter, "vlm")
+    base = load_role_saes(ctx.run_dir, "base", layers, adapter, "base")
+    out = ctx.run_dir / "stats"
+    kw = dict(top_k=s.top_k, n_chunks=s.n_chunks, progress=ctx.progress)
+    splits: dict[str, Any] = {"vision": None, **task_splits(records, s.base_split, s.tasks)}
+    write_feature_stats(iter_activations(adapter, records, layers, "vlm", batch_size=s.batch_size,
+                                         progress=ctx.progress), adapted, splits, out, **kw)
+    write_feature_stats(iter_activations(adapter, records, layers, "base", batch_size=s.batch_size,
+                                         progress=ctx.progress), base, "text", out, **kw)
+    for task in s.neutral_tasks:
+        recs = neutral_records([r for r in records if task in r.tasks], s.neutral_instruction)
+        write_feature_stats(iter_activations(adapter, recs, layers, "vlm", batch_size=s.batch_size,
+                                             progress=ctx.progress), adapted, f"{task}_neutral", out, **kw)
+    return {k: len(v) if v is not None else len(records) for k, v in splits.items()}
+
+
+def stage_diff(ctx: StageContext) -> dict[str, Any]:
+    """Adapted features: variance gap, decoder cosine, two-stage global selection, stability."""
+    from mmdiff.diff import write_adapted_features
+    from mmdiff.stats import FeatureStats
+
+    cfg, d = ctx.config, ctx.config.diff
+    stats = ctx.run_dir / "stats"
+    base = load_role_saes(ctx.run_dir, "base", cfg.layers)
+    adapted = load_role_saes(ctx.run_dir, cfg.stats.role, cfg.layers)
+    import pandas as pd
+
+    paths = write_adapted_features(FeatureStats.load(stats, "vision"), FeatureStats.load(stats, "text"),
+                                   base, adapted, ctx.run_dir, p_gap=d.p_gap, p_cos=d.p_cos,
+                                   n_bootstrap=d.n_bootstrap, seed=cfg.seed, progress=ctx.progress)
+    df = pd.read_parquet(paths["diff"])
+    selected = df[df["selected"]]
+    return {"features": int(len(df)), "adapted": int(len(selected)),
+            "adapted_share": float(len(selected) / max(len(df), 1)),
+            "per_layer": {int(k): int(v) for k, v in selected.groupby("layer").size().items()}}
+
+
+def stage_detect(ctx: StageContext) -> dict[str, Any]:
+    """Task features by contrastive firing, intersected with the adapted set, lexically filtered."""
+    import pandas as pd
+
+    from mmdiff.detect import write_task_features
+    from mmdiff.stats import FeatureStats
+
+    cfg, d, s = ctx.config, ctx.config.detect, ctx.config.stats
+    stats = ctx.run_dir / "stats"
+    tasks = {t: FeatureStats.load(stats, t) for t in s.tasks}
+    neutral = {t: FeatureStats.load(stats, f"{t}_neutral") for t in s.neutral_tasks}
+    adapted = pd.read_parquet(stats / "diff.parquet") if d.restrict_to_adapted else None
+    write_task_features(tasks, FeatureStats.load(stats, s.base_split), ctx.run_dir,
+                                 adapted=adapted, neutral=neutral or None, min_delta_p=d.min_delta_p,
+                                 alpha=d.alpha, min_neutral_firing=d.min_neutral_firing,
+                                 min_image_share=d.min_image_share)
+    return {t: int(len(pd.read_parquet(ctx.run_dir / "features" / f"{t}.parquet"))) for t in s.tasks}
+
+
 def study_stages(cfg: StudyConfig) -> list[Stage]:
     """The stages of a study, in the order they run."""
     capture_outputs = [f"activations/{ds}/{side}" for ds in cfg.capture.datasets for side in cfg.capture.sides]
     return [
         Stage("capture", stage_capture, outputs=capture_outputs, config_key="capture",
               describe="residual-stream activations of the VLM and the base LM"),
+        Stage("train", stage_train,
+              outputs=[f"saes/{r}" for r in ["base", *cfg.train.regimes]] + ["stats/sae_heldout.parquet"],
+              needs=["capture"] if cfg.train.dataset in cfg.capture.datasets else [], config_key="train",
+              describe="SAEs: base LM, then the VLM under each masking regime (warm start)"),
+        Stage("stats", stage_stats, outputs=["stats/vision.parquet", "stats/text.parquet"],
+              needs=["train"], config_key="stats",
+              describe="per-feature statistics: VLM + adapted SAEs, base LM + base SAEs"),
+        Stage("diff", stage_diff, outputs=["features/adapted.parquet", "stats/diff.parquet"],
+              needs=["stats"], config_key="diff", describe="adapted features (variance gap, decoder cosine)"),
+        Stage("detect", stage_detect, outputs=[f"features/{t}.parquet" for t in cfg.stats.tasks],
+              needs=["stats", "diff"], config_key="detect",
+              describe="task features by contrastive firing and the lexical filter"),
     ]
 
 

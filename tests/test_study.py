@@ -1,0 +1,85 @@
+"""`mmdiff run` end to end on a tiny LLaVA and a JSONL dataset written here (reduced settings)."""
+
+import json
+
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmdiff.cli import app
+from mmdiff.models.tiny import build_tiny
+from mmdiff.store import ActivationStore
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    models = build_tiny("llava", root / "tiny")
+    rows = []
+    for i in range(16):
+        Image.new("RGB", (32, 32), ((37 * i) % 255, (91 * i) % 255, 200)).save(root / f"im{i}.png")
+        spatial = i % 2 == 0
+        rows.append({"id": f"r{i}", "image": f"im{i}.png",
+                     "question": "Is the square left of the circle?" if spatial else "What colour is it?" + " really" * (i % 3),
+                     "answers": ["yes" if spatial else "red"], "caption": f"a red square and a circle {i}",
+                     "tasks": ["spatial", "yesno"] if spatial else ["vqa"]})
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = {
+        "name": "tiny",
+        "model": {"vlm": str(models / "vlm"), "base_lm": str(models / "base")},
+        "layers": [0, 1],
+        "datasets": {"train": {"kind": "jsonl", "args": {"path": str(root / "data.jsonl")}},
+                     "test": {"kind": "jsonl", "args": {"path": str(root / "data.jsonl")}, "limit": 8}},
+        "capture": {"datasets": ["train"], "batch_size": 4, "shard_tokens": 1024},
+        "train": {"k": 4, "batch_size": 64, "total_tokens": 1024, "checkpoint_every": 5, "expansion_factor": 4},
+        "stats": {"tasks": ["spatial"], "neutral_tasks": ["spatial"], "n_chunks": 4, "top_k": 4},
+        "diff": {"n_bootstrap": 5},
+    }
+    (root / "study.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def test_run_whole_chain_then_skips(tiny_study):
+    runner = CliRunner()
+    args = ["run", "--config", str(tiny_study / "study.yaml"), "--runs-dir", str(tiny_study / "runs"), "--no-progress"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    run = tiny_study / "runs" / "tiny"
+    vlm = ActivationStore(run / "activations" / "train" / "vlm")
+    base = ActivationStore(run / "activations" / "train" / "base")
+    assert vlm.layers == [0, 1] and base.layers == [0, 1]
+    assert vlm.count_tokens([1]) > 0  # image tokens on the VLM side
+    assert base.count_tokens([1]) == 0  # none on the caption side
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["capture"]["status"] == "done"
+    assert manifest["stages"]["capture"]["summary"]["train/vlm"]["records"] == 16
+    stages = manifest["stages"]
+    assert [s for s in stages if stages[s]["status"] == "done"] == ["capture", "train", "stats", "diff", "detect"]
+    for role in ("base", "full", "image", "text", "random"):
+        assert (run / "saes" / role / "layer_1" / "cfg.json").is_file()
+    import pandas as pd
+
+    diff = pd.read_parquet(run / "stats" / "diff.parquet")
+    assert len(diff) == 2 * stages["diff"]["summary"]["features"] // 2
+    assert 0 < stages["diff"]["summary"]["adapted"] < len(diff)
+    assert (run / "features" / "spatial.parquet").is_file()
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and res.output.count("skipped") >= 5
+    assert (run / "config.yaml").exists()
+    # a changed detect threshold redoes detect only
+    res = runner.invoke(app, args + ["--only", "detect", "--force"])
+    assert res.exit_code == 0 and "detect       done" in res.output
+
+
+def test_dry_run_names_missing_things(tiny_study, tmp_path):
+    cfg = yaml.safe_load((tiny_study / "study.yaml").read_text())
+    cfg["capture"]["datasets"] = ["nope"]
+    cfg["model"]["vlm"] = str(tmp_path / "missing_model")
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, ["run", "--config", str(p), "--dry-run"])
+    assert res.exit_code == 1
+    assert "'nope'" in res.output and "missing_model" in res.output
+    res = CliRunner().invoke(app, ["run", "--config", str(tiny_study / "study.yaml"), "--dry-run"])
+    assert res.exit_code == 0, res.output
