@@ -61,7 +61,8 @@ def test_run_whole_chain_then_skips(tiny_study):
     import pandas as pd
 
     diff = pd.read_parquet(run / "stats" / "diff.parquet")
-    assert len(diff) == 2 * stages["diff"]["summary"]["features"] // 2
+    d_sae = json.loads((run / "saes" / "text" / "layer_0" / "cfg.json").read_text())["d_sae"]
+    assert len(diff) == stages["diff"]["summary"]["features"] == 2 * d_sae  # every feature of both layers
     assert 0 < stages["diff"]["summary"]["adapted"] < len(diff)
     assert (run / "features" / "spatial.parquet").is_file()
     res = runner.invoke(app, args)
