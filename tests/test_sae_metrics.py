@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -194,3 +195,15 @@ def test_fraction_recovered_formula_and_errors(tiny_lm):
         spliced_loss(tiny_lm, 7, torch.zeros_like, inputs, types)
     with pytest.raises(ModelError, match="must match"):
         spliced_loss(tiny_lm, 0, torch.zeros_like, inputs, types[:, :3])
+
+
+def test_evaluate_sae_reads_an_activation_store_like_the_batches(tmp_path):
+    from mmdiff.store import ActivationStore, ActivationStoreWriter
+
+    with ActivationStoreWriter(tmp_path / "s", [5], 2, dtype="float32") as writer:
+        writer.add(_batch())
+    sae = signed_identity_sae(2, k=1)
+    from_store = evaluate_sae(sae, ActivationStore(tmp_path / "s"), layer=5)
+    from_batches = evaluate_sae(sae, [_batch()], layer=5)
+    assert pd.Series(from_store.row()).equals(pd.Series(from_batches.row()))  # NaN == NaN here
+    assert from_store.n_tokens == 3  # BOS stored but excluded, padding never stored

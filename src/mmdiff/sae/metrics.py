@@ -167,20 +167,31 @@ class SAEEvaluation:
 
 
 def evaluation_tokens(
-    batch: ActivationBatch, layer: int, exclude_special: bool = True
+    batch: Any, layer: int, exclude_special: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(acts [n, d], token_types [n]) of the tokens an SAE is evaluated on.
 
+    batch: an ActivationBatch ([batch, seq, d] per layer) or a flat batch of the activation store
+    (`StoreBatch`: acts {layer: [n, d]} or one [n, d] tensor, token_types [n]; no padding).
     Padding never counts; special tokens (BOS, ...) only when exclude_special is False.
     """
-    if layer not in batch.acts:
+    acts = batch.acts if isinstance(batch.acts, Mapping) else {layer: batch.acts}
+    if layer not in acts:
         raise SAEError(
-            f"the activation batch has layers {sorted(batch.acts)}, not layer {layer}; capture that layer"
+            f"the activation batch has layers {sorted(acts)}, not layer {layer}; capture that layer"
         )
-    keep = batch.attention_mask.bool()
+    mask = getattr(batch, "attention_mask", None)
+    keep = torch.ones_like(batch.token_types, dtype=torch.bool) if mask is None else mask.bool()
     if exclude_special:
         keep = keep & (batch.token_types != int(TokenType.SPECIAL))
-    return batch.acts[layer][keep], batch.token_types[keep]
+    return acts[layer][keep], batch.token_types[keep]
+
+
+def _held_out_batches(batches: Any, layers: list[int]) -> Iterable[Any]:
+    """Iterate an ActivationStore in stored order, or any iterable of batches as given."""
+    if hasattr(batches, "iter_batches") and hasattr(batches, "count_tokens"):
+        return batches.iter_batches(layers, 4096, shuffle=False)
+    return batches
 
 
 class _SAEEvalAccumulator:
@@ -243,9 +254,10 @@ def evaluate_saes(
     """`evaluate_sae` for many SAEs in one pass over the held-out batches.
 
     saes: {key: (sae, layer)}, e.g. {("full", 12): (sae, 12)}; returns {key: SAEEvaluation}.
+    batches: ActivationBatches, flat store batches, or an `ActivationStore`.
     """
     accs = {key: _SAEEvalAccumulator(sae, layer) for key, (sae, layer) in saes.items()}
-    for batch in batches:
+    for batch in _held_out_batches(batches, sorted({acc.layer for acc in accs.values()})):
         for acc in accs.values():
             acc.update(*evaluation_tokens(batch, acc.layer, exclude_special))
     return {key: acc.result() for key, acc in accs.items()}
