@@ -5,6 +5,10 @@ The loop is short on purpose (STYLE.md): the token stream (`shuffled_batches`), 
 (`topk_loss`), the decoder constraint (`constrain_decoder_grad`), the dead-latent bookkeeping
 (`DeadLatents`) and the checkpoint (`save_checkpoint` / `load_checkpoint`) are separate functions.
 
+Masking regimes choose the tokens that enter the loss (METHOD.md §1). A TopK SAE is a per-token
+function, so encoding positions whose loss is masked out would change nothing but the cost: like
+sparsify, the trainer drops them before the SAE, and `batch_size` counts loss tokens.
+
 Resume is exact: the token order is a deterministic function of (seed, position), where a position
 is (epoch, source item, shuffle block, batches taken from the block) plus the few leftover tokens
 that opened the block; a checkpoint holds that position, the SAE weights, the optimizer state, the
@@ -974,7 +978,11 @@ class StudySAEs:
 
 
 def _role_settings(cfg: TrainConfig, layers: Sequence[int]) -> dict[str, Any]:
-    return {"config": dataclasses.asdict(cfg), "layers": list(layers)}
+    """What a finished role's SAEs depend on (not where they trained or how often they logged)."""
+    return {
+        "config": {**cfg.trajectory_key(), "total_tokens": cfg.total_tokens},
+        "layers": list(layers),
+    }
 
 
 def _finished_role(role_dir: Path, cfg: TrainConfig, layers: Sequence[int]) -> bool:
@@ -1096,6 +1104,10 @@ def train_study_saes(
         raise ConfigError(f"unknown regimes {bad}; expected some of {REGIMES}")
     layers = sorted({int(L) for L in layers})
     out_dir = Path(out_dir)
+    if cfg.device is None and adapter is not None:  # train where the activations are produced
+        cfg = dataclasses.replace(cfg, device=str(next(adapter.vlm.model.parameters()).device))
+    if base_cfg is not None and base_cfg.device is None:
+        base_cfg = dataclasses.replace(base_cfg, device=cfg.device)
 
     def source(given: Mapping[str, Any] | None, records: Sequence[Any], side: str) -> Any:
         if given is not None and given.get(side) is not None:
