@@ -601,6 +601,29 @@ def test_train_study_saes_writes_every_role_and_the_tables(atoms, tmp_path):
     assert torch.equal(again.saes["text"][0].W_dec, study.saes["text"][0].W_dec)
 
 
+def test_train_study_saes_from_pretrained_base_saes(atoms, tmp_path):
+    from mmdiff.sae.jumprelu import JumpReLUSAE
+
+    scope = JumpReLUSAE(SAEConfig(architecture="jumprelu", d_in=D, d_sae=64, hook_layer=0))
+    scope.save(tmp_path / "scope_L0")  # stands in for a Llama Scope / Gemma Scope folder
+    data = {"vlm": synthetic_batches(atoms, 2, seed=2)}
+    held = {"base": synthetic_batches(atoms, 1, seed=3), "vlm": synthetic_batches(atoms, 1, seed=4)}
+    cfg = TrainConfig(k=4, batch_size=128, total_tokens=128 * 2, buffer_tokens=512)
+    study = train_study_saes(
+        None, [], [], [0], cfg, tmp_path / "run", regimes=("text",), base_saes={0: tmp_path / "scope_L0"},
+        spliced=False, plots=False, progress=False, data=data, heldout=held,
+    )  # fmt: skip
+    assert load_sae(tmp_path / "run" / "saes" / "base" / "layer_0").cfg.architecture == "jumprelu"
+    assert study.saes["text"][0].cfg.architecture == "topk" and study.results["text"].steps == 2
+    curves = pd.read_parquet(study.tables["fvu_curves"])
+    assert set(curves["regime"]) == {"text"}  # the imported base SAEs have no training curve
+    with pytest.raises(SAEError, match="layers \\[1\\]"):
+        train_study_saes(
+            None, [], [], [0, 1], cfg, tmp_path / "run2", base_saes={0: tmp_path / "scope_L0"},
+            data=data, heldout=held, progress=False,
+        )  # fmt: skip
+
+
 def test_train_study_saes_on_a_tiny_llava_with_live_capture(tmp_path):
     """The real data path: capture from a tiny LLaVA and its base LM, spliced-in loss on both."""
     from PIL import Image

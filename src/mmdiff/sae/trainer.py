@@ -1033,6 +1033,33 @@ def train_role(
     return train_saes(init, data, layers, cfg, role_dir, progress)
 
 
+def import_base_saes(
+    base_saes: Mapping[int, Any], layers: Sequence[int], role_dir: Path, d_in: int | None = None
+) -> TrainResult:
+    """Pretrained base-LM SAEs as the `base` role: checked, then saved natively to role_dir/layer_<L>/."""
+    from mmdiff.sae import load_sae
+    from mmdiff.sae.base import SAE
+
+    missing = [L for L in layers if L not in base_saes]
+    if missing:
+        raise SAEError(
+            f"no pretrained base SAE for layers {missing} (given: {sorted(base_saes)}); "
+            "give one per study layer or leave base_saes unset to train them"
+        )
+    saes, dirs = {}, {}
+    for L in layers:
+        given = base_saes[L]
+        sae = given if isinstance(given, SAE) else load_sae(given, d_in=d_in, layer=L)
+        if d_in is not None and sae.cfg.d_in != d_in:
+            raise SAEError(
+                f"the base SAE for layer {L} expects d_in={sae.cfg.d_in}, the base LM's hidden size "
+                f"is {d_in}: is this SAE for another model?"
+            )
+        sae.check_finite(f"base SAE for layer {L}")
+        saes[L], dirs[L] = sae, Path(sae.save(role_dir / f"layer_{L}"))
+    return TrainResult(saes, [], role_dir, dirs, steps=0, tokens=0)
+
+
 def _to_device(inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
@@ -1080,6 +1107,7 @@ def train_study_saes(
     progress: bool = True,
     data: Mapping[str, Any] | None = None,
     heldout: Mapping[str, Any] | None = None,
+    base_saes: Mapping[int, Any] | None = None,
 ) -> StudySAEs:
     """The `train` stage of a study without pretrained SAEs (the organism).
 
@@ -1095,6 +1123,9 @@ def train_study_saes(
     Activations come from `mmdiff.capture.iter_activations` on the adapter, unless `data` /
     `heldout` give them per side ({"base": ..., "vlm": ...}: ActivationBatch iterables or stores).
     A killed call resumes: finished roles are reloaded, the interrupted one resumes its checkpoint.
+    `base_saes` ({layer: SAE or `load_sae`-readable path}, e.g. Llama Scope folders) replaces step 1:
+    they are copied to out_dir/saes/base/ in their own architecture and the regimes warm-start from
+    them (JumpReLU through `to_topk`).
     """
     from mmdiff.sae.metrics import decoder_cosine, evaluate_saes
     from mmdiff.sae.training_report import fvu_curves, heldout_table, write_training_report
@@ -1118,10 +1149,14 @@ def train_study_saes(
     held = {side: source(heldout, records_heldout, side) for side in ("base", "vlm")}
 
     results: dict[str, TrainResult] = {}
-    bcfg = base_cfg or dataclasses.replace(cfg, regime="full")
-    results["base"] = train_role(
-        "base", None, src["base"], layers, bcfg, out_dir / "saes" / "base", progress
-    )
+    if base_saes is not None:
+        d_in = adapter.backbone("base").d_model if adapter is not None else None
+        results["base"] = import_base_saes(base_saes, layers, out_dir / "saes" / "base", d_in)
+    else:
+        bcfg = base_cfg or dataclasses.replace(cfg, regime="full")
+        results["base"] = train_role(
+            "base", None, src["base"], layers, bcfg, out_dir / "saes" / "base", progress
+        )
     for regime in regimes:
         results[regime] = train_role(
             regime,
@@ -1161,7 +1196,7 @@ def train_study_saes(
     tables = write_training_report(
         out_dir / "stats",
         out_dir / "report",
-        fvu_curves({role: r.metrics for role, r in results.items()}),
+        fvu_curves({role: r.metrics for role, r in results.items() if r.metrics}),
         heldout_table(rows),
         cosines,
         spliced_df,
