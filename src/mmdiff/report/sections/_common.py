@@ -1,0 +1,219 @@
+"""The pieces every report section is made of, and the tolerant readers that build them.
+
+A section never crashes the report: a stage that did not run gives `status="not run"` and a note,
+a file that cannot be read or lacks columns gives a visible warning. Figures are embedded as base64
+PNG data URIs so the report is one self-contained file; the PNGs themselves stay beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import pandas as pd
+
+NOT_RUN = "not run"
+OK = "ok"
+
+
+@dataclass
+class Figure:
+    """One embedded image: a data: URI (base64 only, so it needs no escaping) and its caption."""
+
+    title: str
+    uri: str
+    caption: str = ""
+
+
+@dataclass
+class Link:
+    """A cell that links somewhere relative to the report (a feature dashboard)."""
+
+    text: str
+    href: str
+
+
+@dataclass
+class Table:
+    """A small table already formatted for display: every cell a str or a `Link`."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    caption: str = ""
+    total_rows: int | None = None  # rows in the source, when only the first ones are shown
+
+
+@dataclass
+class Block:
+    """A titled group inside a section (one task, one intervention family, ...)."""
+
+    title: str
+    notes: list[str] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    pre: str | None = None  # preformatted text (the resolved config)
+
+
+@dataclass
+class Section:
+    """One numbered part of the report."""
+
+    id: str
+    title: str
+    status: str = OK  # OK or NOT_RUN
+    intro: str = ""
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def rel(path: Path, run_dir: Path) -> str:
+    """A path as the reader sees it: relative to the run directory."""
+    try:
+        return str(path.relative_to(run_dir))
+    except ValueError:
+        return str(path)
+
+
+def read_table(
+    path: Path, run_dir: Path, section: Section, required: Iterable[str] = ()
+) -> pd.DataFrame | None:
+    """The Parquet table at `path`, or None with a warning on `section` when it is unreadable or
+    lacks `required` columns. A missing file gives None without a warning (the caller decides)."""
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is reported, never raised
+        section.warn(
+            f"{rel(path, run_dir)} could not be read ({type(exc).__name__}: {exc}); "
+            "re-run the stage that writes it"
+        )
+        return None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        section.warn(
+            f"{rel(path, run_dir)} lacks columns {missing} (it has {list(df.columns)}); it was written "
+            "by another version of mmdiff or edited by hand: re-run the stage that writes it"
+        )
+        return None
+    return df
+
+
+def read_json(path: Path, run_dir: Path, section: Section) -> Any | None:
+    """The JSON at `path`, or None (with a warning when it exists but is not valid JSON)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        section.warn(f"{rel(path, run_dir)} is not valid JSON ({exc}); re-run the stage that writes it")
+        return None
+
+
+def png_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def png_figure(path: Path, title: str, caption: str = "") -> Figure:
+    """An existing PNG file as an embedded figure."""
+    return Figure(title, png_uri(path.read_bytes()), caption)
+
+
+def ensure_plot(
+    path: Path,
+    draw: Callable[[Path], Any],
+    title: str,
+    caption: str,
+    section: Section,
+    run_dir: Path,
+    sources: Sequence[Path] = (),
+) -> Figure | None:
+    """The figure at `path`, drawn with `draw(path)` first when the file does not exist or is older
+    than one of its `sources` (a stage re-ran since); None with a warning when drawing fails."""
+    try:
+        if not path.is_file() or _stale(path, sources):
+            draw(path)
+        return png_figure(path, title, caption)
+    except Exception as exc:  # noqa: BLE001 - a broken plot must not break the report
+        section.warn(f"plot {rel(path, run_dir)} could not be drawn ({type(exc).__name__}: {exc})")
+        return None
+
+
+def _stale(path: Path, sources: Sequence[Path]) -> bool:
+    mtime = path.stat().st_mtime
+    return any(src.is_file() and src.stat().st_mtime > mtime for src in sources)
+
+
+def save_png(fig: Any, path: Path, dpi: int = 120) -> Path:
+    """Write a matplotlib Figure as PNG atomically (plots live beside the report)."""
+    from mmdiff.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A cell value for display: floats with `digits` significant digits, NaN/None as an en dash."""
+    if value is None or value is pd.NA:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int) or (hasattr(value, "dtype") and getattr(value.dtype, "kind", "") in "iu"):
+        return f"{int(value):,}"
+    if isinstance(value, float) or (hasattr(value, "dtype") and getattr(value.dtype, "kind", "") == "f"):
+        v = float(value)
+        if math.isnan(v):
+            return "–"
+        if math.isinf(v):
+            return "∞" if v > 0 else "−∞"
+        if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+            return f"{v:.{digits - 1}e}"
+        if abs(v) >= 10 ** digits:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}"
+    return str(value)
+
+
+def frame_table(
+    df: pd.DataFrame,
+    title: str,
+    columns: Sequence[str],
+    *,
+    caption: str = "",
+    max_rows: int = 50,
+    cell: Callable[[str, Any, pd.Series], Any] | None = None,
+) -> Table:
+    """A Table of the first `max_rows` rows of `df`, the given columns (those present), formatted
+    with `fmt` unless `cell(column, value, row)` returns something else than None."""
+    cols = [c for c in columns if c in df.columns]
+    rows = []
+    for _, r in df.head(max_rows).iterrows():
+        out = []
+        for c in cols:
+            custom = cell(c, r[c], r) if cell is not None else None
+            out.append(custom if custom is not None else fmt(r[c]))
+        rows.append(out)
+    return Table(title, cols, rows, caption, total_rows=len(df) if len(df) > max_rows else None)
+
+
+def feature_label(layer: int, feature: int) -> str:
+    """"L12/F807", the id explanations and dashboards use."""
+    return f"L{int(layer)}/F{int(feature)}"
+
+
+def dashboard_link(run_dir: Path, layer: int, feature: int) -> Link | str:
+    """A link to the feature's dashboard relative to report/index.html, or the plain id without one."""
+    name = f"L{int(layer)}_F{int(feature)}.html"
+    if (run_dir / "interp" / "dashboards" / name).is_file():
+        return Link(feature_label(layer, feature), f"../interp/dashboards/{name}")
+    return feature_label(layer, feature)

@@ -1,0 +1,146 @@
+"""Section 6: control: the effects table (each intervention x each task, effect with its 95% CI and
+the control's effect beside it) and the steering sweeps (alpha vs score, feature vs single-layer).
+
+Files: eval/effects.parquet (EFFECT_COLUMNS) and eval/steering.parquet (STEERING_COLUMNS), written
+by the control stage.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mmdiff.report.sections._common import (
+    NOT_RUN,
+    Block,
+    Section,
+    Table,
+    ensure_plot,
+    fmt,
+    read_table,
+    save_png,
+)
+
+EFFECT_COLUMNS = [
+    "intervention", "target_task", "eval_task", "metric", "baseline", "treated", "effect", "ci_lo", "ci_hi",
+    "control", "control_effect", "control_ci_lo", "control_ci_hi", "n",
+]
+STEERING_COLUMNS = ["method", "task", "alpha", "score", "ci_lo", "ci_hi"]
+METHOD_STYLE = {"feature": ("#e7298a", "feature steering"), "single_layer": ("#555555", "single-layer (CAA)")}
+
+
+def interval(mean: Any, lo: Any, hi: Any, *, signed: bool = True) -> str:
+    """'+0.083 [+0.051, +0.120]', or the mean alone when the interval is missing."""
+
+    def f(v: Any) -> str:
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            return "–"
+        return "–" if math.isnan(x) else (f"{x:+.3f}" if signed else f"{x:.3f}")
+
+    if f(lo) == "–" or f(hi) == "–":
+        return f(mean)
+    return f"{f(mean)} [{f(lo)}, {f(hi)}]"
+
+
+def excludes_zero(lo: Any, hi: Any) -> bool:
+    try:
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        return False
+    return not (math.isnan(lo) or math.isnan(hi)) and (lo > 0 or hi < 0)
+
+
+def effects_table(effects: pd.DataFrame) -> Table:
+    rows = []
+    for r in effects.sort_values(["intervention", "target_task", "eval_task", "metric"], kind="stable").itertuples():
+        rows.append([
+            str(r.intervention), str(r.target_task), str(r.eval_task), str(r.metric), fmt(r.baseline), fmt(r.treated),
+            interval(r.effect, r.ci_lo, r.ci_hi) + (" *" if excludes_zero(r.ci_lo, r.ci_hi) else ""),
+            str(r.control) if r.control is not None and not (isinstance(r.control, float) and math.isnan(r.control)) else "–",
+            interval(r.control_effect, r.control_ci_lo, r.control_ci_hi)
+            + (" *" if excludes_zero(r.control_ci_lo, r.control_ci_hi) else ""),
+            fmt(r.n),
+        ])
+    return Table(
+        "Intervention effects",
+        ["intervention", "target task", "eval task", "metric", "baseline", "treated", "effect [95% CI]", "control",
+         "control effect [95% CI]", "n"],
+        rows,
+        caption="effect = treated − baseline on the same records (paired bootstrap interval); * = the interval "
+        "excludes 0. The control (e.g. random features of matched firing frequency) is applied the same way.",
+    )
+
+
+def plot_steering(steering: pd.DataFrame):
+    """Score against alpha, one panel per task, feature steering vs the single-layer baseline."""
+    from matplotlib.figure import Figure
+
+    tasks = list(dict.fromkeys(steering["task"].astype(str)))
+    fig = Figure(figsize=(4.2 * max(1, len(tasks)), 3.3), layout="constrained")
+    axes = fig.subplots(1, max(1, len(tasks)), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        sub = steering[steering["task"].astype(str) == task]
+        for method in dict.fromkeys(sub["method"].astype(str)):
+            r = sub[sub["method"].astype(str) == method].sort_values("alpha")
+            colour, label = METHOD_STYLE.get(method, (None, method))
+            (line,) = ax.plot(r["alpha"], r["score"], marker="o", ms=3, color=colour, label=label)
+            ax.fill_between(r["alpha"].to_numpy(float), r["ci_lo"].to_numpy(float), r["ci_hi"].to_numpy(float),
+                            color=line.get_color(), alpha=0.15, lw=0)
+        ax.set_xlabel("steering strength α")
+        ax.set_ylabel("score")
+        ax.set_title(task)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def best_per_method(steering: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, method): the alpha with the highest score, its score and interval."""
+    idx = steering.groupby(["task", "method"], sort=True)["score"].idxmax()
+    return steering.loc[idx.dropna().astype(int)].reset_index(drop=True)
+
+
+def control_section(run_dir: Path) -> Section:
+    section = Section(
+        "control",
+        "Control: removal and steering",
+        intro="Removal projects the features' decoder directions out of the residual stream at their layer; "
+        "steering adds α·s·v. Every effect is shown with its 95% bootstrap interval and the control's effect.",
+    )
+    ev = run_dir / "eval"
+    effects = read_table(ev / "effects.parquet", run_dir, section, EFFECT_COLUMNS)
+    steering = read_table(ev / "steering.parquet", run_dir, section, STEERING_COLUMNS)
+    if effects is None and steering is None:
+        if not section.warnings:
+            section.status = NOT_RUN
+            section.notes.append("The control stage has not run (no eval/effects.parquet, eval/steering.parquet).")
+        return section
+    if effects is not None:
+        block = Block("Effects")
+        if effects.empty:
+            block.notes.append("eval/effects.parquet has no rows.")
+        else:
+            block.tables.append(effects_table(effects))
+        section.blocks.append(block)
+    if steering is not None and not steering.empty:
+        block = Block("Steering sweeps")
+        fig = ensure_plot(
+            run_dir / "report" / "steering.png", lambda p: save_png(plot_steering(steering), p),
+            "Steering: score vs α", "Shaded: 95% intervals.", section, run_dir, [ev / "steering.parquet"],
+        )
+        block.figures += [fig] if fig else []
+        best = best_per_method(steering)
+        block.tables.append(
+            Table(
+                "Best α per method",
+                ["task", "method", "α", "score [95% CI]"],
+                [[str(r.task), str(r.method), fmt(r.alpha), interval(r.score, r.ci_lo, r.ci_hi, signed=False)]
+                 for r in best.itertuples()],
+            )
+        )
+        section.blocks.append(block)
+    return section

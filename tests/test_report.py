@@ -1,0 +1,400 @@
+"""The study report: a fake run directory written with the real writers renders every section, escapes
+hostile dataset text, references nothing outside itself, survives missing and malformed inputs; the
+seed findings are computed exactly from hand-made tables."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from mmdiff.atomic import write_json, write_parquet, write_text
+from mmdiff.attribution import FeatureAttribution, HeadAttribution, heads_frame, layers_frame
+from mmdiff.config import DatasetSpec, StudyConfig, dump_config
+from mmdiff.detect import write_task_features
+from mmdiff.diff import write_adapted_features
+from mmdiff.interp.dashboard import FeatureCard, write_dashboards
+from mmdiff.interp.explain import Explanation, write_explanations
+from mmdiff.models.base import TokenType
+from mmdiff.pipeline import RunDir, package_versions
+from mmdiff.report.build import build_report
+from mmdiff.report.findings import (
+    NOT_MEASURED,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    adapted_share,
+    findings,
+    head_concentration,
+    removal_drop,
+    removal_spares_vqa,
+    steering_gain,
+)
+from mmdiff.report.sections._common import fmt
+from mmdiff.sae.training_report import fvu_curves, heldout_table, write_training_report
+from mmdiff.stats import FeatureStats
+
+SCRIPT = "<script>alert(1)</script>"
+TEXT, IMAGE = int(TokenType.TEXT), int(TokenType.IMAGE)
+LAYERS, D_SAE, D_IN = (0, 1), 50, 16
+TASKS = ("spatial", "ocr", "safety")
+
+
+# ----------------------------------------------------------------------------------- a fake run
+
+
+def _stats(split: str, rate: np.ndarray, seed: int, n_records: int = 12, tokens: int = 10) -> FeatureStats:
+    """FeatureStats of codes that fire with probability rate[layer_index, feature] on every token."""
+    g = np.random.default_rng(seed)
+    st = FeatureStats({layer: D_SAE for layer in LAYERS}, split, n_chunks=4, top_k=2)
+    n = n_records * tokens
+    record = torch.arange(n_records).repeat_interleave(tokens)
+    position = torch.arange(tokens).repeat(n_records) + 1
+    ttype = torch.tensor([IMAGE if p <= 4 else TEXT for p in position.tolist()])
+    for i, layer in enumerate(LAYERS):
+        fires = g.random((n, D_SAE)) < rate[i]
+        h = torch.tensor(fires * g.exponential(1.0, (n, D_SAE)), dtype=torch.float32)
+        st.update_codes(layer, h, record=record, position=position, token_type=ttype,
+                        record_ids=[f"r{j}" for j in range(n_records)])
+    return st
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    img = Image.new("RGB", (24, 24), colour)
+    img.putpixel((3, 3), (0, 0, 0))
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _attribution(layer: int, feature: int, big: dict[tuple[int, int], float], heads: int = 4) -> FeatureAttribution:
+    a = torch.full((layer + 1, heads), 0.05, dtype=torch.float64)
+    for (l, h), v in big.items():
+        a[l, h] = v
+    attr = HeadAttribution(
+        feature_layer=layer, feature=feature, record_ids=["r0", "r1"], score_a=a, score_b=a / 2,
+        per_sample_a=None, per_sample_b=None, m_clean=torch.tensor([2.0, 1.0]), m_corrupt=torch.tensor([0.5, 0.5]),
+        seconds=0.5, forward_passes=4, backward_passes=2,
+    )
+    return FeatureAttribution(attr)
+
+
+def make_run(run: Path) -> dict:
+    """Every artifact of a study, written by the real writers where they exist; returns what was planted."""
+    cfg = StudyConfig(name="organism", datasets={"train": DatasetSpec(kind="jsonl", args={"path": SCRIPT})})
+    write_text(run / "config.yaml", dump_config(cfg))
+    rd = RunDir(run)
+    rd.record("capture", status="done", inputs_hash="a" * 64, outputs={"activations/train/vlm": "b" * 64},
+              versions=package_versions(), seconds=1.25, peak_rss_mib=321.5, peak_cuda_mib=None,
+              finished=time.time(), error=None)
+    rd.record("detect", status="failed", error=f"DataError: {SCRIPT}", seconds=0.5)
+
+    # SAE training: tables only (plots=False), so the report has to draw the plots itself
+    curves = fvu_curves({
+        regime: [{"layer": L, "step": s, "tokens": 64 * s, "fvu": 1.0 / s + 0.1 * k, "l0": 8.0, "dead_fraction": 0.1}
+                 for L in LAYERS for s in (1, 2, 3)]
+        for k, regime in enumerate(("base", "full", "text", "random"))
+    })
+    heldout = heldout_table(
+        {"regime": r, "side": "vlm", "layer": L, "n_tokens": 100, "n_image_tokens": 40, "n_text_tokens": 60,
+         "fvu": 0.2, "fvu_image": 0.3, "fvu_text": 0.1, "l0": 8.0, "dead_fraction": 0.05}
+        for r in ("full", "text", "random") for L in LAYERS
+    )
+    cosines = {r: {L: torch.linspace(0.2, 1.0, D_SAE) for L in LAYERS} for r in ("full", "text")}
+    spliced = pd.DataFrame([{"regime": "full", "side": "vlm", "layer": L, "ce_clean": 2.0, "ce_sae": 2.5,
+                             "ce_zero": 7.0, "n_targets": 50, "fraction_recovered": 0.9} for L in LAYERS])
+    write_training_report(run / "stats", run / "report", curves, heldout, cosines, spliced, plots=False)
+
+    # diff: rotated decoders and a vision/text firing difference
+    g = torch.Generator().manual_seed(0)
+    base = {L: torch.randn(D_SAE, D_IN, generator=g) for L in LAYERS}
+    adapted = {L: base[L] + 0.8 * torch.randn(D_SAE, D_IN, generator=g) for L in LAYERS}
+    rng = np.random.default_rng(1)
+    vision = _stats("vision", rng.uniform(0.05, 0.5, (2, D_SAE)), 2)
+    text = _stats("text", rng.uniform(0.05, 0.5, (2, D_SAE)), 3)
+    paths = write_adapted_features(vision, text, base, adapted, run, n_bootstrap=0, progress=False)
+    diff = pd.read_parquet(paths["diff"])
+    sel = diff[diff["selected"]]
+
+    # detect: the adapted features fire far more often on the spatial and OCR splits
+    base_rate = np.full((2, D_SAE), 0.1)
+    base_stats = _stats("vqa", base_rate, 4)
+    tasks = {}
+    for k, task in enumerate(TASKS):
+        rate = base_rate.copy()
+        if task != "safety":
+            for L, f in zip(sel["layer"], sel["feature"]):
+                rate[LAYERS.index(int(L)), int(f)] = 0.8
+        tasks[task] = _stats(task, rate, 10 + k)
+    write_task_features(tasks, base_stats, run, adapted=diff)
+    kept = pd.read_parquet(run / "features" / "spatial.parquet")
+    keys = list(zip(kept["layer"].astype(int), kept["feature"].astype(int)))
+
+    # interp: explanations (hostile text) and dashboards of the spatial features
+    write_explanations(run / "interp" / "explanations.json", [
+        Explanation(description=f"objects left of {SCRIPT}", confidence=0.75, source="offline",
+                    feature_id=f"L{L}/F{f}") for L, f in keys
+    ])
+    write_dashboards([FeatureCard(layer=L, feature=f) for L, f in keys], run / "interp" / "dashboards")
+
+    # attribution: two features, both concentrated on a few heads
+    results = [_attribution(3, 5, {(2, 1): 1.0, (2, 3): 1.0}), _attribution(1, 7, {(1, 0): 1.0})]
+    out = run / "attribution"
+    write_parquet(out / "heads.parquet", pd.concat([heads_frame(r.attribution) for r in results], ignore_index=True))
+    write_parquet(out / "layers.parquet", pd.concat([layers_frame(r.attribution) for r in results], ignore_index=True))
+    write_json(out / "summary.json", {"objective": "projection", "positions": "all", "top_k": 2,
+                                      "features": [r.summary() for r in results], "skipped_no_activation": []})
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    (out / "overlays" / "L3F5_top1_L2H1.png").write_bytes(_png((200, 30, 30)))
+
+    # control: the schema of the (future) control stage
+    write_parquet(run / "eval" / "effects.parquet", effects_frame([
+        ("ablate", "spatial", "spatial", "accuracy", 0.8, -0.1, -0.15, -0.05, SCRIPT, -0.01, -0.03, 0.01),
+        ("ablate", "ocr", "ocr", "accuracy", 0.5, -0.02, -0.06, 0.02, "random", 0.0, -0.02, 0.02),
+        ("ablate", "spatial", "vqa", "accuracy", 0.7, 0.005, -0.02, 0.03, "random", 0.0, -0.02, 0.02),
+        ("mean_ablate_heads", "spatial", "spatial", "accuracy", 0.8, -0.3, -0.4, -0.2, "random", 0.0, -0.02, 0.02),
+    ]))
+    write_parquet(run / "eval" / "steering.parquet", steering_frame([
+        ("feature", "spatial", 0.0, 0.70, 0.65, 0.75), ("feature", "spatial", 2.0, 0.80, 0.75, 0.85),
+        ("single_layer", "spatial", 0.0, 0.70, 0.65, 0.75), ("single_layer", "spatial", 2.0, 0.72, 0.67, 0.77),
+        ("feature", "ocr", 1.0, 0.60, 0.50, 0.70), ("single_layer", "ocr", 1.0, 0.62, 0.55, 0.69),
+    ]))
+    return {"diff": diff, "keys": keys, "n_selected": len(sel)}
+
+
+def effects_frame(rows: list[tuple]) -> pd.DataFrame:
+    cols = ["intervention", "target_task", "eval_task", "metric", "baseline", "effect", "ci_lo", "ci_hi", "control",
+            "control_effect", "control_ci_lo", "control_ci_hi"]
+    df = pd.DataFrame(rows, columns=cols)
+    df.insert(5, "treated", df["baseline"] + df["effect"])
+    df["n"] = 200
+    return df
+
+
+def steering_frame(rows: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["method", "task", "alpha", "score", "ci_lo", "ci_hi"])
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "organism"
+    planted = make_run(run)
+    html_path = build_report(run)
+    return run, planted, html_path.read_text(encoding="utf-8")
+
+
+def copy_run(full_run, tmp_path: Path) -> Path:
+    """A copy of the fake run with its plots (mtimes kept, so only plots of changed tables are redrawn)."""
+    dst = tmp_path / "organism"
+    shutil.copytree(full_run[0], dst)
+    (dst / "report" / "index.html").unlink()
+    return dst
+
+
+def section_html(html: str, section_id: str) -> str:
+    start = html.index(f'<section id="{section_id}">')
+    return html[start: html.index("</section>", start)]
+
+
+# ----------------------------------------------------------------------------------- rendering
+
+
+def test_every_section_renders(full_run):
+    run, planted, html = full_run
+    assert (run / "report" / "index.html").is_file()
+    for sid in ("provenance", "sae", "adapted", "tasks", "attribution", "control", "findings"):
+        assert f'<section id="{sid}">' in html
+    assert 'class="warning"' not in html, re.findall(r'<div class="warning">.*?</div>', html)
+    assert "not run" not in html
+    # plots the SAE stage did not draw were drawn beside the report and embedded
+    for name in ("sae_fvu_curves", "sae_fvu_by_token_type", "sae_decoder_cosine", "gap_vs_cosine",
+                 "adapted_per_layer", "spatial_firing", "spatial_candidates", "spatial_adapted_firing",
+                 "attribution_layers", "attribution_heads", "steering"):
+        assert (run / "report" / f"{name}.png").is_file(), name
+    n_img = len(re.findall(r'<img src="data:image/png;base64,', html))
+    assert n_img >= 11 + 1 + 3 * 2  # the above, the overlay, firing + candidates of the other tasks
+    # numbers from the tables
+    sae = section_html(html, "sae")
+    assert "0.9" in sae and "Spliced-in next-token loss" in sae
+    adapted = section_html(html, "adapted")
+    assert f"{planted['n_selected']} of 100 features are in the adapted set (4.00%)" in adapted
+    prov = section_html(html, "provenance")
+    assert "aaaaaaaaaaaa" in prov and "a" * 13 not in prov  # hashes abbreviated
+    assert "322" in prov and "failed" in prov  # 321.5 MiB to 3 significant digits
+
+
+def test_task_features_link_to_dashboards(full_run):
+    run, planted, html = full_run
+    tasks = section_html(html, "tasks")
+    assert planted["keys"], "the fake run must keep some spatial features"
+    for layer, feature in planted["keys"]:
+        href = f"../interp/dashboards/L{layer}_F{feature}.html"
+        assert f'<a href="{href}">L{layer}/F{feature}</a>' in tasks
+        assert (run / "report" / href).resolve().is_file()
+    assert "objects left of &lt;script&gt;alert(1)&lt;/script&gt;" in tasks
+    assert "Task: safety" in tasks and "No feature of safety passed every criterion." in tasks
+
+
+def test_hostile_text_is_escaped(full_run):
+    _, _, html = full_run
+    assert SCRIPT not in html
+    assert "<script" not in html.lower()
+    assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 4  # config, manifest error, explanations, control
+
+
+def test_self_contained(full_run):
+    _, _, html = full_run
+    refs = re.findall(r'(?:src|href)\s*=\s*["\']([^"\']*)["\']', html, flags=re.I)
+    assert refs
+    for ref in refs:
+        assert not re.match(r"^(https?:)?//", ref, flags=re.I), ref
+        assert ref.startswith(("data:image/png;base64,", "#", "../interp/dashboards/")), ref
+    assert "<link" not in html.lower() and "@import" not in html and "url(" not in html
+
+
+def test_control_table_and_steering(full_run):
+    _, _, html = full_run
+    control = section_html(html, "control")
+    assert "-0.100 [-0.150, -0.050] *" in control  # significant
+    assert "+0.005 [-0.020, +0.030]" in control and "+0.005 [-0.020, +0.030] *" not in control
+    assert "mean_ablate_heads" in control
+    assert "0.800 [0.750, 0.850]" in control  # best feature-steering alpha on spatial
+
+
+# ----------------------------------------------------------------------------------- findings
+
+
+def test_findings_of_the_fake_run(full_run):
+    run, planted, html = full_run
+    got = {f.key: f for f in findings(run, n_layers=4)}
+    assert got["adapted_share"].status == REPRODUCED and got["adapted_share"].value == pytest.approx(0.04)
+    assert "by construction" in got["adapted_share"].detail
+    # spatial: -0.1, CI below 0, beyond the control's interval [-0.03, 0.01]; head ablation rows ignored
+    assert got["removal_spatial"].status == REPRODUCED and got["removal_spatial"].value == pytest.approx(-0.1)
+    assert got["removal_spatial"].measured == "-0.100 (-10.0 pts; -12.5% relative)"
+    assert got["removal_ocr"].status == NOT_REPRODUCED and "interval includes 0" in got["removal_ocr"].detail
+    assert got["removal_vqa"].status == REPRODUCED and got["removal_vqa"].value == pytest.approx(0.005)
+    assert got["removal_asr"].status == NOT_MEASURED
+    assert got["steering_spatial"].status == REPRODUCED and got["steering_spatial"].value == pytest.approx(0.08)
+    assert got["steering_ocr"].status == NOT_REPRODUCED and got["steering_ocr"].value == pytest.approx(-0.02)
+    heads = got["attribution_heads"]
+    # top 2 of 16 heads hold 2 / 2.7 of |score|; top 1 of 8 holds 1 / 1.35; median depth 2/3
+    assert heads.status == REPRODUCED and heads.value == pytest.approx((2 / 2.7 + 1 / 1.35) / 2)
+    assert "depth 0.67" in heads.measured
+    counts = section_html(html, "findings")
+    assert counts.count('class="badge reproduced"') == 5
+    assert counts.count('class="badge not-reproduced"') == 2 and counts.count('class="badge not-measured"') == 1
+
+
+def test_removal_needs_specificity(tmp_path):
+    eff = effects_frame([("ablate", "spatial", "spatial", "accuracy", 0.8, -0.1, -0.15, -0.05, "random", -0.12, -0.2, -0.04)])
+    write_parquet(tmp_path / "eval" / "effects.parquet", eff)
+    f = removal_drop(tmp_path, "spatial", "-12%", "k")
+    assert f.status == NOT_REPRODUCED and "not beyond the control" in f.detail
+    # without a control interval the point effect decides
+    eff.loc[0, ["control_ci_lo", "control_ci_hi", "control_effect"]] = [np.nan, np.nan, -0.05]
+    write_parquet(tmp_path / "eval" / "effects.parquet", eff)
+    assert removal_drop(tmp_path, "spatial", "-12%", "k").status == REPRODUCED
+
+
+def test_vqa_impact_and_asr(tmp_path):
+    write_parquet(tmp_path / "eval" / "effects.parquet", effects_frame([
+        ("feature_ablation", "ocr", "vqav2", "accuracy", 0.7, -0.04, -0.07, -0.01, "random", 0.0, -0.01, 0.01),
+        ("ablate", "safety", "safety", "asr", 0.5, -0.2, -0.3, -0.1, "random", 0.0, -0.05, 0.05),
+        ("ablate", "safety", "safety", "refusal", 0.5, 0.2, 0.1, 0.3, "random", 0.0, -0.05, 0.05),
+    ]))
+    vqa = removal_spares_vqa(tmp_path)
+    assert vqa.status == NOT_REPRODUCED and vqa.value == pytest.approx(0.04)
+    asr = removal_drop(tmp_path, "safety", "-24% ASR", "asr", metric="asr")
+    assert asr.status == REPRODUCED and asr.value == pytest.approx(-0.2)
+    assert asr.measured.endswith("-40.0% relative)")
+
+
+def test_findings_not_measured_on_empty_run(tmp_path):
+    got = findings(tmp_path)
+    assert len(got) == 8 and all(f.status == NOT_MEASURED for f in got)
+    assert all(f.measured == "–" and f.detail for f in got)
+
+
+def test_head_concentration_spread(tmp_path):
+    # uniform scores: the top 10% of 16 heads hold 2/16 of |score|: not concentrated
+    r = _attribution(3, 1, {})
+    write_parquet(tmp_path / "attribution" / "heads.parquet", heads_frame(r.attribution))
+    f = head_concentration(tmp_path, n_layers=32)
+    assert f.status == NOT_REPRODUCED and f.value == pytest.approx(2 / 16)
+    assert "32 layers" in f.detail
+
+
+def test_steering_needs_both_methods(tmp_path):
+    write_parquet(tmp_path / "eval" / "steering.parquet", steering_frame([("feature", "spatial", 1.0, 0.9, 0.8, 1.0)]))
+    f = steering_gain(tmp_path, "spatial", "+3.6")
+    assert f.status == NOT_MEASURED and "single_layer" in f.detail
+
+
+# ----------------------------------------------------------------------------------- robustness
+
+
+def test_empty_run_directory(tmp_path):
+    html = build_report(tmp_path).read_text()
+    for sid in ("provenance", "sae", "adapted", "tasks", "attribution", "control"):
+        assert 'badge not-run">not run' in section_html(html, sid), sid
+    assert 'class="warning"' not in html
+    assert section_html(html, "findings").count("not measured") >= 8
+
+
+def test_malformed_inputs_give_warnings(full_run, tmp_path):
+    run = copy_run(full_run, tmp_path)
+    (run / "stats" / "diff.parquet").write_bytes(b"not parquet at all")
+    (run / "manifest.json").write_text("{broken")
+    (run / "interp" / "explanations.json").write_text("[1, 2")
+    write_parquet(run / "eval" / "effects.parquet", pd.DataFrame({"intervention": ["ablate"], "effect": [0.1]}))
+    write_parquet(run / "attribution" / "heads.parquet", pd.DataFrame({"layer": [0]}))
+    (run / "eval" / "steering.parquet").unlink()
+    html = build_report(run).read_text()
+    warnings = re.findall(r'<div class="warning">(.*?)</div>', html, flags=re.S)
+    text = " ".join(warnings)
+    assert "stats/diff.parquet could not be read" in text
+    assert "manifest.json is not valid JSON" in text
+    assert "cannot read explanations" in text
+    assert "eval/effects.parquet lacks columns" in text
+    assert "attribution/heads.parquet lacks columns" in text
+    # what was still readable is still there
+    assert "Adapted features per layer" in section_html(html, "adapted")
+    assert "Resolved config" in section_html(html, "provenance")
+    got = {f.key: f for f in findings(run)}
+    assert got["adapted_share"].status == REPRODUCED  # from the per-layer counts
+    assert got["removal_spatial"].status == NOT_MEASURED and "lacks columns" in got["removal_spatial"].detail
+
+
+def test_report_redraws_stale_plots(full_run, tmp_path):
+    run = copy_run(full_run, tmp_path)
+    png, other = run / "report" / "gap_vs_cosine.png", run / "report" / "adapted_per_layer.png"
+    first, other_first = png.stat().st_mtime_ns, other.stat().st_mtime_ns
+    time.sleep(0.02)
+    write_parquet(run / "stats" / "diff.parquet", pd.read_parquet(run / "stats" / "diff.parquet"))
+    build_report(run)
+    assert png.stat().st_mtime_ns > first  # its table changed: redrawn
+    assert other.stat().st_mtime_ns == other_first  # its table did not: kept
+
+
+def test_missing_run_directory(tmp_path):
+    from mmdiff.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_report(tmp_path / "nope")
+
+
+def test_fmt_by_hand():
+    assert fmt(0.123456) == "0.123" and fmt(12.345) == "12.3" and fmt(123456.0) == "123,456"
+    assert fmt(1e-5) == "1.00e-05" and fmt(float("nan")) == "–" and fmt(None) == "–"
+    assert fmt(np.int64(12345)) == "12,345" and fmt(True) == "yes" and fmt(math.inf) == "∞"
+    assert fmt(json.loads("0")) == "0"
