@@ -10,8 +10,8 @@ from mmdiff.concepts import (
     ConceptError,
     concept_shift,
     decompose,
-    ground_in_tokens,
     dictionary_learning,
+    ground_in_tokens,
     kmeans,
     match_concepts,
     sample_vectors,
@@ -71,7 +71,9 @@ def test_kmeans_centers_are_cluster_means():
 
 def test_semi_nmf_objective_decreases_monotonically_and_g_is_nonnegative():
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(60, 12, generator=g, dtype=torch.float64)  # no cluster structure: many iterations
+    x = torch.randn(
+        60, 12, generator=g, dtype=torch.float64
+    )  # no cluster structure: many iterations
     result = semi_nmf(x, 5, seed=0, max_iter=150, tol=0.0)
     history = torch.tensor(result.objective, dtype=torch.float64)
     assert len(history) == 150
@@ -94,10 +96,18 @@ def test_dictionary_learning_descends_with_unit_ball_atoms():
 
 def test_hungarian_matching_hand_case():
     a = torch.eye(3)
-    b = torch.stack([torch.tensor([0.0, 0.0, 2.0]), torch.tensor([1.0, 0.1, 0.0]), torch.tensor([0.0, 1.0, 0.0])])
+    b = torch.stack(
+        [
+            torch.tensor([0.0, 0.0, 2.0]),
+            torch.tensor([1.0, 0.1, 0.0]),
+            torch.tensor([0.0, 1.0, 0.0]),
+        ]
+    )
     m = match_concepts(a, b)
     assert m.rows.tolist() == [0, 1, 2] and m.cols.tolist() == [1, 2, 0]
-    torch.testing.assert_close(m.cosine, torch.tensor([1 / 1.01**0.5, 1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        m.cosine, torch.tensor([1 / 1.01**0.5, 1.0, 1.0], dtype=torch.float64)
+    )
 
 
 def test_shift_vectors_hand_case():
@@ -105,8 +115,13 @@ def test_shift_vectors_hand_case():
     x_ft = torch.tensor([[1.0, 0.0], [2.0, 3.0], [5.0, 4.0]])
     deltas, counts = shift_vectors(x_orig, x_ft, torch.tensor([0, 0, 2]), 3)
     assert counts.tolist() == [2, 0, 1]
-    torch.testing.assert_close(deltas, torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, -1.0]], dtype=torch.float64))
-    torch.testing.assert_close(shifted_concepts(torch.ones(3, 2), deltas, 2.0)[0], torch.tensor([3.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        deltas, torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        shifted_concepts(torch.ones(3, 2), deltas, 2.0)[0],
+        torch.tensor([3.0, 3.0], dtype=torch.float64),
+    )
     with pytest.raises(ConceptError, match="same samples"):
         shift_vectors(x_orig, x_ft[:2], torch.tensor([0, 0, 2]), 3)
 
@@ -118,9 +133,13 @@ def test_concept_shift_pairs_planted_concepts_and_recovers_shifts(method):
     orig_of = assert_same_partition(result.original.labels, truth)
     ft_of = assert_same_partition(result.finetuned.labels, truth)
     pairs = dict(zip(result.matching.rows.tolist(), result.matching.cols.tolist()))
-    assert {orig_of[c]: ft_of[c] for c in range(K)} == pairs  # Hungarian pairs the same planted concept
+    assert {
+        orig_of[c]: ft_of[c] for c in range(K)
+    } == pairs  # Hungarian pairs the same planted concept
     for c in range(K):
-        torch.testing.assert_close(result.deltas[orig_of[c]], shifts[c])  # Delta_c is the planted shift
+        torch.testing.assert_close(
+            result.deltas[orig_of[c]], shifts[c]
+        )  # Delta_c is the planted shift
     assert result.counts.tolist() == [PER] * K
     if method == "kmeans":  # u_c + Delta_c is exactly the fine-tuned cluster mean
         assert (result.recovered_cosine > 1 - 1e-9).all()
@@ -132,7 +151,7 @@ def test_grounding_top_tokens_and_samples():
     concepts = torch.tensor([[0.0, 3.0, 1.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0, 5.0]])
     ids, logits = top_tokens(concepts, unembedding, top_k=2)
     assert ids.tolist() == [[1, 2], [4, 0]] and logits.tolist() == [[3.0, 1.0], [5.0, 2.0]]
-    x, _, truth, _ = planted()
+    x = planted()[0]
     result = kmeans(x, K, seed=0)
     top = top_samples(result, top_k=5)
     assert top.shape == (K, 5)
@@ -144,19 +163,35 @@ def test_grounding_top_tokens_and_samples():
 
 def test_sample_vectors_and_concept_steering_on_tiny_llama():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=D, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, pad_token_id=0, eos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=D,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     model = LlamaForCausalLM(cfg).eval().to(torch.float64)
     backbone = Backbone(model, list(model.model.layers), 2, 8, D)
     ids = torch.randint(1, 40, (6, 5))
-    vecs = sample_vectors(backbone, [{"input_ids": ids[:3]}, {"input_ids": ids[3:]}], layer=0, position="last", progress=False)
+    vecs = sample_vectors(
+        backbone,
+        [{"input_ids": ids[:3]}, {"input_ids": ids[3:]}],
+        layer=0,
+        position="last",
+        progress=False,
+    )
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
     torch.testing.assert_close(vecs, hs[:, -1].float())
     delta = torch.linspace(-1, 1, D, dtype=torch.float64)
     seen = []
     with steer_concept_shift(backbone, 0, delta, alpha=0.5):
-        handle = backbone.layers[0].register_forward_hook(lambda m, a, out: seen.append(out))  # runs after the steering
+        handle = backbone.layers[0].register_forward_hook(
+            lambda m, a, out: seen.append(out)
+        )  # runs after the steering
         with torch.no_grad():
             model(input_ids=ids)
         handle.remove()
@@ -165,8 +200,15 @@ def test_sample_vectors_and_concept_steering_on_tiny_llama():
 
 def test_ground_in_tokens_uses_the_model_unembedding():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=D, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=D,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(cfg).eval()
     backbone = Backbone(model, list(model.model.layers), 2, 8, D)
     concepts = torch.randn(3, D)
@@ -180,4 +222,7 @@ def test_kmeans_survives_duplicate_points():
     x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
     result = kmeans(x, 3, seed=0)
     assert result.objective[-1] == 0.0
-    assert result.labels[0] == result.labels[1] and result.labels[2] == result.labels[3] != result.labels[0]
+    assert (
+        result.labels[0] == result.labels[1]
+        and result.labels[2] == result.labels[3] != result.labels[0]
+    )

@@ -44,23 +44,41 @@ class ReluSAE(torch.nn.Module):
 def tiny():
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=61, hidden_size=D, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=H,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+        vocab_size=61,
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=H,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
     )
     model = LlamaForCausalLM(cfg).eval().to(torch.float64)  # float64: greedy ties cannot flip
     backbone = Backbone(model, list(model.model.layers), H, HD, D)
-    ids = torch.tensor([[0, 0, 1, 5, 6, 7, 8, 9], [1, 10, 11, 12, 13, 14, 15, 16]])  # row 0 left-padded
+    ids = torch.tensor(
+        [[0, 0, 1, 5, 6, 7, 8, 9], [1, 10, 11, 12, 13, 14, 15, 16]]
+    )  # row 0 left-padded
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
     types = torch.tensor([[S, S, S, I, I, I, T, T], [S, I, I, I, T, T, T, T]], dtype=torch.int8)
-    generate(backbone, ids, mask, cache=True, n=1)  # transformers may add its own hooks on a first run
+    generate(
+        backbone, ids, mask, cache=True, n=1
+    )  # transformers may add its own hooks on a first run
     assert no_hooks(model)  # records them as the baseline
     return backbone, ids, mask, types
 
 
 def generate(backbone, ids, mask, cache: bool, n: int = 5):
     out = backbone.model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, use_cache=cache,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        do_sample=False,
+        use_cache=cache,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
     )
     return out.sequences, torch.stack(out.logits, 1)  # [B, T+n], [B, n, V]
 
@@ -68,7 +86,12 @@ def generate(backbone, ids, mask, cache: bool, n: int = 5):
 def hook_ids(model: torch.nn.Module) -> set[tuple[str, str, int]]:
     """Every forward (pre-)hook installed on the model, by module and id."""
     kinds = ("_forward_hooks", "_forward_pre_hooks")
-    return {(name, kind, hid) for name, m in model.named_modules() for kind in kinds for hid in getattr(m, kind)}
+    return {
+        (name, kind, hid)
+        for name, m in model.named_modules()
+        for kind in kinds
+        for hid in getattr(m, kind)
+    }
 
 
 _BASELINE: dict[int, set] = {}
@@ -84,11 +107,23 @@ def no_hooks(model: torch.nn.Module) -> bool:
 def test_position_mask_counts_generated_tokens_as_text():
     types = torch.tensor([[S, I, T, T], [I, I, T, S]], dtype=torch.int8)
     assert position_mask("all", types, 2, 0, 4) is None
-    assert position_mask("text", types, 2, 0, 4).tolist() == [[False, False, True, True], [False, False, True, False]]
-    assert position_mask("image", types, 2, 0, 4).tolist() == [[False, True, False, False], [True, True, False, False]]
+    assert position_mask("text", types, 2, 0, 4).tolist() == [
+        [False, False, True, True],
+        [False, False, True, False],
+    ]
+    assert position_mask("image", types, 2, 0, 4).tolist() == [
+        [False, True, False, False],
+        [True, True, False, False],
+    ]
     # a cached forward over absolute positions 3..5: position 3 from the prompt, 4 and 5 generated
-    assert position_mask("text", types, 2, 3, 3).tolist() == [[True, True, True], [False, True, True]]
-    assert position_mask("image", types, 2, 3, 3).tolist() == [[False, False, False], [False, False, False]]
+    assert position_mask("text", types, 2, 3, 3).tolist() == [
+        [True, True, True],
+        [False, True, True],
+    ]
+    assert position_mask("image", types, 2, 3, 3).tolist() == [
+        [False, False, False],
+        [False, False, False],
+    ]
     explicit = torch.tensor([[True, False, False, True], [False, True, False, False]])
     assert position_mask(explicit, None, 2, 3, 2).tolist() == [[True, False], [False, False]]
 
@@ -109,7 +144,9 @@ def test_projection_removes_exactly_the_span():
     assert q.shape == (5, 2)
     torch.testing.assert_close(q.T @ q, torch.eye(2, dtype=torch.float64))
     y = torch.tensor([[3.0, -2.0, 5.0, 7.0, -1.0]], dtype=torch.float64)
-    torch.testing.assert_close(project_out(y, q), torch.tensor([[0.0, 0.0, 5.0, 7.0, -1.0]], dtype=torch.float64))
+    torch.testing.assert_close(
+        project_out(y, q), torch.tensor([[0.0, 0.0, 5.0, 7.0, -1.0]], dtype=torch.float64)
+    )
     empty = orthonormal_basis(torch.zeros(3, 5))
     assert empty.shape == (5, 0) and project_out(y, empty) is y
 
@@ -164,7 +201,11 @@ def test_clamp_hand_computed_and_noop_when_unchanged():
 
 def test_clamp_through_hook_sets_the_feature(tiny):
     backbone = tiny[0]
-    sae = ReluSAE(torch.eye(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64), torch.eye(D, dtype=torch.float64))
+    sae = ReluSAE(
+        torch.eye(D, dtype=torch.float64),
+        torch.zeros(D, dtype=torch.float64),
+        torch.eye(D, dtype=torch.float64),
+    )
     clamp = clamp_features(backbone, {2: sae}, {2: {5: 9.0}}, positions="all")
     y = torch.randn(2, 3, D, dtype=torch.float64).abs()  # all features active: relu(y) = y
     mask = torch.tensor([[True, False, True], [False, False, False]])
@@ -174,7 +215,12 @@ def test_clamp_through_hook_sets_the_feature(tiny):
     with pytest.raises(InterventionError, match="d_sae"):
         clamp_features(backbone, {2: sae}, {2: {D: 1.0}}, positions="all")
     with pytest.raises(InterventionError, match="another model"):
-        clamp_features(backbone, {2: ReluSAE(torch.eye(4), torch.zeros(4), torch.eye(4))}, {2: {0: 1.0}}, positions="all")
+        clamp_features(
+            backbone,
+            {2: ReluSAE(torch.eye(4), torch.zeros(4), torch.eye(4))},
+            {2: {0: 1.0}},
+            positions="all",
+        )
 
 
 def test_replace_heads_replaces_exactly_the_head_slice():
@@ -193,8 +239,11 @@ def test_replace_heads_replaces_exactly_the_head_slice():
 def _interventions(backbone, types):
     g = torch.Generator().manual_seed(3)
     dirs = torch.randn(2, D, generator=g, dtype=torch.float64)
-    sae = ReluSAE(torch.randn(D, 16, generator=g, dtype=torch.float64), torch.zeros(16, dtype=torch.float64),
-                  torch.randn(16, D, generator=g, dtype=torch.float64))
+    sae = ReluSAE(
+        torch.randn(D, 16, generator=g, dtype=torch.float64),
+        torch.zeros(16, dtype=torch.float64),
+        torch.randn(16, D, generator=g, dtype=torch.float64),
+    )
     means = {0: torch.randn(H, HD, generator=g, dtype=torch.float64)}
     vec = torch.randn(D, generator=g, dtype=torch.float64)
     return {
@@ -209,7 +258,7 @@ def _interventions(backbone, types):
 @pytest.mark.parametrize("name", ["ablate", "steer", "clamp", "heads", "vector_image", "composed"])
 def test_same_tokens_and_logits_with_and_without_kv_cache(tiny, name):
     backbone, ids, mask, types = tiny
-    base_seq, base_logits = generate(backbone, ids, mask, cache=True)
+    _, base_logits = generate(backbone, ids, mask, cache=True)
     makers = _interventions(backbone, types)
     if name == "composed":
         ctx = compose(makers["ablate"](), makers["steer"](), makers["clamp"](), makers["heads"]())
@@ -231,14 +280,20 @@ def test_text_steering_reaches_generated_tokens_only_when_prompt_has_no_text(tin
     for cache in (True, False):
         with steer_vector(backbone, 1, torch.ones(D), 5.0, "text", types):
             _, steered = generate(backbone, ids, mask, cache=cache)
-        assert torch.equal(steered[:, 0], base[:, 0])  # the prompt's next-token logits are untouched
-        assert (steered[:, 1:] - base[:, 1:]).abs().amax(-1).min() > 1e-3  # every generated step is changed
+        assert torch.equal(
+            steered[:, 0], base[:, 0]
+        )  # the prompt's next-token logits are untouched
+        assert (steered[:, 1:] - base[:, 1:]).abs().amax(
+            -1
+        ).min() > 1e-3  # every generated step is changed
 
 
 def test_zero_set_ablation_is_exact_noop(tiny):
     backbone, ids, mask, types = tiny
     clean = backbone.model(input_ids=ids, attention_mask=mask).logits
-    with ablate_features(backbone, {0: torch.zeros(0, D), 2: torch.zeros(3, D)}, "text", types) as ablation:
+    with ablate_features(
+        backbone, {0: torch.zeros(0, D), 2: torch.zeros(3, D)}, "text", types
+    ) as ablation:
         assert ablation.layers() == []
         same = backbone.model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(clean, same)
@@ -268,7 +323,9 @@ def test_contexts_restore_the_model_on_exit_and_on_error(tiny):
 
 def _o_proj_inputs(backbone, ids, mask, layer):
     seen = []
-    handle = backbone.o_proj(layer).register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    handle = backbone.o_proj(layer).register_forward_hook(
+        lambda m, args, out: seen.append(args[0].detach())
+    )
     with torch.no_grad():
         backbone.model(input_ids=ids, attention_mask=mask)
     handle.remove()
@@ -277,7 +334,10 @@ def _o_proj_inputs(backbone, ids, mask, layer):
 
 def test_head_means_and_mean_ablation(tiny):
     backbone, ids, mask, types = tiny
-    batches = [{"input_ids": ids[:1], "attention_mask": mask[:1]}, {"input_ids": ids[1:], "attention_mask": mask[1:]}]
+    batches = [
+        {"input_ids": ids[:1], "attention_mask": mask[:1]},
+        {"input_ids": ids[1:], "attention_mask": mask[1:]},
+    ]
     means = head_means(backbone, batches, [0, 2], progress=False)
     assert set(means) == {0, 2} and means[2].shape == (H, HD)
     for layer in (0, 2):
@@ -288,7 +348,9 @@ def test_head_means_and_mean_ablation(tiny):
         x = _o_proj_inputs(backbone, ids, mask, 2).reshape(2, 8, H, HD)
     clean = _o_proj_inputs(backbone, ids, mask, 2).reshape(2, 8, H, HD)
     text = types == T
-    assert torch.equal(x[text][:, [1, 3]], means[2][[1, 3]].to(x.dtype).expand(int(text.sum()), 2, HD))
+    assert torch.equal(
+        x[text][:, [1, 3]], means[2][[1, 3]].to(x.dtype).expand(int(text.sum()), 2, HD)
+    )
     assert torch.equal(x[~text], clean[~text])
     assert torch.equal(x[text][:, [0, 2]], clean[text][:, [0, 2]])
     with pytest.raises(InterventionError, match="4 heads"):
@@ -298,7 +360,9 @@ def test_head_means_and_mean_ablation(tiny):
 def test_difference_of_means_matches_hidden_states(tiny):
     backbone, ids, mask, types = tiny
     with torch.no_grad():
-        hs = backbone.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[2]
+        hs = backbone.model(
+            input_ids=ids, attention_mask=mask, output_hidden_states=True
+        ).hidden_states[2]
     pos = [{"input_ids": ids[:1], "attention_mask": mask[:1]}]
     neg = [{"input_ids": ids[1:], "attention_mask": mask[1:]}]
     last = difference_of_means(backbone, pos, neg, layer=1, position="last", progress=False)
@@ -306,10 +370,16 @@ def test_difference_of_means_matches_hidden_states(tiny):
     # "mean" leaves out padding and, with token types, SPECIAL positions (BOS)
     pos[0]["token_types"], neg[0]["token_types"] = types[:1], types[1:]
     mean = difference_of_means(backbone, pos, neg, layer=1, position="mean", progress=False)
-    torch.testing.assert_close(mean, (hs[0, 3:].mean(0) - hs[1, 1:].mean(0)).float(), rtol=0, atol=1e-6)
-    right_padded = [{"input_ids": torch.tensor([[1, 5, 6, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}]
+    torch.testing.assert_close(
+        mean, (hs[0, 3:].mean(0) - hs[1, 1:].mean(0)).float(), rtol=0, atol=1e-6
+    )
+    right_padded = [
+        {"input_ids": torch.tensor([[1, 5, 6, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}
+    ]
     with torch.no_grad():
-        hr = backbone.model(input_ids=torch.tensor([[1, 5, 6]]), output_hidden_states=True).hidden_states[2]
+        hr = backbone.model(
+            input_ids=torch.tensor([[1, 5, 6]]), output_hidden_states=True
+        ).hidden_states[2]
     got = difference_of_means(backbone, right_padded, neg, layer=1, position="last", progress=False)
     torch.testing.assert_close(got, (hr[0, -1] - hs[1, -1]).float(), rtol=0, atol=1e-6)
 
@@ -328,32 +398,65 @@ def test_llava_image_positions_kv_cache_equivalence():
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=8, patch_size=4, projection_dim=16)
-    text = LlamaConfig(vocab_size=70, hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=H,
-                       num_key_value_heads=H, pad_token_id=0, eos_token_id=None)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=69, vision_feature_layer=-1,
-                      vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=8,
+        patch_size=4,
+        projection_dim=16,
+    )
+    text = LlamaConfig(
+        vocab_size=70,
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=H,
+        num_key_value_heads=H,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=69,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     model = LlavaForConditionalGeneration(cfg).eval().to(torch.float64)
     backbone = Backbone(model, list(model.get_decoder().layers), H, HD, D)
-    ids = torch.tensor([[1, 5] + [69] * 4 + [7, 8], [0, 1] + [69] * 4 + [9, 10]])  # 2x2 patches per image
+    ids = torch.tensor(
+        [[1, 5] + [69] * 4 + [7, 8], [0, 1] + [69] * 4 + [9, 10]]
+    )  # 2x2 patches per image
     mask = (ids != 0).long()
     types = torch.where(ids == 69, I, T).to(torch.int8)
     types[(ids == 1) | (mask == 0)] = S
     pixels = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
-    model.generate(**batch, max_new_tokens=1, pad_token_id=0)  # transformers adds its own capture hooks once
+    model.generate(
+        **batch, max_new_tokens=1, pad_token_id=0
+    )  # transformers adds its own capture hooks once
     assert no_hooks(model)
 
     def run(cache):
-        out = model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=cache, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=0)
+        out = model.generate(
+            **batch,
+            max_new_tokens=4,
+            do_sample=False,
+            use_cache=cache,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
         return out.sequences, torch.stack(out.logits, 1)
 
     _, base = run(True)
     means = head_means(backbone, [batch], [0], progress=False)
-    with compose(steer_vector(backbone, 0, torch.ones(D), 2.0, "image", types),
-                 mean_ablate_heads(backbone, {1: [0, 3]}, {1: means[0]}, "image", types)):
+    with compose(
+        steer_vector(backbone, 0, torch.ones(D), 2.0, "image", types),
+        mean_ablate_heads(backbone, {1: [0, 3]}, {1: means[0]}, "image", types),
+    ):
         seq_c, logits_c = run(True)
         seq_n, logits_n = run(False)
     assert torch.equal(seq_c, seq_n)

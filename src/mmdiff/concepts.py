@@ -15,8 +15,9 @@ All decompositions are seeded and deterministic, and run in float64 on the CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -48,9 +49,13 @@ class ConceptDecomposition:
 
 def _check_data(x: torch.Tensor, k: int) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ConceptError(f"expected sample vectors [n_samples, d_model]; got {getattr(x, 'shape', type(x))}")
+        raise ConceptError(
+            f"expected sample vectors [n_samples, d_model]; got {getattr(x, 'shape', type(x))}"
+        )
     if not 1 <= k <= x.shape[0]:
-        raise ConceptError(f"K={k} concepts need at least K samples and K >= 1; got {x.shape[0]} samples")
+        raise ConceptError(
+            f"K={k} concepts need at least K samples and K >= 1; got {x.shape[0]} samples"
+        )
     if not torch.isfinite(x).all():
         raise ConceptError("the sample vectors contain NaN or infinite values")
     return x.detach().to("cpu", torch.float64)
@@ -74,7 +79,13 @@ def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def kmeans(
-    x: torch.Tensor, k: int, *, seed: int = 0, n_init: int = 4, max_iter: int = 100, tol: float = 1e-8
+    x: torch.Tensor,
+    k: int,
+    *,
+    seed: int = 0,
+    n_init: int = 4,
+    max_iter: int = 100,
+    tol: float = 1e-8,
 ) -> ConceptDecomposition:
     """K-means (k-means++ seeding, Lloyd iterations, best of n_init runs by inertia).
 
@@ -149,7 +160,9 @@ def semi_nmf(
 
 
 # -- dictionary learning ------------------------------------------------------------------------
-def dictionary_objective(x: torch.Tensor, atoms: torch.Tensor, codes: torch.Tensor, alpha: float) -> float:
+def dictionary_objective(
+    x: torch.Tensor, atoms: torch.Tensor, codes: torch.Tensor, alpha: float
+) -> float:
     """0.5 ||x - codes @ atoms||_F^2 + alpha ||codes||_1."""
     return float(0.5 * ((x - codes @ atoms) ** 2).sum() + alpha * codes.abs().sum())
 
@@ -230,7 +243,9 @@ def top_tokens(
     Pass the model's final norm as `norm` to read concepts as the model's last layer would (logit lens).
     """
     if unembedding.shape[1] != concepts.shape[1]:
-        raise ConceptError(f"the unembedding is [{unembedding.shape[0]}, {unembedding.shape[1]}], the concepts have D={concepts.shape[1]}")
+        raise ConceptError(
+            f"the unembedding is [{unembedding.shape[0]}, {unembedding.shape[1]}], the concepts have D={concepts.shape[1]}"
+        )
     u = concepts.to(unembedding.device, unembedding.dtype)
     with torch.no_grad():
         if norm is not None:
@@ -246,13 +261,19 @@ def unembedding_of(backbone: Backbone) -> torch.Tensor:
     if head is None and hasattr(backbone.model, "get_output_embeddings"):
         head = backbone.model.get_output_embeddings()
     if head is None:
-        raise ConceptError(f"{type(backbone.model).__name__} has no output embeddings; pass the unembedding to top_tokens")
+        raise ConceptError(
+            f"{type(backbone.model).__name__} has no output embeddings; pass the unembedding to top_tokens"
+        )
     return head.weight.detach()
 
 
-def ground_in_tokens(backbone: Backbone, concepts: torch.Tensor, top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def ground_in_tokens(
+    backbone: Backbone, concepts: torch.Tensor, top_k: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`top_tokens` through the backbone's final norm (where it has one) and unembedding."""
-    return top_tokens(concepts, unembedding_of(backbone), top_k, getattr(backbone, "final_norm", None))
+    return top_tokens(
+        concepts, unembedding_of(backbone), top_k, getattr(backbone, "final_norm", None)
+    )
 
 
 def top_samples(decomposition: ConceptDecomposition, top_k: int = 10) -> torch.Tensor:
@@ -283,10 +304,15 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def match_concepts(a: torch.Tensor, b: torch.Tensor) -> ConceptMatching:
     """Hungarian matching of concepts a [K_a, D] (original) and b [K_b, D] (fine-tuned) on cosine."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise ConceptError(f"expected two concept sets [K, D] with the same D; got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ConceptError(
+            f"expected two concept sets [K, D] with the same D; got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     sim = cosine_matrix(a, b).cpu()
     rows, cols = linear_sum_assignment(sim.numpy(), maximize=True)
-    rows_t, cols_t = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+    rows_t, cols_t = (
+        torch.as_tensor(rows, dtype=torch.long),
+        torch.as_tensor(cols, dtype=torch.long),
+    )
     return ConceptMatching(rows_t, cols_t, sim[rows_t, cols_t], sim)
 
 
@@ -311,7 +337,9 @@ def shift_vectors(
     return sums / counts.clamp_min(1)[:, None], counts
 
 
-def shifted_concepts(concepts: torch.Tensor, deltas: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def shifted_concepts(
+    concepts: torch.Tensor, deltas: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
     """[K, D] u_c + alpha * Delta_c: the original concepts moved by their shift vectors."""
     return concepts.to(torch.float64) + alpha * deltas.to(torch.float64)
 
@@ -330,7 +358,13 @@ class ConceptShift:
 
 
 def concept_shift(
-    x_orig: torch.Tensor, x_ft: torch.Tensor, k: int = 20, method: Method = "kmeans", *, seed: int = 0, **options: Any
+    x_orig: torch.Tensor,
+    x_ft: torch.Tensor,
+    k: int = 20,
+    method: Method = "kmeans",
+    *,
+    seed: int = 0,
+    **options: Any,
 ) -> ConceptShift:
     """Concepts of both models on the same samples, their Hungarian matching and the shift vectors.
 

@@ -7,7 +7,7 @@ without the KV cache (METHOD.md §6). Compose them by nesting, or with `compose(
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from mmdiff.interventions._hooks import Intervention, InterventionError, Positions, position_mask
 from mmdiff.interventions.ablate import (
@@ -19,7 +19,12 @@ from mmdiff.interventions.ablate import (
 )
 from mmdiff.interventions.caa import difference_of_means, layer_vectors
 from mmdiff.interventions.clamp import FeatureClamp, clamp_delta, clamp_features
-from mmdiff.interventions.heads import HeadMeanAblation, head_means, mean_ablate_heads, replace_heads
+from mmdiff.interventions.heads import (
+    HeadMeanAblation,
+    head_means,
+    mean_ablate_heads,
+    replace_heads,
+)
 from mmdiff.interventions.steer import AdditiveSteering, steer_features, steer_vector
 
 

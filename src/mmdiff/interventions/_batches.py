@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -15,7 +16,9 @@ TOKEN_TYPES = "token_types"  # [batch, seq] TokenType: SPECIAL positions are lef
 SELECT = "select"  # [batch, seq] bool: the positions of interest (a token, an answer span)
 
 
-def split_batch(batch: Mapping[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
+def split_batch(
+    batch: Mapping[str, Any],
+) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
     """(model inputs, token types or None, selected positions or None) of one batch dict."""
     if not isinstance(batch, Mapping):
         raise InterventionError(
@@ -29,7 +32,9 @@ def _shape_of(inputs: Mapping[str, Any]) -> tuple[int, int]:
     for key in ("input_ids", "inputs_embeds"):
         if key in inputs:
             return int(inputs[key].shape[0]), int(inputs[key].shape[1])
-    raise InterventionError(f"a batch needs input_ids or inputs_embeds; it has keys {sorted(inputs)}")
+    raise InterventionError(
+        f"a batch needs input_ids or inputs_embeds; it has keys {sorted(inputs)}"
+    )
 
 
 def valid_positions(inputs: Mapping[str, Any], token_types: torch.Tensor | None) -> torch.Tensor:
@@ -38,10 +43,14 @@ def valid_positions(inputs: Mapping[str, Any], token_types: torch.Tensor | None)
     mask = inputs.get("attention_mask")
     valid = torch.ones(b, t, dtype=torch.bool) if mask is None else mask.bool().cpu()
     if valid.shape != (b, t):
-        raise InterventionError(f"attention_mask has shape {tuple(valid.shape)}, input_ids {(b, t)}: a 2-D padding mask is expected")
+        raise InterventionError(
+            f"attention_mask has shape {tuple(valid.shape)}, input_ids {(b, t)}: a 2-D padding mask is expected"
+        )
     if token_types is not None:
         if tuple(token_types.shape) != (b, t):
-            raise InterventionError(f"token_types has shape {tuple(token_types.shape)}, the inputs {(b, t)}")
+            raise InterventionError(
+                f"token_types has shape {tuple(token_types.shape)}, the inputs {(b, t)}"
+            )
         valid = valid & (token_types.cpu() != int(TokenType.SPECIAL))
     return valid
 
@@ -67,16 +76,22 @@ def forward_until(backbone: Backbone, inputs: Mapping[str, Any], last_layer: int
         pass
     finally:
         handle.remove()
-    return None
 
 
-def iterate(batches: Iterable[Mapping[str, Any]], description: str, progress: bool) -> Iterator[Mapping[str, Any]]:
+def iterate(
+    batches: Iterable[Mapping[str, Any]], description: str, progress: bool
+) -> Iterator[Mapping[str, Any]]:
     """The batches, with a rich progress bar when `progress` is set."""
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     if not progress:
         yield from batches
         return
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task(description, total=total)
         for batch in batches:

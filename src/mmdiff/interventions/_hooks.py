@@ -11,7 +11,8 @@ under M-RoPE, so they do not say which absolute index a token has.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Union
+from collections.abc import Callable
+from typing import Any, Literal, Union
 
 import torch
 from torch import nn
@@ -130,7 +131,9 @@ def split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], An
 def check_layer(backbone: Backbone, layer: int) -> None:
     n = len(backbone.layers)
     if not isinstance(layer, int) or not 0 <= layer < n:
-        raise InterventionError(f"layer {layer!r} is out of range: this backbone has decoder layers 0..{n - 1}")
+        raise InterventionError(
+            f"layer {layer!r} is out of range: this backbone has decoder layers 0..{n - 1}"
+        )
 
 
 def check_vector(name: str, v: torch.Tensor, d_model: int) -> torch.Tensor:
@@ -157,7 +160,9 @@ class Intervention:
 
     residual = True  # edit the layer output; False: edit the o_proj input
 
-    def __init__(self, backbone: Backbone, positions: Positions, token_types: torch.Tensor | None) -> None:
+    def __init__(
+        self, backbone: Backbone, positions: Positions, token_types: torch.Tensor | None
+    ) -> None:
         self.backbone = backbone
         self.positions = positions
         self.token_types = token_types
@@ -165,12 +170,16 @@ class Intervention:
         if isinstance(positions, torch.Tensor):
             position_mask(positions, None, positions.shape[0] if positions.dim() else 0, 0, 0)
         elif isinstance(positions, str):
-            position_mask(positions, token_types, 0 if token_types is None else token_types.shape[0], 0, 0)
+            position_mask(
+                positions, token_types, 0 if token_types is None else token_types.shape[0], 0, 0
+            )
         else:
             raise InterventionError(
                 f"positions must be 'text', 'image', 'all' or a [batch, seq] bool mask; got {type(positions).__name__}"
             )
-        if token_types is not None and (not isinstance(token_types, torch.Tensor) or token_types.dim() != 2):
+        if token_types is not None and (
+            not isinstance(token_types, torch.Tensor) or token_types.dim() != 2
+        ):
             raise InterventionError(
                 f"token_types must be a [batch, seq] tensor of TokenType values; got {getattr(token_types, 'shape', type(token_types))}"
             )
@@ -185,14 +194,18 @@ class Intervention:
         """[batch, seq, d_model] -> [batch, seq, d_model], changed only where mask is True."""
         raise NotImplementedError
 
-    def edit_o_proj_input(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def edit_o_proj_input(
+        self, layer: int, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """[batch, seq, num_heads * head_dim] -> same, changed only where mask is True."""
         raise NotImplementedError
 
     # -- hook plumbing -----------------------------------------------------------------------
     def mask_for(self, layer: int, y: torch.Tensor) -> torch.Tensor | None:
         start = self._tracker.layer_start.get(layer, 0)
-        return position_mask(self.positions, self.token_types, y.shape[0], start, y.shape[1], y.device)
+        return position_mask(
+            self.positions, self.token_types, y.shape[0], start, y.shape[1], y.device
+        )
 
     def _layer_post_hook(self, layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -205,31 +218,51 @@ class Intervention:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             if args:
                 x = args[0]
-                return (self.edit_o_proj_input(layer, x, self.mask_for(layer, x)), *args[1:]), kwargs
+                return (
+                    self.edit_o_proj_input(layer, x, self.mask_for(layer, x)),
+                    *args[1:],
+                ), kwargs
             x = kwargs["input"]
-            return args, {**kwargs, "input": self.edit_o_proj_input(layer, x, self.mask_for(layer, x))}
+            return args, {
+                **kwargs,
+                "input": self.edit_o_proj_input(layer, x, self.mask_for(layer, x)),
+            }
 
         return hook
 
-    def __enter__(self) -> "Intervention":
+    def __enter__(self) -> Intervention:
         if self._handles:
-            raise InterventionError("this intervention is already active; build a new one to nest it")
+            raise InterventionError(
+                "this intervention is already active; build a new one to nest it"
+            )
         bb = self.backbone
         if not self.layers():  # nothing to do: install no hook at all
             return self
         try:
-            self._handles.append(bb.model.register_forward_pre_hook(self._tracker.model_pre_hook, with_kwargs=True))
-            self._handles.append(bb.model.register_forward_hook(self._tracker.model_post_hook, with_kwargs=True))
+            self._handles.append(
+                bb.model.register_forward_pre_hook(self._tracker.model_pre_hook, with_kwargs=True)
+            )
+            self._handles.append(
+                bb.model.register_forward_hook(self._tracker.model_post_hook, with_kwargs=True)
+            )
             for layer in self.layers():
                 check_layer(bb, layer)
                 pre = self._tracker.layer_pre_hook(layer, _cache_index(bb, layer))
-                self._handles.append(bb.layers[layer].register_forward_pre_hook(pre, with_kwargs=True))
+                self._handles.append(
+                    bb.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
+                )
                 if self.residual:
                     post = self._layer_post_hook(layer)
-                    self._handles.append(bb.layers[layer].register_forward_hook(post, with_kwargs=True))
+                    self._handles.append(
+                        bb.layers[layer].register_forward_hook(post, with_kwargs=True)
+                    )
                 else:
                     o_proj = bb.o_proj(layer)
-                    self._handles.append(o_proj.register_forward_pre_hook(self._o_proj_pre_hook(layer), with_kwargs=True))
+                    self._handles.append(
+                        o_proj.register_forward_pre_hook(
+                            self._o_proj_pre_hook(layer), with_kwargs=True
+                        )
+                    )
         except BaseException:
             self._remove()
             raise

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from mmdiff.interventions._hooks import Intervention, InterventionError, Positions, check_layer, check_vector
+from mmdiff.interventions._hooks import (
+    Intervention,
+    InterventionError,
+    Positions,
+    check_layer,
+    check_vector,
+)
 from mmdiff.models.base import Backbone
 
 
@@ -20,7 +27,9 @@ def orthonormal_basis(directions: torch.Tensor, rtol: float = 1e-6) -> torch.Ten
     if directions.dim() == 1:
         directions = directions[None]
     if directions.dim() != 2:
-        raise InterventionError(f"directions must be [n, d_model]; got shape {tuple(directions.shape)}")
+        raise InterventionError(
+            f"directions must be [n, d_model]; got shape {tuple(directions.shape)}"
+        )
     d = directions.shape[1]
     a = directions.detach().to("cpu", torch.float64)
     if a.shape[0] == 0 or not a.abs().max() > 0:
@@ -40,17 +49,23 @@ def project_out(y: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (y_w - (y_w @ q) @ q.T).to(y.dtype)
 
 
-def decoder_directions(saes: Mapping[int, Any], features: Mapping[int, Sequence[int]]) -> dict[int, torch.Tensor]:
+def decoder_directions(
+    saes: Mapping[int, Any], features: Mapping[int, Sequence[int]]
+) -> dict[int, torch.Tensor]:
     """{layer: [n, d_in]} the decoder rows W_dec[f] of the chosen features of each layer's SAE."""
     out: dict[int, torch.Tensor] = {}
     for layer, idx in features.items():
         if layer not in saes:
-            raise InterventionError(f"features are chosen at layer {layer} but no SAE was given for it; saes has layers {sorted(saes)}")
+            raise InterventionError(
+                f"features are chosen at layer {layer} but no SAE was given for it; saes has layers {sorted(saes)}"
+            )
         w_dec = saes[layer].W_dec  # [d_sae, d_in]
         idx = [int(i) for i in idx]
         bad = [i for i in idx if not 0 <= i < w_dec.shape[0]]
         if bad:
-            raise InterventionError(f"features {bad} do not exist in the SAE of layer {layer} (d_sae={w_dec.shape[0]})")
+            raise InterventionError(
+                f"features {bad} do not exist in the SAE of layer {layer} (d_sae={w_dec.shape[0]})"
+            )
         out[layer] = w_dec[torch.tensor(idx, dtype=torch.long, device=w_dec.device)].detach()
     return out
 
@@ -69,7 +84,9 @@ class FeatureAblation(Intervention):
         self.bases: dict[int, torch.Tensor] = {}
         for layer, dirs in directions.items():
             check_layer(backbone, layer)
-            dirs = check_vector(f"the ablation directions of layer {layer}", torch.as_tensor(dirs), backbone.d_model)
+            dirs = check_vector(
+                f"the ablation directions of layer {layer}", torch.as_tensor(dirs), backbone.d_model
+            )
             basis = orthonormal_basis(dirs)
             if basis.shape[1] > 0:  # a zero set is an exact no-op: no hook at all
                 self.bases[layer] = basis

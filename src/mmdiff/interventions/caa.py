@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -13,7 +14,9 @@ from mmdiff.models.base import Backbone
 Pooling = Literal["last", "mean", "select"]
 
 
-def pool(hidden: torch.Tensor, valid: torch.Tensor, select: torch.Tensor | None, position: Pooling) -> torch.Tensor:
+def pool(
+    hidden: torch.Tensor, valid: torch.Tensor, select: torch.Tensor | None, position: Pooling
+) -> torch.Tensor:
     """[batch, seq, d] hidden states -> [batch, d], one vector per sample.
 
     "last": the last valid position (left or right padding); "mean": the mean over valid positions;
@@ -22,13 +25,17 @@ def pool(hidden: torch.Tensor, valid: torch.Tensor, select: torch.Tensor | None,
     b = hidden.shape[0]
     if position == "select":
         if select is None:
-            raise InterventionError('position="select" needs each batch to carry "select": a [batch, seq] bool mask')
+            raise InterventionError(
+                'position="select" needs each batch to carry "select": a [batch, seq] bool mask'
+            )
         valid = select.bool().to(valid.device)
     elif position not in ("last", "mean"):
         raise InterventionError(f'position must be "last", "mean" or "select"; got {position!r}')
     empty = (~valid.any(1)).nonzero().flatten().tolist()
     if empty:
-        raise InterventionError(f"samples {empty} of a batch have no position to pool over (all padding or nothing selected)")
+        raise InterventionError(
+            f"samples {empty} of a batch have no position to pool over (all padding or nothing selected)"
+        )
     valid = valid.to(hidden.device)
     if position == "last":
         t = hidden.shape[1]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -10,7 +11,9 @@ from mmdiff.interventions._hooks import Intervention, InterventionError, Positio
 from mmdiff.models.base import Backbone
 
 
-def clamp_delta(sae: Any, x: torch.Tensor, features: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def clamp_delta(
+    sae: Any, x: torch.Tensor, features: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
     """[n, d_in] residuals -> [n, d_in] W_dec (f_clamped - f), with f = sae.encode(x) (dense [n, d_sae]).
 
     Only the clamped features differ between f_clamped and f, so only their decoder rows are used;
@@ -21,7 +24,9 @@ def clamp_delta(sae: Any, x: torch.Tensor, features: torch.Tensor, values: torch
     w_dec = sae.W_dec  # [d_sae, d_in]
     f = sae.encode(x.to(w_dec.device, w_dec.dtype))  # [n, d_sae]
     if f.dim() != 2 or f.shape[0] != x.shape[0]:
-        raise InterventionError(f"sae.encode returned shape {tuple(f.shape)} for input {tuple(x.shape)}; expected [n, d_sae]")
+        raise InterventionError(
+            f"sae.encode returned shape {tuple(f.shape)} for input {tuple(x.shape)}; expected [n, d_sae]"
+        )
     diff = values.to(f.device, f.dtype) - f[:, features]  # [n, n_clamped]
     return (diff @ w_dec[features]).to(x.device, x.dtype)  # [n, d_in]
 
@@ -44,10 +49,14 @@ class FeatureClamp(Intervention):
         for layer, clamp in values.items():
             check_layer(backbone, layer)
             if layer not in saes:
-                raise InterventionError(f"features are clamped at layer {layer} but no SAE was given for it; saes has layers {sorted(saes)}")
+                raise InterventionError(
+                    f"features are clamped at layer {layer} but no SAE was given for it; saes has layers {sorted(saes)}"
+                )
             sae = saes[layer]
             if not hasattr(sae, "encode") or not hasattr(sae, "W_dec"):
-                raise InterventionError(f"the SAE of layer {layer} ({type(sae).__name__}) lacks encode() or W_dec")
+                raise InterventionError(
+                    f"the SAE of layer {layer} ({type(sae).__name__}) lacks encode() or W_dec"
+                )
             d_sae, d_in = sae.W_dec.shape
             if d_in != backbone.d_model:
                 raise InterventionError(
@@ -57,7 +66,9 @@ class FeatureClamp(Intervention):
             idx = [int(i) for i in clamp]
             bad = [i for i in idx if not 0 <= i < d_sae]
             if bad:
-                raise InterventionError(f"features {bad} do not exist in the SAE of layer {layer} (d_sae={d_sae})")
+                raise InterventionError(
+                    f"features {bad} do not exist in the SAE of layer {layer} (d_sae={d_sae})"
+                )
             if not idx:
                 continue  # nothing clamped: an exact no-op
             self.saes[layer] = sae
@@ -71,7 +82,9 @@ class FeatureClamp(Intervention):
         sae, features, values = self.saes[layer], self.features[layer], self.values[layer]
         if mask is None:
             flat = y.reshape(-1, y.shape[-1])  # [batch * seq, d_model]
-            return y + clamp_delta(sae, flat, features.to(sae.W_dec.device), values).reshape(y.shape)
+            return y + clamp_delta(sae, flat, features.to(sae.W_dec.device), values).reshape(
+                y.shape
+            )
         if not mask.any():
             return y
         out = y.clone()

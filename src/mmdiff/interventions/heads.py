@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -12,7 +13,11 @@ from mmdiff.models.base import Backbone
 
 
 def replace_heads(
-    x: torch.Tensor, heads: torch.Tensor, means: torch.Tensor, head_dim: int, mask: torch.Tensor | None
+    x: torch.Tensor,
+    heads: torch.Tensor,
+    means: torch.Tensor,
+    head_dim: int,
+    mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """o_proj input x [batch, seq, H * head_dim] with heads' slices set to means [H, head_dim] where mask."""
     b, t, width = x.shape
@@ -48,9 +53,13 @@ class HeadMeanAblation(Intervention):
                 continue
             bad = [i for i in chosen if not 0 <= i < h]
             if bad:
-                raise InterventionError(f"heads {bad} do not exist at layer {layer}: the model has {h} heads")
+                raise InterventionError(
+                    f"heads {bad} do not exist at layer {layer}: the model has {h} heads"
+                )
             if layer not in means:
-                raise InterventionError(f"no head means for layer {layer}; compute them with head_means(backbone, batches, layers)")
+                raise InterventionError(
+                    f"no head means for layer {layer}; compute them with head_means(backbone, batches, layers)"
+                )
             m = torch.as_tensor(means[layer]).detach()
             if tuple(m.shape) != (h, hd):
                 raise InterventionError(
@@ -62,7 +71,9 @@ class HeadMeanAblation(Intervention):
     def layers(self) -> list[int]:
         return sorted(self.heads)
 
-    def edit_o_proj_input(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def edit_o_proj_input(
+        self, layer: int, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         if x.shape[-1] != self.backbone.num_heads * self.backbone.head_dim:
             raise InterventionError(
                 f"o_proj of layer {layer} got input width {x.shape[-1]}, expected num_heads * head_dim = "
@@ -115,7 +126,10 @@ def head_means(
 
         return hook
 
-    handles = [backbone.o_proj(layer).register_forward_pre_hook(capture(layer), with_kwargs=True) for layer in layers]
+    handles = [
+        backbone.o_proj(layer).register_forward_pre_hook(capture(layer), with_kwargs=True)
+        for layer in layers
+    ]
     try:
         for batch in iterate(batches, "head means", progress):
             inputs, token_types, _ = split_batch(batch)
@@ -125,12 +139,16 @@ def head_means(
             for layer in layers:
                 x = captured[layer]  # [batch, seq, H * head_dim]
                 if x.shape[-1] != h * hd:
-                    raise InterventionError(f"o_proj of layer {layer} has input width {x.shape[-1]}, expected {h} * {hd}")
+                    raise InterventionError(
+                        f"o_proj of layer {layer} has input width {x.shape[-1]}, expected {h} * {hd}"
+                    )
                 sums[layer] += x[valid.to(x.device)].to(torch.float64).sum(0).cpu()
             count += int(valid.sum())
     finally:
         for handle in handles:
             handle.remove()
     if count == 0:
-        raise InterventionError("head_means saw no non-padding position: the calibration batches are empty")
+        raise InterventionError(
+            "head_means saw no non-padding position: the calibration batches are empty"
+        )
     return {layer: (sums[layer] / count).reshape(h, hd).to(torch.float32) for layer in layers}

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from mmdiff.interventions._hooks import Intervention, InterventionError, Positions, check_layer, check_vector
+from mmdiff.interventions._hooks import (
+    Intervention,
+    InterventionError,
+    Positions,
+    check_layer,
+    check_vector,
+)
 from mmdiff.models.base import Backbone
 
 
@@ -32,9 +38,13 @@ class AdditiveSteering(Intervention):
         self.deltas: dict[int, torch.Tensor] = {}
         for layer, delta in deltas.items():
             check_layer(backbone, layer)
-            delta = check_vector(f"the steering vector of layer {layer}", torch.as_tensor(delta), backbone.d_model)
+            delta = check_vector(
+                f"the steering vector of layer {layer}", torch.as_tensor(delta), backbone.d_model
+            )
             if delta.dim() != 1:
-                raise InterventionError(f"the steering vector of layer {layer} must be [d_model]; got {tuple(delta.shape)}")
+                raise InterventionError(
+                    f"the steering vector of layer {layer} must be [d_model]; got {tuple(delta.shape)}"
+                )
             self.deltas[layer] = delta.detach()
 
     def layers(self) -> list[int]:
@@ -44,16 +54,24 @@ class AdditiveSteering(Intervention):
         return add_at(y, self.deltas[layer], mask)
 
 
-def feature_steering_delta(features: Sequence[tuple[torch.Tensor, float]], alpha: float, d_model: int) -> torch.Tensor:
+def feature_steering_delta(
+    features: Sequence[tuple[torch.Tensor, float]], alpha: float, d_model: int
+) -> torch.Tensor:
     """[d_model] sum over features of alpha * s * v, v the unit direction and s its typical max activation."""
     total = torch.zeros(d_model, dtype=torch.float64)
     for i, (direction, scale) in enumerate(features):
-        v = check_vector(f"steering direction {i}", torch.as_tensor(direction), d_model).to("cpu", torch.float64)
+        v = check_vector(f"steering direction {i}", torch.as_tensor(direction), d_model).to(
+            "cpu", torch.float64
+        )
         if v.dim() != 1:
-            raise InterventionError(f"steering direction {i} must be [d_model]; got shape {tuple(v.shape)}")
+            raise InterventionError(
+                f"steering direction {i} must be [d_model]; got shape {tuple(v.shape)}"
+            )
         norm = v.norm()
         if not norm > 0:
-            raise InterventionError(f"steering direction {i} is the zero vector: it has no direction to steer along")
+            raise InterventionError(
+                f"steering direction {i} is the zero vector: it has no direction to steer along"
+            )
         total += alpha * float(scale) * v / norm
     return total
 
@@ -71,7 +89,10 @@ def steer_features(
     feature's typical max activation (e.g. a high quantile of its activations). positions as in
     `ablate_features`, default "all".
     """
-    deltas = {layer: feature_steering_delta(feats, alpha, backbone.d_model) for layer, feats in features.items()}
+    deltas = {
+        layer: feature_steering_delta(feats, alpha, backbone.d_model)
+        for layer, feats in features.items()
+    }
     return AdditiveSteering(backbone, deltas, positions, token_types)
 
 
@@ -89,4 +110,6 @@ def steer_vector(
     """
     check_layer(backbone, layer)
     vector = check_vector("the steering vector", torch.as_tensor(vector), backbone.d_model)
-    return AdditiveSteering(backbone, {layer: alpha * vector.detach().to(torch.float64)}, positions, token_types)
+    return AdditiveSteering(
+        backbone, {layer: alpha * vector.detach().to(torch.float64)}, positions, token_types
+    )
