@@ -207,3 +207,26 @@ def test_evaluate_sae_reads_an_activation_store_like_the_batches(tmp_path):
     from_batches = evaluate_sae(sae, [_batch()], layer=5)
     assert pd.Series(from_store.row()).equals(pd.Series(from_batches.row()))  # NaN == NaN here
     assert from_store.n_tokens == 3  # BOS stored but excluded, padding never stored
+
+
+def test_spliced_losses_of_many_saes_match_one_at_a_time(tiny_lm):
+    from mmdiff.sae.metrics import spliced_loss_over_batches, spliced_losses
+
+    inputs, types = _inputs()
+    halves = [
+        ({k: v[:1] for k, v in inputs.items()}, types[:1]),
+        ({k: v[1:] for k, v in inputs.items()}, types[1:]),
+    ]
+    saes = {
+        "id0": (signed_identity_sae(8, k=8), 0),
+        "k2": (signed_identity_sae(8, k=2), 1),
+        "zero1": (torch.zeros_like, 1),
+    }
+    together = spliced_losses(tiny_lm, saes, halves)
+    for key, (sae, layer) in saes.items():
+        alone = spliced_loss_over_batches(tiny_lm, layer, sae, halves)
+        assert together[key].row() == pytest.approx(alone.row())
+    # two batches weighted by their targets give the one-batch answer (4 + 2 text targets)
+    whole = spliced_loss(tiny_lm, 1, saes["k2"][0], inputs, types)
+    assert together["k2"].ce_sae == pytest.approx(whole.ce_sae, rel=1e-6)
+    assert together["zero1"].fraction_recovered == pytest.approx(0.0, abs=1e-9)

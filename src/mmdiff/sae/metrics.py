@@ -362,7 +362,78 @@ def _model_logits(backbone: Backbone, inputs: Mapping[str, torch.Tensor]) -> tor
     return logits
 
 
+def _splice_masks(
+    inputs: Mapping[str, torch.Tensor], token_types: torch.Tensor | None, exclude_special: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, splice positions, target positions), each [batch, seq]."""
+    input_ids = inputs.get("input_ids")
+    if input_ids is None:
+        raise ModelError("spliced loss needs input_ids among the model inputs to score next tokens")
+    attn = inputs.get("attention_mask")
+    attn = torch.ones_like(input_ids, dtype=torch.bool) if attn is None else attn.bool()
+    if token_types is None:
+        return input_ids, attn, attn
+    if token_types.shape != input_ids.shape:
+        raise ModelError(
+            f"token_types are {tuple(token_types.shape)}, input_ids {tuple(input_ids.shape)}: "
+            "they must match"
+        )
+    token_types = token_types.to(attn.device)
+    positions = attn & (token_types != int(TokenType.SPECIAL)) if exclude_special else attn
+    return input_ids, positions, attn & (token_types == int(TokenType.TEXT))
+
+
+def _reconstruction(
+    sae: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    if isinstance(sae, nn.Module) and hasattr(sae, "W_dec"):
+
+        def reconstruct(h: torch.Tensor) -> torch.Tensor:
+            return sae_forward(sae, h.to(next(sae.parameters()).dtype))[0]
+
+        return reconstruct
+    return sae  # type: ignore[return-value]
+
+
 @torch.no_grad()
+def spliced_losses(
+    backbone: Backbone,
+    saes: Mapping[Any, tuple[nn.Module | Callable[[torch.Tensor], torch.Tensor], int]],
+    batches: Iterable[tuple[Mapping[str, torch.Tensor], torch.Tensor | None]],
+    *,
+    exclude_special: bool = True,
+) -> dict[Any, SplicedLoss]:
+    """Spliced-in loss of many SAEs ({key: (sae, layer)}) over (inputs, token_types) batches.
+
+    Per batch the clean run happens once and the zero-ablated run once per layer, so n SAEs over
+    m layers cost 1 + m + n forward passes, not 3n. Batch CEs are weighted by their target counts.
+    """
+    layers = sorted({layer for _, layer in saes.values()})
+    sums = {key: [0.0, 0.0, 0.0] for key in saes}  # target-weighted CE clean / sae / zero
+    n = 0
+    for inputs, types in batches:
+        input_ids, positions, targets = _splice_masks(inputs, types, exclude_special)
+        n_targets = int(targets[:, 1:].sum())
+        if n_targets == 0:
+            continue
+        clean = next_token_ce(_model_logits(backbone, inputs), input_ids, targets)
+        zero = {}
+        for layer in layers:
+            with replace_layer_output(backbone, layer, torch.zeros_like, positions):
+                zero[layer] = next_token_ce(_model_logits(backbone, inputs), input_ids, targets)
+        for key, (sae, layer) in saes.items():
+            with replace_layer_output(backbone, layer, _reconstruction(sae), positions):
+                ce = next_token_ce(_model_logits(backbone, inputs), input_ids, targets)
+            for i, value in enumerate((clean, ce, zero[layer])):
+                sums[key][i] += value * n_targets
+        n += n_targets
+    if n == 0:
+        raise ValueError("no batches (or no target tokens) to compute the spliced loss on")
+    return {
+        key: SplicedLoss(saes[key][1], c / n, s_ / n, z / n, n) for key, (c, s_, z) in sums.items()
+    }
+
+
 def spliced_loss(
     backbone: Backbone,
     layer: int,
@@ -381,35 +452,14 @@ def spliced_loss(
     and special tokens are not predicted). Without token_types every non-padding position counts.
     `sae` is an mmdiff SAE or any function x [..., d] -> x_hat [..., d].
     """
-    input_ids = inputs.get("input_ids")
-    if input_ids is None:
-        raise ModelError("spliced loss needs input_ids among the model inputs to score next tokens")
-    attn = inputs.get("attention_mask")
-    attn = torch.ones_like(input_ids, dtype=torch.bool) if attn is None else attn.bool()
-    if token_types is None:
-        positions, targets = attn, attn
-    else:
-        if token_types.shape != input_ids.shape:
-            raise ModelError(
-                f"token_types are {tuple(token_types.shape)}, input_ids {tuple(input_ids.shape)}: they must match"
-            )
-        positions = attn & (token_types != int(TokenType.SPECIAL)) if exclude_special else attn
-        targets = attn & (token_types == int(TokenType.TEXT))
-
-    if isinstance(sae, nn.Module) and hasattr(sae, "W_dec"):
-
-        def reconstruct(h: torch.Tensor) -> torch.Tensor:
-            p = next(sae.parameters())
-            return sae_forward(sae, h.to(p.dtype))[0]
-    else:
-        reconstruct = sae  # type: ignore[assignment]
-
-    ce_clean = next_token_ce(_model_logits(backbone, inputs), input_ids, targets)
-    with replace_layer_output(backbone, layer, reconstruct, positions):
-        ce_sae = next_token_ce(_model_logits(backbone, inputs), input_ids, targets)
-    with replace_layer_output(backbone, layer, torch.zeros_like, positions):
-        ce_zero = next_token_ce(_model_logits(backbone, inputs), input_ids, targets)
-    return SplicedLoss(layer, ce_clean, ce_sae, ce_zero, int(targets[:, 1:].sum()))
+    if not 0 <= layer < len(backbone.layers):
+        raise ModelError(
+            f"layer {layer} is out of range: the backbone has {len(backbone.layers)} decoder layers"
+        )
+    _splice_masks(inputs, token_types, exclude_special)  # input errors before any forward pass
+    return spliced_losses(
+        backbone, {0: (sae, layer)}, [(inputs, token_types)], exclude_special=exclude_special
+    )[0]
 
 
 def spliced_loss_over_batches(
@@ -421,18 +471,7 @@ def spliced_loss_over_batches(
     exclude_special: bool = True,
 ) -> SplicedLoss:
     """`spliced_loss` over several (inputs, token_types) batches, weighted by their target counts."""
-    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0}
-    n = 0
-    for inputs, types in batches:
-        r = spliced_loss(backbone, layer, sae, inputs, types, exclude_special=exclude_special)
-        for key in totals:
-            totals[key] += getattr(r, key) * r.n_targets
-        n += r.n_targets
-    if n == 0:
-        raise ValueError("no batches (or no target tokens) to compute the spliced loss on")
-    return SplicedLoss(
-        layer, totals["ce_clean"] / n, totals["ce_sae"] / n, totals["ce_zero"] / n, n
-    )
+    return spliced_losses(backbone, {0: (sae, layer)}, batches, exclude_special=exclude_special)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1070,25 +1070,24 @@ def spliced_loss_rows(
     records: Sequence[Any],
     saes: Mapping[str, Mapping[int, Any]],
     batch_size: int,
+    exclude_special: bool = True,
 ) -> list[dict[str, Any]]:
-    """Spliced-in CE (clean / SAE / zero, fraction recovered) of every role's SAE on one model side."""
-    from mmdiff.sae.metrics import spliced_loss_over_batches
+    """Spliced-in CE (clean / SAE / zero, fraction recovered) of every role's SAE on one model side,
+    in one pass over the records."""
+    from mmdiff.sae.metrics import spliced_losses
 
     backbone = adapter.backbone(side)
     device = next(backbone.model.parameters()).device
     make = adapter.vlm_inputs if side == "vlm" else adapter.base_inputs
-    batches = []
-    for s in range(0, len(records), batch_size):
-        inputs = make(records[s : s + batch_size])
-        batches.append(
-            (_to_device(inputs, device), adapter.token_types(inputs, side=side).to(device))
-        )
-    rows = []
-    for role, by_layer in saes.items():
-        for L, sae in by_layer.items():
-            r = spliced_loss_over_batches(backbone, L, sae, batches)
-            rows.append({"regime": role, "side": side, **r.row()})
-    return rows
+
+    def batches() -> Iterator[tuple[dict[str, Any], Tensor]]:
+        for s in range(0, len(records), batch_size):
+            inputs = make(records[s : s + batch_size])
+            yield _to_device(inputs, device), adapter.token_types(inputs, side=side).to(device)
+
+    keyed = {(role, L): (sae, L) for role, by_layer in saes.items() for L, sae in by_layer.items()}
+    results = spliced_losses(backbone, keyed, batches(), exclude_special=exclude_special)
+    return [{"regime": role, "side": side, **r.row()} for (role, _), r in results.items()]
 
 
 def train_study_saes(
@@ -1186,11 +1185,13 @@ def train_study_saes(
     if spliced:
         import pandas as pd
 
+        held_records = list(records_heldout)
         spliced_rows = spliced_loss_rows(
-            adapter, "base", list(records_heldout), {"base": saes["base"]}, capture_batch_size
-        )
+            adapter, "base", held_records, {"base": saes["base"]}, capture_batch_size,
+            cfg.exclude_special,
+        )  # fmt: skip
         spliced_rows += spliced_loss_rows(
-            adapter, "vlm", list(records_heldout), saes, capture_batch_size
+            adapter, "vlm", held_records, saes, capture_batch_size, cfg.exclude_special
         )
         spliced_df = pd.DataFrame(spliced_rows)
     tables = write_training_report(
