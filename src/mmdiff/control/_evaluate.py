@@ -1,0 +1,94 @@
+"""Evaluating a task under an intervention whose positions depend on each batch's token types.
+
+`ablate_features(..., positions="text")` needs the prompt's token types ([batch, seq]), which only
+exist once a batch is built; the harness builds its inputs itself. So the records are cut into
+batches here, each batch's token types are read from the adapter's inputs, the intervention is
+built for them, and the harness scores the batch inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, ContextManager, Literal, Sequence
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mmdiff.errors import ConfigError
+from mmdiff.evals.harness import EvalResult, EvalTask, evaluate
+from mmdiff.models.base import Backbone
+
+PositionName = Literal["text", "image", "all"]
+# (backbone, token types [batch, seq] or None) -> a context manager that intervenes while entered
+Builder = Callable[[Backbone, "torch.Tensor | None"], ContextManager[Any]]
+
+
+def check_positions(positions: str) -> PositionName:
+    if positions not in ("text", "image", "all"):
+        raise ConfigError(f"positions must be 'text', 'image' or 'all'; got {positions!r}")
+    return positions  # type: ignore[return-value]
+
+
+def evaluate_under(
+    adapter: Any,
+    task: EvalTask,
+    build: Builder | None,
+    positions: PositionName = "all",
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    description: str | None = None,
+    bar: Progress | None = None,
+) -> EvalResult:
+    """`evaluate(adapter, task)` with `build(backbone, token_types)` entered around every batch.
+
+    build=None evaluates the clean model. Token types are computed only when `positions` needs them
+    ("text" / "image"); with "all" the builder gets None. `bar`: a running rich Progress to add
+    this evaluation's line to (rich allows one live display at a time); else one of its own.
+    """
+    positions = check_positions(positions)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    backbone = adapter.backbone(task.side)
+    records: Sequence = list(task.records)
+    out = EvalResult(task.name, task.kind, [], [])
+    with contextlib.ExitStack() as stack:
+        if bar is None:
+            bar = stack.enter_context(progress_bar(progress))
+        job = bar.add_task(description or f"eval {task.name}", total=len(records))
+        stack.callback(bar.remove_task, job)
+        for i in range(0, len(records), batch_size):
+            chunk = list(records[i : i + batch_size])
+            if build is None:
+                ctx: ContextManager[Any] = contextlib.nullcontext()
+            else:
+                token_types = None
+                if positions != "all":
+                    side_inputs = adapter.vlm_inputs(chunk) if task.side == "vlm" else adapter.base_inputs(chunk)
+                    token_types = adapter.token_types(side_inputs, task.side)  # [batch, seq]
+                ctx = build(backbone, token_types)
+            with ctx:
+                part = evaluate(adapter, dataclasses.replace(task, records=chunk), batch_size=len(chunk), progress=False)
+            out.record_ids += part.record_ids
+            out.scores += part.scores
+            out.predictions += part.predictions
+            out.p_correct += part.p_correct
+            bar.advance(job, len(chunk))
+    return out
+
+
+def progress_bar(enabled: bool = True) -> Progress:
+    """The rich progress display every loop of the control experiments reports to."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    return Progress(*columns, disable=not enabled, transient=True)
+
+
+def record_scores(result: EvalResult, yesno_metric: str = "accuracy") -> list[float]:
+    """Per-record scores of a result: yes/no tasks give accuracy (0/1) or P(correct)."""
+    if result.kind == "yesno":
+        if yesno_metric == "p_correct":
+            return list(result.p_correct)
+        if yesno_metric != "accuracy":
+            raise ConfigError(f"yesno_metric must be 'accuracy' or 'p_correct', got {yesno_metric!r}")
+    return list(result.scores)

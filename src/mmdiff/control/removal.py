@@ -1,0 +1,256 @@
+"""Removal of task features against honest controls, every effect with a paired bootstrap CI.
+
+For each task set: project the span of its decoder directions out of the residual stream at each of
+its layers (`ablate_features`, METHOD.md §6), evaluate every task (the target and the others), and
+compare per record with the clean run: effect = mean(treated - clean) with a 95% percentile
+bootstrap interval over records (`paired_effect`). Beside it, the same for random features matched
+in layer and firing-frequency bin (the per-record mean over `n_random` draws), and, as rows of
+their own, the mismatched task set (the OCR set for spatial and vice versa).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from mmdiff.atomic import write_json, write_parquet
+from mmdiff.control._evaluate import evaluate_under, progress_bar, record_scores
+from mmdiff.control.controls import (
+    feature_pairs,
+    features_by_layer,
+    firing_frequencies,
+    matched_random_features,
+    mismatched_pairs,
+)
+from mmdiff.control.tasks import metric_name
+from mmdiff.errors import ConfigError, DataError
+from mmdiff.evals.bootstrap import paired_effect
+from mmdiff.evals.harness import EvalTask
+from mmdiff.interventions import ablate_features, decoder_directions
+
+EFFECT_COLUMNS: tuple[str, ...] = (
+    "intervention", "target_task", "eval_task", "metric", "baseline", "treated", "effect", "ci_lo",
+    "ci_hi", "control", "control_effect", "control_ci_lo", "control_ci_hi", "n",
+)  # fmt: skip
+
+
+@dataclass
+class _Scores:
+    """Per-record scores of one feature set on every eval task: {task: [n_records]}."""
+
+    by_task: dict[str, np.ndarray]
+
+
+def _ablation(saes: Mapping[int, Any], pairs: pd.DataFrame, positions: str):
+    """A builder (backbone, token types) -> ablate_features over the decoder rows of `pairs`."""
+    directions = decoder_directions(saes, features_by_layer(pairs))  # {layer: [n, d_model]}
+
+    def build(backbone, token_types):
+        return ablate_features(backbone, directions, positions=positions, token_types=token_types)
+
+    return build
+
+
+def _check_inputs(saes: Mapping[int, Any], task_sets: Mapping[str, pd.DataFrame], eval_tasks: Mapping[str, EvalTask]) -> dict[str, pd.DataFrame]:
+    if not task_sets:
+        raise ConfigError("removal needs at least one task set: {name: DataFrame(layer, feature)}")
+    if not eval_tasks:
+        raise ConfigError("removal needs at least one evaluation task: {name: EvalTask} (see study_eval_tasks)")
+    for name, task in eval_tasks.items():
+        if not task.records:
+            raise DataError(f"evaluation task {name!r} has no records")
+    sets = {}
+    for name, table in task_sets.items():
+        pairs = feature_pairs(table, f"task set {name!r}")
+        for layer, feats in features_by_layer(pairs).items():
+            if layer not in saes:
+                raise DataError(f"task set {name!r} has features at layer {layer}, but no SAE was given for it (SAEs at layers {sorted(saes)})")
+            d_sae = int(saes[layer].W_dec.shape[0])
+            bad = [f for f in feats if f >= d_sae]
+            if bad:
+                raise DataError(f"task set {name!r}: features {bad[:5]} do not exist in the layer-{layer} SAE (d_sae={d_sae}); is the table from another SAE?")
+        sets[name] = pairs
+    return sets
+
+
+def removal_experiment(
+    adapter: Any,
+    saes: Mapping[int, Any],
+    task_sets: Mapping[str, pd.DataFrame],
+    eval_tasks: Mapping[str, EvalTask],
+    stats: Any | None,
+    *,
+    positions: str = "text",
+    n_random: int = 3,
+    seed: int = 0,
+    n_bins: int = 10,
+    mismatched: Mapping[str, str] | bool | None = None,
+    exclude_all_sets: bool = True,
+    stats_token_types: Sequence[int] | None = None,
+    yesno_metric: str = "accuracy",
+    n_boot: int = 2000,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The effects table: one row per (task set, eval task), plus mismatched-control rows.
+
+    saes: {layer: SAE} whose decoder rows W_dec[f] are the feature directions. task_sets: {name:
+    DataFrame with columns layer, feature}. eval_tasks: {name: EvalTask} (`study_eval_tasks`).
+    stats: FeatureStats of the same SAEs, for the firing-frequency bins of the matched random
+    controls (None: matched in layer only, and the `control` column says so). positions: where the
+    directions are removed ("text": prompt text and generated tokens; "image"; "all").
+    mismatched: {target: control set} pairs, None for the default (spatial <-> ocr), False for none.
+    Random controls never draw a feature of the task set, nor of any other given set when
+    `exclude_all_sets`. yesno_metric: "accuracy" or "p_correct" for yes/no tasks.
+    Columns: EFFECT_COLUMNS; effects are treated - clean, CIs are 95% paired bootstrap intervals.
+    """
+    sets = _check_inputs(saes, task_sets, eval_tasks)
+    if n_random < 0:
+        raise ConfigError(f"n_random must be >= 0, got {n_random}")
+    pairs_map = {} if mismatched is False else mismatched_pairs(sets, None if mismatched in (None, True) else mismatched)
+    d_sae = {int(L): int(s.W_dec.shape[0]) for L, s in saes.items()}
+    every_set = pd.concat(list(sets.values()), ignore_index=True) if exclude_all_sets else None
+    layers = sorted({int(L) for p in sets.values() for L in p["layer"].unique()})
+    freqs = firing_frequencies(stats, layers, stats_token_types) if stats is not None and layers else None
+    control_name = (
+        f"random matched in layer and firing-frequency bin ({n_bins} bins, {n_random} draws, seed {seed})"
+        if stats is not None else f"random matched in layer only, no statistics ({n_random} draws, seed {seed})"
+    )
+    draws = {
+        name: matched_random_features(pairs, d_sae, freqs, n_draws=n_random, seed=seed, n_bins=n_bins,
+                                      exclude=every_set)
+        if n_random > 0 else []
+        for name, pairs in sets.items()
+    }
+    cache: dict[tuple, _Scores] = {}
+    n_runs = 1 + len(sets) * (1 + n_random)
+    with progress_bar(progress) as bar:
+        overall = bar.add_task("removal experiments", total=n_runs)
+
+        def run(key: tuple | None, build, label: str) -> _Scores:
+            if key in cache:
+                bar.advance(overall)
+                return cache[key]
+            by_task = {}
+            for tname, task in eval_tasks.items():
+                res = evaluate_under(adapter, task, build, "all" if build is None else positions,  # type: ignore[arg-type]
+                                     batch_size=batch_size, bar=bar, description=f"{label}: {tname}")
+                by_task[tname] = np.asarray(record_scores(res, yesno_metric), dtype=np.float64)
+            cache[key] = _Scores(by_task)
+            bar.advance(overall)
+            return cache[key]
+
+        def key_of(pairs: pd.DataFrame) -> tuple:
+            return ("ablate", positions, tuple(map(tuple, pairs[["layer", "feature"]].to_numpy().tolist())))
+
+        clean = run(None, None, "clean")
+        treated = {name: run(key_of(p), _ablation(saes, p, positions), f"remove {name}") for name, p in sets.items()}
+        controls: dict[str, list[_Scores]] = {}
+        for name in sets:
+            controls[name] = [
+                run(key_of(feature_pairs(d)), _ablation(saes, d, positions), f"random control {i + 1} for {name}")
+                for i, d in enumerate(draws[name])
+            ]
+
+    def rows_for(intervention: str, target: str, set_name: str) -> list[dict[str, Any]]:
+        out = []
+        for tname, task in eval_tasks.items():
+            base = clean.by_task[tname]
+            tr = treated[set_name].by_task[tname]
+            eff = paired_effect(tr, base, n_boot=n_boot, seed=seed)
+            row: dict[str, Any] = {
+                "intervention": intervention, "target_task": target, "eval_task": tname,
+                "metric": metric_name(task, yesno_metric), "baseline": float(base.mean()),
+                "treated": float(tr.mean()), "effect": eff.mean, "ci_lo": eff.lo, "ci_hi": eff.hi,
+            }
+            if controls[set_name]:
+                ctrl = np.mean([c.by_task[tname] for c in controls[set_name]], axis=0)  # [n_records]
+                ce = paired_effect(ctrl, base, n_boot=n_boot, seed=seed)
+                row.update(control=control_name, control_effect=ce.mean, control_ci_lo=ce.lo, control_ci_hi=ce.hi)
+            else:
+                row.update(control="none", control_effect=np.nan, control_ci_lo=np.nan, control_ci_hi=np.nan)
+            row["n"] = int(base.size)
+            out.append(row)
+        return out
+
+    rows = []
+    for name in sets:
+        rows += rows_for(f"remove {name}", name, name)
+    for target, other in pairs_map.items():
+        rows += rows_for(f"remove {other} (mismatched control for {target})", target, other)
+    df = pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
+    df.attrs["removal"] = {
+        "positions": positions, "n_random": n_random, "seed": seed, "n_bins": n_bins,
+        "yesno_metric": yesno_metric, "n_boot": n_boot, "exclude_all_sets": exclude_all_sets,
+        "mismatched": pairs_map, "set_sizes": {k: int(len(v)) for k, v in sets.items()},
+        "control_draws": {
+            name: [
+                {"features": d[["layer", "feature"]].to_numpy().tolist(),
+                 "max_bin_distance": int(d["bin_distance"].max()) if len(d) else 0,
+                 "effects": {t: float((c.by_task[t] - clean.by_task[t]).mean()) for t in eval_tasks}}
+                for d, c in zip(draws[name], controls[name])
+            ]
+            for name in sets
+        },
+    }
+    return df
+
+
+def write_effects(effects: pd.DataFrame, out: str | Path) -> dict[str, Path]:
+    """out/effects.parquet (the table) and out/effects.json (the same rows, plus the settings and
+    each control draw's features and effects from `effects.attrs`)."""
+    out = Path(out)
+    missing = [c for c in EFFECT_COLUMNS if c not in effects.columns]
+    if missing:
+        raise DataError(f"the effects table lacks columns {missing}; build it with removal_experiment")
+    table = effects[list(EFFECT_COLUMNS)].copy()
+    table.attrs = {}
+    paths = {"parquet": out / "effects.parquet", "json": out / "effects.json"}
+    write_parquet(paths["parquet"], table)
+    rows = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in table.to_dict("records")]
+    write_json(paths["json"], {"effects": rows, **{k: v for k, v in effects.attrs.items()}})
+    return paths
+
+
+def run_removal(
+    run_dir: str | Path,
+    adapter: Any,
+    eval_tasks: Mapping[str, EvalTask] | Sequence[Any],
+    *,
+    tasks: Sequence[str] | None = None,
+    role: str = "text",
+    stats_split: str | None = "vqa",
+    out: str | Path | None = None,
+    safety_judge: Any = None,
+    **kwargs: Any,
+) -> dict[str, Path]:
+    """Pipeline stage / `mmdiff ablate`: the removal experiment of a run, written to out (run_dir/eval).
+
+    Reads the task sets run_dir/features/<task>.parquet (`tasks`, default all), their layers' SAEs
+    run_dir/saes/<role>/layer_<L>/ and the statistics run_dir/stats/<stats_split>.state.safetensors
+    (None: random controls matched in layer only). eval_tasks: {name: EvalTask}, or records, which
+    `study_eval_tasks(records, safety_judge=...)` turns into tasks. Other keyword arguments go to
+    `removal_experiment`. Writes effects.parquet and effects.json; returns their paths.
+    """
+    from mmdiff.control.inputs import check_stats_fit, load_role_saes, load_stats, load_task_sets
+    from mmdiff.control.tasks import study_eval_tasks
+
+    run_dir = Path(run_dir)
+    if not isinstance(eval_tasks, Mapping):
+        eval_tasks = study_eval_tasks(list(eval_tasks), safety_judge=safety_judge)
+    task_sets = load_task_sets(run_dir, tasks)
+    backbone = adapter.backbone("vlm")
+    layers = {int(L) for p in task_sets.values() for L in p["layer"].unique()}
+    saes = load_role_saes(run_dir, role, layers, d_in=backbone.d_model, device=backbone.device)
+    stats = None
+    if stats_split is not None:
+        stats = load_stats(run_dir, stats_split)
+        check_stats_fit(stats, saes)
+    effects = removal_experiment(adapter, saes, task_sets, eval_tasks, stats, **kwargs)
+    effects.attrs["inputs"] = {"run_dir": str(run_dir), "role": role, "stats_split": stats_split,
+                               "eval_tasks": {k: len(t.records) for k, t in eval_tasks.items()}}
+    return write_effects(effects, run_dir / "eval" if out is None else out)
