@@ -199,6 +199,28 @@ def test_clamp_hand_computed_and_noop_when_unchanged():
     assert torch.equal(clamp_delta(sae, x, idx, f[0, idx]), torch.zeros(1, 6))
 
 
+class ScaledSAE(ReluSAE):
+    """Like mmdiff.sae with norm_scale s: f = relu(s x W_enc + b_enc), x_hat = (f W_dec + b_dec) / s."""
+
+    def __init__(self, scale: float, d: int) -> None:
+        super().__init__(torch.eye(d), torch.zeros(d), torch.eye(d))
+        self.scale, self.b_dec = scale, torch.full((d,), 0.25)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return super().encode(x * self.scale)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return (f @ self.W_dec + self.b_dec) / self.scale
+
+
+def test_clamp_honours_the_sae_input_scale():
+    sae = ScaledSAE(2.0, 4)
+    x = torch.tensor([[1.0, -2.0, 3.0, 0.5]])  # f = relu(2x) = [2, 0, 6, 1]
+    delta = clamp_delta(sae, x, torch.tensor([2]), torch.tensor([10.0]))  # (10 - 6) / 2 along e_2
+    torch.testing.assert_close(x + delta, torch.tensor([[1.0, -2.0, 5.0, 0.5]]))
+    assert sae.encode(x + delta)[0, 2] == 10.0
+
+
 def test_clamp_through_hook_sets_the_feature(tiny):
     backbone = tiny[0]
     sae = ReluSAE(
@@ -506,3 +528,22 @@ def test_tuple_layer_outputs_are_edited_and_other_outputs_rejected():
     with pytest.raises(InterventionError, match="tuple"):
         with steer_vector(Backbone(odd, list(odd.layers), 1, 4, 4), 0, torch.ones(4), 1.0):
             odd(x)
+
+
+def test_clamp_with_the_project_sae_matches_its_decoder():
+    """With mmdiff.sae (norm_scale != 1): y' - y == decode(f_clamped) - decode(f), f = encode(y)."""
+    from mmdiff.sae.base import SAEConfig, build_sae
+
+    sae = build_sae(SAEConfig(architecture="relu", d_in=D, d_sae=48, norm_scale=3.0))
+    sae.init_weights(seed=0)
+    with torch.no_grad():
+        sae.b_dec.normal_(generator=torch.Generator().manual_seed(1))
+    y = torch.randn(5, D, generator=torch.Generator().manual_seed(2))
+    idx, vals = torch.tensor([3, 17]), torch.tensor([4.0, 0.0])
+    with torch.no_grad():
+        f = sae.encode(y)
+        f_clamped = f.clone()
+        f_clamped[:, idx] = vals
+        expected = sae.decode(f_clamped) - sae.decode(f)
+        got = clamp_delta(sae, y, idx, vals)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,8 @@
-"""Clamping SAE features while keeping the SAE's error term: y <- y + W_dec (f_clamped - f)."""
+"""Clamping SAE features while keeping the SAE's error term: y <- y + W_dec (f_clamped - f).
+
+W_dec (f_clamped - f) is taken in the residual stream's units: for an SAE that scales its input
+(Llama Scope's norm_scale) the decoder rows come from `sae.decode`, which undoes the scaling.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,40 @@ from mmdiff.interventions._hooks import Intervention, InterventionError, Positio
 from mmdiff.models.base import Backbone
 
 
+def decoder_rows(sae: Any, features: torch.Tensor) -> torch.Tensor:
+    """[n_clamped, d_in] what one unit of each feature adds to the residual stream, in its own units.
+
+    With `sae.decode` (an affine decoder: ours divides by norm_scale, SAELens may undo an input
+    normalisation) the rows are decode(e_i) - decode(0), so any output scaling is honoured; an SAE
+    without decode is taken as x_hat = f W_dec + b_dec and its W_dec rows are used as they are.
+    """
+    w_dec = sae.W_dec  # [d_sae, d_in]
+    if not hasattr(sae, "decode"):
+        return w_dec[features].detach()
+    basis = torch.zeros(len(features), w_dec.shape[0], device=w_dec.device, dtype=w_dec.dtype)
+    basis[torch.arange(len(features)), features.to(w_dec.device)] = 1.0
+    with torch.no_grad():
+        rows = sae.decode(basis) - sae.decode(torch.zeros_like(basis))  # [n_clamped, d_in]
+    if rows.shape != (len(features), w_dec.shape[1]):
+        raise InterventionError(
+            f"sae.decode returned shape {tuple(rows.shape)} for {len(features)} one-hot codes; "
+            f"expected [{len(features)}, {w_dec.shape[1]}]"
+        )
+    return rows.detach()
+
+
 def clamp_delta(
-    sae: Any, x: torch.Tensor, features: torch.Tensor, values: torch.Tensor
+    sae: Any,
+    x: torch.Tensor,
+    features: torch.Tensor,
+    values: torch.Tensor,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[n, d_in] residuals -> [n, d_in] W_dec (f_clamped - f), with f = sae.encode(x) (dense [n, d_sae]).
 
-    Only the clamped features differ between f_clamped and f, so only their decoder rows are used;
-    features clamped to their current value give exactly zero. Assumes a linear decoder
-    x_hat = f W_dec + b_dec in the residual stream's own units (an SAE that rescales its input must
-    fold the scale into W_dec).
+    Only the clamped features differ between f_clamped and f, so only their decoder rows
+    (`decoder_rows`, pass them to skip recomputing) are used; features clamped to their current
+    value give exactly zero, and whatever the SAE does not reconstruct (its error term) is kept.
     """
     w_dec = sae.W_dec  # [d_sae, d_in]
     f = sae.encode(x.to(w_dec.device, w_dec.dtype))  # [n, d_sae]
@@ -27,8 +56,9 @@ def clamp_delta(
         raise InterventionError(
             f"sae.encode returned shape {tuple(f.shape)} for input {tuple(x.shape)}; expected [n, d_sae]"
         )
+    rows = decoder_rows(sae, features) if rows is None else rows  # [n_clamped, d_in]
     diff = values.to(f.device, f.dtype) - f[:, features]  # [n, n_clamped]
-    return (diff @ w_dec[features]).to(x.device, x.dtype)  # [n, d_in]
+    return (diff @ rows.to(f.device, f.dtype)).to(x.device, x.dtype)  # [n, d_in]
 
 
 class FeatureClamp(Intervention):
@@ -45,6 +75,7 @@ class FeatureClamp(Intervention):
         super().__init__(backbone, positions, token_types)
         self.saes: dict[int, Any] = {}
         self.features: dict[int, torch.Tensor] = {}
+        self.rows: dict[int, torch.Tensor] = {}  # [n_clamped, d_model] per layer
         self.values: dict[int, torch.Tensor] = {}
         for layer, clamp in values.items():
             check_layer(backbone, layer)
@@ -73,22 +104,22 @@ class FeatureClamp(Intervention):
                 continue  # nothing clamped: an exact no-op
             self.saes[layer] = sae
             self.features[layer] = torch.tensor(idx, dtype=torch.long)
+            self.rows[layer] = decoder_rows(sae, self.features[layer])
             self.values[layer] = torch.tensor([float(clamp[i]) for i in clamp], dtype=torch.float64)
 
     def layers(self) -> list[int]:
         return sorted(self.saes)
 
     def edit(self, layer: int, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        sae, features, values = self.saes[layer], self.features[layer], self.values[layer]
+        sae, values, rows = self.saes[layer], self.values[layer], self.rows[layer]
+        features = self.features[layer].to(sae.W_dec.device)
         if mask is None:
             flat = y.reshape(-1, y.shape[-1])  # [batch * seq, d_model]
-            return y + clamp_delta(sae, flat, features.to(sae.W_dec.device), values).reshape(
-                y.shape
-            )
+            return y + clamp_delta(sae, flat, features, values, rows).reshape(y.shape)
         if not mask.any():
             return y
         out = y.clone()
-        out[mask] = y[mask] + clamp_delta(sae, y[mask], features.to(sae.W_dec.device), values)
+        out[mask] = y[mask] + clamp_delta(sae, y[mask], features, values, rows)
         return out
 
 
