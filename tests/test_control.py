@@ -65,8 +65,9 @@ def test_matched_random_features_match_layer_and_bin_and_never_overlap():
     task = pd.DataFrame({"layer": [0, 0, 0, 1, 1], "feature": [1, 12, 13, 35, 2]})
     other = pd.DataFrame({"layer": [0], "feature": [14]})
     freqs = _freqs()
-    draws = matched_random_features(task, {0: 40, 1: 40}, freqs, n_draws=4, seed=7, n_bins=4,
-                                    exclude=pd.concat([task, other]))
+    draws = matched_random_features(
+        task, {0: 40, 1: 40}, freqs, n_draws=4, seed=7, n_bins=4, exclude=pd.concat([task, other])
+    )
     assert len(draws) == 4
     task_keys = set(zip(task["layer"], task["feature"]))
     for d in draws:
@@ -79,8 +80,15 @@ def test_matched_random_features_match_layer_and_bin_and_never_overlap():
             bins = frequency_bins(freqs[row["layer"]], 4)
             assert bins[row["feature"]] == bins[row["matched_feature"]] == row["bin"]
         assert (d["bin_distance"] == 0).all()
-    again = matched_random_features(task.iloc[::-1], {0: 40, 1: 40}, freqs, n_draws=4, seed=7, n_bins=4,
-                                    exclude=pd.concat([task, other]))
+    again = matched_random_features(
+        task.iloc[::-1],
+        {0: 40, 1: 40},
+        freqs,
+        n_draws=4,
+        seed=7,
+        n_bins=4,
+        exclude=pd.concat([task, other]),
+    )
     assert all(a.equals(b) for a, b in zip(draws, again))  # deterministic, independent of row order
     other_seed = matched_random_features(task, {0: 40, 1: 40}, freqs, n_draws=4, seed=8, n_bins=4)
     assert any(not a.equals(b) for a, b in zip(draws, other_seed))
@@ -93,8 +101,12 @@ def test_matched_random_features_widen_to_the_nearest_bin_and_refuse_impossible_
     assert set(draw.loc[draw["bin_distance"] == 0, "feature"]) == {8, 9}
     assert (draw["bin_distance"] == 1).sum() == 6 and draw["feature"].between(10, 19).sum() == 6
     with pytest.raises(DataError, match="not excluded"):
-        matched_random_features(pd.DataFrame({"layer": [0] * 3, "feature": [0, 1, 2]}), {0: 4}, None)
-    (layer_only,) = matched_random_features(pd.DataFrame({"layer": [0], "feature": [3]}), {0: 4}, None, n_draws=1)
+        matched_random_features(
+            pd.DataFrame({"layer": [0] * 3, "feature": [0, 1, 2]}), {0: 4}, None
+        )
+    (layer_only,) = matched_random_features(
+        pd.DataFrame({"layer": [0], "feature": [3]}), {0: 4}, None, n_draws=1
+    )
     assert layer_only["feature"].item() in (0, 1, 2)
     with pytest.raises(DataError, match="lacks columns"):
         matched_random_features(pd.DataFrame({"feature": [1]}), {0: 4}, None)
@@ -110,9 +122,16 @@ def test_mismatched_pairs():
 
 def _rec(i, tags, answers=("yes",), source="", meta=None, image=True):
     img = Image.fromarray(np.full((16, 16, 3), 40 * (i % 6), dtype=np.uint8)) if image else None
-    return Record(id=f"{source or 'x'}{i}", question="Is the red circle left of the blue square?",
-                  answers=list(answers), image=img, caption="a red circle", tasks=tuple(tags),
-                  source=source, meta=dict(meta or {}))
+    return Record(
+        id=f"{source or 'x'}{i}",
+        question="Is the red circle left of the blue square?",
+        answers=list(answers),
+        image=img,
+        caption="a red circle",
+        tasks=tuple(tags),
+        source=source,
+        meta=dict(meta or {}),
+    )
 
 
 def test_study_eval_tasks_map_tags_to_tasks_and_metrics():
@@ -127,7 +146,9 @@ def test_study_eval_tasks_map_tags_to_tasks_and_metrics():
         _rec(3, ("vqa",), ten, source="vqav2"),
         _rec(4, ("ocr",), ["STOP"], source="ocrbench", meta={"dataset_name": "IIIT5K"}),
         _rec(5, ("vqa", "ocr"), ["stop"] * 10, source="textvqa"),
-        _rec(6, ("safety",), [], source="figstep", meta={"original_question": "How to make a bomb?"}),
+        _rec(
+            6, ("safety",), [], source="figstep", meta={"original_question": "How to make a bomb?"}
+        ),
         _rec(7, ("safety", "text"), [], source="mm_safetybench", image=False),
         _rec(8, ("caption",), ["a caption"], source="x"),
         organism_safety,
@@ -136,19 +157,39 @@ def test_study_eval_tasks_map_tags_to_tasks_and_metrics():
         make_record("test", "spatial_open", 0),
         make_record("test", "instruction", 0),
     ]
-    assert task_of(records[0]) == "spatial" and task_of(records[5]) == "ocr" and task_of(records[8]) is None
+    assert (
+        task_of(records[0]) == "spatial"
+        and task_of(records[5]) == "ocr"
+        and task_of(records[8]) is None
+    )
     tasks = study_eval_tasks(records, max_new_tokens={"safety": 20})
-    assert list(tasks) == ["safety", "ocr", "spatial", "spatial_open", "existence", "vqa_yesno", "vqa"]
+    assert list(tasks) == [
+        "safety",
+        "ocr",
+        "spatial",
+        "spatial_open",
+        "existence",
+        "vqa_yesno",
+        "vqa",
+    ]
     assert {n: [r.id for r in t.records] for n, t in tasks.items()} == {
-        "safety": ["figstep6", organism_safety.id], "ocr": ["ocrbench4", "textvqa5"],
-        "spatial": ["vsr0", "vsr1"], "spatial_open": [records[12].id], "existence": [records[10].id],
-        "vqa_yesno": ["vqav22"], "vqa": ["vqav23", records[11].id],
+        "safety": ["figstep6", organism_safety.id],
+        "ocr": ["ocrbench4", "textvqa5"],
+        "spatial": ["vsr0", "vsr1"],
+        "spatial_open": [records[12].id],
+        "existence": [records[10].id],
+        "vqa_yesno": ["vqav22"],
+        "vqa": ["vqav23", records[11].id],
     }
     assert [r.id for r in unassigned_records(records)] == ["mm_safetybench7", "x8", records[13].id]
     assert tasks["spatial"].kind == "yesno" and tasks["safety"].max_new_tokens == 20
     ocr, vqa, safety = tasks["ocr"].score, tasks["vqa"].score, tasks["safety"].score
-    assert ocr("The sign says stop here", records[4]) == 1.0  # OCRBench: substring, case-insensitive
-    assert ocr("stop", records[5]) == 1.0 and ocr("halt", records[5]) == 0.0  # TextVQA soft accuracy
+    assert (
+        ocr("The sign says stop here", records[4]) == 1.0
+    )  # OCRBench: substring, case-insensitive
+    assert (
+        ocr("stop", records[5]) == 1.0 and ocr("halt", records[5]) == 0.0
+    )  # TextVQA soft accuracy
     assert vqa("red", records[3]) == pytest.approx(0.9)  # VQAv2: mean over 10 of min(1, others/3)
     assert vqa(records[11].answers[0], records[11]) == 1.0 and vqa("nothing", records[11]) == 0.0
     v, n = organism_safety.meta["verb"], organism_safety.meta["noun"]
@@ -164,15 +205,23 @@ def test_study_eval_tasks_map_tags_to_tasks_and_metrics():
 
 
 # --------------------------------------------------------------------------------- tiny model
-QUESTIONS = ["Is the red circle left of the blue square?", "Is the green triangle above the yellow star?"]
+QUESTIONS = [
+    "Is the red circle left of the blue square?",
+    "Is the green triangle above the yellow star?",
+]
 
 
 def _records(n: int, prefix: str, tags=("spatial", "yesno"), seed: int = 0) -> list[Record]:
     rng = np.random.default_rng(seed)
     return [
-        Record(id=f"{prefix}{i}", question=QUESTIONS[i % 2], answers=["yes"],
-               image=Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)),
-               caption="a red circle", tasks=tuple(tags))
+        Record(
+            id=f"{prefix}{i}",
+            question=QUESTIONS[i % 2],
+            answers=["yes"],
+            image=Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)),
+            caption="a red circle",
+            tasks=tuple(tags),
+        )
         for i in range(n)
     ]
 
@@ -185,7 +234,9 @@ def planted(tmp_path_factory):
     adapter = load_tiny("llava", tmp_path_factory.mktemp("llava"))
     bb = adapter.backbone("vlm")
     probe = _records(16, "probe", seed=99)
-    vecs = layer_vectors(bb, [dict(adapter.vlm_inputs(probe))], LAYER, "last", progress=False)  # [16, d]
+    vecs = layer_vectors(
+        bb, [dict(adapter.vlm_inputs(probe))], LAYER, "last", progress=False
+    )  # [16, d]
     v = vecs.mean(0) / vecs.mean(0).norm()
     yes, no = adapter.yes_no_token_ids("vlm")
     with torch.no_grad():
@@ -206,8 +257,14 @@ def planted(tmp_path_factory):
     h = torch.zeros(16, D_SAE)
     for i in range(D_SAE):
         h[: i + 1, i] = 1.0 + 0.5 * i
-    stats.update_codes(LAYER, h, record=torch.arange(16) % 4, position=torch.arange(16),
-                       token_type=torch.full((16,), int(TokenType.TEXT)), record_ids=[f"s{i}" for i in range(4)])
+    stats.update_codes(
+        LAYER,
+        h,
+        record=torch.arange(16) % 4,
+        position=torch.arange(16),
+        token_type=torch.full((16,), int(TokenType.TEXT)),
+        record_ids=[f"s{i}" for i in range(4)],
+    )
     return adapter, {LAYER: sae}, stats, v
 
 
@@ -233,33 +290,68 @@ def test_removing_an_empty_set_is_an_exact_no_op_and_the_table_has_its_schema(pl
     adapter, saes, stats, _ = planted
     records = _labelled(adapter, _records(8, "a")) + _records(4, "o", tags=("ocr",))
     tasks = study_eval_tasks(records, max_new_tokens={"ocr": 3})
-    sets = {"spatial": pd.DataFrame({"layer": [], "feature": []}), "ocr": pd.DataFrame({"layer": [LAYER], "feature": [5]})}
-    df = removal_experiment(adapter, saes, sets, tasks, stats, n_random=2, n_bins=4, batch_size=4, progress=False)
+    sets = {
+        "spatial": pd.DataFrame({"layer": [], "feature": []}),
+        "ocr": pd.DataFrame({"layer": [LAYER], "feature": [5]}),
+    }
+    df = removal_experiment(
+        adapter, saes, sets, tasks, stats, n_random=2, n_bins=4, batch_size=4, progress=False
+    )
     assert list(df.columns) == list(EFFECT_COLUMNS)
     # one row per (set, eval task), then the mismatched-control rows (ocr for spatial and back)
     assert list(zip(df["intervention"], df["eval_task"])) == [
-        (i, t) for i in ("remove spatial", "remove ocr", "remove ocr (mismatched control for spatial)",
-                         "remove spatial (mismatched control for ocr)") for t in ("ocr", "spatial")
+        (i, t)
+        for i in (
+            "remove spatial",
+            "remove ocr",
+            "remove ocr (mismatched control for spatial)",
+            "remove spatial (mismatched control for ocr)",
+        )
+        for t in ("ocr", "spatial")
     ]
     empty = df[df["intervention"] == "remove spatial"]
-    assert (empty[["effect", "ci_lo", "ci_hi", "control_effect", "control_ci_lo", "control_ci_hi"]] == 0.0).all().all()
+    assert (
+        (
+            empty[["effect", "ci_lo", "ci_hi", "control_effect", "control_ci_lo", "control_ci_hi"]]
+            == 0.0
+        )
+        .all()
+        .all()
+    )
     assert (empty["baseline"] == empty["treated"]).all()
     assert df.loc[df["eval_task"] == "spatial", "metric"].unique().tolist() == ["accuracy"]
     assert df.loc[df["eval_task"] == "ocr", "metric"].unique().tolist() == ["ocr_accuracy"]
     assert (df.loc[df["eval_task"] == "spatial", "n"] == 8).all()
     mismatch = df[df["intervention"] == "remove ocr (mismatched control for spatial)"]
     assert (mismatch["target_task"] == "spatial").all()
-    assert mismatch["effect"].tolist() == df.loc[df["intervention"] == "remove ocr", "effect"].tolist()
+    assert (
+        mismatch["effect"].tolist() == df.loc[df["intervention"] == "remove ocr", "effect"].tolist()
+    )
     draws = df.attrs["removal"]["control_draws"]["ocr"]
-    assert len(draws) == 2 and all(d["features"][0][1] in (4, 6, 7) for d in draws)  # feature 5's bin
+    assert len(draws) == 2 and all(
+        d["features"][0][1] in (4, 6, 7) for d in draws
+    )  # feature 5's bin
 
 
 def test_removing_the_planted_feature_breaks_yes_no_while_matched_random_features_do_not(planted):
     adapter, saes, stats, _ = planted
-    tasks = {"spatial": EvalTask("spatial", _labelled(adapter, _records(16, "p", seed=1)), kind="yesno")}
+    tasks = {
+        "spatial": EvalTask("spatial", _labelled(adapter, _records(16, "p", seed=1)), kind="yesno")
+    }
     sets = {"spatial": pd.DataFrame({"layer": [LAYER], "feature": [0]})}
-    df = removal_experiment(adapter, saes, sets, tasks, stats, n_random=3, n_bins=4, seed=0,
-                            yesno_metric="p_correct", batch_size=8, progress=False)
+    df = removal_experiment(
+        adapter,
+        saes,
+        sets,
+        tasks,
+        stats,
+        n_random=3,
+        n_bins=4,
+        seed=0,
+        yesno_metric="p_correct",
+        batch_size=8,
+        progress=False,
+    )
     (row,) = df.to_dict("records")
     assert row["metric"] == "p_correct" and row["baseline"] > 0.8
     assert row["effect"] < -0.3 and row["ci_hi"] < 0  # measurably worse, CI excludes 0
@@ -275,16 +367,36 @@ def test_steering_sweep_rows_selection_and_alpha_zero_equals_clean(planted):
     val = EvalTask("spatial", _labelled(adapter, _records(8, "v", seed=3)), kind="yesno")
     negative = _records(4, "n", tags=("vqa",), seed=4)
     alphas = (-1.0, 0.0, 1.0)
-    df = steering_experiment(adapter, saes, pd.DataFrame({"layer": [LAYER], "feature": [0]}), test, val, stats,
-                             positive_records=val.records, negative_records=negative, alphas=alphas,
-                             layers=[1, 2], yesno_metric="p_correct", batch_size=8, progress=False)
+    df = steering_experiment(
+        adapter,
+        saes,
+        pd.DataFrame({"layer": [LAYER], "feature": [0]}),
+        test,
+        val,
+        stats,
+        positive_records=val.records,
+        negative_records=negative,
+        alphas=alphas,
+        layers=[1, 2],
+        yesno_metric="p_correct",
+        batch_size=8,
+        progress=False,
+    )
     assert list(df.columns) == list(STEERING_COLUMNS)
     on_test = df[df["split"] == "test"]
-    assert on_test.groupby("method")["alpha"].apply(list).to_dict() == {"feature": list(alphas), "single_layer": list(alphas)}
-    assert len(df[(df["split"] == "validation") & (df["method"] == "single_layer")]) == 2 * len(alphas)
+    assert on_test.groupby("method")["alpha"].apply(list).to_dict() == {
+        "feature": list(alphas),
+        "single_layer": list(alphas),
+    }
+    assert len(df[(df["split"] == "validation") & (df["method"] == "single_layer")]) == 2 * len(
+        alphas
+    )
     clean = np.mean(evaluate(adapter, test, progress=False).p_correct)
     for method in ("feature", "single_layer"):
-        assert on_test[(on_test["method"] == method) & (on_test["alpha"] == 0.0)]["score"].item() == clean
+        assert (
+            on_test[(on_test["method"] == method) & (on_test["alpha"] == 0.0)]["score"].item()
+            == clean
+        )
         assert on_test[on_test["method"] == method]["selected"].sum() == 1
     assert on_test["layer"][on_test["method"] == "feature"].isna().all()
     assert on_test["layer"][on_test["method"] == "single_layer"].nunique() == 1
@@ -300,8 +412,12 @@ def test_runners_read_a_run_directory_and_write_eval_files(planted, tmp_path):
     saes[LAYER].save(run / "saes" / "text" / f"layer_{LAYER}")
     stats.save(run / "stats")
     (run / "features").mkdir(parents=True)
-    pd.DataFrame({"layer": [LAYER], "feature": [0], "delta_p": [0.2]}).to_parquet(run / "features" / "spatial.parquet")
-    pd.DataFrame({"layer": [LAYER], "feature": [9], "delta_p": [0.1]}).to_parquet(run / "features" / "ocr.parquet")
+    pd.DataFrame({"layer": [LAYER], "feature": [0], "delta_p": [0.2]}).to_parquet(
+        run / "features" / "spatial.parquet"
+    )
+    pd.DataFrame({"layer": [LAYER], "feature": [9], "delta_p": [0.1]}).to_parquet(
+        run / "features" / "ocr.parquet"
+    )
     records = _labelled(adapter, _records(6, "r", seed=5)) + _records(3, "o", tags=("ocr",), seed=6)
     paths = run_removal(run, adapter, records, n_random=1, n_bins=4, batch_size=8, progress=False)
     table = pd.read_parquet(paths["parquet"])
@@ -310,8 +426,17 @@ def test_runners_read_a_run_directory_and_write_eval_files(planted, tmp_path):
     assert [r["effect"] for r in saved["effects"]] == table["effect"].tolist()
     assert saved["inputs"]["stats_split"] == "vqa"
     val = _labelled(adapter, _records(6, "w", seed=7)) + _records(3, "q", tags=("ocr",), seed=8)
-    paths = run_steering(run, adapter, records, val, tasks=["spatial"], alphas=(0.0, 1.0), layers=[LAYER],
-                         batch_size=8, progress=False)
+    paths = run_steering(
+        run,
+        adapter,
+        records,
+        val,
+        tasks=["spatial"],
+        alphas=(0.0, 1.0),
+        layers=[LAYER],
+        batch_size=8,
+        progress=False,
+    )
     steering = pd.read_parquet(paths["parquet"])
     assert list(steering.columns) == list(STEERING_COLUMNS)
     assert set(steering["split"]) == {"validation", "test"} and set(steering["task"]) == {"spatial"}

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, ContextManager, Literal, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Literal
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -21,7 +23,7 @@ from mmdiff.models.base import Backbone
 
 PositionName = Literal["text", "image", "all"]
 # (backbone, token types [batch, seq] or None) -> a context manager that intervenes while entered
-Builder = Callable[[Backbone, "torch.Tensor | None"], ContextManager[Any]]
+Builder = Callable[[Backbone, "torch.Tensor | None"], AbstractContextManager[Any]]
 
 
 def check_positions(positions: str) -> PositionName:
@@ -61,15 +63,24 @@ def evaluate_under(
         for i in range(0, len(records), batch_size):
             chunk = list(records[i : i + batch_size])
             if build is None:
-                ctx: ContextManager[Any] = contextlib.nullcontext()
+                ctx: AbstractContextManager[Any] = contextlib.nullcontext()
             else:
                 token_types = None
                 if positions != "all":
-                    side_inputs = adapter.vlm_inputs(chunk) if task.side == "vlm" else adapter.base_inputs(chunk)
+                    side_inputs = (
+                        adapter.vlm_inputs(chunk)
+                        if task.side == "vlm"
+                        else adapter.base_inputs(chunk)
+                    )
                     token_types = adapter.token_types(side_inputs, task.side)  # [batch, seq]
                 ctx = build(backbone, token_types)
             with ctx:
-                part = evaluate(adapter, dataclasses.replace(task, records=chunk), batch_size=len(chunk), progress=False)
+                part = evaluate(
+                    adapter,
+                    dataclasses.replace(task, records=chunk),
+                    batch_size=len(chunk),
+                    progress=False,
+                )
             out.record_ids += part.record_ids
             out.scores += part.scores
             out.predictions += part.predictions
@@ -80,7 +91,12 @@ def evaluate_under(
 
 def progress_bar(enabled: bool = True) -> Progress:
     """The rich progress display every loop of the control experiments reports to."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
     return Progress(*columns, disable=not enabled, transient=True)
 
 
@@ -90,5 +106,7 @@ def record_scores(result: EvalResult, yesno_metric: str = "accuracy") -> list[fl
         if yesno_metric == "p_correct":
             return list(result.p_correct)
         if yesno_metric != "accuracy":
-            raise ConfigError(f"yesno_metric must be 'accuracy' or 'p_correct', got {yesno_metric!r}")
+            raise ConfigError(
+                f"yesno_metric must be 'accuracy' or 'p_correct', got {yesno_metric!r}"
+            )
     return list(result.scores)

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,9 @@ DEFAULT_MISMATCH: dict[str, str] = {"spatial": "ocr", "ocr": "spatial"}
 def feature_pairs(table: pd.DataFrame, name: str = "task set") -> pd.DataFrame:
     """The (layer, feature) columns of a feature table as int64, duplicates dropped, sorted."""
     if not isinstance(table, pd.DataFrame):
-        raise DataError(f"{name}: expected a DataFrame with columns layer, feature; got {type(table).__name__}")
+        raise DataError(
+            f"{name}: expected a DataFrame with columns layer, feature; got {type(table).__name__}"
+        )
     missing = [c for c in ("layer", "feature") if c not in table.columns]
     if missing:
         raise DataError(
@@ -32,14 +34,24 @@ def feature_pairs(table: pd.DataFrame, name: str = "task set") -> pd.DataFrame:
         )
     out = table[["layer", "feature"]]
     if len(out) and (out.isna().any().any() or (out < 0).any().any()):
-        raise DataError(f"{name}: layer and feature must be non-negative integers; found NaN or negative values")
-    return out.astype("int64").drop_duplicates().sort_values(["layer", "feature"]).reset_index(drop=True)
+        raise DataError(
+            f"{name}: layer and feature must be non-negative integers; found NaN or negative values"
+        )
+    return (
+        out.astype("int64")
+        .drop_duplicates()
+        .sort_values(["layer", "feature"])
+        .reset_index(drop=True)
+    )
 
 
 def features_by_layer(table: pd.DataFrame) -> dict[int, list[int]]:
     """{layer: [feature, ...]} of a (layer, feature) table."""
     pairs = feature_pairs(table)
-    return {int(layer): g["feature"].astype(int).tolist() for layer, g in pairs.groupby("layer", sort=True)}
+    return {
+        int(layer): g["feature"].astype(int).tolist()
+        for layer, g in pairs.groupby("layer", sort=True)
+    }
 
 
 def frequency_bins(freq: np.ndarray, n_bins: int) -> np.ndarray:
@@ -52,14 +64,18 @@ def frequency_bins(freq: np.ndarray, n_bins: int) -> np.ndarray:
     if f.ndim != 1 or f.size == 0:
         raise DataError(f"firing frequencies must be a non-empty 1-D array, got shape {f.shape}")
     if not np.all(np.isfinite(f)):
-        raise DataError("firing frequencies hold NaN or inf; were any tokens counted for this layer?")
+        raise DataError(
+            "firing frequencies hold NaN or inf; were any tokens counted for this layer?"
+        )
     if n_bins < 1:
         raise ConfigError(f"n_bins must be >= 1, got {n_bins}")
     inner = np.quantile(f, np.arange(1, n_bins) / n_bins)
     return np.searchsorted(inner, f, side="right").astype(np.int64)
 
 
-def firing_frequencies(stats, layers: Iterable[int], token_types: Sequence[int] | None = None) -> dict[int, np.ndarray]:
+def firing_frequencies(
+    stats, layers: Iterable[int], token_types: Sequence[int] | None = None
+) -> dict[int, np.ndarray]:
     """{layer: [d_sae] p_f} from a FeatureStats, over `token_types` (None: text and image tokens)."""
     return {int(L): stats.firing_frequency(int(L), token_types).numpy() for L in layers}
 
@@ -92,18 +108,25 @@ def matched_random_features(
         raise ConfigError(f"n_draws must be >= 1, got {n_draws}")
     excluded = {(int(a), int(b)) for a, b in zip(pairs["layer"], pairs["feature"])}
     if exclude is not None:
-        ex = feature_pairs(exclude, "exclude") if isinstance(exclude, pd.DataFrame) else pd.DataFrame(
-            list(exclude), columns=["layer", "feature"])
+        ex = (
+            feature_pairs(exclude, "exclude")
+            if isinstance(exclude, pd.DataFrame)
+            else pd.DataFrame(list(exclude), columns=["layer", "feature"])
+        )
         excluded |= {(int(a), int(b)) for a, b in zip(ex["layer"], ex["feature"])}
     layers = sorted(pairs["layer"].unique().tolist())
     bins: dict[int, np.ndarray] = {}
     for L in layers:
         if L not in d_sae:
-            raise DataError(f"the task set has features at layer {L} but no SAE size is known for it (layers {sorted(d_sae)})")
+            raise DataError(
+                f"the task set has features at layer {L} but no SAE size is known for it (layers {sorted(d_sae)})"
+            )
         F = int(d_sae[L])
         feats = pairs.loc[pairs["layer"] == L, "feature"]
         if int(feats.max()) >= F:
-            raise DataError(f"layer {L}: feature {int(feats.max())} does not exist in an SAE of {F} features")
+            raise DataError(
+                f"layer {L}: feature {int(feats.max())} does not exist in an SAE of {F} features"
+            )
         if frequencies is None:
             bins[L] = np.zeros(F, dtype=np.int64)
         else:
@@ -114,7 +137,9 @@ def matched_random_features(
                 )
             freq = np.asarray(frequencies[L])
             if freq.shape != (F,):
-                raise DataError(f"layer {L}: firing frequencies have shape {freq.shape}, the SAE has {F} features")
+                raise DataError(
+                    f"layer {L}: firing frequencies have shape {freq.shape}, the SAE has {F} features"
+                )
             bins[L] = frequency_bins(freq, n_bins)
     draws = []
     for draw in range(n_draws):
@@ -132,7 +157,9 @@ def matched_random_features(
                     f"layer {L}: {feats.size} task features need as many random matches, but only "
                     f"{int(available.sum())} features of the layer are not excluded; use a wider SAE or a smaller set"
                 )
-            for b in np.unique(layer_bins[feats]):  # sorted bins: the draw does not depend on table order
+            for b in np.unique(
+                layer_bins[feats]
+            ):  # sorted bins: the draw does not depend on table order
                 wanted = np.sort(feats[layer_bins[feats] == b])
                 chosen: list[tuple[int, int]] = []  # (feature, bin distance)
                 for nb in _nearest_bins(np.unique(layer_bins), int(b)):
@@ -140,17 +167,27 @@ def matched_random_features(
                     if need == 0:
                         break
                     pool = np.flatnonzero(available & (layer_bins == nb))
-                    take = rng.choice(pool, size=min(need, pool.size), replace=False) if pool.size else []
+                    take = (
+                        rng.choice(pool, size=min(need, pool.size), replace=False)
+                        if pool.size
+                        else []
+                    )
                     for f in take:
                         available[int(f)] = False
                         chosen.append((int(f), abs(int(nb) - int(b))))
                 for task_f, (f, dist) in zip(wanted, chosen):
                     rows.append((L, f, int(task_f), int(b), dist))
-        draws.append(pd.DataFrame(rows, columns=["layer", "feature", "matched_feature", "bin", "bin_distance"]).astype("int64"))
+        draws.append(
+            pd.DataFrame(
+                rows, columns=["layer", "feature", "matched_feature", "bin", "bin_distance"]
+            ).astype("int64")
+        )
     return draws
 
 
-def mismatched_pairs(names: Iterable[str], pairs: Mapping[str, str] | None = None) -> dict[str, str]:
+def mismatched_pairs(
+    names: Iterable[str], pairs: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """{target task: mismatched task set}, keeping the pairs whose two sets both exist.
 
     Default pairs: spatial <-> ocr (DEFAULT_MISMATCH). A pair naming a set that is not given is

@@ -1,22 +1,25 @@
 """Reading what the control stage needs from a run directory: SAEs, task feature tables, statistics.
 
-    run_dir/saes/<role>/layer_<L>/          SAEs (any format load_sae reads)
-    run_dir/features/<task>.parquet         task feature tables (columns layer, feature, ...)
-    run_dir/stats/<split>.state.safetensors FeatureStats of the same SAEs
+run_dir/saes/<role>/layer_<L>/          SAEs (any format load_sae reads)
+run_dir/features/<task>.parquet         task feature tables (columns layer, feature, ...)
+run_dir/stats/<split>.state.safetensors FeatureStats of the same SAEs
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import pandas as pd
 
-from mmdiff.errors import DataError, SAEError, StoreError
 from mmdiff.control.controls import feature_pairs
+from mmdiff.errors import DataError, SAEError, StoreError
 
 
-def load_task_sets(run_dir: str | Path, tasks: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
+def load_task_sets(
+    run_dir: str | Path, tasks: Sequence[str] | None = None
+) -> dict[str, pd.DataFrame]:
     """{task: its (layer, feature) table} from run_dir/features/<task>.parquet (all of them by default)."""
     folder = Path(run_dir) / "features"
     if tasks is None:
@@ -29,12 +32,21 @@ def load_task_sets(run_dir: str | Path, tasks: Sequence[str] | None = None) -> d
         path = folder / f"{name}.parquet"
         if not path.is_file():
             have = sorted(p.stem for p in folder.glob("*.parquet")) if folder.is_dir() else []
-            raise StoreError(f"no task feature table {path} (tables present: {have}); run the detect stage for task {name!r}")
+            raise StoreError(
+                f"no task feature table {path} (tables present: {have}); run the detect stage for task {name!r}"
+            )
         out[name] = feature_pairs(pd.read_parquet(path), f"{path}")
     return out
 
 
-def load_role_saes(run_dir: str | Path, role: str, layers: Iterable[int], *, d_in: int | None = None, device: Any = None) -> dict[int, Any]:
+def load_role_saes(
+    run_dir: str | Path,
+    role: str,
+    layers: Iterable[int],
+    *,
+    d_in: int | None = None,
+    device: Any = None,
+) -> dict[int, Any]:
     """{layer: SAE} from run_dir/saes/<role>/layer_<L>/ for each layer."""
     from mmdiff.sae import load_sae
 
@@ -44,7 +56,9 @@ def load_role_saes(run_dir: str | Path, role: str, layers: Iterable[int], *, d_i
         path = root / f"layer_{layer}"
         if not path.exists():
             have = sorted(p.name for p in root.glob("layer_*")) if root.is_dir() else []
-            raise SAEError(f"no SAE at {path} (present under {root}: {have}); train SAEs of role {role!r} for layer {layer}")
+            raise SAEError(
+                f"no SAE at {path} (present under {root}: {have}); train SAEs of role {role!r} for layer {layer}"
+            )
         out[layer] = load_sae(path, d_in=d_in, layer=layer, device=device).eval()
     return out
 
@@ -56,8 +70,17 @@ def load_stats(run_dir: str | Path, split: str) -> Any:
     folder = Path(run_dir) / "stats"
     path = folder / f"{split}.state.safetensors"
     if not path.is_file():
-        have = sorted(p.name.removesuffix(".state.safetensors") for p in folder.glob("*.state.safetensors")) if folder.is_dir() else []
-        raise StoreError(f"no feature statistics {path} (splits present: {have}); pass stats_split= one of them, or run the statistics stage")
+        have = (
+            sorted(
+                p.name.removesuffix(".state.safetensors")
+                for p in folder.glob("*.state.safetensors")
+            )
+            if folder.is_dir()
+            else []
+        )
+        raise StoreError(
+            f"no feature statistics {path} (splits present: {have}); pass stats_split= one of them, or run the statistics stage"
+        )
     return FeatureStats.load(path)
 
 
@@ -65,7 +88,9 @@ def check_stats_fit(stats: Any, saes: dict[int, Any]) -> None:
     """The statistics must be of these SAEs: same layers and numbers of features."""
     for layer, sae in saes.items():
         if layer not in stats.layers:
-            raise DataError(f"statistics of split {stats.split!r} have layers {stats.layers}, not layer {layer}")
+            raise DataError(
+                f"statistics of split {stats.split!r} have layers {stats.layers}, not layer {layer}"
+            )
         if stats.d_sae(layer) != int(sae.W_dec.shape[0]):
             raise DataError(
                 f"layer {layer}: statistics have {stats.d_sae(layer)} features, the SAE {int(sae.W_dec.shape[0])}: "

@@ -10,9 +10,10 @@ their own, the mismatched task set (the OCR set for spatial and vice versa).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -55,11 +56,17 @@ def _ablation(saes: Mapping[int, Any], pairs: pd.DataFrame, positions: str):
     return build
 
 
-def _check_inputs(saes: Mapping[int, Any], task_sets: Mapping[str, pd.DataFrame], eval_tasks: Mapping[str, EvalTask]) -> dict[str, pd.DataFrame]:
+def _check_inputs(
+    saes: Mapping[int, Any],
+    task_sets: Mapping[str, pd.DataFrame],
+    eval_tasks: Mapping[str, EvalTask],
+) -> dict[str, pd.DataFrame]:
     if not task_sets:
         raise ConfigError("removal needs at least one task set: {name: DataFrame(layer, feature)}")
     if not eval_tasks:
-        raise ConfigError("removal needs at least one evaluation task: {name: EvalTask} (see study_eval_tasks)")
+        raise ConfigError(
+            "removal needs at least one evaluation task: {name: EvalTask} (see study_eval_tasks)"
+        )
     for name, task in eval_tasks.items():
         if not task.records:
             raise DataError(f"evaluation task {name!r} has no records")
@@ -68,11 +75,15 @@ def _check_inputs(saes: Mapping[int, Any], task_sets: Mapping[str, pd.DataFrame]
         pairs = feature_pairs(table, f"task set {name!r}")
         for layer, feats in features_by_layer(pairs).items():
             if layer not in saes:
-                raise DataError(f"task set {name!r} has features at layer {layer}, but no SAE was given for it (SAEs at layers {sorted(saes)})")
+                raise DataError(
+                    f"task set {name!r} has features at layer {layer}, but no SAE was given for it (SAEs at layers {sorted(saes)})"
+                )
             d_sae = int(saes[layer].W_dec.shape[0])
             bad = [f for f in feats if f >= d_sae]
             if bad:
-                raise DataError(f"task set {name!r}: features {bad[:5]} do not exist in the layer-{layer} SAE (d_sae={d_sae}); is the table from another SAE?")
+                raise DataError(
+                    f"task set {name!r}: features {bad[:5]} do not exist in the layer-{layer} SAE (d_sae={d_sae}); is the table from another SAE?"
+                )
         sets[name] = pairs
     return sets
 
@@ -111,19 +122,30 @@ def removal_experiment(
     sets = _check_inputs(saes, task_sets, eval_tasks)
     if n_random < 0:
         raise ConfigError(f"n_random must be >= 0, got {n_random}")
-    pairs_map = {} if mismatched is False else mismatched_pairs(sets, None if mismatched in (None, True) else mismatched)
+    pairs_map = (
+        {}
+        if mismatched is False
+        else mismatched_pairs(sets, None if mismatched in (None, True) else mismatched)
+    )
     d_sae = {int(L): int(s.W_dec.shape[0]) for L, s in saes.items()}
     every_set = pd.concat(list(sets.values()), ignore_index=True) if exclude_all_sets else None
     layers = sorted({int(L) for p in sets.values() for L in p["layer"].unique()})
-    freqs = firing_frequencies(stats, layers, stats_token_types) if stats is not None and layers else None
+    freqs = (
+        firing_frequencies(stats, layers, stats_token_types)
+        if stats is not None and layers
+        else None
+    )
     control_name = (
         f"random matched in layer and firing-frequency bin ({n_bins} bins, {n_random} draws, seed {seed})"
-        if stats is not None else f"random matched in layer only, no statistics ({n_random} draws, seed {seed})"
+        if stats is not None
+        else f"random matched in layer only, no statistics ({n_random} draws, seed {seed})"
     )
     draws = {
-        name: matched_random_features(pairs, d_sae, freqs, n_draws=n_random, seed=seed, n_bins=n_bins,
-                                      exclude=every_set)
-        if n_random > 0 else []
+        name: matched_random_features(
+            pairs, d_sae, freqs, n_draws=n_random, seed=seed, n_bins=n_bins, exclude=every_set
+        )
+        if n_random > 0
+        else []
         for name, pairs in sets.items()
     }
     cache: dict[tuple, _Scores] = {}
@@ -137,22 +159,40 @@ def removal_experiment(
                 return cache[key]
             by_task = {}
             for tname, task in eval_tasks.items():
-                res = evaluate_under(adapter, task, build, "all" if build is None else positions,  # type: ignore[arg-type]
-                                     batch_size=batch_size, bar=bar, description=f"{label}: {tname}")
+                res = evaluate_under(
+                    adapter,
+                    task,
+                    build,
+                    "all" if build is None else positions,  # type: ignore[arg-type]
+                    batch_size=batch_size,
+                    bar=bar,
+                    description=f"{label}: {tname}",
+                )
                 by_task[tname] = np.asarray(record_scores(res, yesno_metric), dtype=np.float64)
             cache[key] = _Scores(by_task)
             bar.advance(overall)
             return cache[key]
 
         def key_of(pairs: pd.DataFrame) -> tuple:
-            return ("ablate", positions, tuple(map(tuple, pairs[["layer", "feature"]].to_numpy().tolist())))
+            return (
+                "ablate",
+                positions,
+                tuple(map(tuple, pairs[["layer", "feature"]].to_numpy().tolist())),
+            )
 
         clean = run(None, None, "clean")
-        treated = {name: run(key_of(p), _ablation(saes, p, positions), f"remove {name}") for name, p in sets.items()}
+        treated = {
+            name: run(key_of(p), _ablation(saes, p, positions), f"remove {name}")
+            for name, p in sets.items()
+        }
         controls: dict[str, list[_Scores]] = {}
         for name in sets:
             controls[name] = [
-                run(key_of(feature_pairs(d)), _ablation(saes, d, positions), f"random control {i + 1} for {name}")
+                run(
+                    key_of(feature_pairs(d)),
+                    _ablation(saes, d, positions),
+                    f"random control {i + 1} for {name}",
+                )
                 for i, d in enumerate(draws[name])
             ]
 
@@ -163,16 +203,34 @@ def removal_experiment(
             tr = treated[set_name].by_task[tname]
             eff = paired_effect(tr, base, n_boot=n_boot, seed=seed)
             row: dict[str, Any] = {
-                "intervention": intervention, "target_task": target, "eval_task": tname,
-                "metric": metric_name(task, yesno_metric), "baseline": float(base.mean()),
-                "treated": float(tr.mean()), "effect": eff.mean, "ci_lo": eff.lo, "ci_hi": eff.hi,
+                "intervention": intervention,
+                "target_task": target,
+                "eval_task": tname,
+                "metric": metric_name(task, yesno_metric),
+                "baseline": float(base.mean()),
+                "treated": float(tr.mean()),
+                "effect": eff.mean,
+                "ci_lo": eff.lo,
+                "ci_hi": eff.hi,
             }
             if controls[set_name]:
-                ctrl = np.mean([c.by_task[tname] for c in controls[set_name]], axis=0)  # [n_records]
+                ctrl = np.mean(
+                    [c.by_task[tname] for c in controls[set_name]], axis=0
+                )  # [n_records]
                 ce = paired_effect(ctrl, base, n_boot=n_boot, seed=seed)
-                row.update(control=control_name, control_effect=ce.mean, control_ci_lo=ce.lo, control_ci_hi=ce.hi)
+                row.update(
+                    control=control_name,
+                    control_effect=ce.mean,
+                    control_ci_lo=ce.lo,
+                    control_ci_hi=ce.hi,
+                )
             else:
-                row.update(control="none", control_effect=np.nan, control_ci_lo=np.nan, control_ci_hi=np.nan)
+                row.update(
+                    control="none",
+                    control_effect=np.nan,
+                    control_ci_lo=np.nan,
+                    control_ci_hi=np.nan,
+                )
             row["n"] = int(base.size)
             out.append(row)
         return out
@@ -184,14 +242,24 @@ def removal_experiment(
         rows += rows_for(f"remove {other} (mismatched control for {target})", target, other)
     df = pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
     df.attrs["removal"] = {
-        "positions": positions, "n_random": n_random, "seed": seed, "n_bins": n_bins,
-        "yesno_metric": yesno_metric, "n_boot": n_boot, "exclude_all_sets": exclude_all_sets,
-        "mismatched": pairs_map, "set_sizes": {k: int(len(v)) for k, v in sets.items()},
+        "positions": positions,
+        "n_random": n_random,
+        "seed": seed,
+        "n_bins": n_bins,
+        "yesno_metric": yesno_metric,
+        "n_boot": n_boot,
+        "exclude_all_sets": exclude_all_sets,
+        "mismatched": pairs_map,
+        "set_sizes": {k: len(v) for k, v in sets.items()},
         "control_draws": {
             name: [
-                {"features": d[["layer", "feature"]].to_numpy().tolist(),
-                 "max_bin_distance": int(d["bin_distance"].max()) if len(d) else 0,
-                 "effects": {t: float((c.by_task[t] - clean.by_task[t]).mean()) for t in eval_tasks}}
+                {
+                    "features": d[["layer", "feature"]].to_numpy().tolist(),
+                    "max_bin_distance": int(d["bin_distance"].max()) if len(d) else 0,
+                    "effects": {
+                        t: float((c.by_task[t] - clean.by_task[t]).mean()) for t in eval_tasks
+                    },
+                }
                 for d, c in zip(draws[name], controls[name])
             ]
             for name in sets
@@ -206,12 +274,17 @@ def write_effects(effects: pd.DataFrame, out: str | Path) -> dict[str, Path]:
     out = Path(out)
     missing = [c for c in EFFECT_COLUMNS if c not in effects.columns]
     if missing:
-        raise DataError(f"the effects table lacks columns {missing}; build it with removal_experiment")
+        raise DataError(
+            f"the effects table lacks columns {missing}; build it with removal_experiment"
+        )
     table = effects[list(EFFECT_COLUMNS)].copy()
     table.attrs = {}
     paths = {"parquet": out / "effects.parquet", "json": out / "effects.json"}
     write_parquet(paths["parquet"], table)
-    rows = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in table.to_dict("records")]
+    rows = [
+        {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+        for r in table.to_dict("records")
+    ]
     write_json(paths["json"], {"effects": rows, **{k: v for k, v in effects.attrs.items()}})
     return paths
 
@@ -251,6 +324,10 @@ def run_removal(
         stats = load_stats(run_dir, stats_split)
         check_stats_fit(stats, saes)
     effects = removal_experiment(adapter, saes, task_sets, eval_tasks, stats, **kwargs)
-    effects.attrs["inputs"] = {"run_dir": str(run_dir), "role": role, "stats_split": stats_split,
-                               "eval_tasks": {k: len(t.records) for k, t in eval_tasks.items()}}
+    effects.attrs["inputs"] = {
+        "run_dir": str(run_dir),
+        "role": role,
+        "stats_split": stats_split,
+        "eval_tasks": {k: len(t.records) for k, t in eval_tasks.items()},
+    }
     return write_effects(effects, run_dir / "eval" if out is None else out)

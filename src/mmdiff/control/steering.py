@@ -15,8 +15,9 @@ push a score (the ASR included) up or down.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -42,7 +43,9 @@ SELECTION_NOTE = (
 )
 
 
-def typical_max_activation(stats: Any, layer: int, features: Sequence[int], how: str = "topk_mean") -> np.ndarray:
+def typical_max_activation(
+    stats: Any, layer: int, features: Sequence[int], how: str = "topk_mean"
+) -> np.ndarray:
     """[len(features)] each feature's typical maximum code from FeatureStats.
 
     how: "topk_mean" (mean of the top-k activating tokens kept by the statistics: a maximum that
@@ -60,7 +63,9 @@ def typical_max_activation(stats: Any, layer: int, features: Sequence[int], how:
         try:
             q = float(how.split(":", 1)[1])
         except ValueError as exc:
-            raise ConfigError(f"scale {how!r}: expected 'quantile:<level>', e.g. 'quantile:0.99'") from exc
+            raise ConfigError(
+                f"scale {how!r}: expected 'quantile:<level>', e.g. 'quantile:0.99'"
+            ) from exc
         values = stats.quantiles(layer, [q])[0].numpy()[feats]
         return np.nan_to_num(values, nan=0.0)
     raise ConfigError(f"scale must be 'topk_mean', 'max' or 'quantile:<q>'; got {how!r}")
@@ -82,20 +87,28 @@ def feature_steering_terms(
     terms: dict[int, list[tuple[torch.Tensor, float]]] = {}
     for layer, feats in features_by_layer(task_set).items():
         if layer not in saes:
-            raise DataError(f"the task set has features at layer {layer} but no SAE was given for it (layers {sorted(saes)})")
+            raise DataError(
+                f"the task set has features at layer {layer} but no SAE was given for it (layers {sorted(saes)})"
+            )
         sae = saes[layer]
         w_dec = sae.W_dec.detach()  # [d_sae, d_model]
         if max(feats) >= w_dec.shape[0]:
-            raise DataError(f"layer {layer}: feature {max(feats)} does not exist in an SAE of {w_dec.shape[0]} features")
+            raise DataError(
+                f"layer {layer}: feature {max(feats)} does not exist in an SAE of {w_dec.shape[0]} features"
+            )
         if scales is not None:
             missing = [(layer, f) for f in feats if (layer, f) not in scales]
             if missing:
-                raise ConfigError(f"scales lacks features {missing[:5]}; give a typical max activation for each")
+                raise ConfigError(
+                    f"scales lacks features {missing[:5]}; give a typical max activation for each"
+                )
             codes = np.array([float(scales[(layer, f)]) for f in feats])
         elif stats is not None:
             codes = typical_max_activation(stats, layer, feats, scale)
         else:
-            raise ConfigError("feature steering needs each feature's typical max activation: pass stats (FeatureStats) or scales")
+            raise ConfigError(
+                "feature steering needs each feature's typical max activation: pass stats (FeatureStats) or scales"
+            )
         norm_scale = float(getattr(getattr(sae, "cfg", None), "norm_scale", 1.0))
         rows = []
         for f, code in zip(feats, codes):
@@ -105,7 +118,9 @@ def feature_steering_terms(
     return terms
 
 
-def _batches(adapter: Any, records: Sequence[Record], batch_size: int) -> list[dict[str, torch.Tensor]]:
+def _batches(
+    adapter: Any, records: Sequence[Record], batch_size: int
+) -> list[dict[str, torch.Tensor]]:
     """Model-input dicts (with "token_types") of the records, for `difference_of_means`."""
     out = []
     for i in range(0, len(records), batch_size):
@@ -118,7 +133,14 @@ def _batches(adapter: Any, records: Sequence[Record], batch_size: int) -> list[d
 def _pick(rows: list[dict[str, Any]], goal: str) -> dict[str, Any]:
     """The best validation row: highest (goal "max") or lowest score; ties to the smallest |alpha|, then layer."""
     sign = -1.0 if goal == "max" else 1.0
-    return min(rows, key=lambda r: (sign * r["score"], abs(r["alpha"]), r["layer"] if r["layer"] is not None else -1))
+    return min(
+        rows,
+        key=lambda r: (
+            sign * r["score"],
+            abs(r["alpha"]),
+            r["layer"] if r["layer"] is not None else -1,
+        ),
+    )
 
 
 def steering_experiment(
@@ -132,6 +154,7 @@ def steering_experiment(
     positive_records: Sequence[Record],
     negative_records: Sequence[Record],
     alphas: Sequence[float] = DEFAULT_ALPHAS,
+    baseline_alphas: Sequence[float] | None = None,
     layers: Sequence[int] | None = None,
     scale: str = "topk_mean",
     scales: Mapping[tuple[int, int], float] | None = None,
@@ -148,7 +171,10 @@ def steering_experiment(
     test / validation: the target task on each split. positive_records / negative_records:
     task-positive and task-negative prompts for the baseline's difference of means (take them from
     the validation or training split, never from test). layers: the baseline's candidate layers
-    (default: the layers of `saes`). Columns STEERING_COLUMNS: validation rows for every (method,
+    (default: the layers of `saes`). baseline_alphas: the baseline's grid (default: `alphas`); its
+    vector is the raw difference of means (residual units, like s * v), whose norm can differ from
+    the features' scales, so widen its grid when the attrs' caa_vector_norms are small.
+    Columns STEERING_COLUMNS: validation rows for every (method,
     layer, alpha) tried, test rows for the feature sweep and for the baseline at its chosen layer;
     `layer` is empty (NA) for feature steering, whose features sit at their own layers.
     `df.attrs["steering"]` holds the choices and the paired test difference feature - baseline.
@@ -156,8 +182,10 @@ def steering_experiment(
     if goal not in ("max", "min"):
         raise ConfigError(f"goal must be 'max' or 'min', got {goal!r}")
     alphas = [float(a) for a in alphas]
-    if not alphas or len(set(alphas)) != len(alphas):
-        raise ConfigError(f"alphas must be a non-empty list of distinct numbers, got {alphas}")
+    b_alphas = alphas if baseline_alphas is None else [float(a) for a in baseline_alphas]
+    for name, grid in (("alphas", alphas), ("baseline_alphas", b_alphas)):
+        if not grid or len(set(grid)) != len(grid):
+            raise ConfigError(f"{name} must be a non-empty list of distinct numbers, got {grid}")
     if not positive_records or not negative_records:
         raise DataError(
             f"the single-layer baseline needs task-positive and task-negative prompts; got "
@@ -179,63 +207,129 @@ def steering_experiment(
         return lambda bb, tt: steer_features(bb, terms, alpha, positions=positions, token_types=tt)
 
     def layer_build(layer: int, vector: torch.Tensor, alpha: float):
-        return lambda bb, tt: steer_vector(bb, layer, vector, alpha, positions=positions, token_types=tt)
+        return lambda bb, tt: steer_vector(
+            bb, layer, vector, alpha, positions=positions, token_types=tt
+        )
 
     rows: list[dict[str, Any]] = []
     per_record: dict[tuple, np.ndarray] = {}
-    n_evals = 2 * len(alphas) + len(cand_layers) * len(alphas) + len(alphas)
+    n_evals = 2 * len(alphas) + len(cand_layers) * len(b_alphas) + len(b_alphas)
     with progress_bar(progress) as bar:
         overall = bar.add_task(f"steering {test.name}", total=n_evals + 2 * len(cand_layers))
 
         def score(task: EvalTask, build, key: tuple, label: str) -> dict[str, Any]:
-            res = evaluate_under(adapter, task, build, positions, batch_size=batch_size, bar=bar, description=label)
+            res = evaluate_under(
+                adapter, task, build, positions, batch_size=batch_size, bar=bar, description=label
+            )
             values = np.asarray(record_scores(res, yesno_metric), dtype=np.float64)
             per_record[key] = values
             iv = bootstrap_mean(values, n_boot=n_boot, seed=seed)
             bar.advance(overall)
             return {"score": iv.mean, "ci_lo": iv.lo, "ci_hi": iv.hi, "n": iv.n}
 
-        def add(method: str, alpha: float, layer: int | None, split: str, result: dict[str, Any]) -> dict[str, Any]:
-            row = {"method": method, "task": test.name, "alpha": alpha, "layer": layer, "split": split,
-                   "metric": metric, "selected": False, **result}
+        def add(
+            method: str, alpha: float, layer: int | None, split: str, result: dict[str, Any]
+        ) -> dict[str, Any]:
+            row = {
+                "method": method,
+                "task": test.name,
+                "alpha": alpha,
+                "layer": layer,
+                "split": split,
+                "metric": metric,
+                "selected": False,
+                **result,
+            }
             rows.append(row)
             return row
 
-        feat_val = [add("feature", a, None, "validation", score(validation, feature_build(a), ("feature", a, "validation"),
-                                                               f"feature steering a={a:g} (validation)")) for a in alphas]
+        feat_val = [
+            add(
+                "feature",
+                a,
+                None,
+                "validation",
+                score(
+                    validation,
+                    feature_build(a),
+                    ("feature", a, "validation"),
+                    f"feature steering a={a:g} (validation)",
+                ),
+            )
+            for a in alphas
+        ]
         vectors = {}
+        positive = _batches(adapter, positive_records, batch_size)
+        negative = _batches(adapter, negative_records, batch_size)
         for L in cand_layers:
-            vectors[L] = difference_of_means(backbone, _batches(adapter, positive_records, batch_size),
-                                             _batches(adapter, negative_records, batch_size), L, "last", progress=False)
+            vectors[L] = difference_of_means(
+                backbone, positive, negative, L, "last", progress=False
+            )  # [d_model]
             bar.advance(overall, 2)
         base_val = [
-            add("single_layer", a, L, "validation",
-                score(validation, layer_build(L, vectors[L], a), ("single_layer", L, a, "validation"),
-                      f"layer {L} steering a={a:g} (validation)"))
-            for L in cand_layers for a in alphas
+            add(
+                "single_layer",
+                a,
+                L,
+                "validation",
+                score(
+                    validation,
+                    layer_build(L, vectors[L], a),
+                    ("single_layer", L, a, "validation"),
+                    f"layer {L} steering a={a:g} (validation)",
+                ),
+            )
+            for L in cand_layers
+            for a in b_alphas
         ]
         best_feat, best_base = _pick(feat_val, goal), _pick(base_val, goal)
         chosen_layer = int(best_base["layer"])
         for a in alphas:
-            row = add("feature", a, None, "test", score(test, feature_build(a), ("feature", a, "test"), f"feature steering a={a:g}"))
+            row = add(
+                "feature",
+                a,
+                None,
+                "test",
+                score(test, feature_build(a), ("feature", a, "test"), f"feature steering a={a:g}"),
+            )
             row["selected"] = a == best_feat["alpha"]
-        for a in alphas:
-            row = add("single_layer", a, chosen_layer, "test",
-                      score(test, layer_build(chosen_layer, vectors[chosen_layer], a), ("single_layer", chosen_layer, a, "test"),
-                            f"layer {chosen_layer} steering a={a:g}"))
+        for a in b_alphas:
+            row = add(
+                "single_layer",
+                a,
+                chosen_layer,
+                "test",
+                score(
+                    test,
+                    layer_build(chosen_layer, vectors[chosen_layer], a),
+                    ("single_layer", chosen_layer, a, "test"),
+                    f"layer {chosen_layer} steering a={a:g}",
+                ),
+            )
             row["selected"] = a == best_base["alpha"]
     df = pd.DataFrame(rows, columns=list(STEERING_COLUMNS))
     df["layer"] = df["layer"].astype("Int64")
-    diff = paired_effect(per_record[("feature", best_feat["alpha"], "test")],
-                         per_record[("single_layer", chosen_layer, best_base["alpha"], "test")], n_boot=n_boot, seed=seed)
+    diff = paired_effect(
+        per_record[("feature", best_feat["alpha"], "test")],
+        per_record[("single_layer", chosen_layer, best_base["alpha"], "test")],
+        n_boot=n_boot,
+        seed=seed,
+    )
     df.attrs["steering"] = {
         test.name: {
-            "selection": SELECTION_NOTE, "goal": goal, "metric": metric, "positions": positions,
+            "selection": SELECTION_NOTE,
+            "goal": goal,
+            "metric": metric,
+            "positions": positions,
             "scale": "given" if scales is not None else scale,
-            "feature_alpha": best_feat["alpha"], "baseline_layer": chosen_layer, "baseline_alpha": best_base["alpha"],
+            "feature_alpha": best_feat["alpha"],
+            "baseline_layer": chosen_layer,
+            "baseline_alpha": best_base["alpha"],
             "feature_minus_baseline_test": diff.as_dict(),
-            "n_features": int(len(pairs)),
-            "n_features_never_fired": int(sum(s == 0.0 for rows_ in terms.values() for _, s in rows_)),
+            "n_features": len(pairs),
+            "n_features_never_fired": int(
+                sum(s == 0.0 for rows_ in terms.values() for _, s in rows_)
+            ),
             "caa_vector_norms": {int(L): float(v.norm()) for L, v in vectors.items()},
         }
     }
@@ -247,14 +341,28 @@ def write_steering(steering: pd.DataFrame, out: str | Path) -> dict[str, Path]:
     out = Path(out)
     missing = [c for c in STEERING_COLUMNS if c not in steering.columns]
     if missing:
-        raise DataError(f"the steering table lacks columns {missing}; build it with steering_experiment")
+        raise DataError(
+            f"the steering table lacks columns {missing}; build it with steering_experiment"
+        )
     table = steering[list(STEERING_COLUMNS)].copy()
     table.attrs = {}
     paths = {"parquet": out / "steering.parquet", "json": out / "steering.json"}
     write_parquet(paths["parquet"], table)
-    rows = [{k: (None if v is pd.NA or (isinstance(v, float) and np.isnan(v)) else v) for k, v in r.items()}
-            for r in table.astype(object).to_dict("records")]
-    write_json(paths["json"], {"selection": SELECTION_NOTE, "steering": rows, "summary": steering.attrs.get("steering", {})})
+    rows = [
+        {
+            k: (None if v is pd.NA or (isinstance(v, float) and np.isnan(v)) else v)
+            for k, v in r.items()
+        }
+        for r in table.astype(object).to_dict("records")
+    ]
+    write_json(
+        paths["json"],
+        {
+            "selection": SELECTION_NOTE,
+            "steering": rows,
+            "summary": steering.attrs.get("steering", {}),
+        },
+    )
     return paths
 
 
@@ -297,7 +405,9 @@ def run_steering(
             f"validation: {sorted(val_tasks)}); give records of those tasks"
         )
     if not runnable:
-        raise DataError(f"no task set {sorted(task_sets)} matches an evaluation task of both splits (test: {sorted(test_tasks)})")
+        raise DataError(
+            f"no task set {sorted(task_sets)} matches an evaluation task of both splits (test: {sorted(test_tasks)})"
+        )
     backbone = adapter.backbone("vlm")
     layers = {int(L) for n in runnable for L in task_sets[n]["layer"].unique()}
     layers |= {int(L) for L in kwargs.get("layers") or []}
@@ -311,11 +421,24 @@ def run_steering(
         negative = [r for t, task in val_tasks.items() if t != name for r in task.records]
         goal = (goals or {}).get(name, "min" if name == "safety" else "max")
         df = steering_experiment(
-            adapter, saes, task_sets[name], test_tasks[name], val_tasks[name], stats,
-            positive_records=val_tasks[name].records, negative_records=negative, goal=goal, **kwargs,  # type: ignore[arg-type]
+            adapter,
+            saes,
+            task_sets[name],
+            test_tasks[name],
+            val_tasks[name],
+            stats,
+            positive_records=val_tasks[name].records,
+            negative_records=negative,
+            goal=goal,
+            **kwargs,  # type: ignore[arg-type]
         )
         frames.append(df)
         summary.update(df.attrs.get("steering", {}))
     table = pd.concat(frames, ignore_index=True)
-    table.attrs["steering"] = {**summary, "skipped_task_sets": skipped, "role": role, "stats_split": stats_split}
+    table.attrs["steering"] = {
+        **summary,
+        "skipped_task_sets": skipped,
+        "role": role,
+        "stats_split": stats_split,
+    }
     return write_steering(table, run_dir / "eval" if out is None else out)

@@ -21,7 +21,8 @@ records of no task (captions, benign instructions) are left out; `unassigned_rec
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 from mmdiff.data.records import Record
 from mmdiff.errors import DataError
@@ -84,7 +85,9 @@ def _ocr_score(prediction: str, record: Record) -> float:
     """OCRBench's substring match for OCRBench records, TextVQA soft accuracy for ten-answer
     records, exact match otherwise (the organism's one-word answers)."""
     if record.source == "ocrbench":
-        return ocrbench_match(prediction, record.answers, dataset_name=str(record.meta.get("dataset_name", "")))
+        return ocrbench_match(
+            prediction, record.answers, dataset_name=str(record.meta.get("dataset_name", ""))
+        )
     if len(record.answers) == N_VQA_ANSWERS:
         return textvqa_soft_accuracy(prediction, record.answers)
     return vqa_exact_match(prediction, record.answers)
@@ -127,7 +130,9 @@ def _needs_image(side: str, record: Record) -> bool:
     return side == "vlm" and record.image is None
 
 
-def unassigned_records(records: Sequence[Record], side: Literal["vlm", "base"] = "vlm") -> list[Record]:
+def unassigned_records(
+    records: Sequence[Record], side: Literal["vlm", "base"] = "vlm"
+) -> list[Record]:
     """Records `study_eval_tasks` leaves out: of no task, or without the image the VLM needs."""
     return [r for r in records if task_of(r) is None or _needs_image(side, r)]
 
@@ -151,19 +156,24 @@ def study_eval_tasks(
     lengths = {**DEFAULT_MAX_NEW_TOKENS, **dict(max_new_tokens or {})}
     unknown = sorted(set(lengths) - set(TASK_ORDER))
     if unknown:
-        raise DataError(f"max_new_tokens names unknown tasks {unknown}; the tasks are {list(TASK_ORDER)}")
+        raise DataError(
+            f"max_new_tokens names unknown tasks {unknown}; the tasks are {list(TASK_ORDER)}"
+        )
     grouped: dict[str, list[Record]] = {name: [] for name in TASK_ORDER}
     seen: set[str] = set()
     for record in records:
         if record.id in seen:
-            raise DataError(f"record id {record.id!r} occurs twice; effects are paired by record, ids must be unique")
+            raise DataError(
+                f"record id {record.id!r} occurs twice; effects are paired by record, ids must be unique"
+            )
         seen.add(record.id)
         name = task_of(record)
         if name is None or _needs_image(side, record):
             continue
-        if name in YESNO_TASKS or name in ("ocr", "spatial_open", "vqa"):
-            if not record.answers:
-                raise DataError(f"record {record.id!r} ({record.source}) of task {name!r} has no answers to score against")
+        if name != "safety" and not record.answers:
+            raise DataError(
+                f"record {record.id!r} ({record.source}) of task {name!r} has no answers to score against"
+            )
         grouped[name].append(record)
     scores: dict[str, Callable[[str, Record], float]] = {
         "safety": safety_score(safety_judge),
@@ -179,8 +189,14 @@ def study_eval_tasks(
         if name in YESNO_TASKS:
             tasks[name] = EvalTask(name, recs, kind="yesno", side=side)
         else:
-            tasks[name] = EvalTask(name, recs, kind="generate", score=scores[name],
-                                   max_new_tokens=int(lengths[name]), side=side)
+            tasks[name] = EvalTask(
+                name,
+                recs,
+                kind="generate",
+                score=scores[name],
+                max_new_tokens=int(lengths[name]),
+                side=side,
+            )
     return tasks
 
 
@@ -211,6 +227,12 @@ def relation_subsets(task: EvalTask, relations: Sequence[str]) -> dict[str, Eval
     out = {}
     for suffix, recs in (("relation-matched", matched), ("relation-mismatched", other)):
         name = f"{task.name} ({suffix})"
-        out[name] = EvalTask(name, recs, kind=task.kind, score=task.score,
-                             max_new_tokens=task.max_new_tokens, side=task.side)
+        out[name] = EvalTask(
+            name,
+            recs,
+            kind=task.kind,
+            score=task.score,
+            max_new_tokens=task.max_new_tokens,
+            side=task.side,
+        )
     return out
