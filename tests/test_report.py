@@ -32,7 +32,6 @@ from mmdiff.report.findings import (
     NOT_MEASURED,
     NOT_REPRODUCED,
     REPRODUCED,
-    adapted_share,
     findings,
     head_concentration,
     removal_drop,
@@ -52,7 +51,9 @@ TASKS = ("spatial", "ocr", "safety")
 # ----------------------------------------------------------------------------------- a fake run
 
 
-def _stats(split: str, rate: np.ndarray, seed: int, n_records: int = 12, tokens: int = 10) -> FeatureStats:
+def _stats(
+    split: str, rate: np.ndarray, seed: int, n_records: int = 12, tokens: int = 10
+) -> FeatureStats:
     """FeatureStats of codes that fire with probability rate[layer_index, feature] on every token."""
     g = np.random.default_rng(seed)
     st = FeatureStats({layer: D_SAE for layer in LAYERS}, split, n_chunks=4, top_k=2)
@@ -63,8 +64,14 @@ def _stats(split: str, rate: np.ndarray, seed: int, n_records: int = 12, tokens:
     for i, layer in enumerate(LAYERS):
         fires = g.random((n, D_SAE)) < rate[i]
         h = torch.tensor(fires * g.exponential(1.0, (n, D_SAE)), dtype=torch.float32)
-        st.update_codes(layer, h, record=record, position=position, token_type=ttype,
-                        record_ids=[f"r{j}" for j in range(n_records)])
+        st.update_codes(
+            layer,
+            h,
+            record=record,
+            position=position,
+            token_type=ttype,
+            record_ids=[f"r{j}" for j in range(n_records)],
+        )
     return st
 
 
@@ -76,43 +83,104 @@ def _png(colour: tuple[int, int, int]) -> bytes:
     return buf.getvalue()
 
 
-def _attribution(layer: int, feature: int, big: dict[tuple[int, int], float], heads: int = 4) -> FeatureAttribution:
+def _attribution(
+    layer: int, feature: int, big: dict[tuple[int, int], float], heads: int = 4
+) -> FeatureAttribution:
     a = torch.full((layer + 1, heads), 0.05, dtype=torch.float64)
     for (l, h), v in big.items():
         a[l, h] = v
     attr = HeadAttribution(
-        feature_layer=layer, feature=feature, record_ids=["r0", "r1"], score_a=a, score_b=a / 2,
-        per_sample_a=None, per_sample_b=None, m_clean=torch.tensor([2.0, 1.0]), m_corrupt=torch.tensor([0.5, 0.5]),
-        seconds=0.5, forward_passes=4, backward_passes=2,
+        feature_layer=layer,
+        feature=feature,
+        record_ids=["r0", "r1"],
+        score_a=a,
+        score_b=a / 2,
+        per_sample_a=None,
+        per_sample_b=None,
+        m_clean=torch.tensor([2.0, 1.0]),
+        m_corrupt=torch.tensor([0.5, 0.5]),
+        seconds=0.5,
+        forward_passes=4,
+        backward_passes=2,
     )
     return FeatureAttribution(attr)
 
 
 def make_run(run: Path) -> dict:
     """Every artifact of a study, written by the real writers where they exist; returns what was planted."""
-    cfg = StudyConfig(name="organism", datasets={"train": DatasetSpec(kind="jsonl", args={"path": SCRIPT})})
+    cfg = StudyConfig(
+        name="organism", datasets={"train": DatasetSpec(kind="jsonl", args={"path": SCRIPT})}
+    )
     write_text(run / "config.yaml", dump_config(cfg))
     rd = RunDir(run)
-    rd.record("capture", status="done", inputs_hash="a" * 64, outputs={"activations/train/vlm": "b" * 64},
-              versions=package_versions(), seconds=1.25, peak_rss_mib=321.5, peak_cuda_mib=None,
-              finished=time.time(), error=None)
+    rd.record(
+        "capture",
+        status="done",
+        inputs_hash="a" * 64,
+        outputs={"activations/train/vlm": "b" * 64},
+        versions=package_versions(),
+        seconds=1.25,
+        peak_rss_mib=321.5,
+        peak_cuda_mib=None,
+        finished=time.time(),
+        error=None,
+    )
     rd.record("detect", status="failed", error=f"DataError: {SCRIPT}", seconds=0.5)
 
     # SAE training: tables only (plots=False), so the report has to draw the plots itself
-    curves = fvu_curves({
-        regime: [{"layer": L, "step": s, "tokens": 64 * s, "fvu": 1.0 / s + 0.1 * k, "l0": 8.0, "dead_fraction": 0.1}
-                 for L in LAYERS for s in (1, 2, 3)]
-        for k, regime in enumerate(("base", "full", "text", "random"))
-    })
+    curves = fvu_curves(
+        {
+            regime: [
+                {
+                    "layer": L,
+                    "step": s,
+                    "tokens": 64 * s,
+                    "fvu": 1.0 / s + 0.1 * k,
+                    "l0": 8.0,
+                    "dead_fraction": 0.1,
+                }
+                for L in LAYERS
+                for s in (1, 2, 3)
+            ]
+            for k, regime in enumerate(("base", "full", "text", "random"))
+        }
+    )
     heldout = heldout_table(
-        {"regime": r, "side": "vlm", "layer": L, "n_tokens": 100, "n_image_tokens": 40, "n_text_tokens": 60,
-         "fvu": 0.2, "fvu_image": 0.3, "fvu_text": 0.1, "l0": 8.0, "dead_fraction": 0.05}
-        for r in ("full", "text", "random") for L in LAYERS
+        {
+            "regime": r,
+            "side": "vlm",
+            "layer": L,
+            "n_tokens": 100,
+            "n_image_tokens": 40,
+            "n_text_tokens": 60,
+            "fvu": 0.2,
+            "fvu_image": 0.3,
+            "fvu_text": 0.1,
+            "l0": 8.0,
+            "dead_fraction": 0.05,
+        }
+        for r in ("full", "text", "random")
+        for L in LAYERS
     )
     cosines = {r: {L: torch.linspace(0.2, 1.0, D_SAE) for L in LAYERS} for r in ("full", "text")}
-    spliced = pd.DataFrame([{"regime": "full", "side": "vlm", "layer": L, "ce_clean": 2.0, "ce_sae": 2.5,
-                             "ce_zero": 7.0, "n_targets": 50, "fraction_recovered": 0.9} for L in LAYERS])
-    write_training_report(run / "stats", run / "report", curves, heldout, cosines, spliced, plots=False)
+    spliced = pd.DataFrame(
+        [
+            {
+                "regime": "full",
+                "side": "vlm",
+                "layer": L,
+                "ce_clean": 2.0,
+                "ce_sae": 2.5,
+                "ce_zero": 7.0,
+                "n_targets": 50,
+                "fraction_recovered": 0.9,
+            }
+            for L in LAYERS
+        ]
+    )
+    write_training_report(
+        run / "stats", run / "report", curves, heldout, cosines, spliced, plots=False
+    )
 
     # diff: rotated decoders and a vision/text firing difference
     g = torch.Generator().manual_seed(0)
@@ -140,40 +208,141 @@ def make_run(run: Path) -> dict:
     keys = list(zip(kept["layer"].astype(int), kept["feature"].astype(int)))
 
     # interp: explanations (hostile text) and dashboards of the spatial features
-    write_explanations(run / "interp" / "explanations.json", [
-        Explanation(description=f"objects left of {SCRIPT}", confidence=0.75, source="offline",
-                    feature_id=f"L{L}/F{f}") for L, f in keys
-    ])
-    write_dashboards([FeatureCard(layer=L, feature=f) for L, f in keys], run / "interp" / "dashboards")
+    write_explanations(
+        run / "interp" / "explanations.json",
+        [
+            Explanation(
+                description=f"objects left of {SCRIPT}",
+                confidence=0.75,
+                source="offline",
+                feature_id=f"L{L}/F{f}",
+            )
+            for L, f in keys
+        ],
+    )
+    write_dashboards(
+        [FeatureCard(layer=L, feature=f) for L, f in keys], run / "interp" / "dashboards"
+    )
 
     # attribution: two features, both concentrated on a few heads
     results = [_attribution(3, 5, {(2, 1): 1.0, (2, 3): 1.0}), _attribution(1, 7, {(1, 0): 1.0})]
     out = run / "attribution"
-    write_parquet(out / "heads.parquet", pd.concat([heads_frame(r.attribution) for r in results], ignore_index=True))
-    write_parquet(out / "layers.parquet", pd.concat([layers_frame(r.attribution) for r in results], ignore_index=True))
-    write_json(out / "summary.json", {"objective": "projection", "positions": "all", "top_k": 2,
-                                      "features": [r.summary() for r in results], "skipped_no_activation": []})
+    write_parquet(
+        out / "heads.parquet",
+        pd.concat([heads_frame(r.attribution) for r in results], ignore_index=True),
+    )
+    write_parquet(
+        out / "layers.parquet",
+        pd.concat([layers_frame(r.attribution) for r in results], ignore_index=True),
+    )
+    write_json(
+        out / "summary.json",
+        {
+            "objective": "projection",
+            "positions": "all",
+            "top_k": 2,
+            "features": [r.summary() for r in results],
+            "skipped_no_activation": [],
+        },
+    )
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     (out / "overlays" / "L3F5_top1_L2H1.png").write_bytes(_png((200, 30, 30)))
 
     # control: the schema of the (future) control stage
-    write_parquet(run / "eval" / "effects.parquet", effects_frame([
-        ("ablate", "spatial", "spatial", "accuracy", 0.8, -0.1, -0.15, -0.05, SCRIPT, -0.01, -0.03, 0.01),
-        ("ablate", "ocr", "ocr", "accuracy", 0.5, -0.02, -0.06, 0.02, "random", 0.0, -0.02, 0.02),
-        ("ablate", "spatial", "vqa", "accuracy", 0.7, 0.005, -0.02, 0.03, "random", 0.0, -0.02, 0.02),
-        ("mean_ablate_heads", "spatial", "spatial", "accuracy", 0.8, -0.3, -0.4, -0.2, "random", 0.0, -0.02, 0.02),
-    ]))
-    write_parquet(run / "eval" / "steering.parquet", steering_frame([
-        ("feature", "spatial", 0.0, 0.70, 0.65, 0.75), ("feature", "spatial", 2.0, 0.80, 0.75, 0.85),
-        ("single_layer", "spatial", 0.0, 0.70, 0.65, 0.75), ("single_layer", "spatial", 2.0, 0.72, 0.67, 0.77),
-        ("feature", "ocr", 1.0, 0.60, 0.50, 0.70), ("single_layer", "ocr", 1.0, 0.62, 0.55, 0.69),
-    ]))
+    write_parquet(
+        run / "eval" / "effects.parquet",
+        effects_frame(
+            [
+                (
+                    "ablate",
+                    "spatial",
+                    "spatial",
+                    "accuracy",
+                    0.8,
+                    -0.1,
+                    -0.15,
+                    -0.05,
+                    SCRIPT,
+                    -0.01,
+                    -0.03,
+                    0.01,
+                ),
+                (
+                    "ablate",
+                    "ocr",
+                    "ocr",
+                    "accuracy",
+                    0.5,
+                    -0.02,
+                    -0.06,
+                    0.02,
+                    "random",
+                    0.0,
+                    -0.02,
+                    0.02,
+                ),
+                (
+                    "ablate",
+                    "spatial",
+                    "vqa",
+                    "accuracy",
+                    0.7,
+                    0.005,
+                    -0.02,
+                    0.03,
+                    "random",
+                    0.0,
+                    -0.02,
+                    0.02,
+                ),
+                (
+                    "mean_ablate_heads",
+                    "spatial",
+                    "spatial",
+                    "accuracy",
+                    0.8,
+                    -0.3,
+                    -0.4,
+                    -0.2,
+                    "random",
+                    0.0,
+                    -0.02,
+                    0.02,
+                ),
+            ]
+        ),
+    )
+    write_parquet(
+        run / "eval" / "steering.parquet",
+        steering_frame(
+            [
+                ("feature", "spatial", 0.0, 0.70, 0.65, 0.75),
+                ("feature", "spatial", 2.0, 0.80, 0.75, 0.85),
+                ("single_layer", "spatial", 0.0, 0.70, 0.65, 0.75),
+                ("single_layer", "spatial", 2.0, 0.72, 0.67, 0.77),
+                ("feature", "ocr", 1.0, 0.60, 0.50, 0.70),
+                ("single_layer", "ocr", 1.0, 0.62, 0.55, 0.69),
+            ]
+        ),
+    )
     return {"diff": diff, "keys": keys, "n_selected": len(sel)}
 
 
 def effects_frame(rows: list[tuple]) -> pd.DataFrame:
-    cols = ["intervention", "target_task", "eval_task", "metric", "baseline", "effect", "ci_lo", "ci_hi", "control",
-            "control_effect", "control_ci_lo", "control_ci_hi"]
+    cols = [
+        "intervention",
+        "target_task",
+        "eval_task",
+        "metric",
+        "baseline",
+        "effect",
+        "ci_lo",
+        "ci_hi",
+        "control",
+        "control_effect",
+        "control_ci_lo",
+        "control_ci_hi",
+    ]
     df = pd.DataFrame(rows, columns=cols)
     df.insert(5, "treated", df["baseline"] + df["effect"])
     df["n"] = 200
@@ -202,7 +371,7 @@ def copy_run(full_run, tmp_path: Path) -> Path:
 
 def section_html(html: str, section_id: str) -> str:
     start = html.index(f'<section id="{section_id}">')
-    return html[start: html.index("</section>", start)]
+    return html[start : html.index("</section>", start)]
 
 
 # ----------------------------------------------------------------------------------- rendering
@@ -216,9 +385,19 @@ def test_every_section_renders(full_run):
     assert 'class="warning"' not in html, re.findall(r'<div class="warning">.*?</div>', html)
     assert "not run" not in html
     # plots the SAE stage did not draw were drawn beside the report and embedded
-    for name in ("sae_fvu_curves", "sae_fvu_by_token_type", "sae_decoder_cosine", "gap_vs_cosine",
-                 "adapted_per_layer", "spatial_firing", "spatial_candidates", "spatial_adapted_firing",
-                 "attribution_layers", "attribution_heads", "steering"):
+    for name in (
+        "sae_fvu_curves",
+        "sae_fvu_by_token_type",
+        "sae_decoder_cosine",
+        "gap_vs_cosine",
+        "adapted_per_layer",
+        "spatial_firing",
+        "spatial_candidates",
+        "spatial_adapted_firing",
+        "attribution_layers",
+        "attribution_heads",
+        "steering",
+    ):
         assert (run / "report" / f"{name}.png").is_file(), name
     n_img = len(re.findall(r'<img src="data:image/png;base64,', html))
     assert n_img >= 11 + 1 + 3 * 2  # the above, the overlay, firing + candidates of the other tasks
@@ -248,15 +427,17 @@ def test_hostile_text_is_escaped(full_run):
     _, _, html = full_run
     assert SCRIPT not in html
     assert "<script" not in html.lower()
-    assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 4  # config, manifest error, explanations, control
+    assert (
+        html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 4
+    )  # config, manifest error, explanations, control
 
 
 def test_self_contained(full_run):
     _, _, html = full_run
-    refs = re.findall(r'(?:src|href)\s*=\s*["\']([^"\']*)["\']', html, flags=re.I)
+    refs = re.findall(r'(?:src|href)\s*=\s*["\']([^"\']*)["\']', html, flags=re.IGNORECASE)
     assert refs
     for ref in refs:
-        assert not re.match(r"^(https?:)?//", ref, flags=re.I), ref
+        assert not re.match(r"^(https?:)?//", ref, flags=re.IGNORECASE), ref
         assert ref.startswith(("data:image/png;base64,", "#", "../interp/dashboards/")), ref
     assert "<link" not in html.lower() and "@import" not in html and "url(" not in html
 
@@ -274,29 +455,62 @@ def test_control_table_and_steering(full_run):
 
 
 def test_findings_of_the_fake_run(full_run):
-    run, planted, html = full_run
+    run, _, html = full_run
     got = {f.key: f for f in findings(run, n_layers=4)}
-    assert got["adapted_share"].status == REPRODUCED and got["adapted_share"].value == pytest.approx(0.04)
+    assert got["adapted_share"].status == REPRODUCED and got[
+        "adapted_share"
+    ].value == pytest.approx(0.04)
     assert "by construction" in got["adapted_share"].detail
     # spatial: -0.1, CI below 0, beyond the control's interval [-0.03, 0.01]; head ablation rows ignored
-    assert got["removal_spatial"].status == REPRODUCED and got["removal_spatial"].value == pytest.approx(-0.1)
+    assert got["removal_spatial"].status == REPRODUCED and got[
+        "removal_spatial"
+    ].value == pytest.approx(-0.1)
     assert got["removal_spatial"].measured == "-0.100 (-10.0 pts; -12.5% relative)"
-    assert got["removal_ocr"].status == NOT_REPRODUCED and "interval includes 0" in got["removal_ocr"].detail
-    assert got["removal_vqa"].status == REPRODUCED and got["removal_vqa"].value == pytest.approx(0.005)
+    assert (
+        got["removal_ocr"].status == NOT_REPRODUCED
+        and "interval includes 0" in got["removal_ocr"].detail
+    )
+    assert got["removal_vqa"].status == REPRODUCED and got["removal_vqa"].value == pytest.approx(
+        0.005
+    )
     assert got["removal_asr"].status == NOT_MEASURED
-    assert got["steering_spatial"].status == REPRODUCED and got["steering_spatial"].value == pytest.approx(0.08)
-    assert got["steering_ocr"].status == NOT_REPRODUCED and got["steering_ocr"].value == pytest.approx(-0.02)
+    assert got["steering_spatial"].status == REPRODUCED and got[
+        "steering_spatial"
+    ].value == pytest.approx(0.08)
+    assert got["steering_ocr"].status == NOT_REPRODUCED and got[
+        "steering_ocr"
+    ].value == pytest.approx(-0.02)
     heads = got["attribution_heads"]
     # top 2 of 16 heads hold 2 / 2.7 of |score|; top 1 of 8 holds 1 / 1.35; median depth 2/3
     assert heads.status == REPRODUCED and heads.value == pytest.approx((2 / 2.7 + 1 / 1.35) / 2)
     assert "depth 0.67" in heads.measured
     counts = section_html(html, "findings")
     assert counts.count('class="badge reproduced"') == 5
-    assert counts.count('class="badge not-reproduced"') == 2 and counts.count('class="badge not-measured"') == 1
+    assert (
+        counts.count('class="badge not-reproduced"') == 2
+        and counts.count('class="badge not-measured"') == 1
+    )
 
 
 def test_removal_needs_specificity(tmp_path):
-    eff = effects_frame([("ablate", "spatial", "spatial", "accuracy", 0.8, -0.1, -0.15, -0.05, "random", -0.12, -0.2, -0.04)])
+    eff = effects_frame(
+        [
+            (
+                "ablate",
+                "spatial",
+                "spatial",
+                "accuracy",
+                0.8,
+                -0.1,
+                -0.15,
+                -0.05,
+                "random",
+                -0.12,
+                -0.2,
+                -0.04,
+            )
+        ]
+    )
     write_parquet(tmp_path / "eval" / "effects.parquet", eff)
     f = removal_drop(tmp_path, "spatial", "-12%", "k")
     assert f.status == NOT_REPRODUCED and "not beyond the control" in f.detail
@@ -307,11 +521,55 @@ def test_removal_needs_specificity(tmp_path):
 
 
 def test_vqa_impact_and_asr(tmp_path):
-    write_parquet(tmp_path / "eval" / "effects.parquet", effects_frame([
-        ("feature_ablation", "ocr", "vqav2", "accuracy", 0.7, -0.04, -0.07, -0.01, "random", 0.0, -0.01, 0.01),
-        ("ablate", "safety", "safety", "asr", 0.5, -0.2, -0.3, -0.1, "random", 0.0, -0.05, 0.05),
-        ("ablate", "safety", "safety", "refusal", 0.5, 0.2, 0.1, 0.3, "random", 0.0, -0.05, 0.05),
-    ]))
+    write_parquet(
+        tmp_path / "eval" / "effects.parquet",
+        effects_frame(
+            [
+                (
+                    "feature_ablation",
+                    "ocr",
+                    "vqav2",
+                    "accuracy",
+                    0.7,
+                    -0.04,
+                    -0.07,
+                    -0.01,
+                    "random",
+                    0.0,
+                    -0.01,
+                    0.01,
+                ),
+                (
+                    "ablate",
+                    "safety",
+                    "safety",
+                    "asr",
+                    0.5,
+                    -0.2,
+                    -0.3,
+                    -0.1,
+                    "random",
+                    0.0,
+                    -0.05,
+                    0.05,
+                ),
+                (
+                    "ablate",
+                    "safety",
+                    "safety",
+                    "refusal",
+                    0.5,
+                    0.2,
+                    0.1,
+                    0.3,
+                    "random",
+                    0.0,
+                    -0.05,
+                    0.05,
+                ),
+            ]
+        ),
+    )
     vqa = removal_spares_vqa(tmp_path)
     assert vqa.status == NOT_REPRODUCED and vqa.value == pytest.approx(0.04)
     asr = removal_drop(tmp_path, "safety", "-24% ASR", "asr", metric="asr")
@@ -335,7 +593,10 @@ def test_head_concentration_spread(tmp_path):
 
 
 def test_steering_needs_both_methods(tmp_path):
-    write_parquet(tmp_path / "eval" / "steering.parquet", steering_frame([("feature", "spatial", 1.0, 0.9, 0.8, 1.0)]))
+    write_parquet(
+        tmp_path / "eval" / "steering.parquet",
+        steering_frame([("feature", "spatial", 1.0, 0.9, 0.8, 1.0)]),
+    )
     f = steering_gain(tmp_path, "spatial", "+3.6")
     assert f.status == NOT_MEASURED and "single_layer" in f.detail
 
@@ -356,11 +617,14 @@ def test_malformed_inputs_give_warnings(full_run, tmp_path):
     (run / "stats" / "diff.parquet").write_bytes(b"not parquet at all")
     (run / "manifest.json").write_text("{broken")
     (run / "interp" / "explanations.json").write_text("[1, 2")
-    write_parquet(run / "eval" / "effects.parquet", pd.DataFrame({"intervention": ["ablate"], "effect": [0.1]}))
+    write_parquet(
+        run / "eval" / "effects.parquet",
+        pd.DataFrame({"intervention": ["ablate"], "effect": [0.1]}),
+    )
     write_parquet(run / "attribution" / "heads.parquet", pd.DataFrame({"layer": [0]}))
     (run / "eval" / "steering.parquet").unlink()
     html = build_report(run).read_text()
-    warnings = re.findall(r'<div class="warning">(.*?)</div>', html, flags=re.S)
+    warnings = re.findall(r'<div class="warning">(.*?)</div>', html, flags=re.DOTALL)
     text = " ".join(warnings)
     assert "stats/diff.parquet could not be read" in text
     assert "manifest.json is not valid JSON" in text
@@ -372,7 +636,10 @@ def test_malformed_inputs_give_warnings(full_run, tmp_path):
     assert "Resolved config" in section_html(html, "provenance")
     got = {f.key: f for f in findings(run)}
     assert got["adapted_share"].status == REPRODUCED  # from the per-layer counts
-    assert got["removal_spatial"].status == NOT_MEASURED and "lacks columns" in got["removal_spatial"].detail
+    assert (
+        got["removal_spatial"].status == NOT_MEASURED
+        and "lacks columns" in got["removal_spatial"].detail
+    )
 
 
 def test_report_redraws_stale_plots(full_run, tmp_path):

@@ -14,23 +14,44 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
+from typing import Self
 
 import pytest
 from PIL import Image
+from test_report import make_run
 
 from mmdiff.report.build import build_report
-from test_report import make_run
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--hide-scrollbars", "--enable-logging=stderr", "--v=0", "--window-size=1280,2400",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--enable-logging=stderr",
+    "--v=0",
+    "--window-size=1280,2400",
 ]
 CONSOLE = re.compile(r":CONSOLE[:(\]]")  # Chromium's log line of every console message
-PLOTS = ("sae_fvu_curves", "sae_fvu_by_token_type", "sae_decoder_cosine", "gap_vs_cosine", "adapted_per_layer",
-         "attribution_layers", "attribution_heads", "steering") + tuple(
-    f"{t}_{k}" for t in ("spatial", "ocr", "safety") for k in ("firing", "candidates", "adapted_firing"))
+PLOTS = (
+    "sae_fvu_curves",
+    "sae_fvu_by_token_type",
+    "sae_decoder_cosine",
+    "gap_vs_cosine",
+    "adapted_per_layer",
+    "attribution_layers",
+    "attribution_heads",
+    "steering",
+) + tuple(
+    f"{t}_{k}"
+    for t in ("spatial", "ocr", "safety")
+    for k in ("firing", "candidates", "adapted_firing")
+)
 
 
 def find_browser() -> str | None:
@@ -43,15 +64,26 @@ def browser() -> str:
     if path:
         return path
     if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium is not installed and cannot be: not root or no apt-get (apt-get install chromium)")
+        pytest.skip(
+            "chromium is not installed and cannot be: not root or no apt-get (apt-get install chromium)"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
-        subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, timeout=600, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=300", "chromium"],
-                       check=True, capture_output=True, timeout=900, env=env)
+        subprocess.run(
+            ["apt-get", "update", "-q"], check=True, capture_output=True, timeout=600, env=env
+        )
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=300", "chromium"],
+            check=True,
+            capture_output=True,
+            timeout=900,
+            env=env,
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
-        pytest.skip(f"chromium could not be installed with apt-get ({exc}): {detail.decode(errors='replace')[-300:]}")
+        pytest.skip(
+            f"chromium could not be installed with apt-get ({exc}): {detail.decode(errors='replace')[-300:]}"
+        )
     path = find_browser()
     if not path:
         pytest.skip("apt-get installed chromium but no chromium binary is on PATH")
@@ -68,7 +100,7 @@ class _Server:
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, directory=str(root), **kwargs)
 
-            def do_GET(self):  # noqa: N802 - the http.server API
+            def do_GET(self):
                 requested.append(self.path)
                 super().do_GET()
 
@@ -78,7 +110,7 @@ class _Server:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "_Server":
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -95,7 +127,10 @@ def screenshot(browser: str, url: str, tmp: Path) -> tuple[Image.Image, list[str
     shot, profile = tmp / "shot.png", tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
     proc = subprocess.run(
         [browser, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", url],
-        capture_output=True, text=True, timeout=60,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert shot.is_file(), f"no screenshot (exit {proc.returncode}): {proc.stderr[-2000:]}"
     console = [line for line in proc.stderr.splitlines() if CONSOLE.search(line)]
@@ -139,6 +174,10 @@ def test_console_check_catches_errors(browser, tmp_path):
     """The console check is real: a page with a failing script is caught."""
     page = tmp_path / "bad" / "index.html"
     page.parent.mkdir()
-    page.write_text('<!DOCTYPE html><p>x</p><script>console.error("boom"); undefined_fn();</script>')
-    img, console = screenshot(browser, page.as_uri(), tmp_path)
-    assert any("boom" in line for line in console) and any("Uncaught" in line for line in console), console
+    page.write_text(
+        '<!DOCTYPE html><p>x</p><script>console.error("boom"); undefined_fn();</script>'
+    )
+    _, console = screenshot(browser, page.as_uri(), tmp_path)
+    assert any("boom" in line for line in console) and any(
+        "Uncaught" in line for line in console
+    ), console

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from mmdiff.errors import ConfigError
 from mmdiff.report.findings import NOT_MEASURED, NOT_REPRODUCED, REPRODUCED, Finding, findings
@@ -62,7 +63,7 @@ def load_explanations(run_dir: Path, section: Section) -> dict[str, Any]:
         return {}
 
 
-def model_depth(run_dir: Path, config: "StudyConfig | None") -> int | None:
+def model_depth(run_dir: Path, config: StudyConfig | None) -> int | None:
     """Decoder layers of the VLM's language backbone, read from its config.json; None when unknown."""
     try:
         if config is None:
@@ -96,16 +97,22 @@ def _guarded(section_id: str, title: str, build: Callable[[], Section]) -> Secti
         return section
 
 
-def report_sections(run_dir: Path, config: "StudyConfig | None" = None) -> list[Section]:
+def report_sections(run_dir: Path, config: StudyConfig | None = None) -> list[Section]:
     """Sections 1-6 of the report, as data."""
     interp_notes = Section("tasks", "Task features")
     explanations = load_explanations(run_dir, interp_notes)
     sections = [
-        _guarded("provenance", "Configuration and provenance", lambda: provenance_section(run_dir, config)),
+        _guarded(
+            "provenance",
+            "Configuration and provenance",
+            lambda: provenance_section(run_dir, config),
+        ),
         _guarded("sae", "SAE adaptation", lambda: sae_section(run_dir)),
         _guarded("adapted", "Adapted features", lambda: adapted_section(run_dir, explanations)),
         _guarded("tasks", "Task features", lambda: tasks_section(run_dir, explanations)),
-        _guarded("attribution", "Attribution to attention heads", lambda: attribution_section(run_dir)),
+        _guarded(
+            "attribution", "Attribution to attention heads", lambda: attribution_section(run_dir)
+        ),
         _guarded("control", "Control: removal and steering", lambda: control_section(run_dir)),
     ]
     sections[3].warnings[:0] = interp_notes.warnings
@@ -116,13 +123,23 @@ def render_report(
     sections: list[Section], found: list[Finding], *, title: str, generated: str
 ) -> str:
     """The report's HTML from its sections and findings."""
-    counts = {s: sum(f.status == s for f in found) for s in (REPRODUCED, NOT_REPRODUCED, NOT_MEASURED)}
-    return _environment().get_template("index.html.j2").render(
-        title=title, generated=generated, sections=sections, findings=found, counts=counts,
+    counts = {
+        s: sum(f.status == s for f in found) for s in (REPRODUCED, NOT_REPRODUCED, NOT_MEASURED)
+    }
+    return (
+        _environment()
+        .get_template("index.html.j2")
+        .render(
+            title=title,
+            generated=generated,
+            sections=sections,
+            findings=found,
+            counts=counts,
+        )
     )
 
 
-def build_report(run_dir: str | Path, config: "StudyConfig | None" = None) -> Path:
+def build_report(run_dir: str | Path, config: StudyConfig | None = None) -> Path:
     """Report stage: write runs/<name>/report/index.html from whatever the run directory holds.
 
     Plots the earlier stages did not draw are drawn into report/ beside it. Returns the path.
@@ -132,7 +149,9 @@ def build_report(run_dir: str | Path, config: "StudyConfig | None" = None) -> Pa
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist; run `mmdiff run` first or pass runs/<name>")
+        raise ConfigError(
+            f"run directory {run_dir} does not exist; run `mmdiff run` first or pass runs/<name>"
+        )
     sections = report_sections(run_dir, config)
     try:
         found = findings(run_dir, n_layers=model_depth(run_dir, config))
@@ -140,7 +159,9 @@ def build_report(run_dir: str | Path, config: "StudyConfig | None" = None) -> Pa
         sections[-1].warn(f"the findings could not be computed ({type(exc).__name__}: {exc})")
         found = []
     name = config.name if config is not None else run_dir.name
-    generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + f", mmdiff {__version__}"
+    generated = (
+        dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + f", mmdiff {__version__}"
+    )
     html = render_report(sections, found, title=f"mmdiff study: {name}", generated=generated)
     path = run_dir / "report" / REPORT_FILE
     write_text(path, html)

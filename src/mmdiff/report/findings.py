@@ -32,7 +32,10 @@ NOT_MEASURED: Status = "not measured"
 ADAPTED_SHARE_CLAIM = 0.05  # "under 5% of all features"
 HEAD_TOP_FRACTION = 0.1  # "a few heads": the top 10% of heads by |score| ...
 HEAD_CONCENTRATION = 0.5  # ... hold at least half of the total |score|
-MID_DEPTH = (1 / 3, 1.0)  # "mid-to-deep layers": relative depth layer / (n_layers - 1) in this range
+MID_DEPTH = (
+    1 / 3,
+    1.0,
+)  # "mid-to-deep layers": relative depth layer / (n_layers - 1) in this range
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,10 @@ def _read(path: Path) -> tuple[pd.DataFrame | None, str]:
     try:
         return pd.read_parquet(path), ""
     except Exception as exc:  # noqa: BLE001 - an unreadable file means "not measured", never a crash
-        return None, f"{path.parent.name}/{path.name} could not be read ({type(exc).__name__}: {exc})"
+        return (
+            None,
+            f"{path.parent.name}/{path.name} could not be read ({type(exc).__name__}: {exc})",
+        )
 
 
 def _need(df: pd.DataFrame, columns: list[str], name: str) -> str:
@@ -77,17 +83,28 @@ def _pct_points(x: float) -> str:
 
 def adapted_share(run_dir: Path) -> Finding:
     claim = "The adapted set is a small share of all features (under 5%)."
-    crit = f"reproduced when adapted features / all features of all layers < {ADAPTED_SHARE_CLAIM:.0%}"
-    base = dict(key="adapted_share", claim=claim, seed="< 5% of features", criterion=crit)
+    crit = (
+        f"reproduced when adapted features / all features of all layers < {ADAPTED_SHARE_CLAIM:.0%}"
+    )
+    base = {"key": "adapted_share", "claim": claim, "seed": "< 5% of features", "criterion": crit}
     n = n_sel = None
     source, why, attrs = "", "", {}
     diff, why = _read(run_dir / "stats" / "diff.parquet")
     if diff is not None and not _need(diff, ["selected"], "stats/diff.parquet") and len(diff):
-        n, n_sel, source, attrs = len(diff), int(diff["selected"].astype(bool).sum()), "stats/diff.parquet", diff.attrs
+        n, n_sel, source, attrs = (
+            len(diff),
+            int(diff["selected"].astype(bool).sum()),
+            "stats/diff.parquet",
+            diff.attrs,
+        )
     else:
         why = why or "stats/diff.parquet has no `selected` column or no rows"
         per_layer, why2 = _read(run_dir / "stats" / "adapted_per_layer.parquet")
-        if per_layer is not None and not _need(per_layer, ["n_features", "n_adapted"], "") and len(per_layer):
+        if (
+            per_layer is not None
+            and not _need(per_layer, ["n_features", "n_adapted"], "")
+            and len(per_layer)
+        ):
             n, n_sel = int(per_layer["n_features"].sum()), int(per_layer["n_adapted"].sum())
             source = "stats/adapted_per_layer.parquet"
         else:
@@ -103,8 +120,12 @@ def adapted_share(run_dir: Path) -> Finding:
             "follows from the thresholds rather than from the model."
         )
     return Finding(
-        measured=f"{share:.2%}", status=REPRODUCED if share < ADAPTED_SHARE_CLAIM else NOT_REPRODUCED,
-        detail=detail, source=source, value=share, **base,
+        measured=f"{share:.2%}",
+        status=REPRODUCED if share < ADAPTED_SHARE_CLAIM else NOT_REPRODUCED,
+        detail=detail,
+        source=source,
+        value=share,
+        **base,
     )
 
 
@@ -143,8 +164,15 @@ def _floats(row: Any, *names: str) -> list[float]:
     return out
 
 
-def removal_drop(run_dir: Path, task: str, seed: str, key: str, *, metric: str = "accuracy",
-                 what: str = "accuracy") -> Finding:
+def removal_drop(
+    run_dir: Path,
+    task: str,
+    seed: str,
+    key: str,
+    *,
+    metric: str = "accuracy",
+    what: str = "accuracy",
+) -> Finding:
     """Removing the task's features lowers its own metric, beyond the control."""
     claim = f"Removing the {task} features lowers {task} {what} (seed: {seed} on average)."
     crit = (
@@ -152,19 +180,39 @@ def removal_drop(run_dir: Path, task: str, seed: str, key: str, *, metric: str =
         "its 95% CI below 0, and the effect lies below the control's interval (or below the control's effect "
         "when it has no interval); the measured number is the mean effect over those rows"
     )
-    base = dict(key=key, claim=claim, seed=seed, criterion=crit, source="eval/effects.parquet")
+    base = {
+        "key": key,
+        "claim": claim,
+        "seed": seed,
+        "criterion": crit,
+        "source": "eval/effects.parquet",
+    }
     df, why = _effects(run_dir)
     if df is None:
         return Finding(measured="–", status=NOT_MEASURED, detail=why, **base)
-    rows = df[(df["target_task"].astype(str).str.lower() == task) & (df["eval_task"].astype(str).str.lower() == task)]
+    rows = df[
+        (df["target_task"].astype(str).str.lower() == task)
+        & (df["eval_task"].astype(str).str.lower() == task)
+    ]
     rows = _prefer_metric(rows, metric)
     if rows.empty:
-        return Finding(measured="–", status=NOT_MEASURED,
-                       detail=f"no removal row with target_task = eval_task = {task!r} in eval/effects.parquet", **base)
+        return Finding(
+            measured="–",
+            status=NOT_MEASURED,
+            detail=f"no removal row with target_task = eval_task = {task!r} in eval/effects.parquet",
+            **base,
+        )
     ok, parts, rel = True, [], []
     for r in rows.itertuples():
-        eff, lo, hi, base_v, c_eff, c_lo, c_hi = _floats(r, "effect", "ci_lo", "ci_hi", "baseline", "control_effect",
-                                                         "control_ci_lo", "control_ci_hi")
+        eff, lo, hi, base_v, c_eff, c_lo = _floats(
+            r,
+            "effect",
+            "ci_lo",
+            "ci_hi",
+            "baseline",
+            "control_effect",
+            "control_ci_lo",
+        )
         significant = hi < 0 and eff < 0
         if not math.isnan(c_lo):
             specific = eff < c_lo
@@ -178,34 +226,60 @@ def removal_drop(run_dir: Path, task: str, seed: str, key: str, *, metric: str =
         parts.append(
             f"{r.intervention} on {r.eval_task} ({r.metric}): {eff:+.3f} [{lo:+.3f}, {hi:+.3f}] from {base_v:.3f}"
             + (f", control {r.control}: {c_eff:+.3f}" if not math.isnan(c_eff) else ", no control")
-            + ("" if significant else " (interval includes 0)") + ("" if specific else " (not beyond the control)")
+            + ("" if significant else " (interval includes 0)")
+            + ("" if specific else " (not beyond the control)")
         )
     mean = float(rows["effect"].astype(float).mean())
-    measured = f"{mean:+.3f} ({_pct_points(mean)}" + (f"; {100 * float(np.mean(rel)):+.1f}% relative)" if rel else ")")
-    return Finding(measured=measured, status=REPRODUCED if ok else NOT_REPRODUCED, detail="; ".join(parts) + ".",
-                   value=mean, **base)
+    measured = f"{mean:+.3f} ({_pct_points(mean)}" + (
+        f"; {100 * float(np.mean(rel)):+.1f}% relative)" if rel else ")"
+    )
+    return Finding(
+        measured=measured,
+        status=REPRODUCED if ok else NOT_REPRODUCED,
+        detail="; ".join(parts) + ".",
+        value=mean,
+        **base,
+    )
 
 
 def removal_spares_vqa(run_dir: Path) -> Finding:
     claim = "Removing the task features leaves general VQA unchanged."
     crit = "reproduced when every removal row evaluated on a VQA task (eval_task starting with 'vqa') has a 95% CI containing 0"
-    base = dict(key="removal_vqa", claim=claim, seed="no VQA impact", criterion=crit, source="eval/effects.parquet")
+    base = {
+        "key": "removal_vqa",
+        "claim": claim,
+        "seed": "no VQA impact",
+        "criterion": crit,
+        "source": "eval/effects.parquet",
+    }
     df, why = _effects(run_dir)
     if df is None:
         return Finding(measured="–", status=NOT_MEASURED, detail=why, **base)
     rows = df[df["eval_task"].astype(str).str.lower().str.startswith("vqa")]
     rows = _prefer_metric(rows, "accuracy")
     if rows.empty:
-        return Finding(measured="–", status=NOT_MEASURED, detail="no removal row evaluated on a VQA task", **base)
+        return Finding(
+            measured="–",
+            status=NOT_MEASURED,
+            detail="no removal row evaluated on a VQA task",
+            **base,
+        )
     ok, parts = True, []
     for r in rows.itertuples():
         eff, lo, hi = _floats(r, "effect", "ci_lo", "ci_hi")
         contains = not (math.isnan(lo) or math.isnan(hi)) and lo <= 0 <= hi
         ok &= contains
-        parts.append(f"{r.intervention} of {r.target_task} features on {r.eval_task}: {eff:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        parts.append(
+            f"{r.intervention} of {r.target_task} features on {r.eval_task}: {eff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        )
     worst = float(rows["effect"].astype(float).abs().max())
-    return Finding(measured=f"largest |effect| {worst:.3f} ({100 * worst:.1f} pts)", status=REPRODUCED if ok else NOT_REPRODUCED,
-                   detail="; ".join(parts) + ".", value=worst, **base)
+    return Finding(
+        measured=f"largest |effect| {worst:.3f} ({100 * worst:.1f} pts)",
+        status=REPRODUCED if ok else NOT_REPRODUCED,
+        detail="; ".join(parts) + ".",
+        value=worst,
+        **base,
+    )
 
 
 # ------------------------------------------------------------------------------------ steering
@@ -219,23 +293,45 @@ def steering_gain(run_dir: Path, task: str, seed: str) -> Finding:
         "reproduced when the best feature-steering score (over α) exceeds the best single-layer score and the "
         "feature score's 95% CI lower bound lies above that single-layer score; measured = the difference"
     )
-    base = dict(key=f"steering_{task}", claim=claim, seed=seed, criterion=crit, source="eval/steering.parquet")
+    base = {
+        "key": f"steering_{task}",
+        "claim": claim,
+        "seed": seed,
+        "criterion": crit,
+        "source": "eval/steering.parquet",
+    }
     df, why = _read(run_dir / "eval" / "steering.parquet")
     if df is None or _need(df, STEERING_COLUMNS, ""):
-        return Finding(measured="–", status=NOT_MEASURED, detail=why or _need(df, STEERING_COLUMNS, "eval/steering.parquet"), **base)
+        return Finding(
+            measured="–",
+            status=NOT_MEASURED,
+            detail=why or _need(df, STEERING_COLUMNS, "eval/steering.parquet"),
+            **base,
+        )
     df = df[df["task"].astype(str).str.lower() == task]
     best = best_per_method(df) if not df.empty else df
     by = {str(m): r for m, r in zip(best.get("method", []), best.itertuples())}
     if "feature" not in by or "single_layer" not in by:
-        return Finding(measured="–", status=NOT_MEASURED,
-                       detail=f"eval/steering.parquet has no feature and single_layer rows for task {task!r}", **base)
+        return Finding(
+            measured="–",
+            status=NOT_MEASURED,
+            detail=f"eval/steering.parquet has no feature and single_layer rows for task {task!r}",
+            **base,
+        )
     f, s = by["feature"], by["single_layer"]
     margin = float(f.score) - float(s.score)
     ok = margin > 0 and float(f.ci_lo) > float(s.score)
-    detail = (f"feature steering {float(f.score):.3f} [{float(f.ci_lo):.3f}, {float(f.ci_hi):.3f}] at α = {float(f.alpha):g}; "
-              f"single-layer {float(s.score):.3f} [{float(s.ci_lo):.3f}, {float(s.ci_hi):.3f}] at α = {float(s.alpha):g}.")
-    return Finding(measured=f"{margin:+.3f} ({_pct_points(margin)})", status=REPRODUCED if ok else NOT_REPRODUCED,
-                   detail=detail, value=margin, **base)
+    detail = (
+        f"feature steering {float(f.score):.3f} [{float(f.ci_lo):.3f}, {float(f.ci_hi):.3f}] at α = {float(f.alpha):g}; "
+        f"single-layer {float(s.score):.3f} [{float(s.ci_lo):.3f}, {float(s.ci_hi):.3f}] at α = {float(s.alpha):g}."
+    )
+    return Finding(
+        measured=f"{margin:+.3f} ({_pct_points(margin)})",
+        status=REPRODUCED if ok else NOT_REPRODUCED,
+        detail=detail,
+        value=margin,
+        **base,
+    )
 
 
 # ------------------------------------------------------------------------------------ attribution
@@ -250,14 +346,24 @@ def head_concentration(run_dir: Path, n_layers: int | None = None) -> Finding:
         f"|score| (Method A, else B) hold at least {HEAD_CONCENTRATION:.0%} of the total |score| and the top "
         f"heads' median relative depth layer/(n_layers-1) lies in [{lo:.2f}, {hi:.2f}]"
     )
-    base = dict(key="attribution_heads", claim=claim, seed="a few mid-to-deep heads (e.g. L13H1 in a 32-layer model)",
-                criterion=crit, source="attribution/heads.parquet")
+    base = {
+        "key": "attribution_heads",
+        "claim": claim,
+        "seed": "a few mid-to-deep heads (e.g. L13H1 in a 32-layer model)",
+        "criterion": crit,
+        "source": "attribution/heads.parquet",
+    }
     heads, why = _read(run_dir / "attribution" / "heads.parquet")
     need = ["feature_layer", "feature", "layer", "head", "score_a", "score_b"]
     if heads is None or _need(heads, need, "") or heads.empty:
-        return Finding(measured="–", status=NOT_MEASURED,
-                       detail=why or _need(heads, need, "attribution/heads.parquet") or "attribution/heads.parquet is empty",
-                       **base)
+        return Finding(
+            measured="–",
+            status=NOT_MEASURED,
+            detail=why
+            or _need(heads, need, "attribution/heads.parquet")
+            or "attribution/heads.parquet is empty",
+            **base,
+        )
     col = "score_a" if heads["score_a"].notna().any() else "score_b"
     depth_of = n_layers or int(heads["feature_layer"].max()) + 1
     shares, depths = [], []
@@ -271,14 +377,23 @@ def head_concentration(run_dir: Path, n_layers: int | None = None) -> Finding:
         shares.append(a[order].sum() / a.sum())
         depths += list(g["layer"].to_numpy()[order] / max(depth_of - 1, 1))
     if not shares:
-        return Finding(measured="–", status=NOT_MEASURED, detail="every head score is zero or missing", **base)
+        return Finding(
+            measured="–", status=NOT_MEASURED, detail="every head score is zero or missing", **base
+        )
     share, depth = float(np.mean(shares)), float(np.median(depths))
     ok = share >= HEAD_CONCENTRATION and lo <= depth <= hi
-    detail = (f"{len(shares)} features; top {HEAD_TOP_FRACTION:.0%} of heads hold {share:.0%} of |score| on average "
-              f"(uniform would be {HEAD_TOP_FRACTION:.0%}); median relative depth of those heads {depth:.2f} "
-              f"(depth counted over {depth_of} layers{'' if n_layers else ', the deepest attributed feature layer + 1: pass n_layers for the model depth'}).")
-    return Finding(measured=f"{share:.0%} of |score| in top {HEAD_TOP_FRACTION:.0%} heads, depth {depth:.2f}",
-                   status=REPRODUCED if ok else NOT_REPRODUCED, detail=detail, value=share, **base)
+    detail = (
+        f"{len(shares)} features; top {HEAD_TOP_FRACTION:.0%} of heads hold {share:.0%} of |score| on average "
+        f"(uniform would be {HEAD_TOP_FRACTION:.0%}); median relative depth of those heads {depth:.2f} "
+        f"(depth counted over {depth_of} layers{'' if n_layers else ', the deepest attributed feature layer + 1: pass n_layers for the model depth'})."
+    )
+    return Finding(
+        measured=f"{share:.0%} of |score| in top {HEAD_TOP_FRACTION:.0%} heads, depth {depth:.2f}",
+        status=REPRODUCED if ok else NOT_REPRODUCED,
+        detail=detail,
+        value=share,
+        **base,
+    )
 
 
 def findings(run_dir: str | Path, *, n_layers: int | None = None) -> list[Finding]:
@@ -292,7 +407,9 @@ def findings(run_dir: str | Path, *, n_layers: int | None = None) -> list[Findin
         removal_drop(run_dir, "spatial", "−12%", "removal_spatial"),
         removal_drop(run_dir, "ocr", "−17%", "removal_ocr"),
         removal_spares_vqa(run_dir),
-        removal_drop(run_dir, "safety", "−24% ASR", "removal_asr", metric="asr", what="attack success rate"),
+        removal_drop(
+            run_dir, "safety", "−24% ASR", "removal_asr", metric="asr", what="attack success rate"
+        ),
         steering_gain(run_dir, "spatial", "+3.6"),
         steering_gain(run_dir, "ocr", "+1.5"),
         head_concentration(run_dir, n_layers),

@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -115,7 +116,9 @@ def read_json(path: Path, run_dir: Path, section: Section) -> Any | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        section.warn(f"{rel(path, run_dir)} is not valid JSON ({exc}); re-run the stage that writes it")
+        section.warn(
+            f"{rel(path, run_dir)} is not valid JSON ({exc}); re-run the stage that writes it"
+        )
         return None
 
 
@@ -168,9 +171,13 @@ def fmt(value: Any, digits: int = 3) -> str:
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, int) or (hasattr(value, "dtype") and getattr(value.dtype, "kind", "") in "iu"):
+    if isinstance(value, int) or (
+        hasattr(value, "dtype") and getattr(value.dtype, "kind", "") in "iu"
+    ):
         return f"{int(value):,}"
-    if isinstance(value, float) or (hasattr(value, "dtype") and getattr(value.dtype, "kind", "") == "f"):
+    if isinstance(value, float) or (
+        hasattr(value, "dtype") and getattr(value.dtype, "kind", "") == "f"
+    ):
         v = float(value)
         if math.isnan(v):
             return "–"
@@ -178,7 +185,7 @@ def fmt(value: Any, digits: int = 3) -> str:
             return "∞" if v > 0 else "−∞"
         if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
             return f"{v:.{digits - 1}e}"
-        if abs(v) >= 10 ** digits:
+        if abs(v) >= 10**digits:
             return f"{v:,.0f}"
         return f"{v:.{digits}g}"
     return str(value)
@@ -207,7 +214,7 @@ def frame_table(
 
 
 def feature_label(layer: int, feature: int) -> str:
-    """"L12/F807", the id explanations and dashboards use."""
+    """ "L12/F807", the id explanations and dashboards use."""
     return f"L{int(layer)}/F{int(feature)}"
 
 

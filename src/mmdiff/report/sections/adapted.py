@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -48,16 +49,22 @@ def adapted_section(run_dir: Path, explanations: Mapping[str, Any]) -> Section:
     stats, plots = run_dir / "stats", run_dir / "report"
     diff = read_table(stats / "diff.parquet", run_dir, section, DIFF_COLUMNS)
     per_layer = read_table(
-        stats / "adapted_per_layer.parquet", run_dir, section,
+        stats / "adapted_per_layer.parquet",
+        run_dir,
+        section,
         ["layer", "n_features", "n_adapted", "mean_cosine_adapted", "mean_cosine_all"],
     )
-    adapted = read_table(run_dir / "features" / "adapted.parquet", run_dir, section, ["layer", "feature"])
+    adapted = read_table(
+        run_dir / "features" / "adapted.parquet", run_dir, section, ["layer", "feature"]
+    )
     if adapted is None and diff is not None:
         adapted = diff[diff["selected"].astype(bool)]
     if diff is None and per_layer is None and adapted is None:
         if not section.warnings:
             section.status = NOT_RUN
-            section.notes.append("The diff stage has not run (no stats/diff.parquet, features/adapted.parquet).")
+            section.notes.append(
+                "The diff stage has not run (no stats/diff.parquet, features/adapted.parquet)."
+            )
         return section
 
     block = Block("Variance gap vs decoder cosine")
@@ -67,9 +74,16 @@ def adapted_section(run_dir: Path, explanations: Mapping[str, Any]) -> Section:
         block.notes.append(
             f"{n_sel:,} of {n:,} features are in the adapted set ({100 * n_sel / max(n, 1):.2f}%)"
             + (f"; {int(a['n_passed_gap']):,} passed the gap stage" if "n_passed_gap" in a else "")
-            + (f"; p_gap = {fmt(a['p_gap'])}, p_cos = {fmt(a['p_cos'])}" if "p_gap" in a and "p_cos" in a else "")
-            + (f"; gap threshold {fmt(a['gap_threshold'])}, cosine threshold {fmt(a['cosine_threshold'])}"
-               if "gap_threshold" in a and "cosine_threshold" in a else "")
+            + (
+                f"; p_gap = {fmt(a['p_gap'])}, p_cos = {fmt(a['p_cos'])}"
+                if "p_gap" in a and "p_cos" in a
+                else ""
+            )
+            + (
+                f"; gap threshold {fmt(a['gap_threshold'])}, cosine threshold {fmt(a['cosine_threshold'])}"
+                if "gap_threshold" in a and "cosine_threshold" in a
+                else ""
+            )
             + "."
         )
         tasks = task_tables(run_dir, section)
@@ -84,7 +98,9 @@ def adapted_section(run_dir: Path, explanations: Mapping[str, Any]) -> Section:
         )
         block.figures += [fig] if fig else []
     else:
-        block.notes.append("stats/diff.parquet is missing: the scatter of all features cannot be drawn.")
+        block.notes.append(
+            "stats/diff.parquet is missing: the scatter of all features cannot be drawn."
+        )
     section.blocks.append(block)
 
     if per_layer is not None:
@@ -101,9 +117,18 @@ def adapted_section(run_dir: Path, explanations: Mapping[str, Any]) -> Section:
         block.figures += [fig] if fig else []
         block.tables.append(
             frame_table(
-                per_layer.sort_values("layer"), "Counts per layer",
-                ["layer", "n_features", "n_passed_gap", "n_adapted", "share_adapted", "mean_cosine_all",
-                 "mean_cosine_adapted", "mean_gap_adapted"],
+                per_layer.sort_values("layer"),
+                "Counts per layer",
+                [
+                    "layer",
+                    "n_features",
+                    "n_passed_gap",
+                    "n_adapted",
+                    "share_adapted",
+                    "mean_cosine_all",
+                    "mean_cosine_adapted",
+                    "mean_gap_adapted",
+                ],
                 max_rows=500,
             )
         )
@@ -111,17 +136,36 @@ def adapted_section(run_dir: Path, explanations: Mapping[str, Any]) -> Section:
 
     if adapted is not None:
         block = Block("Top adapted features")
-        top = adapted.sort_values("variance_gap", ascending=False) if "variance_gap" in adapted else adapted
+        top = (
+            adapted.sort_values("variance_gap", ascending=False)
+            if "variance_gap" in adapted
+            else adapted
+        )
         block.tables.append(
             frame_table(
-                top.assign(explanation=[_explanation(explanations, l, f) for l, f in zip(top["layer"], top["feature"])]),
+                top.assign(
+                    explanation=[
+                        _explanation(explanations, l, f)
+                        for l, f in zip(top["layer"], top["feature"])
+                    ]
+                ),
                 f"Top {min(TOP_ADAPTED, len(top))} adapted features by variance gap",
-                ["feature", "variance_gap", "decoder_cosine", "relative_decoder_norm", "firing_frequency_vision",
-                 "firing_frequency_text", "stability", "explanation"],
+                [
+                    "feature",
+                    "variance_gap",
+                    "decoder_cosine",
+                    "relative_decoder_norm",
+                    "firing_frequency_vision",
+                    "firing_frequency_text",
+                    "stability",
+                    "explanation",
+                ],
                 max_rows=TOP_ADAPTED,
                 caption="stability = share of bootstrap resamples of the records in which the feature is selected; "
                 "relative decoder norm 0.5 = unchanged norm. Feature ids link to their dashboards where one exists.",
-                cell=lambda c, v, r: dashboard_link(run_dir, r["layer"], v) if c == "feature" else None,
+                cell=lambda c, v, r: (
+                    dashboard_link(run_dir, r["layer"], v) if c == "feature" else None
+                ),
             )
         )
         section.blocks.append(block)
@@ -132,5 +176,9 @@ def _explanation(explanations: Mapping[str, Any], layer: int, feature: int) -> s
     e = explanations.get(f"L{int(layer)}/F{int(feature)}")
     if e is None:
         return "–"
-    conf = e.confidence if isinstance(e.confidence, (int, float)) and not math.isnan(e.confidence) else None
+    conf = (
+        e.confidence
+        if isinstance(e.confidence, (int, float)) and not math.isnan(e.confidence)
+        else None
+    )
     return e.description + (f" (confidence {conf:.2f})" if conf is not None else "")

@@ -39,26 +39,35 @@ def plotted_features(heads: pd.DataFrame, n: int = MAX_PLOTTED) -> list[tuple[in
     """The n features with the largest total |head score|."""
     col = score_column(heads)
     total = heads.assign(_abs=heads[col].abs()).groupby(["feature_layer", "feature"])["_abs"].sum()
-    return [(int(l), int(f)) for l, f in total.sort_values(ascending=False, kind="stable").index[:n]]
+    return [
+        (int(l), int(f)) for l, f in total.sort_values(ascending=False, kind="stable").index[:n]
+    ]
 
 
 def plot_layer_curves(layers: pd.DataFrame, keys: list[tuple[int, int]]):
     """Per-layer attribution (sum of the layer's head scores), Method A and B, one line per feature."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    methods = [(c, t) for c, t in (("score_a", "Method A (noising)"), ("score_b", "Method B (denoising)"))
-               if c in layers and layers[c].notna().any()]
+    methods = [
+        (c, t)
+        for c, t in (("score_a", "Method A (noising)"), ("score_b", "Method B (denoising)"))
+        if c in layers and layers[c].notna().any()
+    ]
     fig = Figure(figsize=(4.6 * max(1, len(methods)), 3.4), layout="constrained")
     axes = fig.subplots(1, max(1, len(methods)), squeeze=False)[0]
     for ax, (col, title) in zip(axes, methods):
         for layer, feature in keys:
-            r = layers[(layers["feature_layer"] == layer) & (layers["feature"] == feature)].sort_values("layer")
+            r = layers[
+                (layers["feature_layer"] == layer) & (layers["feature"] == feature)
+            ].sort_values("layer")
             (line,) = ax.plot(r["layer"], r[col], marker="o", ms=3, label=f"L{layer}/F{feature}")
             exact = "exact" if col == "score_a" else "exact_denoising"
             if exact in r and r[exact].notna().any():
                 ax.plot(r["layer"], r[exact], ls=":", color=line.get_color())
         ax.axhline(0.0, color="k", lw=0.6)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("attribution (sum over heads)")
         ax.set_title(title)
         ax.legend(fontsize=7)
@@ -76,8 +85,15 @@ def plot_head_heatmaps(heads: pd.DataFrame, keys: list[tuple[int, int]]):
         r = heads[(heads["feature_layer"] == layer) & (heads["feature"] == feature)]
         grid = r.pivot_table(index="layer", columns="head", values=col, aggfunc="mean").sort_index()
         m = float(np.nanmax(np.abs(grid.to_numpy()))) if grid.size else 1.0
-        im = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-(m or 1.0), vmax=m or 1.0, aspect="auto",
-                       origin="lower", interpolation="nearest")
+        im = ax.imshow(
+            grid.to_numpy(),
+            cmap="RdBu_r",
+            vmin=-(m or 1.0),
+            vmax=m or 1.0,
+            aspect="auto",
+            origin="lower",
+            interpolation="nearest",
+        )
         ax.set_yticks(range(len(grid.index)), [str(v) for v in grid.index])
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
@@ -90,7 +106,9 @@ def top_heads(heads: pd.DataFrame, layer: int, feature: int, n: int = 3) -> str:
     col = score_column(heads)
     r = heads[(heads["feature_layer"] == layer) & (heads["feature"] == feature)]
     r = r.reindex(r[col].abs().sort_values(ascending=False, kind="stable").index).head(n)
-    return ", ".join(f"L{int(a)}H{int(b)} ({fmt(s)})" for a, b, s in zip(r["layer"], r["head"], r[col]))
+    return ", ".join(
+        f"L{int(a)}H{int(b)} ({fmt(s)})" for a, b, s in zip(r["layer"], r["head"], r[col])
+    )
 
 
 def attribution_section(run_dir: Path) -> Section:
@@ -105,13 +123,17 @@ def attribution_section(run_dir: Path) -> Section:
     )
     out, plots = run_dir / "attribution", run_dir / "report"
     heads = read_table(out / "heads.parquet", run_dir, section, HEAD_COLUMNS)
-    layers = read_table(out / "layers.parquet", run_dir, section, HEAD_COLUMNS[:3] + ["score_a", "score_b"])
+    layers = read_table(
+        out / "layers.parquet", run_dir, section, HEAD_COLUMNS[:3] + ["score_a", "score_b"]
+    )
     summary = read_json(out / "summary.json", run_dir, section)
     overlays = sorted((out / "overlays").glob("*.png")) if (out / "overlays").is_dir() else []
     if heads is None and layers is None and summary is None and not overlays:
         if not section.warnings:
             section.status = NOT_RUN
-            section.notes.append("The attribution stage has not run (no attribution/heads.parquet).")
+            section.notes.append(
+                "The attribution stage has not run (no attribution/heads.parquet)."
+            )
         return section
 
     if heads is not None and not heads.empty:
@@ -121,15 +143,23 @@ def attribution_section(run_dir: Path) -> Section:
             block.notes.append(f"Showing the {len(keys)} features with the largest total |score|.")
         if layers is not None and not layers.empty:
             fig = ensure_plot(
-                plots / "attribution_layers.png", lambda p: save_png(plot_layer_curves(layers, keys), p),
-                "Per-layer attribution", "Sum of each layer's head scores, per feature.", section, run_dir,
+                plots / "attribution_layers.png",
+                lambda p: save_png(plot_layer_curves(layers, keys), p),
+                "Per-layer attribution",
+                "Sum of each layer's head scores, per feature.",
+                section,
+                run_dir,
                 [out / "layers.parquet"],
             )
             block.figures += [fig] if fig else []
         fig = ensure_plot(
-            plots / "attribution_heads.png", lambda p: save_png(plot_head_heatmaps(heads, keys), p),
-            "Head scores (layer x head)", "Red = the head raises the feature's objective under the method, "
-            "blue = lowers it.", section, run_dir, [out / "heads.parquet"],
+            plots / "attribution_heads.png",
+            lambda p: save_png(plot_head_heatmaps(heads, keys), p),
+            "Head scores (layer x head)",
+            "Red = the head raises the feature's objective under the method, blue = lowers it.",
+            section,
+            run_dir,
+            [out / "heads.parquet"],
         )
         block.figures += [fig] if fig else []
         section.blocks.append(block)
@@ -153,24 +183,45 @@ def _summary_block(run_dir: Path, heads: pd.DataFrame | None, summary: Any) -> B
         )
         skipped = summary.get("skipped_no_activation") or []
         if skipped:
-            block.notes.append(f"Skipped (never activated on the records): {', '.join(map(str, skipped))}.")
+            block.notes.append(
+                f"Skipped (never activated on the records): {', '.join(map(str, skipped))}."
+            )
     elif heads is not None:
-        rows = [{"feature_layer": l, "feature": f} for l, f in
-                heads[["feature_layer", "feature"]].drop_duplicates().itertuples(index=False)]
+        rows = [
+            {"feature_layer": l, "feature": f}
+            for l, f in heads[["feature_layer", "feature"]]
+            .drop_duplicates()
+            .itertuples(index=False)
+        ]
     if not rows:
         return block
     df = pd.DataFrame(rows)
     if heads is not None:
-        df["top_heads"] = [top_heads(heads, l, f) for l, f in zip(df["feature_layer"], df["feature"])]
+        df["top_heads"] = [
+            top_heads(heads, l, f) for l, f in zip(df["feature_layer"], df["feature"])
+        ]
     block.tables.append(
         frame_table(
-            df, "Features attributed",
-            ["feature", "n_samples", "top_heads", "mean_m_clean", "mean_m_corrupt", "spearman_a_vs_exact",
-             "spearman_b_vs_exact_denoising", "attribution_seconds", "exact_seconds", "speed_ratio"],
+            df,
+            "Features attributed",
+            [
+                "feature",
+                "n_samples",
+                "top_heads",
+                "mean_m_clean",
+                "mean_m_corrupt",
+                "spearman_a_vs_exact",
+                "spearman_b_vs_exact_denoising",
+                "attribution_seconds",
+                "exact_seconds",
+                "speed_ratio",
+            ],
             max_rows=200,
             caption="top heads by |score| (Method A, else B); Spearman = rank correlation with exact patching; "
             "speed ratio = exact / attribution seconds.",
-            cell=lambda c, v, r: dashboard_link(run_dir, r["feature_layer"], v) if c == "feature" else None,
+            cell=lambda c, v, r: (
+                dashboard_link(run_dir, r["feature_layer"], v) if c == "feature" else None
+            ),
         )
     )
     return block
@@ -185,8 +236,13 @@ def _overlay_block(run_dir: Path, overlays: list[Path]) -> Block:
             by_feature.setdefault((int(m.group(1)), int(m.group(2))), []).append((m.group(3), path))
     for (layer, feature), items in list(by_feature.items())[:MAX_OVERLAY_FEATURES]:
         for name, path in items:
-            block.figures.append(png_figure(path, f"L{layer}/F{feature}: {name}",
-                                            "Head attention from the objective positions onto the image."))
+            block.figures.append(
+                png_figure(
+                    path,
+                    f"L{layer}/F{feature}: {name}",
+                    "Head attention from the objective positions onto the image.",
+                )
+            )
     if len(by_feature) > MAX_OVERLAY_FEATURES:
         block.notes.append(
             f"Overlays of {len(by_feature) - MAX_OVERLAY_FEATURES} more features are in attribution/overlays/ "

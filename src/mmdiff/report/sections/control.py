@@ -25,11 +25,26 @@ from mmdiff.report.sections._common import (
 )
 
 EFFECT_COLUMNS = [
-    "intervention", "target_task", "eval_task", "metric", "baseline", "treated", "effect", "ci_lo", "ci_hi",
-    "control", "control_effect", "control_ci_lo", "control_ci_hi", "n",
+    "intervention",
+    "target_task",
+    "eval_task",
+    "metric",
+    "baseline",
+    "treated",
+    "effect",
+    "ci_lo",
+    "ci_hi",
+    "control",
+    "control_effect",
+    "control_ci_lo",
+    "control_ci_hi",
+    "n",
 ]
 STEERING_COLUMNS = ["method", "task", "alpha", "score", "ci_lo", "ci_hi"]
-METHOD_STYLE = {"feature": ("#e7298a", "feature steering"), "single_layer": ("#555555", "single-layer (CAA)")}
+METHOD_STYLE = {
+    "feature": ("#e7298a", "feature steering"),
+    "single_layer": ("#555555", "single-layer (CAA)"),
+}
 
 
 def interval(mean: Any, lo: Any, hi: Any, *, signed: bool = True) -> str:
@@ -57,19 +72,42 @@ def excludes_zero(lo: Any, hi: Any) -> bool:
 
 def effects_table(effects: pd.DataFrame) -> Table:
     rows = []
-    for r in effects.sort_values(["intervention", "target_task", "eval_task", "metric"], kind="stable").itertuples():
-        rows.append([
-            str(r.intervention), str(r.target_task), str(r.eval_task), str(r.metric), fmt(r.baseline), fmt(r.treated),
-            interval(r.effect, r.ci_lo, r.ci_hi) + (" *" if excludes_zero(r.ci_lo, r.ci_hi) else ""),
-            str(r.control) if r.control is not None and not (isinstance(r.control, float) and math.isnan(r.control)) else "–",
-            interval(r.control_effect, r.control_ci_lo, r.control_ci_hi)
-            + (" *" if excludes_zero(r.control_ci_lo, r.control_ci_hi) else ""),
-            fmt(r.n),
-        ])
+    for r in effects.sort_values(
+        ["intervention", "target_task", "eval_task", "metric"], kind="stable"
+    ).itertuples():
+        rows.append(
+            [
+                str(r.intervention),
+                str(r.target_task),
+                str(r.eval_task),
+                str(r.metric),
+                fmt(r.baseline),
+                fmt(r.treated),
+                interval(r.effect, r.ci_lo, r.ci_hi)
+                + (" *" if excludes_zero(r.ci_lo, r.ci_hi) else ""),
+                str(r.control)
+                if r.control is not None
+                and not (isinstance(r.control, float) and math.isnan(r.control))
+                else "–",
+                interval(r.control_effect, r.control_ci_lo, r.control_ci_hi)
+                + (" *" if excludes_zero(r.control_ci_lo, r.control_ci_hi) else ""),
+                fmt(r.n),
+            ]
+        )
     return Table(
         "Intervention effects",
-        ["intervention", "target task", "eval task", "metric", "baseline", "treated", "effect [95% CI]", "control",
-         "control effect [95% CI]", "n"],
+        [
+            "intervention",
+            "target task",
+            "eval task",
+            "metric",
+            "baseline",
+            "treated",
+            "effect [95% CI]",
+            "control",
+            "control effect [95% CI]",
+            "n",
+        ],
         rows,
         caption="effect = treated − baseline on the same records (paired bootstrap interval); * = the interval "
         "excludes 0. The control (e.g. random features of matched firing frequency) is applied the same way.",
@@ -89,8 +127,14 @@ def plot_steering(steering: pd.DataFrame):
             r = sub[sub["method"].astype(str) == method].sort_values("alpha")
             colour, label = METHOD_STYLE.get(method, (None, method))
             (line,) = ax.plot(r["alpha"], r["score"], marker="o", ms=3, color=colour, label=label)
-            ax.fill_between(r["alpha"].to_numpy(float), r["ci_lo"].to_numpy(float), r["ci_hi"].to_numpy(float),
-                            color=line.get_color(), alpha=0.15, lw=0)
+            ax.fill_between(
+                r["alpha"].to_numpy(float),
+                r["ci_lo"].to_numpy(float),
+                r["ci_hi"].to_numpy(float),
+                color=line.get_color(),
+                alpha=0.15,
+                lw=0,
+            )
         ax.set_xlabel("steering strength α")
         ax.set_ylabel("score")
         ax.set_title(task)
@@ -117,7 +161,9 @@ def control_section(run_dir: Path) -> Section:
     if effects is None and steering is None:
         if not section.warnings:
             section.status = NOT_RUN
-            section.notes.append("The control stage has not run (no eval/effects.parquet, eval/steering.parquet).")
+            section.notes.append(
+                "The control stage has not run (no eval/effects.parquet, eval/steering.parquet)."
+            )
         return section
     if effects is not None:
         block = Block("Effects")
@@ -129,8 +175,13 @@ def control_section(run_dir: Path) -> Section:
     if steering is not None and not steering.empty:
         block = Block("Steering sweeps")
         fig = ensure_plot(
-            run_dir / "report" / "steering.png", lambda p: save_png(plot_steering(steering), p),
-            "Steering: score vs α", "Shaded: 95% intervals.", section, run_dir, [ev / "steering.parquet"],
+            run_dir / "report" / "steering.png",
+            lambda p: save_png(plot_steering(steering), p),
+            "Steering: score vs α",
+            "Shaded: 95% intervals.",
+            section,
+            run_dir,
+            [ev / "steering.parquet"],
         )
         block.figures += [fig] if fig else []
         best = best_per_method(steering)
@@ -138,8 +189,15 @@ def control_section(run_dir: Path) -> Section:
             Table(
                 "Best α per method",
                 ["task", "method", "α", "score [95% CI]"],
-                [[str(r.task), str(r.method), fmt(r.alpha), interval(r.score, r.ci_lo, r.ci_hi, signed=False)]
-                 for r in best.itertuples()],
+                [
+                    [
+                        str(r.task),
+                        str(r.method),
+                        fmt(r.alpha),
+                        interval(r.score, r.ci_lo, r.ci_hi, signed=False),
+                    ]
+                    for r in best.itertuples()
+                ],
             )
         )
         section.blocks.append(block)

@@ -17,7 +17,9 @@ def _short(h: Any) -> str:
 
 def _when(ts: Any) -> str:
     try:
-        return dt.datetime.fromtimestamp(float(ts), tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return dt.datetime.fromtimestamp(float(ts), tz=dt.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M:%S UTC"
+        )
     except (TypeError, ValueError, OverflowError, OSError):
         return "–"
 
@@ -32,7 +34,9 @@ def _config_text(run_dir: Path, config: Any, section: Section) -> str | None:
     if config is not None:
         from mmdiff.config import dump_config
 
-        section.notes.append("config.yaml is not in the run directory; showing the config passed to the report.")
+        section.notes.append(
+            "config.yaml is not in the run directory; showing the config passed to the report."
+        )
         return dump_config(config)
     return None
 
@@ -44,7 +48,9 @@ def provenance_section(run_dir: Path, config: Any = None) -> Section:
     manifest = read_json(run_dir / "manifest.json", run_dir, section)
     if text is None and manifest is None:
         section.status = NOT_RUN
-        section.notes.append("No config.yaml or manifest.json in the run directory: no stage has run yet.")
+        section.notes.append(
+            "No config.yaml or manifest.json in the run directory: no stage has run yet."
+        )
         return section
     if text is not None:
         section.blocks.append(Block("Resolved config (config.yaml)", pre=text))
@@ -52,12 +58,16 @@ def provenance_section(run_dir: Path, config: Any = None) -> Section:
         return section
     stages = manifest.get("stages") if isinstance(manifest, dict) else None
     if not isinstance(stages, dict):
-        section.warn("manifest.json has no `stages` mapping; it was not written by mmdiff's pipeline")
+        section.warn(
+            "manifest.json has no `stages` mapping; it was not written by mmdiff's pipeline"
+        )
         return section
     rows, versions = [], {}
     for name, st in stages.items():
         if not isinstance(st, dict):
-            section.warn(f"manifest.json: stage {name!r} is not a mapping ({type(st).__name__}); skipped")
+            section.warn(
+                f"manifest.json: stage {name!r} is not a mapping ({type(st).__name__}); skipped"
+            )
             continue
         outputs = st.get("outputs") or {}
         rows.append(
@@ -69,7 +79,9 @@ def provenance_section(run_dir: Path, config: Any = None) -> Section:
                 fmt(st.get("peak_cuda_mib")),
                 _when(st.get("finished") or st.get("started")),
                 _short(st.get("inputs_hash")),
-                ", ".join(f"{k}: {_short(v)}" for k, v in outputs.items()) if isinstance(outputs, dict) else "–",
+                ", ".join(f"{k}: {_short(v)}" for k, v in outputs.items())
+                if isinstance(outputs, dict)
+                else "–",
                 str(st.get("error") or ""),
             ]
         )
@@ -81,17 +93,34 @@ def provenance_section(run_dir: Path, config: Any = None) -> Section:
     block.tables.append(
         Table(
             "Per-stage status",
-            ["stage", "status", "seconds", "peak RSS (MiB)", "peak CUDA (MiB)", "finished",
-             "inputs hash", "outputs (hash)", "error"],
+            [
+                "stage",
+                "status",
+                "seconds",
+                "peak RSS (MiB)",
+                "peak CUDA (MiB)",
+                "finished",
+                "inputs hash",
+                "outputs (hash)",
+                "error",
+            ],
             rows,
             caption=f"Hashes are SHA-256, first {HASH_CHARS} hex digits.",
         )
     )
     if versions:
-        vrows = [[pkg, ver, ", ".join(names)] for pkg, by_ver in sorted(versions.items()) for ver, names in by_ver.items()]
+        vrows = [
+            [pkg, ver, ", ".join(names)]
+            for pkg, by_ver in sorted(versions.items())
+            for ver, names in by_ver.items()
+        ]
         block.tables.append(
-            Table("Package versions", ["package", "version", "stages"], vrows,
-                  caption="A package listed with several versions means stages ran in different environments.")
+            Table(
+                "Package versions",
+                ["package", "version", "stages"],
+                vrows,
+                caption="A package listed with several versions means stages ran in different environments.",
+            )
         )
     section.blocks.append(block)
     return section

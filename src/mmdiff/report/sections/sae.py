@@ -27,12 +27,20 @@ def sae_section(run_dir: Path) -> Section:
 
     section = Section("sae", "SAE adaptation", intro=REGIME_NOTE)
     stats, plots = run_dir / "stats", run_dir / "report"
-    curves = read_table(stats / "sae_fvu_curves.parquet", run_dir, section, ["regime", "layer", "tokens", "fvu"])
+    curves = read_table(
+        stats / "sae_fvu_curves.parquet", run_dir, section, ["regime", "layer", "tokens", "fvu"]
+    )
     heldout = read_table(
-        stats / "sae_heldout.parquet", run_dir, section, ["regime", "layer", "fvu", "fvu_image", "fvu_text"]
+        stats / "sae_heldout.parquet",
+        run_dir,
+        section,
+        ["regime", "layer", "fvu", "fvu_image", "fvu_text"],
     )
     cos_layer = read_table(
-        stats / "sae_decoder_cosine_by_layer.parquet", run_dir, section, ["regime", "layer", "mean_cosine"]
+        stats / "sae_decoder_cosine_by_layer.parquet",
+        run_dir,
+        section,
+        ["regime", "layer", "mean_cosine"],
     )
     spliced = read_table(stats / "sae_spliced_loss.parquet", run_dir, section, ["regime", "layer"])
     if all(t is None for t in (curves, heldout, cos_layer, spliced)):
@@ -53,10 +61,17 @@ def sae_section(run_dir: Path) -> Section:
             [stats / "sae_fvu_curves.parquet"],
         )
         block.figures += [fig] if fig else []
-        last = curves.sort_values("step" if "step" in curves else "tokens").groupby(["regime", "layer"]).tail(1)
+        last = (
+            curves.sort_values("step" if "step" in curves else "tokens")
+            .groupby(["regime", "layer"])
+            .tail(1)
+        )
         block.tables.append(
-            frame_table(last.sort_values(["layer", "regime"]), "Final training step",
-                        ["regime", "layer", "step", "tokens", "fvu", "l0", "dead_fraction"])
+            frame_table(
+                last.sort_values(["layer", "regime"]),
+                "Final training step",
+                ["regime", "layer", "step", "tokens", "fvu", "l0", "dead_fraction"],
+            )
         )
         section.blocks.append(block)
     if heldout is not None:
@@ -76,7 +91,17 @@ def sae_section(run_dir: Path) -> Section:
             frame_table(
                 heldout.sort_values(["side", "layer", "regime"]) if "side" in heldout else heldout,
                 "Held-out metrics",
-                ["side", "regime", "layer", "n_tokens", "fvu", "fvu_image", "fvu_text", "l0", "dead_fraction"],
+                [
+                    "side",
+                    "regime",
+                    "layer",
+                    "n_tokens",
+                    "fvu",
+                    "fvu_image",
+                    "fvu_text",
+                    "l0",
+                    "dead_fraction",
+                ],
                 caption="side = which model the SAE is evaluated on (base LM on caption + question, VLM on image + question).",
                 max_rows=200,
             )
@@ -97,8 +122,12 @@ def sae_section(run_dir: Path) -> Section:
         )
         block.figures += [fig] if fig else []
         block.tables.append(
-            frame_table(cos_layer.sort_values(["layer", "regime"]), "Decoder cosine by layer",
-                        ["regime", "layer", "mean_cosine", "median_cosine", "n_latents"], max_rows=200)
+            frame_table(
+                cos_layer.sort_values(["layer", "regime"]),
+                "Decoder cosine by layer",
+                ["regime", "layer", "mean_cosine", "median_cosine", "n_latents"],
+                max_rows=200,
+            )
         )
         section.blocks.append(block)
     if spliced is not None:
@@ -107,7 +136,16 @@ def sae_section(run_dir: Path) -> Section:
             frame_table(
                 spliced.sort_values([c for c in ("side", "layer", "regime") if c in spliced]),
                 "Cross-entropy with the SAE reconstruction spliced in",
-                ["side", "regime", "layer", "ce_clean", "ce_sae", "ce_zero", "fraction_recovered", "n_targets"],
+                [
+                    "side",
+                    "regime",
+                    "layer",
+                    "ce_clean",
+                    "ce_sae",
+                    "ce_zero",
+                    "fraction_recovered",
+                    "n_targets",
+                ],
                 caption="fraction recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean): 1 = as good as clean.",
                 max_rows=200,
             )

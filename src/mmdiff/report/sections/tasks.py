@@ -5,8 +5,9 @@ and explanations (tables of `mmdiff.detect.write_task_features`, explanations of
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from mmdiff.report.sections._common import (
     NOT_RUN,
@@ -29,7 +30,9 @@ FILTER_NOTES = {
 
 
 def _task_names(run_dir: Path, section: Section) -> list[str]:
-    names = [p.stem.removeprefix("detect_") for p in sorted((run_dir / "stats").glob("detect_*.parquet"))]
+    names = [
+        p.stem.removeprefix("detect_") for p in sorted((run_dir / "stats").glob("detect_*.parquet"))
+    ]
     for p in sorted((run_dir / "features").glob("*.parquet")):
         if p.stem == "adapted" or p.stem in names:
             continue
@@ -52,27 +55,37 @@ def tasks_section(run_dir: Path, explanations: Mapping[str, Any]) -> Section:
     if not names:
         if not section.warnings:
             section.status = NOT_RUN
-            section.notes.append("The detect stage has not run (no stats/detect_*.parquet, features/{task}.parquet).")
+            section.notes.append(
+                "The detect stage has not run (no stats/detect_*.parquet, features/{task}.parquet)."
+            )
         return section
     if (run_dir / "interp" / "dashboards" / "index.html").is_file():
         link = Link("index of every feature dashboard", "../interp/dashboards/index.html")
         section.blocks.append(Block("Dashboards", tables=[Table("", ["dashboards"], [[link]])]))
     if not explanations:
-        section.notes.append("No explanations (interp/explanations.json): the interp stage has not run.")
+        section.notes.append(
+            "No explanations (interp/explanations.json): the interp stage has not run."
+        )
     for name in names:
         section.blocks.append(_task_block(run_dir, name, explanations, section))
     return section
 
 
-def _task_block(run_dir: Path, name: str, explanations: Mapping[str, Any], section: Section) -> Block:
+def _task_block(
+    run_dir: Path, name: str, explanations: Mapping[str, Any], section: Section
+) -> Block:
     from mmdiff.report import feature_plots as fp
 
     block = Block(f"Task: {name}")
     detect = read_table(
-        run_dir / "stats" / f"detect_{name}.parquet", run_dir, section,
+        run_dir / "stats" / f"detect_{name}.parquet",
+        run_dir,
+        section,
         ["layer", "feature", "p_task", "p_base", "delta_p", "odds_ratio", "candidate", "kept"],
     )
-    kept = read_table(run_dir / "features" / f"{name}.parquet", run_dir, section, ["layer", "feature"])
+    kept = read_table(
+        run_dir / "features" / f"{name}.parquet", run_dir, section, ["layer", "feature"]
+    )
     if kept is None and detect is not None:
         kept = detect[detect["kept"].astype(bool)]
     if detect is not None:
@@ -83,8 +96,11 @@ def _task_block(run_dir: Path, name: str, explanations: Mapping[str, Any], secti
         block.notes.append(
             f"{int(detect['candidate'].astype(bool).sum()):,} candidates of {len(detect):,} features; "
             f"{int(detect['kept'].astype(bool).sum()):,} task features kept"
-            + (f" (base split {a['base_split']!s}, min Δp {fmt(a.get('min_delta_p'))}, α {fmt(a.get('alpha'))})"
-               if "base_split" in a else "")
+            + (
+                f" (base split {a['base_split']!s}, min Δp {fmt(a.get('min_delta_p'))}, α {fmt(a.get('alpha'))})"
+                if "base_split" in a
+                else ""
+            )
             + "."
         )
         if applied:
@@ -94,18 +110,36 @@ def _task_block(run_dir: Path, name: str, explanations: Mapping[str, Any], secti
         if "reason" in detect:
             counts = Counter(detect["reason"].astype(str))
             block.tables.append(
-                Table("Why features were dropped (first failed criterion)", ["reason", "features"],
-                       [[k, fmt(v)] for k, v in counts.most_common()])
+                Table(
+                    "Why features were dropped (first failed criterion)",
+                    ["reason", "features"],
+                    [[k, fmt(v)] for k, v in counts.most_common()],
+                )
             )
         draws = [
-            (f"{name}_firing.png", fp.plot_firing_distributions, "Firing frequencies, base vs task split"),
+            (
+                f"{name}_firing.png",
+                fp.plot_firing_distributions,
+                "Firing frequencies, base vs task split",
+            ),
             (f"{name}_candidates.png", fp.plot_task_candidates, "Δp vs log odds ratio"),
         ]
         if "in_adapted_set" in detect and not detect["in_adapted_set"].isna().all():
-            draws.append((f"{name}_adapted_firing.png", fp.plot_adapted_firing, "Adapted features under both splits"))
+            draws.append(
+                (
+                    f"{name}_adapted_firing.png",
+                    fp.plot_adapted_firing,
+                    "Adapted features under both splits",
+                )
+            )
         for file, draw, title in draws:
             fig = ensure_plot(
-                plots / file, lambda p, d=draw: d(detect, p), f"{name}: {title}", "", section, run_dir,
+                plots / file,
+                lambda p, d=draw: d(detect, p),
+                f"{name}: {title}",
+                "",
+                section,
+                run_dir,
                 [run_dir / "stats" / f"detect_{name}.parquet"],
             )
             block.figures += [fig] if fig else []
@@ -117,14 +151,28 @@ def _task_block(run_dir: Path, name: str, explanations: Mapping[str, Any], secti
         return block
     order = kept.sort_values("odds_ratio", ascending=False) if "odds_ratio" in kept else kept
     order = order.assign(
-        explanation=[_describe(explanations, l, f) for l, f in zip(order["layer"], order["feature"])],
-        confidence=[_confidence(explanations, l, f) for l, f in zip(order["layer"], order["feature"])],
+        explanation=[
+            _describe(explanations, l, f) for l, f in zip(order["layer"], order["feature"])
+        ],
+        confidence=[
+            _confidence(explanations, l, f) for l, f in zip(order["layer"], order["feature"])
+        ],
     )
     block.tables.append(
         frame_table(
-            order, f"{name} task features ({len(order):,})",
-            ["feature", "p_task", "p_base", "delta_p", "odds_ratio", "q_value", "neutral_image_share",
-             "explanation", "confidence"],
+            order,
+            f"{name} task features ({len(order):,})",
+            [
+                "feature",
+                "p_task",
+                "p_base",
+                "delta_p",
+                "odds_ratio",
+                "q_value",
+                "neutral_image_share",
+                "explanation",
+                "confidence",
+            ],
             max_rows=MAX_FEATURES,
             caption="Sorted by odds ratio. Feature ids link to their dashboards where one exists.",
             cell=lambda c, v, r: dashboard_link(run_dir, r["layer"], v) if c == "feature" else None,
