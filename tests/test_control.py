@@ -221,6 +221,7 @@ def _records(n: int, prefix: str, tags=("spatial", "yesno"), seed: int = 0) -> l
             image=Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)),
             caption="a red circle",
             tasks=tuple(tags),
+            meta={"relation": ["left of", "above"][i % 2]},
         )
         for i in range(n)
     ]
@@ -419,9 +420,26 @@ def test_runners_read_a_run_directory_and_write_eval_files(planted, tmp_path):
         run / "features" / "ocr.parquet"
     )
     records = _labelled(adapter, _records(6, "r", seed=5)) + _records(3, "o", tags=("ocr",), seed=6)
-    paths = run_removal(run, adapter, records, n_random=1, n_bins=4, batch_size=8, progress=False)
+    paths = run_removal(
+        run,
+        adapter,
+        records,
+        relations={"spatial": ["left of"]},
+        n_random=1,
+        n_bins=4,
+        batch_size=8,
+        progress=False,
+    )
     table = pd.read_parquet(paths["parquet"])
-    assert list(table.columns) == list(EFFECT_COLUMNS) and len(table) == 8
+    # 2 sets + 2 mismatched rows, each on ocr, spatial and its two relation subsets
+    assert list(table.columns) == list(EFFECT_COLUMNS) and len(table) == 16
+    assert set(table["eval_task"]) == {
+        "ocr",
+        "spatial",
+        "spatial (relation-matched)",
+        "spatial (relation-mismatched)",
+    }
+    assert (table.loc[table["eval_task"] == "spatial (relation-matched)", "n"] == 3).all()
     saved = json.loads(paths["json"].read_text())
     assert [r["effect"] for r in saved["effects"]] == table["effect"].tolist()
     assert saved["inputs"]["stats_split"] == "vqa"

@@ -299,6 +299,7 @@ def run_removal(
     stats_split: str | None = "vqa",
     out: str | Path | None = None,
     safety_judge: Any = None,
+    relations: Mapping[str, Sequence[str]] | None = None,
     **kwargs: Any,
 ) -> dict[str, Path]:
     """Pipeline stage / `mmdiff ablate`: the removal experiment of a run, written to out (run_dir/eval).
@@ -306,15 +307,24 @@ def run_removal(
     Reads the task sets run_dir/features/<task>.parquet (`tasks`, default all), their layers' SAEs
     run_dir/saes/<role>/layer_<L>/ and the statistics run_dir/stats/<stats_split>.state.safetensors
     (None: random controls matched in layer only). eval_tasks: {name: EvalTask}, or records, which
-    `study_eval_tasks(records, safety_judge=...)` turns into tasks. Other keyword arguments go to
+    `study_eval_tasks(records, safety_judge=...)` turns into tasks. relations: {eval task: relations}
+    adds that task's relation-matched and relation-mismatched subsets (`relation_subsets`, VSR's
+    control for relation-specific features) as tasks of their own. Other keyword arguments go to
     `removal_experiment`. Writes effects.parquet and effects.json; returns their paths.
     """
     from mmdiff.control.inputs import check_stats_fit, load_role_saes, load_stats, load_task_sets
-    from mmdiff.control.tasks import study_eval_tasks
+    from mmdiff.control.tasks import relation_subsets, study_eval_tasks
 
     run_dir = Path(run_dir)
     if not isinstance(eval_tasks, Mapping):
         eval_tasks = study_eval_tasks(list(eval_tasks), safety_judge=safety_judge)
+    eval_tasks = dict(eval_tasks)
+    for name, rels in (relations or {}).items():
+        if name not in eval_tasks:
+            raise DataError(
+                f"relations name task {name!r}; the evaluation tasks are {sorted(eval_tasks)}"
+            )
+        eval_tasks.update(relation_subsets(eval_tasks[name], rels))
     task_sets = load_task_sets(run_dir, tasks)
     backbone = adapter.backbone("vlm")
     layers = {int(L) for p in task_sets.values() for L in p["layer"].unique()}
