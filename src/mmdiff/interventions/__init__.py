@@ -18,7 +18,7 @@ from mmdiff.interventions.ablate import (
     project_out,
 )
 from mmdiff.interventions.caa import difference_of_means, layer_vectors
-from mmdiff.interventions.clamp import FeatureClamp, clamp_delta, clamp_features
+from mmdiff.interventions.clamp import FeatureClamp, clamp_delta, clamp_features, decoder_rows
 from mmdiff.interventions.heads import (
     HeadMeanAblation,
     head_means,
@@ -48,6 +48,7 @@ __all__ = [
     "clamp_features",
     "compose",
     "decoder_directions",
+    "decoder_rows",
     "difference_of_means",
     "head_means",
     "layer_vectors",
