@@ -32,6 +32,7 @@ from data_formats import (
 )
 
 from mmdiff.checks import (
+    SAEFacts,
     check_base_saes,
     check_dataset,
     check_study,
@@ -752,3 +753,68 @@ def test_npz_header_matches_numpy_and_our_sparse_writer(tmp_path: Path) -> None:
     np.savez(a, obj=np.array([{"x": 1}], dtype=object))
     with pytest.raises(MMDiffError, match="holds Python objects"):
         read_npz_header(a)
+
+
+def test_analysis_dataset_must_carry_every_task_split(env: dict) -> None:
+    cfg = load_config(CONFIGS / "llava_more_llamascope.yaml")
+    bad = _edit(cfg, stats__tasks=["spatial", "ocr", "safety"], train__base_saes=None)
+    problems = check_study(bad)
+    assert problems == [
+        "stats: no records carry the task tags ['safety'] in the analysis dataset; check "
+        "stats.tasks / stats.base_split against the dataset's tags (stats.dataset 'vqav2_val': "
+        "5 records carrying the tags ['ocr', 'spatial', 'vqa', 'yesno'])"
+    ]
+
+
+def test_sae_folders_written_by_the_sae_engine_are_probed_exactly(tmp_path: Path) -> None:
+    from mmdiff.sae import SAEConfig, build_sae
+    from mmdiff.sae.formats.gemma_scope import save_gemma_scope
+    from mmdiff.sae.formats.mmdiff_ckpt import save_mmdiff_checkpoint
+    from mmdiff.sae.formats.saelens import save_saelens
+
+    topk = build_sae(
+        SAEConfig(
+            architecture="topk",
+            d_in=16,
+            d_sae=48,
+            k=4,
+            hook_layer=3,
+            hook_name="blocks.3.hook_resid_post",
+        )
+    )
+    jump = build_sae(SAEConfig(architecture="jumprelu", d_in=16, d_sae=40))
+    save_saelens(topk, tmp_path / "saelens_3")
+    save_mmdiff_checkpoint(topk, tmp_path / "ours_3" / "sae.safetensors")
+    save_gemma_scope(jump, tmp_path / "layer_5" / "width_16k" / "params.npz")
+    assert [probe_sae(tmp_path / f) for f in ("saelens_3", "ours_3", "layer_5/width_16k")] == [
+        SAEFacts("saelens", 16, 48, 3),
+        SAEFacts("mmdiff", 16, 48, 3),
+        SAEFacts("gemma_scope", 16, 40, 5),
+    ]
+    assert check_base_saes(str(tmp_path / "saelens_{layer}"), [3], 16) == []
+    (msg,) = check_base_saes(str(tmp_path / "ours_{layer}"), [3], 32)
+    assert msg.endswith(
+        "expects d_in=16, the model's hidden size is 32: is this SAE for another model?"
+    )
+
+
+def test_hub_id_saes_are_looked_up_in_the_cache_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    template = "fnlp/Llama3_1-8B-Base-LXR-8x/Llama3_1-8B-Base-L{layer}R-8x"
+    (msg,) = check_base_saes(template, [8], 64, offline=True)
+    assert msg.startswith(
+        "train.base_saes (layer 8): fnlp/Llama3_1-8B-Base-LXR-8x/Llama3_1-8B-"
+        "Base-L8R-8x is a hub id that is not cached in "
+    )
+    assert check_base_saes(template, [8], 64, offline=False) == []  # fetched at run time
+    snap = tmp_path / "hub" / "models--fnlp--Llama3_1-8B-Base-LXR-8x" / "snapshots" / "r1"
+    write_llama_scope(snap / "Llama3_1-8B-Base-L8R-8x", 8, d_model=64, d_sae=256)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("r1")
+    assert check_base_saes(template, [8], 64, offline=True) == []
+    (msg,) = check_base_saes(template, [8], 128, offline=True)
+    assert "expects d_in=64, the model's hidden size is 128" in msg

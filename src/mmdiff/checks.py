@@ -10,6 +10,7 @@ only; nothing is downloaded.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -196,8 +197,13 @@ class ModelFacts:
     num_layers: int | None = None
 
 
-def _read_hf_config(folder: Path, where: str, problems: list[str]) -> tuple[dict | None, Any]:
-    """(raw config.json, transformers config) of a model folder; None where unreadable."""
+def _read_hf_config(
+    folder: Path, where: str, problems: list[str], remote_code: bool = False
+) -> tuple[dict | None, Any]:
+    """(raw config.json, transformers config) of a model folder; None where unreadable.
+
+    A dry run never executes a repository's own code: with `remote_code` (the config trusts it),
+    a config transformers cannot read by itself is left unchecked instead of reported."""
     path = folder / "config.json"
     if not path.is_file():
         problems.append(
@@ -218,6 +224,8 @@ def _read_hf_config(folder: Path, where: str, problems: list[str]) -> tuple[dict
 
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # unknown model_type, malformed fields: transformers says which
+        if remote_code:
+            return raw, None
         problems.append(
             f"{where}: transformers cannot read {path} (model_type "
             f"{raw['model_type']!r}): {type(exc).__name__}: {exc}"
@@ -342,7 +350,13 @@ def _locate(
 
 
 def check_model(
-    location: str, where: str, *, vlm: bool, family: str | None = None, offline: bool = False
+    location: str,
+    where: str,
+    *,
+    vlm: bool,
+    family: str | None = None,
+    offline: bool = False,
+    remote_code: bool = False,
 ) -> tuple[list[str], ModelFacts]:
     """Problems with one model (the VLM or the base LM) and what was learnt about it."""
     problems: list[str] = []
@@ -351,7 +365,7 @@ def check_model(
     if folder is None:
         return problems, facts
     facts.folder = folder
-    raw, config = _read_hf_config(folder, where, problems)
+    raw, config = _read_hf_config(folder, where, problems, remote_code)
     if raw is None:
         return problems, facts
     facts.model_type = raw["model_type"]
@@ -372,7 +386,8 @@ def check_model(
     else:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        if facts.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        # config None: unreadable (reported above) or repo code the dry run does not execute
+        if config is not None and facts.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             problems.append(
                 f"{where}: {folder} is a {facts.model_type!r} model, not a causal language "
                 "model: expected the LM the VLM's language backbone was initialised from "
@@ -417,10 +432,19 @@ def check_models(cfg: StudyConfig) -> tuple[list[str], ModelFacts, ModelFacts]:
     vlm_loc, base_loc = _resolve_organism(cfg, problems)
     vlm = base = ModelFacts()
     if vlm_loc is not None:
-        found, vlm = check_model(vlm_loc, "model.vlm", vlm=True, family=m.family, offline=offline)
+        found, vlm = check_model(
+            vlm_loc,
+            "model.vlm",
+            vlm=True,
+            family=m.family,
+            offline=offline,
+            remote_code=m.trust_remote_code,
+        )
         problems += found
     if base_loc is not None:
-        found, base = check_model(base_loc, "model.base_lm", vlm=False, offline=offline)
+        found, base = check_model(
+            base_loc, "model.base_lm", vlm=False, offline=offline, remote_code=m.trust_remote_code
+        )
         problems += found
     if None not in (vlm.hidden_size, base.hidden_size) and vlm.hidden_size != base.hidden_size:
         problems.append(
@@ -690,9 +714,7 @@ def check_dataset(name: str, spec: DatasetSpec, *, sample: int = SAMPLE_RECORDS)
         return problems
     kwargs = dict(spec.args)
     if spec.kind == "shapes" and "n_per_family" in params:
-        kwargs["n_per_family"] = (
-            1  # generated, no files: one record per family checks the arguments
-        )
+        kwargs["n_per_family"] = 1  # generated, no files: one record per family checks the args
     if "limit" in params:
         kwargs["limit"] = min(sample, kwargs.get("limit") or sample)
     if "seed" in params:
@@ -713,6 +735,33 @@ def check_dataset(name: str, spec: DatasetSpec, *, sample: int = SAMPLE_RECORDS)
     if not records:
         return [
             f"{where}: the {spec.kind} loader found no records in {dict(spec.args)}: is the file empty?"
+        ]
+    return []
+
+
+def check_analysis_splits(cfg: StudyConfig) -> list[str]:
+    """The analysis dataset (stats.dataset) holds records of every task split the stats stage
+    contrasts (stats.tasks and stats.base_split), found by reading it as the run will (images
+    unchecked), so a study does not fail at the stats stage after hours of SAE training."""
+    from mmdiff.study import load_records, task_splits
+
+    name = cfg.stats.dataset
+    spec = cfg.datasets[name]
+    fn = _loader(spec.kind)
+    args = dict(spec.args)
+    if fn is not None and "check_images" in inspect.signature(fn).parameters:
+        args["check_images"] = False  # images were sampled by check_dataset
+    try:
+        records = load_records(spec.model_copy(update={"args": args}))
+    except MMDiffError as exc:
+        return [f"datasets.{name}: {exc}"]
+    try:
+        task_splits(records, cfg.stats.base_split, cfg.stats.tasks)
+    except MMDiffError as exc:
+        carried = sorted({t for r in records for t in r.tasks})
+        return [
+            f"stats: {exc} (stats.dataset {name!r}: {len(records)} records carrying the tags "
+            f"{carried})"
         ]
     return []
 
@@ -758,31 +807,42 @@ def check_study(
     cfg: StudyConfig, *, sample: int = SAMPLE_RECORDS, progress: bool = False
 ) -> list[str]:
     """Problems with everything a study config names, without loading weights: one message each,
-    saying what was expected, what was found and what to do. Empty means the dry run passes."""
+    saying what was expected, what was found and what to do. Empty means the dry run passes.
+
+    Order: cross-references, the model pair, the base SAEs (against the models' hidden size), each
+    dataset (a `sample` of records through its loader), then the analysis dataset's task splits.
+    """
     from mmdiff.models.loading import hub_offline
 
-    steps: list[tuple[str, Callable[[], list[str]]]] = [
-        ("references", lambda: check_references(cfg))
-    ]
+    m = cfg.model
+    offline = m.local_files_only if m.local_files_only is not None else hub_offline()
     facts: dict[str, ModelFacts] = {}
+    dataset_ok: dict[str, bool] = {}
 
     def models() -> list[str]:
-        problems, facts["vlm"], facts["base"] = check_models(cfg)
-        return problems
+        found, facts["vlm"], facts["base"] = check_models(cfg)
+        return found
 
     def saes() -> list[str]:
         if cfg.train.base_saes is None:
             return []
         d_model = facts["base"].hidden_size or facts["vlm"].hidden_size
-        offline = (
-            cfg.model.local_files_only if cfg.model.local_files_only is not None else hub_offline()
-        )
         return check_base_saes(cfg.train.base_saes, cfg.layers, d_model, offline=offline)
 
-    steps += [("models", models), ("base SAEs", saes)]
-    steps += [
-        (f"dataset {n}", lambda n=n, s=s: check_dataset(n, s, sample=sample))
-        for n, s in cfg.datasets.items()
+    def dataset(name: str, spec: DatasetSpec) -> list[str]:
+        found = check_dataset(name, spec, sample=sample)
+        dataset_ok[name] = not found
+        return found
+
+    def splits() -> list[str]:
+        return check_analysis_splits(cfg) if dataset_ok.get(cfg.stats.dataset) else []
+
+    steps: list[tuple[str, Callable[[], list[str]]]] = [
+        ("references", lambda: check_references(cfg)),
+        ("models", models),
+        ("base SAEs", saes),
+        *[(f"dataset {n}", functools.partial(dataset, n, s)) for n, s in cfg.datasets.items()],
+        ("task splits", splits),
     ]
     problems: list[str] = []
     if not progress:
@@ -804,6 +864,7 @@ __all__ = [
     "ModelFacts",
     "SAEFacts",
     "TensorHeader",
+    "check_analysis_splits",
     "check_base_saes",
     "check_dataset",
     "check_model",
