@@ -461,3 +461,31 @@ def test_runners_read_a_run_directory_and_write_eval_files(planted, tmp_path):
     assert json.loads(paths["json"].read_text())["summary"]["spatial"]["baseline_layer"] == LAYER
     with pytest.raises(Exception, match="splits present"):
         run_removal(run, adapter, records, stats_split="nope", progress=False)
+
+
+def test_bad_inputs_get_clear_errors_before_any_evaluation(planted):
+    adapter, saes, stats, _ = planted
+    tasks = {"spatial": EvalTask("spatial", _records(2, "b"), kind="yesno")}
+    ok = {"spatial": pd.DataFrame({"layer": [LAYER], "feature": [0]})}
+    with pytest.raises(ConfigError, match="positions"):
+        removal_experiment(adapter, saes, ok, tasks, stats, positions="middle", progress=False)
+    with pytest.raises(ConfigError, match="yesno_metric"):
+        removal_experiment(adapter, saes, ok, tasks, stats, yesno_metric="auc", progress=False)
+    with pytest.raises(DataError, match="do not exist in the layer-2 SAE"):
+        bad = {"spatial": pd.DataFrame({"layer": [LAYER], "feature": [D_SAE]})}
+        removal_experiment(adapter, saes, bad, tasks, stats, progress=False)
+    with pytest.raises(DataError, match="no SAE was given"):
+        bad = {"spatial": pd.DataFrame({"layer": [0], "feature": [1]})}
+        removal_experiment(adapter, saes, bad, tasks, stats, progress=False)
+    with pytest.raises(ConfigError, match="typical max activation"):
+        steering_experiment(
+            adapter,
+            saes,
+            ok["spatial"],
+            tasks["spatial"],
+            tasks["spatial"],
+            None,
+            positive_records=_records(1, "x"),
+            negative_records=_records(1, "y"),
+            progress=False,
+        )

@@ -100,6 +100,12 @@ def progress_bar(enabled: bool = True) -> Progress:
     return Progress(*columns, disable=not enabled, transient=True)
 
 
+def check_yesno_metric(name: str) -> str:
+    if name not in ("accuracy", "p_correct"):
+        raise ConfigError(f"yesno_metric must be 'accuracy' or 'p_correct', got {name!r}")
+    return name
+
+
 def record_scores(result: EvalResult, yesno_metric: str = "accuracy") -> list[float]:
     """Per-record scores of a result: yes/no tasks give accuracy (0/1) or P(correct)."""
     if result.kind == "yesno":

@@ -19,7 +19,13 @@ import numpy as np
 import pandas as pd
 
 from mmdiff.atomic import write_json, write_parquet
-from mmdiff.control._evaluate import evaluate_under, progress_bar, record_scores
+from mmdiff.control._evaluate import (
+    check_positions,
+    check_yesno_metric,
+    evaluate_under,
+    progress_bar,
+    record_scores,
+)
 from mmdiff.control.controls import (
     feature_pairs,
     features_by_layer,
@@ -119,6 +125,8 @@ def removal_experiment(
     `exclude_all_sets`. yesno_metric: "accuracy" or "p_correct" for yes/no tasks.
     Columns: EFFECT_COLUMNS; effects are treated - clean, CIs are 95% paired bootstrap intervals.
     """
+    check_positions(positions)
+    check_yesno_metric(yesno_metric)
     sets = _check_inputs(saes, task_sets, eval_tasks)
     if n_random < 0:
         raise ConfigError(f"n_random must be >= 0, got {n_random}")

@@ -24,7 +24,13 @@ import pandas as pd
 import torch
 
 from mmdiff.atomic import write_json, write_parquet
-from mmdiff.control._evaluate import evaluate_under, progress_bar, record_scores
+from mmdiff.control._evaluate import (
+    check_positions,
+    check_yesno_metric,
+    evaluate_under,
+    progress_bar,
+    record_scores,
+)
 from mmdiff.control.controls import feature_pairs, features_by_layer
 from mmdiff.control.tasks import metric_name
 from mmdiff.data.records import Record
@@ -179,6 +185,8 @@ def steering_experiment(
     `layer` is empty (NA) for feature steering, whose features sit at their own layers.
     `df.attrs["steering"]` holds the choices and the paired test difference feature - baseline.
     """
+    check_positions(positions)
+    check_yesno_metric(yesno_metric)
     if goal not in ("max", "min"):
         raise ConfigError(f"goal must be 'max' or 'min', got {goal!r}")
     alphas = [float(a) for a in alphas]
