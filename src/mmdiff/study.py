@@ -259,17 +259,6 @@ def study_stages(cfg: StudyConfig) -> list[Stage]:
 
 def check_config(cfg: StudyConfig) -> list[str]:
     """Problems with the files and names a config refers to, found without loading weights."""
-    problems: list[str] = []
-    for key in cfg.capture.datasets:
-        if key not in cfg.datasets:
-            problems.append(f"capture.datasets names {key!r}, which is not in `datasets`")
-    for role, loc in (("model.vlm", cfg.model.vlm), ("model.base_lm", cfg.model.base_lm)):
-        if loc is None or loc == ORGANISM:
-            continue
-        p = Path(loc)
-        if p.exists():
-            if not (p / "config.json").is_file():
-                problems.append(f"{role}: {p} has no config.json; is it a Hugging Face model folder?")
-        elif loc.startswith((".", "/", "~")) or loc.count("/") != 1:
-            problems.append(f"{role}: {loc} is neither an existing folder nor a hub id (owner/name)")
-    return problems
+    from mmdiff.checks import check_study
+
+    return check_study(cfg)
