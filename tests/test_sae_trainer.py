@@ -414,6 +414,8 @@ def test_checkpoint_refuses_other_settings(atoms, tmp_path):
     assert again.resumed_from_step == 3 and torch.equal(again.saes[0].W_dec, first.saes[0].W_dec)
     longer = TrainConfig(**{**cfg.__dict__, "total_tokens": 64 * 5})  # extending a finished run
     assert train_saes(None, data, [0], longer, tmp_path, progress=False).steps == 5
+    with pytest.raises(ConfigError, match="another data"):
+        train_saes(None, synthetic_batches(atoms, 2, seed=9), [0], cfg, tmp_path, progress=False)
     with pytest.raises(ConfigError, match="lr"):
         train_saes(
             None, data, [0], TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path, progress=False
@@ -599,6 +601,21 @@ def test_train_study_saes_writes_every_role_and_the_tables(atoms, tmp_path):
         heldout=held,
     )
     assert torch.equal(again.saes["text"][0].W_dec, study.saes["text"][0].W_dec)
+    assert all(r.reloaded for r in again.results.values())
+    # new VLM data: the regimes retrain, the base SAEs (same base data) are reloaded
+    data2 = {"base": data["base"], "vlm": synthetic_batches(vlm_atoms, 6, seed=12)}
+    third = train_study_saes(
+        None, [], [], [0], cfg, tmp_path, base_cfg=base_cfg, spliced=False, plots=False,
+        progress=False, data=data2, heldout=held,
+    )  # fmt: skip
+    assert third.results["base"].reloaded and not third.results["text"].reloaded
+    assert not torch.equal(third.saes["text"][0].W_dec, study.saes["text"][0].W_dec)
+    forced = train_study_saes(
+        None, [], [], [0], cfg, tmp_path, base_cfg=base_cfg, spliced=False, plots=False,
+        progress=False, data=data2, heldout=held, resume=False,
+    )  # fmt: skip
+    assert not any(r.reloaded for r in forced.results.values())
+    assert torch.equal(forced.saes["text"][0].W_dec, third.saes["text"][0].W_dec)  # deterministic
 
 
 def test_train_study_saes_from_pretrained_base_saes(atoms, tmp_path):

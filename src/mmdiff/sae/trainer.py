@@ -552,8 +552,13 @@ def save_checkpoint(
     tokens: int,
     metrics: list[dict[str, Any]],
     cfg: TrainConfig,
+    sources: Mapping[str, str | None] | None = None,
 ) -> None:
-    """Atomically replace `folder` with weights, optimizer, RNG, data position, step and metrics."""
+    """Atomically replace `folder` with weights, optimizer, RNG, data position, step and metrics.
+
+    sources: content keys of the data and the warm start ({"data": ..., "init": ...}), so that a
+    checkpoint never resumes on other data or from another warm start.
+    """
     with atomic_dir(folder) as tmp:
         save_safetensors(
             tmp / "saes.safetensors",
@@ -573,13 +578,18 @@ def save_checkpoint(
             "metrics": metrics,
             "trajectory": cfg.trajectory_key(),
             "layers": sorted(saes),
+            "sources": dict(sources or {}),
         }
         with open(tmp / "state.pt", "wb") as fh:
             torch.save(state, fh)
 
 
 def load_checkpoint(
-    folder: Path, saes: Mapping[int, Any], optimizer: torch.optim.Optimizer, cfg: TrainConfig
+    folder: Path,
+    saes: Mapping[int, Any],
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    sources: Mapping[str, str | None] | None = None,
 ) -> tuple[dict[str, Any], DeadLatents, StreamPosition]:
     """Load a checkpoint into `saes` and `optimizer`; the state dict, dead counters and position."""
     from safetensors.torch import load_file
@@ -598,6 +608,14 @@ def load_checkpoint(
             f"the checkpoint in {folder} was trained with other settings ({diff}); "
             "resume with the same TrainConfig, or delete the checkpoint to start over"
         )
+    for name, key in (sources or {}).items():
+        stored = state.get("sources", {}).get(name)
+        if key is not None and stored is not None and key != stored:
+            raise ConfigError(
+                f"the checkpoint in {folder} was trained on another {name} "
+                f"({'warm-start SAEs' if name == 'init' else 'activation source'}); resume with "
+                "the same one, or delete the checkpoint to start over"
+            )
     weights = load_file(str(folder / "saes.safetensors"))
     for L, sae in saes.items():
         sae.load_state_dict({name: weights[f"{L}.{name}"] for name in sae.state_dict()})
@@ -610,6 +628,67 @@ def load_checkpoint(
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state, dead, StreamPosition.from_state(state["position"])
+
+
+# =============================================================================================
+# content keys of the data and the warm start (a checkpoint resumes only on the same)
+# =============================================================================================
+
+
+def _tensor_digest(h: Any, t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def data_fingerprint(data: Any) -> str | None:
+    """A content key of a training source, or None when it cannot be told without consuming it.
+
+    A store: the hash of its manifest (which lists every shard's hash). A live capture: the record
+    ids, side, layers and model path. An in-memory list of batches: the bytes of its tensors.
+    One-shot iterators and other iterables: None (not checked).
+    """
+    from mmdiff.atomic import sha256_file, sha256_json
+
+    if _is_store(data) and hasattr(data, "root"):
+        return "store:" + sha256_file(Path(data.root) / "manifest.json")
+    if isinstance(data, CapturedActivations):
+        model = data.adapter.backbone(data.side).model
+        name = str(getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__))
+        ids = [getattr(r, "id", repr(r)) for r in data.records]
+        return "capture:" + sha256_json([ids, data.side, data.layers, name])
+    if isinstance(data, (list, tuple)):
+        h = hashlib.sha256()
+        for item in data:
+            acts = item.get("acts") if isinstance(item, Mapping) else getattr(item, "acts", None)
+            acts = acts if isinstance(acts, Mapping) else {0: acts}
+            types = item.get("token_types") if isinstance(item, Mapping) else item.token_types
+            for key in sorted(acts):
+                _tensor_digest(h, acts[key])
+            _tensor_digest(h, types)
+            if getattr(item, "attention_mask", None) is not None:
+                _tensor_digest(h, item.attention_mask)
+        return "list:" + h.hexdigest()
+    return None
+
+
+def init_fingerprint(init: Mapping[int, Any] | None) -> str | None:
+    """A content key of warm-start SAEs (objects: their tensors; paths: their files)."""
+    from mmdiff.atomic import sha256_tree
+
+    if init is None:
+        return None
+    h = hashlib.sha256()
+    for layer in sorted(init):
+        given = init[layer]
+        h.update(f"layer {layer}".encode())
+        if isinstance(given, (str, Path)):
+            h.update(sha256_tree(given).encode())
+        else:
+            for name, t in sorted(given.state_dict().items()):
+                h.update(name.encode())
+                _tensor_digest(h, t)
+    return h.hexdigest()
 
 
 # =============================================================================================
@@ -629,6 +708,7 @@ class TrainResult:
     tokens: int
     resumed_from_step: int = 0
     data_ran_out: bool = False  # a one-shot data iterator ended before total_tokens
+    reloaded: bool = False  # finished earlier with the same settings, data and warm start
     init: dict[int, Any] = field(default_factory=dict, repr=False)  # warm-start SAEs (for cosines)
 
 
@@ -715,6 +795,7 @@ def train_saes(
     token_types = regime_token_types(cfg.regime, cfg.exclude_special, cfg.random_tokens)
     recover_checkpoint(ckpt)
     resuming = (ckpt / "state.pt").is_file()
+    sources = {"data": data_fingerprint(data), "init": init_fingerprint(init)}
     random_init = init is None or cfg.regime == "random"
     first: list[tuple[TokenBatch, StreamPosition]] = []
     dims = checkpoint_dims(ckpt, layers) if resuming else None
@@ -741,7 +822,7 @@ def train_saes(
     )
     step, tokens, position, metrics = 0, 0, StreamPosition(), []
     if resuming:
-        state, dead, position = load_checkpoint(ckpt, saes, optimizer, cfg)
+        state, dead, position = load_checkpoint(ckpt, saes, optimizer, cfg, sources)
         step, tokens, metrics = int(state["step"]), int(state["tokens"]), list(state["metrics"])
     if stream is None:
         stream = shuffled_batches(
@@ -767,9 +848,11 @@ def train_saes(
                 bar.update(task, info=" ".join(f"L{r['layer']} fvu={r['fvu']:.3f}" for r in rows))
             bar.update(task, completed=step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(ckpt, saes, optimizer, dead, position, step, tokens, metrics, cfg)
+                save_checkpoint(
+                    ckpt, saes, optimizer, dead, position, step, tokens, metrics, cfg, sources
+                )
     if cfg.keep_checkpoint:
-        save_checkpoint(ckpt, saes, optimizer, dead, position, step, tokens, metrics, cfg)
+        save_checkpoint(ckpt, saes, optimizer, dead, position, step, tokens, metrics, cfg, sources)
     return finish_training(
         saes, warm, metrics, out_dir, step, tokens, resumed_from, data_ran_out, cfg
     )
@@ -918,8 +1001,9 @@ def finish_training(
     if not cfg.keep_checkpoint and ckpt.exists():
         shutil.rmtree(ckpt)
     return TrainResult(
-        dict(saes), metrics, out_dir, sae_dirs, step, tokens, resumed_from, data_ran_out, warm
-    )
+        dict(saes), metrics, out_dir, sae_dirs, steps=step, tokens=tokens,
+        resumed_from_step=resumed_from, data_ran_out=data_ran_out, init=warm,
+    )  # fmt: skip
 
 
 # =============================================================================================
@@ -931,7 +1015,11 @@ TRAIN_CONFIG_FILE = "train_config.json"
 
 
 class CapturedActivations:
-    """Re-iterable ActivationBatches of a model side: every pass re-runs the (deterministic) capture."""
+    """Re-iterable ActivationBatches of a model side: every pass re-runs the (deterministic) capture.
+
+    `progress` shows capture's own bar; keep it off while the trainer's bar is live (rich shows one
+    live display at a time).
+    """
 
     def __init__(
         self,
@@ -940,29 +1028,20 @@ class CapturedActivations:
         layers: Sequence[int],
         side: str,
         batch_size: int,
+        progress: bool = False,
     ) -> None:
-        self.adapter, self.records, self.layers, self.side, self.batch_size = (
-            adapter,
-            list(records),
-            list(layers),
-            side,
-            batch_size,
-        )
+        self.adapter, self.records, self.layers = adapter, list(records), list(layers)
+        self.side, self.batch_size, self.progress = side, batch_size, progress
 
     def __iter__(self) -> Iterator[ActivationBatch]:
         from mmdiff.capture import iter_activations
 
-        # no capture bar: the trainer's bar is the live display (rich allows one at a time)
         return iter(
             iter_activations(
-                self.adapter,
-                self.records,
-                self.layers,
-                side=self.side,
-                batch_size=self.batch_size,
-                progress=False,
+                self.adapter, self.records, self.layers, side=self.side,
+                batch_size=self.batch_size, progress=self.progress,
             )
-        )
+        )  # fmt: skip
 
 
 @dataclass
@@ -977,24 +1056,32 @@ class StudySAEs:
     ]  # name -> Parquet / PNG path (see training_report.write_training_report)
 
 
-def _role_settings(cfg: TrainConfig, layers: Sequence[int]) -> dict[str, Any]:
-    """What a finished role's SAEs depend on (not where they trained or how often they logged)."""
+def _role_settings(
+    cfg: TrainConfig, layers: Sequence[int], data: Any, init: Mapping[int, Any] | None
+) -> dict[str, Any]:
+    """What a finished role's SAEs depend on: settings, data and warm start (not where they
+    trained or how often they logged)."""
     return {
         "config": {**cfg.trajectory_key(), "total_tokens": cfg.total_tokens},
         "layers": list(layers),
+        "data": data_fingerprint(data),
+        "init": init_fingerprint(init),
     }
 
 
-def _finished_role(role_dir: Path, cfg: TrainConfig, layers: Sequence[int]) -> bool:
-    """True when role_dir holds SAEs trained with these settings; stale settings clear the folder."""
+def _finished_role(role_dir: Path, settings: dict[str, Any]) -> bool:
+    """True when role_dir holds SAEs trained with these settings; stale ones clear the folder."""
     import json
 
     marker = role_dir / TRAIN_CONFIG_FILE
     if not marker.is_file():
+        if role_dir.exists():  # no marker: a folder of unknown provenance, never resumed
+            shutil.rmtree(role_dir)
         return False
-    if json.loads(marker.read_text()) != json.loads(json.dumps(_role_settings(cfg, layers))):
-        shutil.rmtree(role_dir)  # trained under other settings: start this role over
+    if json.loads(marker.read_text()) != json.loads(json.dumps(settings)):
+        shutil.rmtree(role_dir)  # trained on other data / settings / warm start: start over
         return False
+    layers = settings["layers"]
     return (role_dir / METRICS_FILE).is_file() and all(
         (role_dir / f"layer_{L}").is_dir() for L in layers
     )
@@ -1008,11 +1095,18 @@ def train_role(
     cfg: TrainConfig,
     role_dir: Path,
     progress: bool,
+    resume: bool = True,
 ) -> TrainResult:
-    """Train (or resume, or reload when already done with the same settings) one role's SAEs."""
+    """Train (or resume, or reload when already done with the same settings) one role's SAEs.
+
+    resume=False trains from scratch whatever the folder holds (the pipeline's --force).
+    """
     from mmdiff.atomic import write_json
 
-    if _finished_role(role_dir, cfg, layers):
+    if not resume and role_dir.exists():
+        shutil.rmtree(role_dir)
+    settings = _role_settings(cfg, layers, data, init)
+    if _finished_role(role_dir, settings):
         import pandas as pd
 
         from mmdiff.sae import load_sae
@@ -1028,8 +1122,9 @@ def train_role(
             steps=int(metrics[-1]["step"]) if metrics else 0,
             tokens=int(metrics[-1]["tokens"]) if metrics else 0,
             init=warm,
+            reloaded=True,
         )
-    write_json(role_dir / TRAIN_CONFIG_FILE, _role_settings(cfg, layers))
+    write_json(role_dir / TRAIN_CONFIG_FILE, settings)
     return train_saes(init, data, layers, cfg, role_dir, progress)
 
 
@@ -1071,6 +1166,7 @@ def spliced_loss_rows(
     saes: Mapping[str, Mapping[int, Any]],
     batch_size: int,
     exclude_special: bool = True,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Spliced-in CE (clean / SAE / zero, fraction recovered) of every role's SAE on one model side,
     in one pass over the records."""
@@ -1080,13 +1176,22 @@ def spliced_loss_rows(
     device = next(backbone.model.parameters()).device
     make = adapter.vlm_inputs if side == "vlm" else adapter.base_inputs
 
-    def batches() -> Iterator[tuple[dict[str, Any], Tensor]]:
-        for s in range(0, len(records), batch_size):
+    starts = range(0, len(records), batch_size)
+
+    def batches(bar: Any, task: Any) -> Iterator[tuple[dict[str, Any], Tensor]]:
+        for s in starts:
             inputs = make(records[s : s + batch_size])
             yield _to_device(inputs, device), adapter.token_types(inputs, side=side).to(device)
+            bar.update(task, advance=1)
 
     keyed = {(role, L): (sae, L) for role, by_layer in saes.items() for L, sae in by_layer.items()}
-    results = spliced_losses(backbone, keyed, batches(), exclude_special=exclude_special)
+    from rich.progress import Progress
+
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"spliced-in loss ({side})", total=len(starts))
+        results = spliced_losses(
+            backbone, keyed, batches(bar, task), exclude_special=exclude_special
+        )
     return [{"regime": role, "side": side, **r.row()} for (role, _), r in results.items()]
 
 
@@ -1107,6 +1212,7 @@ def train_study_saes(
     data: Mapping[str, Any] | None = None,
     heldout: Mapping[str, Any] | None = None,
     base_saes: Mapping[int, Any] | None = None,
+    resume: bool = True,
 ) -> StudySAEs:
     """The `train` stage of a study without pretrained SAEs (the organism).
 
@@ -1122,6 +1228,8 @@ def train_study_saes(
     Activations come from `mmdiff.capture.iter_activations` on the adapter, unless `data` /
     `heldout` give them per side ({"base": ..., "vlm": ...}: ActivationBatch iterables or stores).
     A killed call resumes: finished roles are reloaded, the interrupted one resumes its checkpoint.
+    resume=False retrains every role from scratch (wire it to the pipeline's --force); with
+    resume=True a role is reloaded only when its settings, data and warm start are unchanged.
     `base_saes` ({layer: SAE or `load_sae`-readable path}, e.g. Llama Scope folders) replaces step 1:
     they are copied to out_dir/saes/base/ in their own architecture and the regimes warm-start from
     them (JumpReLU through `to_topk`).
@@ -1139,13 +1247,15 @@ def train_study_saes(
     if base_cfg is not None and base_cfg.device is None:
         base_cfg = dataclasses.replace(base_cfg, device=cfg.device)
 
-    def source(given: Mapping[str, Any] | None, records: Sequence[Any], side: str) -> Any:
+    def source(
+        given: Mapping[str, Any] | None, records: Sequence[Any], side: str, bar: bool
+    ) -> Any:
         if given is not None and given.get(side) is not None:
             return given[side]
-        return CapturedActivations(adapter, records, layers, side, capture_batch_size)
+        return CapturedActivations(adapter, records, layers, side, capture_batch_size, bar)
 
-    src = {side: source(data, records_train, side) for side in ("base", "vlm")}
-    held = {side: source(heldout, records_heldout, side) for side in ("base", "vlm")}
+    src = {side: source(data, records_train, side, False) for side in ("base", "vlm")}
+    held = {side: source(heldout, records_heldout, side, progress) for side in ("base", "vlm")}
 
     results: dict[str, TrainResult] = {}
     if base_saes is not None:
@@ -1154,7 +1264,7 @@ def train_study_saes(
     else:
         bcfg = base_cfg or dataclasses.replace(cfg, regime="full")
         results["base"] = train_role(
-            "base", None, src["base"], layers, bcfg, out_dir / "saes" / "base", progress
+            "base", None, src["base"], layers, bcfg, out_dir / "saes" / "base", progress, resume
         )
     for regime in regimes:
         results[regime] = train_role(
@@ -1165,6 +1275,7 @@ def train_study_saes(
             dataclasses.replace(cfg, regime=regime),
             out_dir / "saes" / regime,
             progress,
+            resume,
         )
     saes = {role: r.saes for role, r in results.items()}
 
@@ -1188,10 +1299,10 @@ def train_study_saes(
         held_records = list(records_heldout)
         spliced_rows = spliced_loss_rows(
             adapter, "base", held_records, {"base": saes["base"]}, capture_batch_size,
-            cfg.exclude_special,
+            cfg.exclude_special, progress,
         )  # fmt: skip
         spliced_rows += spliced_loss_rows(
-            adapter, "vlm", held_records, saes, capture_batch_size, cfg.exclude_special
+            adapter, "vlm", held_records, saes, capture_batch_size, cfg.exclude_special, progress
         )
         spliced_df = pd.DataFrame(spliced_rows)
     tables = write_training_report(
