@@ -21,6 +21,7 @@ from PIL import Image
 from mmdiff.atomic import write_json, write_parquet, write_text
 from mmdiff.attribution import FeatureAttribution, HeadAttribution, heads_frame, layers_frame
 from mmdiff.config import DatasetSpec, StudyConfig, dump_config
+from mmdiff.control import write_effects, write_steering
 from mmdiff.detect import write_task_features
 from mmdiff.diff import write_adapted_features
 from mmdiff.interp.dashboard import FeatureCard, write_dashboards
@@ -29,6 +30,7 @@ from mmdiff.models.base import TokenType
 from mmdiff.pipeline import RunDir, package_versions
 from mmdiff.report.build import build_report
 from mmdiff.report.findings import (
+    ASR_METRICS,
     NOT_MEASURED,
     NOT_REPRODUCED,
     REPRODUCED,
@@ -248,101 +250,43 @@ def make_run(run: Path) -> dict:
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     (out / "overlays" / "L3F5_top1_L2H1.png").write_bytes(_png((200, 30, 30)))
 
-    # control: the schema of the (future) control stage
-    write_parquet(
-        run / "eval" / "effects.parquet",
-        effects_frame(
-            [
-                (
-                    "ablate",
-                    "spatial",
-                    "spatial",
-                    "accuracy",
-                    0.8,
-                    -0.1,
-                    -0.15,
-                    -0.05,
-                    SCRIPT,
-                    -0.01,
-                    -0.03,
-                    0.01,
-                ),
-                (
-                    "ablate",
-                    "ocr",
-                    "ocr",
-                    "accuracy",
-                    0.5,
-                    -0.02,
-                    -0.06,
-                    0.02,
-                    "random",
-                    0.0,
-                    -0.02,
-                    0.02,
-                ),
-                (
-                    "ablate",
-                    "spatial",
-                    "vqa",
-                    "accuracy",
-                    0.7,
-                    0.005,
-                    -0.02,
-                    0.03,
-                    "random",
-                    0.0,
-                    -0.02,
-                    0.02,
-                ),
-                (
-                    "mean_ablate_heads",
-                    "spatial",
-                    "spatial",
-                    "accuracy",
-                    0.8,
-                    -0.3,
-                    -0.4,
-                    -0.2,
-                    "random",
-                    0.0,
-                    -0.02,
-                    0.02,
-                ),
-            ]
-        ),
-    )
-    write_parquet(
-        run / "eval" / "steering.parquet",
-        steering_frame(
-            [
-                ("feature", "spatial", 0.0, 0.70, 0.65, 0.75),
-                ("feature", "spatial", 2.0, 0.80, 0.75, 0.85),
-                ("single_layer", "spatial", 0.0, 0.70, 0.65, 0.75),
-                ("single_layer", "spatial", 2.0, 0.72, 0.67, 0.77),
-                ("feature", "ocr", 1.0, 0.60, 0.50, 0.70),
-                ("single_layer", "ocr", 1.0, 0.62, 0.55, 0.69),
-            ]
-        ),
-    )
+    # control: the tables of mmdiff.control, written by its writers
+    # fmt: off
+    write_effects(effects_frame([
+        # intervention, target, eval task, metric, baseline, effect, ci, control, its effect and ci
+        ("remove spatial", "spatial", "spatial", "accuracy", 0.8, -0.1, -0.15, -0.05, SCRIPT, -0.01, -0.03, 0.01),
+        ("remove spatial", "spatial", "spatial", "p_correct", 0.7, -0.2, -0.3, -0.1, SCRIPT, 0.0, -0.02, 0.02),
+        ("remove spatial", "spatial", "vqa_yesno", "accuracy", 0.7, 0.005, -0.02, 0.03, "random", 0.0, -0.02, 0.02),
+        ("remove ocr (mismatched control for spatial)", "spatial", "spatial", "accuracy", 0.8, -0.03, -0.06, 0.0,
+         "random", 0.0, -0.02, 0.02),
+        ("remove ocr", "ocr", "ocr", "ocr_accuracy", 0.5, -0.02, -0.06, 0.02, "random", 0.0, -0.02, 0.02),
+        ("mean_ablate_heads", "spatial", "spatial", "accuracy", 0.8, -0.3, -0.4, -0.2, "random", 0.0, -0.02, 0.02),
+    ]), run / "eval")
+    steering = steering_frame([
+        # method, task, alpha, score, ci, layer, split, selected
+        ("feature", "spatial", 2.0, 0.95, 0.90, 1.00, None, "validation", False),  # never a test score
+        ("feature", "spatial", 0.0, 0.70, 0.65, 0.75, None, "test", False),
+        ("feature", "spatial", 2.0, 0.80, 0.75, 0.85, None, "test", True),
+        ("single_layer", "spatial", 0.0, 0.70, 0.65, 0.75, 1, "test", False),
+        ("single_layer", "spatial", 2.0, 0.72, 0.67, 0.77, 1, "test", True),
+        ("feature", "ocr", 1.0, 0.60, 0.50, 0.70, None, "test", True),
+        ("single_layer", "ocr", 1.0, 0.62, 0.55, 0.69, 0, "test", True),
+    ])
+    # fmt: on
+    steering.attrs["steering"] = {
+        "spatial": {
+            "feature_minus_baseline_test": {"mean": 0.08, "lo": 0.03, "hi": 0.13, "n": 200}
+        },
+        "ocr": {"feature_minus_baseline_test": {"mean": -0.02, "lo": -0.08, "hi": 0.04, "n": 200}},
+        "role": "text",
+    }
+    write_steering(steering, run / "eval")
     return {"diff": diff, "keys": keys, "n_selected": len(sel)}
 
 
 def effects_frame(rows: list[tuple]) -> pd.DataFrame:
-    cols = [
-        "intervention",
-        "target_task",
-        "eval_task",
-        "metric",
-        "baseline",
-        "effect",
-        "ci_lo",
-        "ci_hi",
-        "control",
-        "control_effect",
-        "control_ci_lo",
-        "control_ci_hi",
-    ]
+    cols = ["intervention", "target_task", "eval_task", "metric", "baseline", "effect", "ci_lo", "ci_hi",
+            "control", "control_effect", "control_ci_lo", "control_ci_hi"]  # fmt: skip
     df = pd.DataFrame(rows, columns=cols)
     df.insert(5, "treated", df["baseline"] + df["effect"])
     df["n"] = 200
@@ -350,7 +294,14 @@ def effects_frame(rows: list[tuple]) -> pd.DataFrame:
 
 
 def steering_frame(rows: list[tuple]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=["method", "task", "alpha", "score", "ci_lo", "ci_hi"])
+    """Rows (method, task, alpha, score, ci_lo, ci_hi[, layer, split, selected]) in the stage's schema."""
+    cols = ["method", "task", "alpha", "score", "ci_lo", "ci_hi", "layer", "split", "selected"]
+    df = pd.DataFrame(rows, columns=cols[: len(rows[0])])
+    if "layer" in df:
+        df["layer"] = df["layer"].astype("Int64")
+        df["metric"] = "accuracy"
+        df["n"] = 200
+    return df
 
 
 @pytest.fixture(scope="module")
@@ -443,12 +394,15 @@ def test_self_contained(full_run):
 
 
 def test_control_table_and_steering(full_run):
-    _, _, html = full_run
+    run, _, html = full_run
     control = section_html(html, "control")
     assert "-0.100 [-0.150, -0.050] *" in control  # significant
     assert "+0.005 [-0.020, +0.030]" in control and "+0.005 [-0.020, +0.030] *" not in control
-    assert "mean_ablate_heads" in control
-    assert "0.800 [0.750, 0.850]" in control  # best feature-steering alpha on spatial
+    assert "mean_ablate_heads" in control and "mismatched control for spatial" in control
+    # the validation-chosen alpha's test score, never the validation score
+    assert "0.800 [0.750, 0.850]" in control and "0.950" not in control
+    assert "+0.080 [+0.030, +0.130]" in control  # the paired difference of steering.json
+    assert (run / "eval" / "effects.json").is_file()
 
 
 # ----------------------------------------------------------------------------------- findings
@@ -457,60 +411,40 @@ def test_control_table_and_steering(full_run):
 def test_findings_of_the_fake_run(full_run):
     run, _, html = full_run
     got = {f.key: f for f in findings(run, n_layers=4)}
-    assert got["adapted_share"].status == REPRODUCED and got[
-        "adapted_share"
-    ].value == pytest.approx(0.04)
-    assert "by construction" in got["adapted_share"].detail
-    # spatial: -0.1, CI below 0, beyond the control's interval [-0.03, 0.01]; head ablation rows ignored
-    assert got["removal_spatial"].status == REPRODUCED and got[
-        "removal_spatial"
-    ].value == pytest.approx(-0.1)
-    assert got["removal_spatial"].measured == "-0.100 (-10.0 pts; -12.5% relative)"
-    assert (
-        got["removal_ocr"].status == NOT_REPRODUCED
-        and "interval includes 0" in got["removal_ocr"].detail
-    )
-    assert got["removal_vqa"].status == REPRODUCED and got["removal_vqa"].value == pytest.approx(
-        0.005
-    )
+    share = got["adapted_share"]
+    assert share.status == REPRODUCED and share.value == pytest.approx(0.04)
+    assert "by construction" in share.detail
+    # spatial accuracy: -0.1, CI below 0, below the random control's interval and the mismatched
+    # set's -0.03; the p_correct and head-ablation rows are not the accuracy of feature removal
+    spatial = got["removal_spatial"]
+    assert spatial.status == REPRODUCED and spatial.value == pytest.approx(-0.1)
+    assert spatial.measured == "-0.100 (-10.0 pts; -12.5% relative)"
+    assert "remove ocr (mismatched control for spatial): -0.030" in spatial.detail
+    ocr = got["removal_ocr"]
+    assert ocr.status == NOT_REPRODUCED and "interval includes 0" in ocr.detail
+    vqa = got["removal_vqa"]
+    assert vqa.status == REPRODUCED and vqa.value == pytest.approx(0.005)
     assert got["removal_asr"].status == NOT_MEASURED
-    assert got["steering_spatial"].status == REPRODUCED and got[
-        "steering_spatial"
-    ].value == pytest.approx(0.08)
-    assert got["steering_ocr"].status == NOT_REPRODUCED and got[
-        "steering_ocr"
-    ].value == pytest.approx(-0.02)
+    steer = got["steering_spatial"]
+    assert steer.status == REPRODUCED and steer.value == pytest.approx(0.08)
+    assert steer.measured.startswith("+0.080 [+0.030, +0.130]") and "α = 2" in steer.detail
+    steer_ocr = got["steering_ocr"]
+    assert steer_ocr.status == NOT_REPRODUCED and steer_ocr.value == pytest.approx(-0.02)
     heads = got["attribution_heads"]
     # top 2 of 16 heads hold 2 / 2.7 of |score|; top 1 of 8 holds 1 / 1.35; median depth 2/3
     assert heads.status == REPRODUCED and heads.value == pytest.approx((2 / 2.7 + 1 / 1.35) / 2)
     assert "depth 0.67" in heads.measured
     counts = section_html(html, "findings")
     assert counts.count('class="badge reproduced"') == 5
-    assert (
-        counts.count('class="badge not-reproduced"') == 2
-        and counts.count('class="badge not-measured"') == 1
-    )
+    assert counts.count('class="badge not-reproduced"') == 2
+    assert counts.count('class="badge not-measured"') == 1
 
 
+# fmt: off
 def test_removal_needs_specificity(tmp_path):
-    eff = effects_frame(
-        [
-            (
-                "ablate",
-                "spatial",
-                "spatial",
-                "accuracy",
-                0.8,
-                -0.1,
-                -0.15,
-                -0.05,
-                "random",
-                -0.12,
-                -0.2,
-                -0.04,
-            )
-        ]
-    )
+    eff = effects_frame([
+        ("remove spatial", "spatial", "spatial", "accuracy", 0.8, -0.1, -0.15, -0.05, "random", -0.12, -0.2, -0.04),
+    ])
     write_parquet(tmp_path / "eval" / "effects.parquet", eff)
     f = removal_drop(tmp_path, "spatial", "-12%", "k")
     assert f.status == NOT_REPRODUCED and "not beyond the control" in f.detail
@@ -518,63 +452,55 @@ def test_removal_needs_specificity(tmp_path):
     eff.loc[0, ["control_ci_lo", "control_ci_hi", "control_effect"]] = [np.nan, np.nan, -0.05]
     write_parquet(tmp_path / "eval" / "effects.parquet", eff)
     assert removal_drop(tmp_path, "spatial", "-12%", "k").status == REPRODUCED
+    # a mismatched set that costs more than the task's own set: not specific
+    mismatched = effects_frame([
+        ("remove ocr (mismatched control for spatial)", "spatial", "spatial", "accuracy", 0.8, -0.2, -0.3, -0.1,
+         "random", 0.0, -0.01, 0.01),
+    ])
+    write_parquet(tmp_path / "eval" / "effects.parquet", pd.concat([eff, mismatched]))
+    f = removal_drop(tmp_path, "spatial", "-12%", "k")
+    assert f.status == NOT_REPRODUCED and "not beyond the mismatched set" in f.detail
 
 
 def test_vqa_impact_and_asr(tmp_path):
-    write_parquet(
-        tmp_path / "eval" / "effects.parquet",
-        effects_frame(
-            [
-                (
-                    "feature_ablation",
-                    "ocr",
-                    "vqav2",
-                    "accuracy",
-                    0.7,
-                    -0.04,
-                    -0.07,
-                    -0.01,
-                    "random",
-                    0.0,
-                    -0.01,
-                    0.01,
-                ),
-                (
-                    "ablate",
-                    "safety",
-                    "safety",
-                    "asr",
-                    0.5,
-                    -0.2,
-                    -0.3,
-                    -0.1,
-                    "random",
-                    0.0,
-                    -0.05,
-                    0.05,
-                ),
-                (
-                    "ablate",
-                    "safety",
-                    "safety",
-                    "refusal",
-                    0.5,
-                    0.2,
-                    0.1,
-                    0.3,
-                    "random",
-                    0.0,
-                    -0.05,
-                    0.05,
-                ),
-            ]
-        ),
-    )
+    write_parquet(tmp_path / "eval" / "effects.parquet", effects_frame([
+        ("feature_ablation", "ocr", "vqa", "vqa_accuracy", 0.7, -0.04, -0.07, -0.01, "random", 0.0, -0.01, 0.01),
+        ("remove safety", "safety", "safety", "attack_success_rate", 0.5, -0.2, -0.3, -0.1, "random", 0.0, -0.05,
+         0.05),
+        ("remove safety", "safety", "safety", "refusal", 0.5, 0.2, 0.1, 0.3, "random", 0.0, -0.05, 0.05),
+    ]))
     vqa = removal_spares_vqa(tmp_path)
     assert vqa.status == NOT_REPRODUCED and vqa.value == pytest.approx(0.04)
-    asr = removal_drop(tmp_path, "safety", "-24% ASR", "asr", metric="asr")
+    asr = removal_drop(tmp_path, "safety", "-24% ASR", "asr", metrics=ASR_METRICS)
     assert asr.status == REPRODUCED and asr.value == pytest.approx(-0.2)
     assert asr.measured.endswith("-40.0% relative)")
+
+
+def test_removal_falls_back_to_task_variants(tmp_path):
+    write_parquet(tmp_path / "eval" / "effects.parquet", effects_frame([
+        ("remove spatial", "spatial", "spatial (relation-matched)", "accuracy", 0.8, -0.2, -0.3, -0.1, "random",
+         0.0, -0.01, 0.01),
+        ("remove spatial", "spatial", "spatial (relation-mismatched)", "accuracy", 0.8, 0.0, -0.1, 0.1, "random",
+         0.0, -0.01, 0.01),
+    ]))
+    f = removal_drop(tmp_path, "spatial", "-12%", "k")
+    assert f.status == NOT_REPRODUCED and f.value == pytest.approx(-0.1)  # mean of both, one not significant
+
+
+def test_steering_without_paired_difference(tmp_path):
+    rows = [
+        ("feature", "spatial", 1.0, 0.90, 0.86, 0.94, None, "test", True),
+        ("feature", "spatial", 2.0, 0.99, 0.98, 1.00, None, "test", False),  # best on test, not chosen
+        ("single_layer", "spatial", 1.0, 0.85, 0.80, 0.90, 2, "test", True),
+    ]
+    write_parquet(tmp_path / "eval" / "steering.parquet", steering_frame(rows))
+    f = steering_gain(tmp_path, "spatial", "+3.6")
+    assert f.status == REPRODUCED and f.value == pytest.approx(0.05)  # 0.86 > 0.85
+    rows[2] = ("single_layer", "spatial", 1.0, 0.87, 0.80, 0.90, 2, "test", True)
+    write_parquet(tmp_path / "eval" / "steering.parquet", steering_frame(rows))
+    f = steering_gain(tmp_path, "spatial", "+3.6")
+    assert f.status == NOT_REPRODUCED and f.value == pytest.approx(0.03)  # 0.86 < 0.87
+# fmt: on
 
 
 def test_findings_not_measured_on_empty_run(tmp_path):
@@ -665,3 +591,20 @@ def test_fmt_by_hand():
     assert fmt(1e-5) == "1.00e-05" and fmt(float("nan")) == "–" and fmt(None) == "–"
     assert fmt(np.int64(12345)) == "12,345" and fmt(True) == "yes" and fmt(math.inf) == "∞"
     assert fmt(json.loads("0")) == "0"
+
+
+def test_a_broken_artifact_only_costs_its_own_finding(tmp_path):
+    rows = [
+        ("feature", "spatial", 1.0, "high", 0.8, 1.0),
+        ("single_layer", "spatial", 1.0, "low", 0.8, 1.0),
+    ]
+    write_parquet(tmp_path / "eval" / "steering.parquet", steering_frame(rows))
+    got = {f.key: f for f in findings(tmp_path)}
+    assert got["steering_spatial"].status == NOT_MEASURED
+    assert "could not be computed (ValueError" in got["steering_spatial"].detail
+    assert (
+        got["steering_ocr"].status == NOT_MEASURED
+        and "no feature and single_layer" in got["steering_ocr"].detail
+    )
+    html = build_report(tmp_path).read_text()
+    assert "could not be computed" in section_html(html, "findings")

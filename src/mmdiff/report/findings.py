@@ -5,18 +5,22 @@ measured number beside the claim and one of three states: reproduced, not reprod
 (the artifact it needs is missing, empty or unreadable; `detail` says which). The criterion of each
 state is written into the finding, so the report shows how it was decided.
 
-Conventions the control stage's tables must follow (eval/effects.parquet):
-- a feature-removal row has an `intervention` containing "ablat" or "remov" and not "head"
-  ("ablate", "feature_ablation", "remove", ...); head mean-ablation rows are not removal rows;
-- the target behaviour is measured where eval_task == target_task ("spatial", "ocr", "safety");
-  general VQA is any eval_task starting with "vqa";
-- accuracy-like metrics are preferred when a task has several ("accuracy", then any), the safety
-  task's is "asr" (attack success rate).
+How the tables of `mmdiff.control` (eval/effects.parquet, eval/steering.parquet and .json) are read:
+- a feature-removal row has an `intervention` containing "remov" or "ablat" and not "head"
+  ("remove spatial"); one that also says "mismatch" or "control" removes a control set ("remove
+  ocr (mismatched control for spatial)") and serves as a control of its target task's rows;
+- a task's own behaviour is the eval_task equal to the task ("spatial", "ocr", "safety"), else its
+  variants ("spatial_open", "spatial (relation-matched)"); general VQA is any eval_task starting
+  with "vqa"; accuracy-like metrics are preferred, the safety task's is the attack success rate;
+- steering compares test-split scores at the validation-chosen settings (`selected`), with the
+  paired difference of eval/steering.json when it is there.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -131,10 +135,20 @@ def adapted_share(run_dir: Path) -> Finding:
 
 # ------------------------------------------------------------------------------------ removal
 
+ACCURACY_METRICS = ("accuracy", "ocr_accuracy", "vqa_accuracy", "soft_accuracy")
+ASR_METRICS = ("attack_success_rate", "asr")
+
 
 def is_removal(intervention: Any) -> bool:
+    """A feature-removal row ("remove spatial", "ablate", ...), not a head mean-ablation."""
     s = str(intervention).lower()
     return ("ablat" in s or "remov" in s) and "head" not in s
+
+
+def is_control_row(intervention: Any) -> bool:
+    """A row whose removed set is itself a control ("remove ocr (mismatched control for spatial)")."""
+    s = str(intervention).lower()
+    return "mismatch" in s or "control" in s
 
 
 def _effects(run_dir: Path) -> tuple[pd.DataFrame | None, str]:
@@ -146,12 +160,23 @@ def _effects(run_dir: Path) -> tuple[pd.DataFrame | None, str]:
     missing = _need(df, EFFECT_COLUMNS, "eval/effects.parquet")
     if missing:
         return None, missing
-    return df[df["intervention"].map(is_removal)], ""
+    return df[df["intervention"].map(is_removal).astype(bool)], ""
 
 
-def _prefer_metric(rows: pd.DataFrame, preferred: str) -> pd.DataFrame:
+def _prefer_metric(rows: pd.DataFrame, preferred: tuple[str, ...]) -> pd.DataFrame:
+    """The rows of the first preferred metric present, else all rows."""
     m = rows["metric"].astype(str).str.lower()
-    return rows[m == preferred] if (m == preferred).any() else rows
+    for name in preferred:
+        if (m == name).any():
+            return rows[m == name]
+    return rows
+
+
+def _eval_rows(rows: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Rows evaluated on the task itself; else on its variants ("spatial_open", "spatial (relation-matched)")."""
+    ev = rows["eval_task"].astype(str).str.lower()
+    exact = rows[ev == task]
+    return exact if not exact.empty else rows[ev.str.startswith(task)]
 
 
 def _floats(row: Any, *names: str) -> list[float]:
@@ -170,15 +195,16 @@ def removal_drop(
     seed: str,
     key: str,
     *,
-    metric: str = "accuracy",
+    metrics: tuple[str, ...] = ACCURACY_METRICS,
     what: str = "accuracy",
 ) -> Finding:
-    """Removing the task's features lowers its own metric, beyond the control."""
+    """Removing the task's features lowers its own metric, beyond the controls."""
     claim = f"Removing the {task} features lowers {task} {what} (seed: {seed} on average)."
     crit = (
-        "reproduced when every removal row of the task (eval_task = target_task = task) has effect < 0 with "
-        "its 95% CI below 0, and the effect lies below the control's interval (or below the control's effect "
-        "when it has no interval); the measured number is the mean effect over those rows"
+        f"reproduced when every removal row of the {task} set evaluated on the {task} task has effect < 0 "
+        "with its 95% CI below 0, the effect lies below the random control's interval (below its effect "
+        "when it has no interval), and below the effect of removing a mismatched set on the same task "
+        "when that row exists; measured = the mean effect over those rows"
     )
     base = {
         "key": key,
@@ -190,28 +216,21 @@ def removal_drop(
     df, why = _effects(run_dir)
     if df is None:
         return Finding(measured="–", status=NOT_MEASURED, detail=why, **base)
-    rows = df[
-        (df["target_task"].astype(str).str.lower() == task)
-        & (df["eval_task"].astype(str).str.lower() == task)
-    ]
-    rows = _prefer_metric(rows, metric)
+    mine = df[df["target_task"].astype(str).str.lower() == task]
+    primary = mine[~mine["intervention"].map(is_control_row).astype(bool)]
+    rows = _prefer_metric(_eval_rows(primary, task), metrics)
     if rows.empty:
         return Finding(
             measured="–",
             status=NOT_MEASURED,
-            detail=f"no removal row with target_task = eval_task = {task!r} in eval/effects.parquet",
+            detail=f"no removal row of the {task!r} set evaluated on the {task!r} task in eval/effects.parquet",
             **base,
         )
+    mismatched = mine[mine["intervention"].map(is_control_row).astype(bool)]
     ok, parts, rel = True, [], []
     for r in rows.itertuples():
         eff, lo, hi, base_v, c_eff, c_lo = _floats(
-            r,
-            "effect",
-            "ci_lo",
-            "ci_hi",
-            "baseline",
-            "control_effect",
-            "control_ci_lo",
+            r, "effect", "ci_lo", "ci_hi", "baseline", "control_effect", "control_ci_lo"
         )
         significant = hi < 0 and eff < 0
         if not math.isnan(c_lo):
@@ -220,14 +239,21 @@ def removal_drop(
             specific = eff < c_eff
         else:
             specific = True
-        ok &= bool(significant and specific)
+        same = mismatched[
+            (mismatched["eval_task"] == r.eval_task) & (mismatched["metric"] == r.metric)
+        ]
+        beyond_mismatch = bool((eff < same["effect"].astype(float)).all())
+        ok &= bool(significant and specific and beyond_mismatch)
         if base_v and not math.isnan(base_v):
             rel.append(eff / base_v)
         parts.append(
-            f"{r.intervention} on {r.eval_task} ({r.metric}): {eff:+.3f} [{lo:+.3f}, {hi:+.3f}] from {base_v:.3f}"
+            f"{r.intervention} on {r.eval_task} ({r.metric}): {eff:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+            f"from {base_v:.3f}"
             + (f", control {r.control}: {c_eff:+.3f}" if not math.isnan(c_eff) else ", no control")
+            + "".join(f", {m.intervention}: {float(m.effect):+.3f}" for m in same.itertuples())
             + ("" if significant else " (interval includes 0)")
             + ("" if specific else " (not beyond the control)")
+            + ("" if beyond_mismatch else " (not beyond the mismatched set)")
         )
     mean = float(rows["effect"].astype(float).mean())
     measured = f"{mean:+.3f} ({_pct_points(mean)}" + (
@@ -244,7 +270,10 @@ def removal_drop(
 
 def removal_spares_vqa(run_dir: Path) -> Finding:
     claim = "Removing the task features leaves general VQA unchanged."
-    crit = "reproduced when every removal row evaluated on a VQA task (eval_task starting with 'vqa') has a 95% CI containing 0"
+    crit = (
+        "reproduced when every removal row of a task set (controls excluded) evaluated on a VQA task "
+        "(eval_task starting with 'vqa') has a 95% CI containing 0"
+    )
     base = {
         "key": "removal_vqa",
         "claim": claim,
@@ -255,8 +284,11 @@ def removal_spares_vqa(run_dir: Path) -> Finding:
     df, why = _effects(run_dir)
     if df is None:
         return Finding(measured="–", status=NOT_MEASURED, detail=why, **base)
-    rows = df[df["eval_task"].astype(str).str.lower().str.startswith("vqa")]
-    rows = _prefer_metric(rows, "accuracy")
+    rows = df[
+        df["eval_task"].astype(str).str.lower().str.startswith("vqa")
+        & ~df["intervention"].map(is_control_row).astype(bool)
+    ]
+    rows = _prefer_metric(rows, ACCURACY_METRICS)
     if rows.empty:
         return Finding(
             measured="–",
@@ -269,9 +301,7 @@ def removal_spares_vqa(run_dir: Path) -> Finding:
         eff, lo, hi = _floats(r, "effect", "ci_lo", "ci_hi")
         contains = not (math.isnan(lo) or math.isnan(hi)) and lo <= 0 <= hi
         ok &= contains
-        parts.append(
-            f"{r.intervention} of {r.target_task} features on {r.eval_task}: {eff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-        )
+        parts.append(f"{r.intervention} on {r.eval_task}: {eff:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     worst = float(rows["effect"].astype(float).abs().max())
     return Finding(
         measured=f"largest |effect| {worst:.3f} ({100 * worst:.1f} pts)",
@@ -285,13 +315,26 @@ def removal_spares_vqa(run_dir: Path) -> Finding:
 # ------------------------------------------------------------------------------------ steering
 
 
+def _paired_difference(run_dir: Path, task: str) -> dict[str, float] | None:
+    """eval/steering.json's test-split paired difference (feature - baseline) of a task, if any."""
+    path = run_dir / "eval" / "steering.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8")).get("summary", {})
+        d = summary[task]["feature_minus_baseline_test"]
+        return {k: float(d[k]) for k in ("mean", "lo", "hi")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def steering_gain(run_dir: Path, task: str, seed: str) -> Finding:
-    from mmdiff.report.sections.control import STEERING_COLUMNS, best_per_method
+    from mmdiff.report.sections.control import STEERING_COLUMNS, chosen_per_method
 
     claim = f"Feature steering beats single-layer steering on {task} (seed: {seed})."
     crit = (
-        "reproduced when the best feature-steering score (over α) exceeds the best single-layer score and the "
-        "feature score's 95% CI lower bound lies above that single-layer score; measured = the difference"
+        "reproduced when the paired test-split difference (feature steering at its validation-chosen α "
+        "minus single-layer steering at its validation-chosen layer and α, eval/steering.json) has its "
+        "95% CI above 0; without that file, when the chosen feature-steering score's CI lower bound lies "
+        "above the chosen single-layer score"
     )
     base = {
         "key": f"steering_{task}",
@@ -309,8 +352,8 @@ def steering_gain(run_dir: Path, task: str, seed: str) -> Finding:
             **base,
         )
     df = df[df["task"].astype(str).str.lower() == task]
-    best = best_per_method(df) if not df.empty else df
-    by = {str(m): r for m, r in zip(best.get("method", []), best.itertuples())}
+    chosen = chosen_per_method(df) if not df.empty else df
+    by = {str(r.method): r for r in chosen.itertuples()}
     if "feature" not in by or "single_layer" not in by:
         return Finding(
             measured="–",
@@ -319,14 +362,27 @@ def steering_gain(run_dir: Path, task: str, seed: str) -> Finding:
             **base,
         )
     f, s = by["feature"], by["single_layer"]
-    margin = float(f.score) - float(s.score)
-    ok = margin > 0 and float(f.ci_lo) > float(s.score)
     detail = (
-        f"feature steering {float(f.score):.3f} [{float(f.ci_lo):.3f}, {float(f.ci_hi):.3f}] at α = {float(f.alpha):g}; "
-        f"single-layer {float(s.score):.3f} [{float(s.ci_lo):.3f}, {float(s.ci_hi):.3f}] at α = {float(s.alpha):g}."
+        f"feature steering {float(f.score):.3f} [{float(f.ci_lo):.3f}, {float(f.ci_hi):.3f}] at "
+        f"α = {float(f.alpha):g}; single-layer {float(s.score):.3f} [{float(s.ci_lo):.3f}, "
+        f"{float(s.ci_hi):.3f}] at α = {float(s.alpha):g}"
+        + (f", layer {int(s.layer)}" if "layer" in df and not pd.isna(s.layer) else "")
+        + "."
     )
+    paired = _paired_difference(run_dir, task)
+    if paired is not None:
+        margin = paired["mean"]
+        ok = paired["lo"] > 0
+        measured = (
+            f"{margin:+.3f} [{paired['lo']:+.3f}, {paired['hi']:+.3f}] ({_pct_points(margin)})"
+        )
+        base["source"] += ", eval/steering.json"
+    else:
+        margin = float(f.score) - float(s.score)
+        ok = margin > 0 and float(f.ci_lo) > float(s.score)
+        measured = f"{margin:+.3f} ({_pct_points(margin)})"
     return Finding(
-        measured=f"{margin:+.3f} ({_pct_points(margin)})",
+        measured=measured,
         status=REPRODUCED if ok else NOT_REPRODUCED,
         detail=detail,
         value=margin,
@@ -396,21 +452,47 @@ def head_concentration(run_dir: Path, n_layers: int | None = None) -> Finding:
     )
 
 
+def _guarded(key: str, claim: str, seed: str, compute: Callable[[], Finding]) -> Finding:
+    """A finding, or "not measured" with the reason when its artifacts break the computation."""
+    try:
+        return compute()
+    except Exception as exc:  # noqa: BLE001 - one malformed artifact must not hide the other findings
+        return Finding(
+            key=key,
+            claim=claim,
+            seed=seed,
+            measured="–",
+            status=NOT_MEASURED,
+            criterion="",
+            detail=f"could not be computed ({type(exc).__name__}: {exc}); the artifacts may be malformed",
+        )
+
+
 def findings(run_dir: str | Path, *, n_layers: int | None = None) -> list[Finding]:
     """Every seed finding this run can speak to, in the seed's order, computed from the artifacts.
 
     n_layers: the language backbone's depth, for "mid-layer" (default: the deepest attributed layer + 1).
     """
     run_dir = Path(run_dir)
-    return [
-        adapted_share(run_dir),
-        removal_drop(run_dir, "spatial", "−12%", "removal_spatial"),
-        removal_drop(run_dir, "ocr", "−17%", "removal_ocr"),
-        removal_spares_vqa(run_dir),
-        removal_drop(
-            run_dir, "safety", "−24% ASR", "removal_asr", metric="asr", what="attack success rate"
-        ),
-        steering_gain(run_dir, "spatial", "+3.6"),
-        steering_gain(run_dir, "ocr", "+1.5"),
-        head_concentration(run_dir, n_layers),
+    # fmt: off
+    todo: list[tuple[str, str, str, Callable[[], Finding]]] = [
+        ("adapted_share", "The adapted set is a small share of all features.", "< 5% of features",
+         lambda: adapted_share(run_dir)),
+        ("removal_spatial", "Removing the spatial features lowers spatial accuracy.", "−12%",
+         lambda: removal_drop(run_dir, "spatial", "−12%", "removal_spatial")),
+        ("removal_ocr", "Removing the OCR features lowers OCR accuracy.", "−17%",
+         lambda: removal_drop(run_dir, "ocr", "−17%", "removal_ocr")),
+        ("removal_vqa", "Removing the task features leaves general VQA unchanged.", "no VQA impact",
+         lambda: removal_spares_vqa(run_dir)),
+        ("removal_asr", "Removing the safety features lowers the attack success rate.", "−24% ASR",
+         lambda: removal_drop(run_dir, "safety", "−24% ASR", "removal_asr", metrics=ASR_METRICS,
+                              what="attack success rate")),
+        ("steering_spatial", "Feature steering beats single-layer steering on spatial.", "+3.6",
+         lambda: steering_gain(run_dir, "spatial", "+3.6")),
+        ("steering_ocr", "Feature steering beats single-layer steering on OCR.", "+1.5",
+         lambda: steering_gain(run_dir, "ocr", "+1.5")),
+        ("attribution_heads", "Attribution concentrates on a few mid-to-deep-layer heads.", "a few heads",
+         lambda: head_concentration(run_dir, n_layers)),
     ]
+    # fmt: on
+    return [_guarded(*item) for item in todo]

@@ -20,6 +20,7 @@ from mmdiff.report.sections._common import (
     Table,
     ensure_plot,
     fmt,
+    read_json,
     read_table,
     save_png,
 )
@@ -114,10 +115,19 @@ def effects_table(effects: pd.DataFrame) -> Table:
     )
 
 
+def test_rows(steering: pd.DataFrame) -> pd.DataFrame:
+    """The rows scored on the test split (all rows when the table has no `split`)."""
+    if "split" not in steering:
+        return steering
+    return steering[steering["split"].astype(str) == "test"]
+
+
 def plot_steering(steering: pd.DataFrame):
-    """Score against alpha, one panel per task, feature steering vs the single-layer baseline."""
+    """Test score against alpha, one panel per task, feature steering vs the single-layer baseline;
+    the validation-chosen alpha of each method starred."""
     from matplotlib.figure import Figure
 
+    steering = test_rows(steering)
     tasks = list(dict.fromkeys(steering["task"].astype(str)))
     fig = Figure(figsize=(4.2 * max(1, len(tasks)), 3.3), layout="constrained")
     axes = fig.subplots(1, max(1, len(tasks)), squeeze=False)[0]
@@ -135,17 +145,26 @@ def plot_steering(steering: pd.DataFrame):
                 alpha=0.15,
                 lw=0,
             )
+            if "selected" in r:
+                chosen = r[r["selected"].fillna(False).astype(bool)]
+                ax.plot(chosen["alpha"], chosen["score"], "*", ms=11, color=line.get_color())
         ax.set_xlabel("steering strength α")
-        ax.set_ylabel("score")
+        metric = sub["metric"].dropna().astype(str) if "metric" in sub else pd.Series(dtype=str)
+        ax.set_ylabel(metric.iloc[0] if len(metric) else "score")
         ax.set_title(task)
         ax.legend(fontsize=8)
     return fig
 
 
-def best_per_method(steering: pd.DataFrame) -> pd.DataFrame:
-    """Per (task, method): the alpha with the highest score, its score and interval."""
-    idx = steering.groupby(["task", "method"], sort=True)["score"].idxmax()
-    return steering.loc[idx.dropna().astype(int)].reset_index(drop=True)
+def chosen_per_method(steering: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, method), one test row: the validation-chosen one (`selected`) when marked, else
+    the highest-scoring alpha."""
+    rows = test_rows(steering)
+    out = []
+    for _, g in rows.groupby(["task", "method"], sort=True):
+        sel = g[g["selected"].fillna(False).astype(bool)] if "selected" in g else g.iloc[:0]
+        out.append(sel.iloc[:1] if len(sel) else g.loc[[g["score"].astype(float).idxmax()]])
+    return pd.concat(out, ignore_index=True) if out else rows.iloc[:0]
 
 
 def control_section(run_dir: Path) -> Section:
@@ -178,27 +197,46 @@ def control_section(run_dir: Path) -> Section:
             run_dir / "report" / "steering.png",
             lambda p: save_png(plot_steering(steering), p),
             "Steering: score vs α",
-            "Shaded: 95% intervals.",
+            "Test split; shaded: 95% intervals; stars: the validation-chosen α.",
             section,
             run_dir,
             [ev / "steering.parquet"],
         )
         block.figures += [fig] if fig else []
-        best = best_per_method(steering)
+        chosen = chosen_per_method(steering)
+        summary = (read_json(ev / "steering.json", run_dir, section) or {}).get("summary", {})
+        rows = []
+        for r in chosen.itertuples():
+            rows.append(
+                [
+                    str(r.task),
+                    METHOD_STYLE.get(str(r.method), (None, str(r.method)))[1],
+                    fmt(getattr(r, "layer", None)),
+                    fmt(r.alpha),
+                    interval(r.score, r.ci_lo, r.ci_hi, signed=False),
+                ]
+            )
         block.tables.append(
             Table(
-                "Best α per method",
-                ["task", "method", "α", "score [95% CI]"],
-                [
-                    [
-                        str(r.task),
-                        str(r.method),
-                        fmt(r.alpha),
-                        interval(r.score, r.ci_lo, r.ci_hi, signed=False),
-                    ]
-                    for r in best.itertuples()
-                ],
+                "Chosen settings, test scores",
+                ["task", "method", "layer", "α", "test score [95% CI]"],
+                rows,
+                caption="α (and the baseline's layer) chosen on the validation split when the table marks "
+                "a choice (`selected`, starred in the plot), else the best test α.",
             )
         )
+        diffs = []
+        for task, s in summary.items() if isinstance(summary, dict) else []:
+            d = s.get("feature_minus_baseline_test") if isinstance(s, dict) else None
+            if isinstance(d, dict):
+                diffs.append([str(task), interval(d.get("mean"), d.get("lo"), d.get("hi"))])
+        if diffs:
+            block.tables.append(
+                Table(
+                    "Feature steering minus single-layer steering (paired, test split)",
+                    ["task", "difference [95% CI]"],
+                    diffs,
+                )
+            )
         section.blocks.append(block)
     return section
