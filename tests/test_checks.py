@@ -523,10 +523,10 @@ def test_missing_image_and_missing_field_come_from_the_loader(tmp_path: Path) ->
     args = write_ocrbench(tmp_path / "a")
     for p in (tmp_path / "a" / "OCRBench_Images").rglob("*.png"):
         p.unlink()
-    (msg,) = check_dataset(
-        "ocrbench", DatasetSpec(kind="ocrbench", args={k: str(v) for k, v in args.items()})
-    )
+    spec = DatasetSpec(kind="ocrbench", args={k: str(v) for k, v in args.items()})
+    (msg,) = check_dataset("ocrbench", spec)
     assert msg.startswith("datasets.ocrbench: OCRBench record id=") and "image not found" in msg
+    assert check_dataset("ocrbench", spec, read_records=False) == []  # names and paths only
     args = write_vsr(tmp_path / "b")
     lines = Path(args["path"]).read_text().splitlines()
     row = json.loads(lines[1])
@@ -764,6 +764,7 @@ def test_analysis_dataset_must_carry_every_task_split(env: dict) -> None:
         "stats.tasks / stats.base_split against the dataset's tags (stats.dataset 'vqav2_val': "
         "5 records carrying the tags ['ocr', 'spatial', 'vqa', 'yesno'])"
     ]
+    assert check_study(bad, read_records=False) == []  # the quick check reads no records
 
 
 def test_sae_folders_written_by_the_sae_engine_are_probed_exactly(tmp_path: Path) -> None:
