@@ -3,9 +3,11 @@
 `check_study(cfg)` returns one message per problem, each saying where in the config it is, what was
 expected, what was found and what to do. It reads only small files: config.json / JSON sidecars,
 the JSON header of safetensors files (8-byte length + header, checked against the file size so a
-truncated download is caught), the .npy headers inside .npz archives, and a few records of each
-dataset through the dataset's own loader. Hub ids are looked up in the local Hugging Face cache
-only; nothing is downloaded.
+truncated download is caught), the .npy headers inside .npz archives, a few records of each
+dataset through the dataset's own loader (their images must exist), and the analysis dataset as
+the stats stage reads it, to see that every task split has records (read_records=False skips
+the record reads). Hub ids are looked up in the local Hugging Face cache only; nothing is
+downloaded, and no repository code runs.
 """
 
 from __future__ import annotations
