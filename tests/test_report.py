@@ -128,6 +128,7 @@ def make_run(run: Path) -> dict:
         error=None,
     )
     rd.record("detect", status="failed", error=f"DataError: {SCRIPT}", seconds=0.5)
+    rd.record("report", status="running")  # the stage that calls build_report
 
     # SAE training: tables only (plots=False), so the report has to draw the plots itself
     curves = fvu_curves(
@@ -360,6 +361,7 @@ def test_every_section_renders(full_run):
     prov = section_html(html, "provenance")
     assert "aaaaaaaaaaaa" in prov and "a" * 13 not in prov  # hashes abbreviated
     assert "322" in prov and "failed" in prov  # 321.5 MiB to 3 significant digits
+    assert "<td>detect</td>" in prov and "<td>report</td>" not in prov
 
 
 def test_task_features_link_to_dashboards(full_run):
@@ -403,6 +405,12 @@ def test_control_table_and_steering(full_run):
     assert "0.800 [0.750, 0.850]" in control and "0.950" not in control
     assert "+0.080 [+0.030, +0.130]" in control  # the paired difference of steering.json
     assert (run / "eval" / "effects.json").is_file()
+    # the matrix: one row per intervention, one column per (eval task, metric)
+    assert (
+        "<th>spatial (accuracy)</th><th>spatial (p_correct)</th><th>vqa_yesno (accuracy)</th>"
+        in control
+    )
+    assert "-0.100 [-0.150, -0.050] * (control -0.010 [-0.030, +0.010])" in control
 
 
 # ----------------------------------------------------------------------------------- findings

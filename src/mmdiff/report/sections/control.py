@@ -115,7 +115,31 @@ def effects_table(effects: pd.DataFrame) -> Table:
     )
 
 
-def test_rows(steering: pd.DataFrame) -> pd.DataFrame:
+def effects_matrix(effects: pd.DataFrame) -> Table:
+    """Each intervention (rows) x each evaluation task and metric (columns): effect [95% CI], with the
+    control's effect in brackets."""
+    cols = list(dict.fromkeys(zip(effects["eval_task"].astype(str), effects["metric"].astype(str))))
+    rows = []
+    for name, g in effects.groupby(effects["intervention"].astype(str), sort=True):
+        cells = {}
+        for r in g.itertuples():
+            text = interval(r.effect, r.ci_lo, r.ci_hi) + (
+                " *" if excludes_zero(r.ci_lo, r.ci_hi) else ""
+            )
+            if not pd.isna(r.control_effect):
+                text += f" (control {interval(r.control_effect, r.control_ci_lo, r.control_ci_hi)})"
+            cells[(str(r.eval_task), str(r.metric))] = text
+        rows.append([name] + [cells.get(c, "–") for c in cols])
+    return Table(
+        "Effects: intervention x task",
+        ["intervention"] + [f"{task} ({metric})" for task, metric in cols],
+        rows,
+        caption="effect [95% CI] on each evaluation task; * = the interval excludes 0; in brackets the "
+        "control's effect (random features of matched firing frequency).",
+    )
+
+
+def rows_on_test_split(steering: pd.DataFrame) -> pd.DataFrame:
     """The rows scored on the test split (all rows when the table has no `split`)."""
     if "split" not in steering:
         return steering
@@ -127,7 +151,7 @@ def plot_steering(steering: pd.DataFrame):
     the validation-chosen alpha of each method starred."""
     from matplotlib.figure import Figure
 
-    steering = test_rows(steering)
+    steering = rows_on_test_split(steering)
     tasks = list(dict.fromkeys(steering["task"].astype(str)))
     fig = Figure(figsize=(4.2 * max(1, len(tasks)), 3.3), layout="constrained")
     axes = fig.subplots(1, max(1, len(tasks)), squeeze=False)[0]
@@ -159,7 +183,7 @@ def plot_steering(steering: pd.DataFrame):
 def chosen_per_method(steering: pd.DataFrame) -> pd.DataFrame:
     """Per (task, method), one test row: the validation-chosen one (`selected`) when marked, else
     the highest-scoring alpha."""
-    rows = test_rows(steering)
+    rows = rows_on_test_split(steering)
     out = []
     for _, g in rows.groupby(["task", "method"], sort=True):
         sel = g[g["selected"].fillna(False).astype(bool)] if "selected" in g else g.iloc[:0]
@@ -189,6 +213,7 @@ def control_section(run_dir: Path) -> Section:
         if effects.empty:
             block.notes.append("eval/effects.parquet has no rows.")
         else:
+            block.tables.append(effects_matrix(effects))
             block.tables.append(effects_table(effects))
         section.blocks.append(block)
     if steering is not None and not steering.empty:

@@ -64,6 +64,8 @@ def provenance_section(run_dir: Path, config: Any = None) -> Section:
         return section
     rows, versions = [], {}
     for name, st in stages.items():
+        if name == "report" and isinstance(st, dict) and st.get("status") == "running":
+            continue  # this very stage, writing the report: its row is only final after it
         if not isinstance(st, dict):
             section.warn(
                 f"manifest.json: stage {name!r} is not a mapping ({type(st).__name__}); skipped"
