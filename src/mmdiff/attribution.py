@@ -68,6 +68,16 @@ def _progress(enabled: bool) -> Any:
     )
 
 
+def _iterate(items: Iterator[Any] | Sequence[Any], description: str, enabled: bool) -> Iterator[Any]:
+    """The items, with a progress bar when `enabled`."""
+    items = list(items)
+    with _progress(enabled) as bar:
+        task = bar.add_task(description, total=len(items))
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
 def _first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -219,7 +229,8 @@ def feature_values(resid: torch.Tensor, sae: Any, feature: int, objective: Objec
     if objective == "projection":
         return resid.float() @ _feature_direction(sae, feature).to(resid.device)
     if objective == "activation":
-        return sae.encode(resid)[..., feature].float()
+        w = sae.W_dec
+        return sae.encode(resid.to(device=w.device))[..., feature].float().to(resid.device)
     raise ConfigError(f"objective must be 'projection' or 'activation', got {objective!r}")
 
 
@@ -294,6 +305,15 @@ def _per_head(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[batch, seq, H * head_dim] -> [batch, H]: summed over positions and the head's dimensions."""
     b, t, width = x.shape
     return x.reshape(b, t, num_heads, width // num_heads).sum(dim=(1, 3))
+
+
+def _head_scores(start: _Run, end: _Run, grads: list[torch.Tensor], num_heads: int) -> torch.Tensor:
+    """[batch, L + 1, H]: sum over positions of (end.o - start.o) . grad, per layer and head (fp32)."""
+    per_layer = [
+        _per_head((end.o[lyr].detach().float() - start.o[lyr].detach().float()) * g.float(), num_heads)
+        for lyr, g in enumerate(grads)
+    ]
+    return torch.stack(per_layer, dim=1).cpu()
 
 
 def _grads(run: _Run, layers: Sequence[int]) -> list[torch.Tensor]:
@@ -404,6 +424,7 @@ def attribution_patching(
     positions: Positions = "all",
     methods: Sequence[Method] = ("a", "b"),
     batch_size: int = 8,
+    progress: bool = True,
 ) -> HeadAttribution:
     """Methods A and B for every head at layers 0..layer, averaged over `records`.
 
@@ -423,7 +444,7 @@ def attribution_patching(
     m_corr: list[torch.Tensor] = []
     forwards = backwards = 0
     start = time.perf_counter()
-    for chunk in _batches(records, batch_size):
+    for chunk in _iterate(_batches(records, batch_size), f"attribution patching L{layer}F{feature}", progress):
         batch = _prepare(adapter, sae, layer, feature, chunk, visual_mean, objective, positions)
         clean = _forward(backbone, batch.inputs, layer=layer, objective=batch.objective, track="a" in methods)
         corr = _forward(
@@ -431,23 +452,11 @@ def attribution_patching(
         )
         forwards += 2
         if "a" in methods:
-            g_clean = _grads(clean, heads_layers)
+            per_a.append(_head_scores(clean, corr, _grads(clean, heads_layers), H))  # (corr - clean) . grad_clean
             backwards += 1
-            per_a.append(
-                torch.stack(
-                    [_per_head((corr.o[l].detach() - clean.o[l].detach()) * g, H) for l, g in zip(heads_layers, g_clean)],
-                    dim=1,
-                ).float().cpu()  # [batch, L + 1, H]
-            )
         if "b" in methods:
-            g_corr = _grads(corr, heads_layers)
+            per_b.append(_head_scores(corr, clean, _grads(corr, heads_layers), H))  # (clean - corr) . grad_corr
             backwards += 1
-            per_b.append(
-                torch.stack(
-                    [_per_head((clean.o[l].detach() - corr.o[l].detach()) * g, H) for l, g in zip(heads_layers, g_corr)],
-                    dim=1,
-                ).float().cpu()
-            )
         m_clean.append(clean.m.detach().float().cpu())
         m_corr.append(corr.m.detach().float().cpu())
     seconds = time.perf_counter() - start
@@ -869,7 +878,7 @@ def attribute_features(
             sae = saes[layer]
             attr = attribution_patching(
                 adapter, sae, layer, feature, chosen, visual_mean,
-                objective=objective, positions=positions, batch_size=batch_size,
+                objective=objective, positions=positions, batch_size=batch_size, progress=False,
             )
             ex = None
             if exact:
