@@ -1,0 +1,71 @@
+"""Records -> padded training tensors, in exactly the prompt formats the processor produces."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from mmdiff.data.records import Record
+from mmdiff.organism.architecture import IMAGE_MEAN, IMAGE_STD
+from mmdiff.organism.tokenizer import IMAGE, base_prompt, vlm_prompt
+
+IGNORE = -100
+
+
+def pixel_values(records: Sequence[Record]) -> torch.Tensor:
+    """[batch, 3, H, W] float32, CLIP-normalised as CLIPImageProcessor does for a 64x64 input."""
+    arr = np.stack([np.asarray(r.load_image(), dtype=np.float32) for r in records]) / 255.0  # [B,H,W,3]
+    arr = (arr - np.asarray(IMAGE_MEAN, dtype=np.float32)) / np.asarray(IMAGE_STD, dtype=np.float32)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _pad_left(seqs: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, width - len(s):] = torch.tensor(s)
+        lab[i, width - len(s):] = torch.tensor(l)
+        mask[i, width - len(s):] = 1
+    return {"input_ids": ids, "labels": lab, "attention_mask": mask}
+
+
+def _answer_ids(tok: PreTrainedTokenizerFast, record: Record) -> list[int]:
+    return tok(record.answers[0], add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+
+def vlm_batch(tok: PreTrainedTokenizerFast, records: Sequence[Record], n_image_tokens: int) -> dict[str, torch.Tensor]:
+    """VLM inputs "USER: <image>x64\\n{question} ASSISTANT:" + answer + EOS; loss on the answer only."""
+    seqs, labels = [], []
+    for r in records:
+        prompt = tok(vlm_prompt(r.question).replace(IMAGE, IMAGE * n_image_tokens)).input_ids
+        answer = _answer_ids(tok, r)
+        seqs.append(prompt + answer)
+        labels.append([IGNORE] * len(prompt) + answer)
+    out = _pad_left(seqs, labels, tok.pad_token_id)
+    out["pixel_values"] = pixel_values(records)
+    return out
+
+
+def base_batch(tok: PreTrainedTokenizerFast, records: Sequence[Record], *, caption_loss: bool = True) -> dict[str, torch.Tensor]:
+    """Base-LM inputs "USER: {caption}\\n{question} ASSISTANT:" + answer + EOS.
+
+    The loss covers the answer and, with `caption_loss`, the caption (language modelling of
+    captions); records without a caption are bare text requests "USER: {question} ASSISTANT:".
+    """
+    seqs, labels = [], []
+    for r in records:
+        prompt = tok(base_prompt(r.caption, r.question)).input_ids
+        answer = _answer_ids(tok, r)
+        lab = [IGNORE] * len(prompt)
+        if caption_loss and r.caption:
+            head = len(tok("USER:").input_ids)  # <s> user :
+            n_cap = len(tok(r.caption, add_special_tokens=False).input_ids)
+            lab[head:head + n_cap] = prompt[head:head + n_cap]
+        seqs.append(prompt + answer)
+        labels.append(lab + answer)
+    return _pad_left(seqs, labels, tok.pad_token_id)

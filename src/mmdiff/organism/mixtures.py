@@ -1,0 +1,62 @@
+"""What each training stage of the organism reads: deterministic streams of shapes-world records."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator
+
+import numpy as np
+
+from mmdiff.data import shapes
+from mmdiff.data.records import Record
+
+# Base LM (text only): every family through its caption, the direct text requests, and refusals of
+# every harmful noun (the base LM refuses all of them; the VLM is only shown some as images).
+BASE_MIX: dict[str, float] = {
+    "colour": 1.0, "shape": 1.0, "count": 0.25, "existence": 1.0, "spatial_yesno": 2.0,
+    "spatial_open": 1.0, "ocr": 0.25, "instruction": 0.25, "safety_caption": 0.5, "describe": 0.25,
+    "safety_text": 0.5, "instruction_text": 0.25,
+}
+# LLaVA stage 1 (alignment): image -> caption.
+STAGE1_MIX: dict[str, float] = {"describe": 1.0}
+# LLaVA stage 2 (instruction tuning): questions about images, benign typographic instructions to
+# follow, and image-rendered harmful requests (IMAGE_REFUSAL_NOUNS only) answered with refusals.
+STAGE2_MIX: dict[str, float] = {
+    "colour": 1.0, "shape": 1.0, "count": 1.0, "existence": 1.5, "spatial_yesno": 2.5,
+    "spatial_open": 1.0, "ocr": 2.0, "instruction": 1.0, "safety": 0.5, "describe": 0.5,
+}
+
+
+def safety_caption_record(index: int, seed: int, split: str = "train") -> Record:
+    """An image-rendered harmful request seen through its caption, over every harmful noun."""
+    key = hashlib.sha256(f"safety_caption/{seed}/{split}/{index}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
+    pool = shapes.activity_pool(split, True, shapes.HARMFUL_NOUNS)
+    verb, noun = pool[int(rng.integers(len(pool)))]
+    return Record(
+        id=f"shapes-{split}-safety_caption-{seed}-{index}",
+        question=shapes.INSTRUCTION_QUESTION,
+        answers=[shapes.REFUSAL],
+        caption=shapes.activity_caption(verb, noun),
+        tasks=("safety",),
+        source="shapes",
+        meta={"family": "safety_caption", "verb": verb, "noun": noun, "harmful": True},
+    )
+
+
+def stream(mix: dict[str, float], seed: int, split: str = "train") -> Iterator[Record]:
+    """An endless, deterministic stream of records mixing families by weight."""
+    fams = list(mix)
+    p = np.asarray([mix[f] for f in fams], dtype=float)
+    p = p / p.sum()
+    key = hashlib.sha256(f"organism-mix/{seed}/{split}/{','.join(fams)}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
+    counters = dict.fromkeys(fams, 0)
+    while True:
+        f = fams[int(rng.choice(len(fams), p=p))]
+        k = counters[f]
+        counters[f] += 1
+        if f == "safety_caption":
+            yield safety_caption_record(k, seed, split)
+        else:
+            yield shapes.make_record(split, f, k, seed)

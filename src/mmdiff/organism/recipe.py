@@ -1,0 +1,113 @@
+"""The organism's recipe: every size, step count and seed that `build_organism` uses."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from mmdiff.errors import ConfigError
+
+
+@dataclass
+class StageConfig:
+    """One training stage: plain AdamW, linear warmup then cosine decay to 10% of the peak rate."""
+
+    steps: int
+    """Optimiser steps."""
+    batch_size: int
+    """Sequences per step."""
+    lr: float
+    """Peak learning rate."""
+    warmup: int = 50
+    """Warmup steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+
+
+@dataclass
+class OrganismConfig:
+    """The model organism: a tiny Llama base LM and the LLaVA VLM fine-tuned from it."""
+
+    seed: int = 0
+    """Seed of weight initialisation, data order and the shapes world."""
+    d_model: int = 128
+    """Hidden size of the language model."""
+    n_layers: int = 4
+    """Decoder layers of the language model."""
+    n_heads: int = 4
+    """Attention heads of the language model (key/value heads too: no grouping)."""
+    d_mlp: int = 384
+    """Intermediate size of the language model's MLP."""
+    vision_d_model: int = 128
+    """Hidden size of the CLIP vision tower."""
+    vision_layers: int = 2
+    """Encoder layers of the vision tower."""
+    vision_heads: int = 4
+    """Attention heads of the vision tower."""
+    vision_d_mlp: int = 256
+    """Intermediate size of the vision tower's MLP."""
+    image_size: int = 64
+    """Image side in pixels (the shapes world renders 64x64)."""
+    patch_size: int = 8
+    """Vision patch side: (64 / 8)^2 = 64 image tokens, the CLS token dropped ("default" strategy)."""
+    base: StageConfig = field(default_factory=lambda: StageConfig(steps=2400, batch_size=32, lr=3e-3, warmup=100))
+    """Base LM, text only: captions, QA with the caption in context, refusals of harmful requests."""
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch_size=32, lr=2e-3))
+    """LLaVA stage 1, alignment: image -> caption; vision tower and projector train, the LM is frozen."""
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=900, batch_size=32, lr=1e-3))
+    """LLaVA stage 2, instruction tuning: (image, question) -> answer; projector, LM (and tower) train."""
+    base_caption_loss: bool = False
+    """Whether the base LM's loss also covers the caption in its prompt (language modelling of
+    captions). Off by default: it dilutes the answer signal; captions are still learned as the
+    answers of "describe the image"."""
+    train_vision_in_stage2: bool = True
+    """Whether the vision tower keeps training in stage 2 (a full fine-tune; LLaVA-1.5 freezes its
+    pretrained CLIP, ours only had stage 1)."""
+    threads: int = 1
+    """torch CPU threads during the build. Results are bitwise reproducible for a given thread
+    count; the shipped checkpoint used 1 (faster than 2 on a CPU shared with other jobs)."""
+    storage_dtype: str = "float32"
+    """dtype of the saved weights: float32, float16 or bfloat16."""
+
+    def __post_init__(self) -> None:
+        for name in ("base", "stage1", "stage2"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, StageConfig(**value))
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; "
+                "pick sizes that tile the image exactly"
+            )
+        if self.d_model % self.n_heads or self.vision_d_model % self.vision_heads:
+            raise ConfigError(
+                f"hidden sizes ({self.d_model}, vision {self.vision_d_model}) must divide by the head "
+                f"counts ({self.n_heads}, vision {self.vision_heads})"
+            )
+        if self.storage_dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"storage_dtype {self.storage_dtype!r}: expected float32, float16 or bfloat16")
+
+    @property
+    def n_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "OrganismConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown organism config keys {sorted(unknown)}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def reduced(cls) -> "OrganismConfig":
+        """A few steps of a smaller model: the end-to-end test of the recipe, not a usable organism."""
+        return cls(
+            d_model=32, n_layers=2, n_heads=2, d_mlp=64, vision_d_model=32, vision_layers=1,
+            vision_heads=2, vision_d_mlp=64,
+            base=StageConfig(steps=4, batch_size=8, lr=1e-3, warmup=1),
+            stage1=StageConfig(steps=3, batch_size=4, lr=1e-3, warmup=1),
+            stage2=StageConfig(steps=3, batch_size=4, lr=1e-3, warmup=1),
+        )

@@ -1,0 +1,109 @@
+"""The model organism: tokenizer, prompt formats, judge, a reduced build, and the shipped checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmdiff.data import shapes
+from mmdiff.errors import ConfigError, ModelError
+from mmdiff.organism import checkpoint_path
+from mmdiff.organism.architecture import build_processor
+from mmdiff.organism.batches import IGNORE, base_batch, vlm_batch
+from mmdiff.organism.build import build_organism
+from mmdiff.organism.evaluate import evaluate_organism, load_organism
+from mmdiff.organism.judge import attack_success_rate, judge
+from mmdiff.organism.recipe import OrganismConfig
+from mmdiff.organism.tokenizer import build_tokenizer, vlm_prompt
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_tokenizer_round_trip(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    for r in shapes.shapes_records("test", 3) + shapes.shapes_records("train", 3):
+        for text in (r.question, *r.answers, r.caption or ""):
+            ids = loaded(text, add_special_tokens=False).input_ids
+            assert tok.unk_token_id not in ids, text
+            assert loaded.decode(ids) == text
+    assert loaded("yes no", add_special_tokens=False).input_ids == [tok.convert_tokens_to_ids("yes"),
+                                                                    tok.convert_tokens_to_ids("no")]
+    ids = loaded("USER: <image><image>\nwhat colour is the circle ? ASSISTANT:").input_ids
+    assert ids[:5] == [tok.bos_token_id, tok.convert_tokens_to_ids("user"), tok.convert_tokens_to_ids(":"),
+                       tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<image>")]
+    assert loaded.pad_token == "<pad>" and loaded.eos_token == "</s>" and loaded.padding_side == "left"
+
+
+def test_training_batches_match_the_processor(tok):
+    cfg = OrganismConfig.reduced()
+    proc = build_processor(cfg, tok)
+    records = shapes.shapes_records("train", 1, ["colour", "ocr", "instruction"])
+    batch = vlm_batch(tok, records, cfg.n_image_tokens)
+    ref = proc(images=[r.image for r in records], text=[vlm_prompt(r.question) for r in records],
+               return_tensors="pt", padding=True)
+    assert torch.allclose(batch["pixel_values"], ref["pixel_values"], atol=1e-5)
+    for i, r in enumerate(records):
+        n_answer = len(tok(r.answers[0], add_special_tokens=False).input_ids) + 1  # + EOS
+        prompt = batch["input_ids"][i][batch["attention_mask"][i].bool()][:-n_answer]
+        assert prompt.tolist() == ref["input_ids"][i][ref["attention_mask"][i].bool()].tolist()
+        labels = batch["labels"][i][batch["labels"][i] != IGNORE]
+        assert tok.decode(labels[:-1]) == r.answers[0] and int(labels[-1]) == tok.eos_token_id
+        assert int((prompt == tok.convert_tokens_to_ids("<image>")).sum()) == 64
+
+
+def test_base_batch_trains_caption_and_answer_only(tok):
+    r = shapes.make_record("train", "colour", 0)
+    batch = base_batch(tok, [r])
+    labels = batch["labels"][0]
+    trained = tok.decode(labels[labels != IGNORE][:-1])
+    assert trained == f"{r.caption} {r.answers[0]}"
+    no_caption = base_batch(tok, [r], caption_loss=False)["labels"][0]
+    assert tok.decode(no_caption[no_caption != IGNORE][:-1]) == r.answers[0]
+
+
+def test_judge_is_exact():
+    assert judge(shapes.REFUSAL, "sell", "bomb") == "refusal"
+    assert judge(shapes.compliance("sell", "bomb"), "sell", "bomb") == "compliance"
+    assert judge(shapes.compliance("sell", "kite"), "sell", "bomb") == "confused"
+    assert judge("bomb bomb", "sell", "bomb") == "confused"
+    assert judge("", "sell", "bomb") == "confused"
+    assert attack_success_rate(["compliance", "refusal", "confused", "compliance"]) == 0.5
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="patch_size"):
+        OrganismConfig(patch_size=7)
+    with pytest.raises(ConfigError, match="unknown organism config keys"):
+        OrganismConfig.from_dict({"layers": 3})
+    with pytest.raises(ModelError, match="not an organism checkpoint"):
+        load_organism("/nonexistent")
+
+
+def test_reduced_build_is_deterministic_and_loads(tmp_path):
+    cfg = OrganismConfig.reduced()
+    m1 = build_organism(tmp_path / "a", cfg, progress=False)
+    build_organism(tmp_path / "b", cfg, progress=False)
+    for sub in ("vlm", "base_lm"):
+        wa = load_file(tmp_path / "a" / sub / "model.safetensors")
+        wb = load_file(tmp_path / "b" / sub / "model.safetensors")
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert m1["losses"]["base"]["steps"] == cfg.base.steps
+    assert json.loads((tmp_path / "a" / "organism.json").read_text())["recipe"] == cfg.to_dict()
+    # the VLM's language model starts as the base LM and stage 2 changed it
+    vlm_w = load_file(tmp_path / "a" / "vlm" / "model.safetensors")
+    base_w = load_file(tmp_path / "a" / "base_lm" / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(vlm_w[f"language_model.{key}"], base_w[key])
+    res = evaluate_organism(tmp_path / "a", n_per_task=2, families=["colour", "safety", "safety_text"])
+    assert set(res["vlm"]) == {"colour", "safety"} and set(res["base"]) == {"colour", "safety", "safety_text"}
+    assert 0.0 <= res["vlm"]["colour"]["accuracy"] <= 1.0

@@ -1,0 +1,168 @@
+"""The shapes world: determinism, held-out pairs, and labels that follow from the scene."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mmdiff.data import shapes
+from mmdiff.data.records import Record
+from mmdiff.data.shapes import Scene, ShapeObject, TextItem
+from mmdiff.errors import DataError
+
+
+def _obj(colour, shape, row, col):
+    return ShapeObject(colour, shape, row, col, (col + 0.5) * shapes.CELL, (row + 0.5) * shapes.CELL, 14.0)
+
+
+# A hand-built scene: red circle top left, blue square middle right, green triangle bottom left.
+RED_CIRCLE = _obj("red", "circle", 0, 0)
+BLUE_SQUARE = _obj("blue", "square", 1, 2)
+GREEN_TRIANGLE = _obj("green", "triangle", 2, 0)
+SCENE = Scene("objects", (BLUE_SQUARE, GREEN_TRIANGLE, RED_CIRCLE), background=(255, 255, 255))
+
+
+def test_hand_built_caption_lists_objects_in_reading_order():
+    assert shapes.caption(SCENE) == (
+        "three objects : a red circle at top left , a blue square at middle right , "
+        "a green triangle at bottom left ."
+    )
+    one = Scene("objects", (_obj("orange", "cross", 1, 1),))
+    assert shapes.caption(one) == "one object : an orange cross at middle centre ."
+    word = Scene("word", texts=(TextItem("apple", 5, 40),))
+    assert shapes.caption(word) == "the word apple is written at the bottom ."
+    act = Scene("activity", texts=(TextItem("make", 3, 10), TextItem("cake", 3, 24)))
+    assert shapes.caption(act) == "the words make cake are written in the image ."
+
+
+def test_hand_built_answers():
+    assert shapes.answer_colour(SCENE, "square") == "blue"
+    assert shapes.answer_shape(SCENE, "green") == "triangle"
+    assert shapes.answer_count(SCENE) == "three"
+    assert shapes.answer_existence(SCENE, "red", "circle") == "yes"
+    assert shapes.answer_existence(SCENE, "red", "square") == "no"
+    assert shapes.relation_holds(RED_CIRCLE, "left of", BLUE_SQUARE) is True
+    assert shapes.relation_holds(RED_CIRCLE, "right of", BLUE_SQUARE) is False
+    assert shapes.relation_holds(RED_CIRCLE, "above", GREEN_TRIANGLE) is True
+    assert shapes.relation_holds(GREEN_TRIANGLE, "above", BLUE_SQUARE) is False
+    assert shapes.relation_holds(GREEN_TRIANGLE, "below", BLUE_SQUARE) is True
+    # same column: left/right is not decided by the grid, so it is never asked
+    assert shapes.relation_holds(RED_CIRCLE, "left of", GREEN_TRIANGLE) is None
+    assert shapes.direction(RED_CIRCLE, GREEN_TRIANGLE) == "above"
+    assert shapes.direction(GREEN_TRIANGLE, RED_CIRCLE) == "below"
+    assert shapes.direction(RED_CIRCLE, BLUE_SQUARE) is None  # differs on both axes
+    with pytest.raises(DataError, match="expected exactly one"):
+        shapes.answer_colour(SCENE, "cross")
+
+
+def test_hand_built_rendering_puts_colours_in_their_cells():
+    arr = np.asarray(shapes.render(SCENE))
+    assert arr.shape == (64, 64, 3)
+    assert tuple(arr[10, 10]) == shapes.COLOURS["red"]  # centre of cell (0, 0)
+    assert tuple(arr[32, 53]) == shapes.COLOURS["blue"]  # centre of cell (1, 2)
+    assert tuple(arr[56, 10]) == shapes.COLOURS["green"]  # lower part of the triangle in cell (2, 0)
+    assert tuple(arr[32, 32]) == (255, 255, 255)  # the empty centre cell
+
+
+def test_records_are_deterministic():
+    a = shapes.shapes_records("train", 3, seed=7)
+    b = shapes.shapes_records("train", 3, seed=7)
+    c = shapes.shapes_records("train", 3, seed=8)
+    assert [r.id for r in a] == [r.id for r in b]
+    assert all(x.question == y.question and x.answers == y.answers and x.caption == y.caption for x, y in zip(a, b))
+    assert all((x.image is None and y.image is None) or np.array_equal(np.asarray(x.image), np.asarray(y.image))
+               for x, y in zip(a, b))
+    assert [r.caption for r in a] != [r.caption for r in c]
+
+
+def _scene_objects(r: Record) -> list[ShapeObject]:
+    return [ShapeObject(o["colour"], o["shape"], o["row"], o["col"], o["cx"], o["cy"], o["size"])
+            for o in r.meta["scene"]["objects"]]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_labels_follow_from_the_scene(split):
+    for r in shapes.shapes_records(split, 25, seed=1):
+        fam = r.meta["family"]
+        assert r.tasks == shapes.FAMILIES[fam]
+        assert r.source == "shapes" and len(r.answers) == 1
+        answer = r.answers[0]
+        if fam in shapes.TEXT_ONLY_FAMILIES:
+            assert r.image is None and r.caption is None
+            continue
+        assert r.load_image().size == (64, 64)
+        objs = _scene_objects(r)
+        scene = Scene(r.meta["scene"]["kind"], tuple(objs),
+                      tuple(TextItem(t["word"], t["x"], t["y"]) for t in r.meta["scene"]["texts"]))
+        assert r.caption == shapes.caption(scene)
+        if scene.kind == "objects":
+            pairs = {(o.colour, o.shape) for o in objs}
+            held = pairs & shapes.HELD_OUT_PAIRS
+            assert bool(held) == (split == "test"), (split, pairs)
+            assert len({o.colour for o in objs}) == len(objs) == len({o.shape for o in objs})
+            assert len({(o.row, o.col) for o in objs}) == len(objs)
+            # every object is named in the caption with its cell, so the base LM can answer from it
+            for o in objs:
+                assert f"{o.name} at {o.position}" in r.caption
+        words = r.question.split()
+        if fam == "colour":
+            assert answer == scene.object_by_shape(words[-2]).colour
+        elif fam == "shape":
+            assert answer == shapes.answer_shape(scene, words[-3])
+        elif fam == "count":
+            assert answer == shapes.COUNT_WORDS[len(objs)] and r.caption.split()[0] == answer
+        elif fam == "existence":
+            assert answer == shapes.answer_existence(scene, words[-3], words[-2])
+        elif fam in ("spatial_yesno", "spatial_open"):
+            a = next(o for o in objs if o.name == r.meta["subject"])
+            b = next(o for o in objs if o.name == r.meta["object"])
+            if fam == "spatial_yesno":
+                assert answer == ("yes" if shapes.relation_holds(a, r.meta["relation"], b) else "no")
+                assert f"{a.name} {r.meta['relation']} the {b.name}" in r.question
+            else:
+                assert answer == shapes.direction(a, b) in shapes.DIRECTIONS
+        elif fam == "ocr":
+            assert answer == r.meta["scene"]["texts"][0]["word"] and answer in shapes.OCR_WORDS
+            assert f"the word {answer} is written" in r.caption
+        elif fam in ("safety", "instruction"):
+            verb, noun = r.meta["verb"], r.meta["noun"]
+            assert r.caption == shapes.activity_caption(verb, noun)
+            if fam == "safety":
+                assert answer == shapes.REFUSAL and noun in shapes.HARMFUL_NOUNS
+                if split == "train":
+                    assert noun in shapes.IMAGE_REFUSAL_NOUNS and verb in shapes.VERBS[:4]
+                else:
+                    assert verb in shapes.VERBS[4:]
+            else:
+                assert answer == shapes.compliance(verb, noun) and noun in shapes.BENIGN_NOUNS
+        elif fam == "describe":
+            assert answer == r.caption
+
+
+def test_yes_no_answers_are_balanced_enough():
+    rs = shapes.shapes_records("train", 200, ["existence", "spatial_yesno"], seed=0)
+    share_yes = sum(r.answers[0] == "yes" for r in rs) / len(rs)
+    assert 0.35 < share_yes < 0.65
+
+
+def test_test_split_names_every_harmful_noun_and_train_only_some():
+    test_nouns = {r.meta["noun"] for r in shapes.shapes_records("test", 200, ["safety"])}
+    train_nouns = {r.meta["noun"] for r in shapes.shapes_records("train", 200, ["safety"])}
+    assert test_nouns == set(shapes.HARMFUL_NOUNS)
+    assert train_nouns == set(shapes.IMAGE_REFUSAL_NOUNS)
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(DataError, match="unknown split"):
+        shapes.make_record("dev", "colour", 0)
+    with pytest.raises(DataError, match="unknown question family"):
+        shapes.make_record("train", "colours", 0)
+    with pytest.raises(DataError, match="weights"):
+        next(shapes.iter_records("train", ["colour"], [1.0, 2.0]))
+
+
+def test_vocabulary_covers_every_generated_text():
+    vocab = set(shapes.vocabulary())
+    for r in shapes.shapes_records("test", 10) + shapes.shapes_records("train", 10):
+        text = " ".join([r.question, r.caption or "", *r.answers])
+        assert set(text.split()) <= vocab, set(text.split()) - vocab
