@@ -20,7 +20,7 @@ from PIL import Image
 
 from mmdiff.atomic import write_json, write_parquet, write_text
 from mmdiff.attribution import FeatureAttribution, HeadAttribution, heads_frame, layers_frame
-from mmdiff.config import DatasetSpec, StudyConfig, dump_config
+from mmdiff.config import DatasetSpec, ModelSpec, StudyConfig, dump_config
 from mmdiff.control import write_effects, write_steering
 from mmdiff.detect import write_task_features
 from mmdiff.diff import write_adapted_features
@@ -110,8 +110,12 @@ def _attribution(
 
 def make_run(run: Path) -> dict:
     """Every artifact of a study, written by the real writers where they exist; returns what was planted."""
+    # a 4-layer VLM folder, so "mid-layer" does not depend on whether the organism is shipped
+    write_json(run.parent / "vlm" / "config.json", {"text_config": {"num_hidden_layers": 4}})
     cfg = StudyConfig(
-        name="organism", datasets={"train": DatasetSpec(kind="jsonl", args={"path": SCRIPT})}
+        name="organism",
+        model=ModelSpec(vlm=str(run.parent / "vlm"), base_lm=str(run.parent / "base")),
+        datasets={"train": DatasetSpec(kind="jsonl", args={"path": SCRIPT})},
     )
     write_text(run / "config.yaml", dump_config(cfg))
     rd = RunDir(run)
@@ -616,3 +620,17 @@ def test_a_broken_artifact_only_costs_its_own_finding(tmp_path):
     )
     html = build_report(tmp_path).read_text()
     assert "could not be computed" in section_html(html, "findings")
+
+
+def test_model_depth_from_the_vlm_config(tmp_path):
+    from mmdiff.report.build import model_depth
+
+    vlm = tmp_path / "vlm"
+    vlm.mkdir()
+    (vlm / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 32}}))
+    cfg = StudyConfig(model=ModelSpec(vlm=str(vlm), base_lm=str(tmp_path / "base")))
+    assert model_depth(tmp_path, cfg) == 32
+    (vlm / "config.json").write_text(json.dumps({"num_hidden_layers": 6}))
+    assert model_depth(tmp_path, cfg) == 6
+    assert model_depth(tmp_path, StudyConfig(model=ModelSpec(vlm="owner/model"))) is None
+    assert model_depth(tmp_path / "empty", None) is None  # no config.yaml

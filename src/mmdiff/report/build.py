@@ -72,10 +72,16 @@ def model_depth(run_dir: Path, config: StudyConfig | None) -> int | None:
             if not (run_dir / "config.yaml").is_file():
                 return None
             config = load_config(run_dir / "config.yaml")
-        from mmdiff.study import resolve_model_paths
+        from mmdiff.config import ORGANISM
 
-        vlm, _ = resolve_model_paths(config)
-        cfg = json.loads((Path(vlm) / "config.json").read_text())
+        vlm = config.model.vlm
+        if vlm == ORGANISM:
+            from mmdiff.organism import vlm_path
+
+            vlm = str(vlm_path())
+        cfg = json.loads(
+            (Path(vlm) / "config.json").read_text()
+        )  # a local folder; hub ids give None
     except Exception:  # noqa: BLE001 - the depth only refines one finding; unknown is fine
         return None
     for part in (cfg.get("text_config") or {}, cfg):
