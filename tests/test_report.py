@@ -602,6 +602,7 @@ def test_fmt_by_hand():
     assert fmt(0.123456) == "0.123" and fmt(12.345) == "12.3" and fmt(123456.0) == "123,456"
     assert fmt(1e-5) == "1.00e-05" and fmt(float("nan")) == "–" and fmt(None) == "–"
     assert fmt(np.int64(12345)) == "12,345" and fmt(True) == "yes" and fmt(math.inf) == "∞"
+    assert fmt(np.bool_(False)) == "no" and fmt(pd.NA) == "–" and fmt("L1/F2") == "L1/F2"
     assert fmt(json.loads("0")) == "0"
 
 

@@ -169,8 +169,8 @@ def fmt(value: Any, digits: int = 3) -> str:
     """A cell value for display: floats with `digits` significant digits, NaN/None as an en dash."""
     if value is None or value is pd.NA:
         return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
+    if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b":
+        return "yes" if bool(value) else "no"
     if isinstance(value, int) or (
         hasattr(value, "dtype") and getattr(value.dtype, "kind", "") in "iu"
     ):
