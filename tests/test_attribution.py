@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import mmdiff.attribution as attribution
+from mmdiff import attribution
 from mmdiff.attribution import (
     VisualMean,
     attention_overlays,

@@ -22,7 +22,7 @@ from mmdiff.interp.dashboard import (
     write_interp,
 )
 from mmdiff.interp.explain import ActivatingExample, Explanation, FeatureEvidence
-from mmdiff.models import TokenType, load_adapter
+from mmdiff.models import load_adapter
 from mmdiff.models.tiny import BASE_SUBDIR, VLM_SUBDIR, build_tiny
 from mmdiff.sae import SAEConfig, build_sae
 
@@ -123,7 +123,10 @@ def test_interp_stage_on_tiny_llava(tmp_path):
     with torch.no_grad():
         sae.b_enc.fill_(0.05)
     features = pd.DataFrame({"layer": [1, 1], "feature": [0, 3], "variance_gap": [0.5, 0.25]})
-    paths = write_interp(adapter, {1: sae}, features, {"VQAv2": vqa, "VSR": vsr}, tmp_path / "interp", k=2, progress=False)
+    paths = write_interp(
+        adapter, {1: sae}, features, {"VQAv2": vqa, "VSR": vsr}, tmp_path / "interp", k=2,
+        detections={"L1/F0": {"balanced_accuracy": 0.8}}, progress=False,
+    )
     maxima = pd.read_parquet(paths["examples"])
     assert len(maxima) == 2 * 3 and set(maxima["source"]) == {"VQAv2", "VSR"}
     explanations = json.loads(paths["explanations"].read_text())["explanations"]
@@ -137,7 +140,7 @@ def test_interp_stage_on_tiny_llava(tmp_path):
     assert any("question: What is &lt;script&gt;alert(1)&lt;/script&gt;?" in t for t in texts)
     assert any("caption: caption &#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in t for t in texts)
     html = (tmp_path / "interp" / "dashboards" / "L1_F0.html").read_text()
-    assert "variance_gap" in html and "data:image/png;base64," in html
+    assert "variance_gap" in html and "data:image/png;base64," in html and "balanced_accuracy 0.8" in html
 
 
 def assert_escaped_or_absent(html: str) -> None:

@@ -19,7 +19,13 @@ from mmdiff.interp.examples import (
     top_records,
 )
 from mmdiff.interp.explain import OfflineExplainer
-from mmdiff.interp.heatmap import overlay_png, patch_grid, patch_maps, tile_token_count, upsampled_heatmap
+from mmdiff.interp.heatmap import (
+    overlay_png,
+    patch_grid,
+    patch_maps,
+    tile_token_count,
+    upsampled_heatmap,
+)
 from mmdiff.models import TokenType, load_adapter
 from mmdiff.models.tiny import BASE_SUBDIR, VLM_SUBDIR, build_tiny
 from mmdiff.sae import SAEConfig, build_sae

@@ -28,10 +28,11 @@ and attention-overlay PNGs of the top and bottom heads.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -520,24 +521,24 @@ def exact_patching(
             corr = _forward(backbone, batch.inputs, layer=layer, objective=batch.objective, corrupt=batch.corrupt)
             forwards += 2
             for direction in directions:
+                # noising: corrupt slices into the clean run; denoising: clean slices into the corrupt run
                 base, source, corrupt = (
                     (clean, corr, None) if direction == "noising" else (corr, clean, batch.corrupt)
                 )
-
-                def delta(lyr: int, heads: list[int]) -> torch.Tensor:
-                    run = _forward(
-                        backbone, batch.inputs, layer=layer, objective=batch.objective, corrupt=corrupt,
-                        patch={lyr: (heads, source.o[lyr])},
-                    )
-                    bar.advance(task)
-                    return (run.m - base.m).double().sum().cpu()
-
                 for lyr in range(n_layers):
-                    for h in range(H):
-                        sums[direction][lyr, h] += delta(lyr, [h])
-                    if per_layer:
-                        layer_sums[direction][lyr] += delta(lyr, list(range(H)))
-                forwards += passes_per_batch // len(directions)
+                    groups = [[h] for h in range(H)] + ([list(range(H))] if per_layer else [])
+                    for heads in groups:
+                        run = _forward(
+                            backbone, batch.inputs, layer=layer, objective=batch.objective, corrupt=corrupt,
+                            patch={lyr: (heads, source.o[lyr])},
+                        )
+                        delta = (run.m - base.m).double().sum().cpu()
+                        if len(groups) > H and heads is groups[-1]:
+                            layer_sums[direction][lyr] += delta
+                        else:
+                            sums[direction][lyr, heads[0]] += delta
+                        forwards += 1
+                        bar.advance(task)
     n = len(records)
     seconds = time.perf_counter() - start
 
@@ -837,6 +838,7 @@ def attribute_features(
     top_k: int = 8,
     top_examples: pd.DataFrame | None = None,
     calibration: Sequence[Record] | None = None,
+    n_calibration: int | None = 256,
     objective: Objective = "projection",
     positions: Positions = "all",
     exact: bool = False,
@@ -848,7 +850,7 @@ def attribute_features(
 
     Samples are each feature's top-k activating records among `records` (from `top_examples`, a
     statistics top-k table, or found with the SAEs); the corrupt run's mean visual embedding comes
-    from `calibration` (default: `records`). Writes under out_dir (the run's attribution/):
+    from the first `n_calibration` records of `calibration` (default: `records`; None = all). Writes under out_dir (the run's attribution/):
     heads.parquet, layers.parquet, summary.json (per feature: timings, and with `exact` the exact
     patching columns, Spearman correlations and the exact/attribution speed ratio) and
     overlays/L{L}F{f}_{top|bottom}{rank}_L{l}H{h}.png. Returns the paths.
@@ -864,7 +866,8 @@ def attribute_features(
         features, records, top_k, top_examples=top_examples, saes=saes, adapter=adapter,
         batch_size=batch_size, progress=progress,
     )
-    visual_mean = visual_embedding_mean(adapter, calibration or records, batch_size=batch_size, progress=progress)
+    calibration = list(calibration or records)[:n_calibration]
+    visual_mean = visual_embedding_mean(adapter, calibration, batch_size=batch_size, progress=progress)
     results: list[FeatureAttribution] = []
     skipped: list[str] = []
     with _progress(progress) as bar:

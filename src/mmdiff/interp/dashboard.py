@@ -17,9 +17,10 @@ from __future__ import annotations
 import base64
 import io
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -265,6 +266,7 @@ def write_interp(
     tables: Mapping[str, pd.DataFrame] | None = None,
     heads: pd.DataFrame | None = None,
     overlays_dir: str | Path | None = None,
+    detections: Mapping[str, Any] | None = None,
     k: int = 10,
     heatmaps: bool = True,
     batch_size: int = 8,
@@ -275,7 +277,8 @@ def write_interp(
     sources: example source name -> records (e.g. {"VQAv2": vqa, "VSR": vsr}). explainer: any
     object with explain(evidence) (default: the offline explainer). tables: name -> a table with
     layer and feature columns shown on each page (the features table itself is always shown as
-    "selection"). heads: attribution/heads.parquet; overlays_dir: attribution/overlays. Writes
+    "selection"). heads: attribution/heads.parquet; overlays_dir: attribution/overlays;
+    detections: feature id ("L12/F807") -> detection metrics (DetectionMetrics or a dict). Writes
     under out_dir (the run's interp/): examples.parquet (per-record maxima of every source),
     explanations.json, dashboards/L{L}_F{f}.html and dashboards/index.html. Returns the paths.
     """
@@ -308,6 +311,7 @@ def write_interp(
                 feature=key[1],
                 evidence=collected.evidence[key],
                 explanation=explanations.get(key),
+                detection=(detections or {}).get(feature_id(key)),
                 tables={name: feature_row(table, key) for name, table in all_tables.items()},
                 activations=maxima["max_activation"].to_numpy(),
                 heads=card_heads,

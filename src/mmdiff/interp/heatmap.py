@@ -11,7 +11,8 @@ only count when nothing finer exists). Newline tokens carry no patch and are dro
 from __future__ import annotations
 
 import io
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ def patch_grid(adapter: Any, inputs: dict[str, torch.Tensor], row: int) -> list[
     if method is not None:
         return [(int(r), int(c), bool(nl)) for r, c, nl in method(inputs, row)]
     n = int(adapter.image_token_mask(inputs["input_ids"][row : row + 1]).sum())
-    side = int(round(n**0.5))
+    side = round(n**0.5)
     if n == 0 or side * side != n:
         raise ModelError(
             f"{type(adapter).__name__} has no patch_grid method and row {row} has {n} image tokens, "
