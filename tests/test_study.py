@@ -1,6 +1,7 @@
 """`mmdiff run` end to end on a tiny LLaVA and a JSONL dataset written here (reduced settings)."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -30,11 +31,16 @@ def tiny_study(tmp_path_factory):
         "model": {"vlm": str(models / "vlm"), "base_lm": str(models / "base")},
         "layers": [0, 1],
         "datasets": {"train": {"kind": "jsonl", "args": {"path": str(root / "data.jsonl")}},
-                     "test": {"kind": "jsonl", "args": {"path": str(root / "data.jsonl")}, "limit": 8}},
+                     "test": {"kind": "jsonl", "args": {"path": str(root / "data.jsonl")}, "limit": 8},
+                     "validation": {"kind": "jsonl", "args": {"path": str(root / "data.jsonl")}, "limit": 8, "seed": 1}},
         "capture": {"datasets": ["train"], "batch_size": 4, "shard_tokens": 1024},
         "train": {"k": 4, "batch_size": 64, "total_tokens": 1024, "checkpoint_every": 5, "expansion_factor": 4},
         "stats": {"tasks": ["spatial"], "neutral_tasks": ["spatial"], "n_chunks": 4, "top_k": 4},
         "diff": {"n_bootstrap": 5},
+        # a random tiny model has no real task features: loose thresholds so control has sets to remove
+        "detect": {"restrict_to_adapted": False, "min_delta_p": 0.0, "alpha": 0.5, "min_image_share": 0.0,
+                   "min_neutral_firing": 0.0},
+        "control": {"n_random": 2, "n_boot": 200, "alphas": [-1.0, 0.0, 1.0], "batch_size": 8},
     }
     (root / "study.yaml").write_text(yaml.safe_dump(cfg))
     return root
@@ -55,7 +61,8 @@ def test_run_whole_chain_then_skips(tiny_study):
     assert manifest["stages"]["capture"]["status"] == "done"
     assert manifest["stages"]["capture"]["summary"]["train/vlm"]["records"] == 16
     stages = manifest["stages"]
-    assert [s for s in stages if stages[s]["status"] == "done"] == ["capture", "train", "stats", "diff", "detect"]
+    assert [s for s in stages if stages[s]["status"] == "done"] == [
+        "capture", "train", "stats", "diff", "detect", "control"]
     for role in ("base", "full", "image", "text", "random"):
         assert (run / "saes" / role / "layer_1" / "cfg.json").is_file()
     import pandas as pd
@@ -64,13 +71,31 @@ def test_run_whole_chain_then_skips(tiny_study):
     d_sae = json.loads((run / "saes" / "text" / "layer_0" / "cfg.json").read_text())["d_sae"]
     assert len(diff) == stages["diff"]["summary"]["features"] == 2 * d_sae  # every feature of both layers
     assert 0 < stages["diff"]["summary"]["adapted"] < len(diff)
-    assert (run / "features" / "spatial.parquet").is_file()
+    assert len(pd.read_parquet(run / "features" / "spatial.parquet")) > 0
+    effects = pd.read_parquet(run / "eval" / "effects.parquet")
+    assert {"intervention", "eval_task", "effect", "ci_lo", "ci_hi", "control_effect", "n"} <= set(effects.columns)
+    assert (effects["ci_lo"] <= effects["effect"]).all() and (effects["effect"] <= effects["ci_hi"]).all()
+    steering = pd.read_parquet(run / "eval" / "steering.parquet")
+    assert set(steering["method"]) == {"feature", "single_layer"}
     res = runner.invoke(app, args)
-    assert res.exit_code == 0 and res.output.count("skipped") >= 5
+    assert res.exit_code == 0 and res.output.count("skipped") >= 6
     assert (run / "config.yaml").exists()
     # a changed detect threshold redoes detect only
     res = runner.invoke(app, args + ["--only", "detect", "--force"])
     assert res.exit_code == 0 and "detect       done" in res.output
+
+
+def test_unrelated_dataset_change_reruns_nothing(tiny_study, tmp_path):
+    cfg = yaml.safe_load((tiny_study / "study.yaml").read_text())
+    cfg["datasets"]["extra"] = {"kind": "jsonl", "args": {"path": str(tiny_study / "data.jsonl")}}
+    p = tmp_path / "more.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    runs = ["--runs-dir", str(tiny_study / "runs"), "--no-progress"]
+    assert CliRunner().invoke(app, ["run", "--config", str(tiny_study / "study.yaml"), *runs]).exit_code == 0
+    res = CliRunner().invoke(app, ["run", "--config", str(p), *runs])
+    assert res.exit_code == 0, res.output
+    rows = re.findall(r"^\s+(\w+)\s+(done|skipped)\s", res.output, re.M)
+    assert len(rows) == 6 and {status for _, status in rows} == {"skipped"}
 
 
 def test_dry_run_names_missing_things(tiny_study, tmp_path):

@@ -49,7 +49,8 @@ def run(
     cfg = load_config(config)
     if name:
         cfg.name = name
-    problems = check_config(cfg)
+    # the dry run reads a sample of every dataset; before a real run, names and file headers suffice
+    problems = check_config(cfg, full=dry_run)
     if dry_run:
         if problems:
             for p in problems:

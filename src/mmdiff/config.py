@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -62,9 +62,10 @@ class TrainSpec(Section):
     heldout: str = Field("test", description="Dataset for held-out FVU, L0, dead fraction, spliced-in loss.")
     regimes: list[Literal["full", "image", "text", "random"]] = Field(
         default_factory=lambda: ["full", "image", "text", "random"])
-    base_saes: str | None = Field(None, description=(
-        "Pretrained base-LM SAEs: a folder template with {layer}, e.g. '/sae/L{layer}R-8x' (Llama Scope, "
-        "Gemma Scope, SAELens or mmdiff folders). None = train them on the base LM first."))
+    base_saes: str | dict[int, str] | None = Field(None, description=(
+        "Pretrained base-LM SAEs: a folder template with {layer}, e.g. '/sae/L{layer}R-8x', or a "
+        "{layer: folder} map (Llama Scope, Gemma Scope, SAELens or mmdiff folders, or hub ids). "
+        "None = train them on the base LM first."))
     k: int = Field(32, ge=1, description="Active latents per token (TopK).")
     expansion_factor: int = Field(8, ge=1, description="d_sae = expansion_factor * d_model for base SAEs trained here.")
     batch_size: int = Field(1024, ge=1, description="Tokens per optimisation step.")
@@ -72,13 +73,17 @@ class TrainSpec(Section):
     base_total_tokens: int | None = Field(None, description="Training tokens of the base-LM SAEs (default: total_tokens).")
     lr: float | None = Field(None, description="Adam learning rate; None = layer-scaled default.")
     checkpoint_every: int = Field(200, ge=0)
+    dead_tokens_threshold: int = Field(10_000_000, ge=1, description=(
+        "A latent is dead (and AuxK trains it) after this many tokens without firing; scale it to the run."))
+    auxk_alpha: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss on dead latents.")
     spliced_loss: bool = Field(True, description="Measure the spliced-in next-token loss on the held-out set.")
 
 
 class StatsSpec(Section):
     """One statistics pass per side over the analysis dataset, split by task tags (METHOD.md §2-3)."""
 
-    dataset: str = Field("test", description="Dataset whose records are analysed.")
+    dataset: str | list[str] = Field("test", description=(
+        "Dataset (or datasets, concatenated) whose records are analysed, e.g. [vqav2, vsr, textvqa, figstep]."))
     role: str = Field("text", description="Which adapted SAEs (regime) are diffed against the base SAEs.")
     base_split: str = Field("vqa", description="Task tag of the generic split that task splits are contrasted with.")
     tasks: list[str] = Field(default_factory=lambda: ["spatial", "ocr", "safety"], description="Task tags to detect.")
@@ -109,6 +114,23 @@ class DetectSpec(Section):
     restrict_to_adapted: bool = Field(True, description="Intersect candidates with the adapted set (the seed's method).")
 
 
+class ControlSpec(Section):
+    """Removal and steering of the task sets against controls, with bootstrap CIs (METHOD.md §6-7)."""
+
+    test: str = Field("test", description="Dataset every intervention is evaluated on.")
+    validation: str | None = Field("validation", description=(
+        "Dataset on which steering alphas and the single-layer baseline's layer are chosen; None = no steering."))
+    tasks: list[str] | None = Field(None, description="Task sets to remove/steer; None = stats.tasks.")
+    positions: Literal["text", "image", "all"] = Field("text", description="Where features are ablated.")
+    n_random: int = Field(3, ge=1, description="Random control draws matched in layer and firing frequency.")
+    n_bins: int = Field(10, ge=1, description="Firing-frequency bins for the matched random controls.")
+    alphas: list[float] = Field(default_factory=lambda: [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0],
+                                description="Feature-steering strengths (times each feature's typical activation).")
+    steer_positions: Literal["text", "image", "all"] = Field("all")
+    n_boot: int = Field(2000, ge=100, description="Bootstrap resamples per confidence interval.")
+    batch_size: int = Field(16, ge=1)
+
+
 class StudyConfig(Section):
     """A whole study: the model pair, the data, the layers and each stage's parameters."""
 
@@ -122,6 +144,7 @@ class StudyConfig(Section):
     stats: StatsSpec = Field(default_factory=StatsSpec)
     diff: DiffSpec = Field(default_factory=DiffSpec)
     detect: DetectSpec = Field(default_factory=DetectSpec)
+    control: ControlSpec = Field(default_factory=ControlSpec)
 
     @field_validator("layers")
     @classmethod
@@ -132,13 +155,14 @@ class StudyConfig(Section):
             raise ValueError(f"layers must be >= 0, got {v}")
         return sorted(set(v))
 
-    def hash_scope(self) -> dict[str, Any]:
-        """What every stage depends on: the model pair, layers, seed and the datasets."""
+    def hash_scope(self, datasets: Iterable[str] = ()) -> dict[str, Any]:
+        """What a stage depends on besides its own section: the model pair, layers, seed and the
+        datasets it reads (the device is left out, so a run moved from CPU to GPU keeps its results)."""
         return {
             "model": self.model.model_dump(mode="json", exclude={"device"}),
             "layers": self.layers,
             "seed": self.seed,
-            "datasets": {k: v.model_dump(mode="json") for k, v in self.datasets.items()},
+            "datasets": {k: self.datasets[k].model_dump(mode="json") for k in sorted(set(datasets)) if k in self.datasets},
         }
 
 

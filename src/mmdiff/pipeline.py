@@ -41,6 +41,7 @@ class Stage:
     needs: Sequence[str] = ()
     config_key: str | None = None  # the config section whose content is part of the inputs hash
     describe: str = ""
+    datasets: Sequence[str] = ()  # the configured datasets the stage reads (part of its inputs hash)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class StageContext:
     stage: Stage
     progress: bool = True
     cache: dict[str, Any] = field(default_factory=dict)  # objects shared between stages of one run
+    force: bool = False  # --force: stages with their own checkpoints start over instead of resuming
 
     def path(self, *parts: str) -> Path:
         p = self.run_dir.joinpath(*parts)
@@ -152,7 +154,7 @@ def inputs_hash(stage: Stage, config: Any, run_dir: RunDir, stages: dict[str, St
         section = getattr(config, stage.config_key)
         section = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
     upstream = {n: run_dir.outputs_hash(stages[n]) for n in stage.needs}
-    shared = config.hash_scope() if hasattr(config, "hash_scope") else None
+    shared = config.hash_scope(stage.datasets) if hasattr(config, "hash_scope") else None
     return sha256_json(
         {"stage": stage.name, "config": section, "shared": shared, "upstream": upstream, "mmdiff": __version__}
     )
@@ -221,7 +223,7 @@ def run_stages(
         if on_event:
             on_event("start", stage, None)
         run_dir.record(stage.name, status="running", inputs_hash=h, started=time.time())
-        ctx = StageContext(run_dir.path, config, stage, progress=progress, cache=ctx_cache)
+        ctx = StageContext(run_dir.path, config, stage, progress=progress, cache=ctx_cache, force=force)
         t0 = time.perf_counter()
         try:
             with PeakMemory() as mem:

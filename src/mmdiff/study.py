@@ -7,7 +7,6 @@ every stage is also usable alone from Python.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
@@ -51,26 +50,42 @@ def load_records(spec: DatasetSpec) -> list[Record]:
 
         records = list(shapes_records(**spec.args))
     else:
-        from mmdiff.data.loaders import load_dataset
+        import inspect
 
-        records = list(load_dataset(spec.kind, **spec.args))
+        from mmdiff.data.loaders import LOADERS, load_dataset
+
+        args = dict(spec.args)
+        params = inspect.signature(LOADERS[spec.kind]).parameters if spec.kind in LOADERS else {}
+        if spec.tasks is None and spec.limit is not None and {"limit", "seed"} <= set(params):
+            # the loaders subsample with the same seeded rule, without building every record first
+            args.setdefault("limit", spec.limit)
+            args.setdefault("seed", spec.seed)
+        records = list(load_dataset(spec.kind, **args))
     if spec.tasks is not None:
         wanted = set(spec.tasks)
         records = [r for r in records if wanted.intersection(r.tasks)]
-    if spec.limit is not None and len(records) > spec.limit:
-        rng = random.Random(spec.seed)
-        keep = sorted(rng.sample(range(len(records)), spec.limit))
-        records = [records[i] for i in keep]
-    return records
+    from mmdiff.data.loaders._common import subsample
+
+    return subsample(records, spec.limit, spec.seed)
 
 
-def get_records(ctx: StageContext, name: str) -> list[Record]:
-    key = f"records:{name}"
-    if key not in ctx.cache:
-        if name not in ctx.config.datasets:
-            raise ConfigError(f"dataset {name!r} is not defined in the config's `datasets` section")
-        ctx.cache[key] = load_records(ctx.config.datasets[name])
-    return ctx.cache[key]
+def get_records(ctx: StageContext, name: str | list[str]) -> list[Record]:
+    """Records of one configured dataset, or of several concatenated (ids must not collide)."""
+    names = [name] if isinstance(name, str) else list(name)
+    out: list[Record] = []
+    for n in names:
+        key = f"records:{n}"
+        if key not in ctx.cache:
+            if n not in ctx.config.datasets:
+                raise ConfigError(f"dataset {n!r} is not defined in the config's `datasets` section")
+            ctx.cache[key] = load_records(ctx.config.datasets[n])
+        out.extend(ctx.cache[key])
+    if len(names) > 1:
+        seen: set[str] = set()
+        dup = [r.id for r in out if r.id in seen or seen.add(r.id)]
+        if dup:
+            raise ConfigError(f"datasets {names} share record ids (e.g. {dup[0]!r}); give them distinct sources")
+    return out
 
 
 # ----------------------------------------------------------------------------- stages
@@ -107,24 +122,30 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     from mmdiff.store import ActivationStore
 
     cfg, t = ctx.config, ctx.config.train
-    if t.base_saes is not None:
-        raise ConfigError(
-            "train.base_saes (pretrained base-LM SAEs) is not wired into the train stage yet; "
-            "leave it unset to train base SAEs on the base LM"
-        )
     adapter = get_adapter(ctx)
     tc = TrainConfig(k=t.k, lr=t.lr, batch_size=t.batch_size, total_tokens=t.total_tokens,
                      expansion_factor=t.expansion_factor, checkpoint_every=t.checkpoint_every,
+                     dead_tokens_threshold=t.dead_tokens_threshold, auxk_alpha=t.auxk_alpha,
                      seed=cfg.seed, buffer_tokens=max(1 << 16, t.batch_size))
     base_cfg = dataclasses.replace(tc, regime="full", total_tokens=t.base_total_tokens or t.total_tokens)
-    data = {}
-    for side in ("base", "vlm"):
-        store = ctx.run_dir / "activations" / t.dataset / side
-        data[side] = ActivationStore(store) if (store / "manifest.json").exists() else None
+    def stores(dataset: str) -> dict[str, Any]:
+        found = {}
+        for side in ("base", "vlm"):
+            store = ctx.run_dir / "activations" / dataset / side
+            found[side] = ActivationStore(store) if (store / "manifest.json").exists() else None
+        return found
+
+    base_saes = None
+    if t.base_saes is not None:
+        from mmdiff.sae import load_sae
+
+        where = t.base_saes if isinstance(t.base_saes, dict) else {L: t.base_saes.format(layer=L) for L in cfg.layers}
+        base_saes = {L: load_sae(where[L], d_in=adapter.backbone("base").d_model, layer=L) for L in cfg.layers}
     result = train_study_saes(
         adapter, get_records(ctx, t.dataset), get_records(ctx, t.heldout), cfg.layers, tc, ctx.run_dir,
         regimes=t.regimes, base_cfg=base_cfg, capture_batch_size=cfg.capture.batch_size,
-        spliced=t.spliced_loss, progress=ctx.progress, data=data,
+        spliced=t.spliced_loss, progress=ctx.progress, data=stores(t.dataset), heldout=stores(t.heldout),
+        base_saes=base_saes, resume=not ctx.force,
     )
     held = result.tables.get("heldout") if hasattr(result, "tables") else None
     summary: dict[str, Any] = {"roles": sorted(result.saes)}
@@ -236,29 +257,62 @@ def stage_detect(ctx: StageContext) -> dict[str, Any]:
     return {t: int(len(pd.read_parquet(ctx.run_dir / "features" / f"{t}.parquet"))) for t in s.tasks}
 
 
+def stage_control(ctx: StageContext) -> dict[str, Any]:
+    """Remove each task set and steer it, against matched random and mismatched controls."""
+    import pandas as pd
+
+    from mmdiff.control.removal import run_removal
+    from mmdiff.control.steering import run_steering
+
+    cfg, c = ctx.config, ctx.config.control
+    adapter = get_adapter(ctx)
+    tasks = c.tasks or cfg.stats.tasks
+    present = [t for t in tasks if len(pd.read_parquet(ctx.run_dir / "features" / f"{t}.parquet"))]
+    summary: dict[str, Any] = {"task_sets": present}
+    out = ctx.run_dir / "eval"
+    common = dict(role=cfg.stats.role, stats_split="vision", out=out, seed=cfg.seed,
+                  n_boot=c.n_boot, batch_size=c.batch_size, progress=ctx.progress)
+    run_removal(ctx.run_dir, adapter, get_records(ctx, c.test), tasks=present, positions=c.positions,
+                n_random=c.n_random, n_bins=c.n_bins, **common)
+    if c.validation is not None and present:
+        run_steering(ctx.run_dir, adapter, get_records(ctx, c.test), get_records(ctx, c.validation),
+                     tasks=present, alphas=tuple(c.alphas), positions=c.steer_positions, **common)
+    effects = pd.read_parquet(out / "effects.parquet")
+    summary["effects"] = effects[["intervention", "eval_task", "effect", "ci_lo", "ci_hi", "control_effect"]
+                                 ].round(4).to_dict(orient="records")
+    return summary
+
+
 def study_stages(cfg: StudyConfig) -> list[Stage]:
     """The stages of a study, in the order they run."""
     capture_outputs = [f"activations/{ds}/{side}" for ds in cfg.capture.datasets for side in cfg.capture.sides]
     return [
-        Stage("capture", stage_capture, outputs=capture_outputs, config_key="capture",
+        Stage("capture", stage_capture, outputs=capture_outputs, config_key="capture", datasets=cfg.capture.datasets,
               describe="residual-stream activations of the VLM and the base LM"),
         Stage("train", stage_train,
               outputs=[f"saes/{r}" for r in ["base", *cfg.train.regimes]] + ["stats/sae_heldout.parquet"],
+              datasets=[cfg.train.dataset, cfg.train.heldout],
               needs=["capture"] if cfg.train.dataset in cfg.capture.datasets else [], config_key="train",
               describe="SAEs: base LM, then the VLM under each masking regime (warm start)"),
         Stage("stats", stage_stats, outputs=["stats/vision.parquet", "stats/text.parquet"],
               needs=["train"], config_key="stats",
+              datasets=[cfg.stats.dataset] if isinstance(cfg.stats.dataset, str) else cfg.stats.dataset,
               describe="per-feature statistics: VLM + adapted SAEs, base LM + base SAEs"),
         Stage("diff", stage_diff, outputs=["features/adapted.parquet", "stats/diff.parquet"],
               needs=["stats"], config_key="diff", describe="adapted features (variance gap, decoder cosine)"),
         Stage("detect", stage_detect, outputs=[f"features/{t}.parquet" for t in cfg.stats.tasks],
               needs=["stats", "diff"], config_key="detect",
               describe="task features by contrastive firing and the lexical filter"),
+        Stage("control", stage_control,
+              outputs=["eval/effects.parquet"] + (["eval/steering.parquet"] if cfg.control.validation else []),
+              needs=["train", "stats", "detect"], config_key="control",
+              datasets=[cfg.control.test] + ([cfg.control.validation] if cfg.control.validation else []),
+              describe="remove and steer task features, beside matched controls"),
     ]
 
 
-def check_config(cfg: StudyConfig) -> list[str]:
+def check_config(cfg: StudyConfig, *, full: bool = True) -> list[str]:
     """Problems with the files and names a config refers to, found without loading weights."""
     from mmdiff.checks import check_study
 
-    return check_study(cfg)
+    return check_study(cfg, read_records=full)
