@@ -843,6 +843,7 @@ def attribute_features(
     positions: Positions = "all",
     exact: bool = False,
     overlay_heads: int = 3,
+    overlay_query: Literal["text", "max"] = "text",
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict[str, Path]:
@@ -853,7 +854,9 @@ def attribute_features(
     from the first `n_calibration` records of `calibration` (default: `records`; None = all). Writes under out_dir (the run's attribution/):
     heads.parquet, layers.parquet, summary.json (per feature: timings, and with `exact` the exact
     patching columns, Spearman correlations and the exact/attribution speed ratio) and
-    overlays/L{L}F{f}_{top|bottom}{rank}_L{l}H{h}.png. Returns the paths.
+    overlays/L{L}F{f}_{top|bottom}{rank}_L{l}H{h}.png (the attention of the `overlay_heads` top
+    and bottom heads by |score_a| on the feature's best sample, read from the text positions or the
+    feature's max position). Returns the paths.
     """
     from mmdiff.atomic import write_bytes, write_json, write_parquet
 
@@ -891,7 +894,9 @@ def attribute_features(
                 )
             overlays = {}
             if overlay_heads > 0:
-                overlays = attention_overlays(adapter, sae, attr, chosen[0], n_heads=overlay_heads, objective=objective)
+                overlays = attention_overlays(
+                    adapter, sae, attr, chosen[0], n_heads=overlay_heads, query=overlay_query, objective=objective
+                )
             results.append(FeatureAttribution(attr, ex, overlays))
             bar.advance(task)
     if not results:

@@ -303,7 +303,8 @@ def write_interp(
             card_heads = heads[(heads["feature_layer"] == key[0]) & (heads["feature"] == key[1])]
         overlays: dict[str, bytes] = {}
         if overlays_dir is not None:
-            for path in sorted(Path(overlays_dir).glob(f"L{key[0]}F{key[1]}_*.png")):
+            found = Path(overlays_dir).glob(f"L{key[0]}F{key[1]}_*.png")
+            for path in sorted(found, key=lambda q: (not q.stem.split("_", 1)[1].startswith("top"), q.name)):
                 overlays[path.stem.split("_", 1)[1]] = path.read_bytes()
         cards.append(
             FeatureCard(
