@@ -363,3 +363,33 @@ def test_sigkill_of_one_rank_then_resume_gives_the_same_weights(trained):
     got, want = state_of(out), state_of(uninterrupted)
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+# ---------------------------------------------------------------------------------- real torchrun
+TORCHRUN_SCRIPT = """
+import sys, torch
+from mmdiff.distributed import all_reduce_sum, check_same_everywhere, init_distributed, on_main, shard_records
+from mmdiff.atomic import write_json
+ctx = init_distributed()
+records = [f"r{i}" for i in range(7)]
+check_same_everywhere(records, "record ids")
+mine = shard_records(records)
+total = all_reduce_sum(torch.tensor([float(len(mine))]))
+on_main(write_json, sys.argv[1], {"world": ctx.world_size, "backend": ctx.backend, "total": total.item()})
+"""
+
+
+def test_under_torchrun_on_loopback(tmp_path):
+    import subprocess
+    import sys
+
+    script, out = tmp_path / "job.py", tmp_path / "out.json"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(WORLD),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    assert json.loads(out.read_text()) == {"world": WORLD, "backend": "gloo", "total": 7.0}

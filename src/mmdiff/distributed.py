@@ -15,6 +15,7 @@ What is sharded how (docs/distributed.md has the whole picture):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import hashlib
@@ -107,6 +108,8 @@ def init_distributed(
     dist.init_process_group(
         backend=backend, timeout=datetime.timedelta(seconds=timeout_s), rank=rank, world_size=world
     )
+    # leave the group at exit: a process that exits with the group's threads alive aborts
+    atexit.register(destroy_distributed)
     return context()
 
 
