@@ -62,7 +62,7 @@ def test_run_whole_chain_then_skips(tiny_study):
     assert manifest["stages"]["capture"]["summary"]["train/vlm"]["records"] == 16
     stages = manifest["stages"]
     assert [s for s in stages if stages[s]["status"] == "done"] == [
-        "capture", "train", "stats", "diff", "detect", "control"]
+        "capture", "train", "stats", "diff", "detect", "ablate", "steer"]
     for role in ("base", "full", "image", "text", "random"):
         assert (run / "saes" / role / "layer_1" / "cfg.json").is_file()
     import pandas as pd
@@ -77,8 +77,10 @@ def test_run_whole_chain_then_skips(tiny_study):
     assert (effects["ci_lo"] <= effects["effect"]).all() and (effects["effect"] <= effects["ci_hi"]).all()
     steering = pd.read_parquet(run / "eval" / "steering.parquet")
     assert set(steering["method"]) == {"feature", "single_layer"}
+    html = (run / "report" / "index.html").read_text()
+    assert "Adapted features" in html and "<script" not in html
     res = runner.invoke(app, args)
-    assert res.exit_code == 0 and res.output.count("skipped") >= 6
+    assert res.exit_code == 0 and res.output.count("skipped") >= 7
     assert (run / "config.yaml").exists()
     # a changed detect threshold redoes detect only
     res = runner.invoke(app, args + ["--only", "detect", "--force"])
@@ -94,8 +96,8 @@ def test_unrelated_dataset_change_reruns_nothing(tiny_study, tmp_path):
     assert CliRunner().invoke(app, ["run", "--config", str(tiny_study / "study.yaml"), *runs]).exit_code == 0
     res = CliRunner().invoke(app, ["run", "--config", str(p), *runs])
     assert res.exit_code == 0, res.output
-    rows = re.findall(r"^\s+(\w+)\s+(done|skipped)\s", res.output, re.M)
-    assert len(rows) == 6 and {status for _, status in rows} == {"skipped"}
+    rows = [r for r in re.findall(r"^\s+(\w+)\s+(done|skipped)\s", res.output, re.M) if r[0] != "report"]
+    assert len(rows) == 7 and {status for _, status in rows} == {"skipped"}
 
 
 def test_dry_run_names_missing_things(tiny_study, tmp_path):

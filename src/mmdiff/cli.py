@@ -79,14 +79,74 @@ def run(
 
     results = run_stages(study_stages(cfg), cfg, run_dir, only=only, start=start, force=force,
                          progress=progress, on_event=on_event)
-    total = sum(r.seconds for r in results)
+    report_seconds = None
+    if not only:
+        # always rebuilt from what the run directory holds, so it is never stale (it takes seconds)
+        import time
+
+        from mmdiff.report.build import build_report
+
+        t0 = time.perf_counter()
+        build_report(run_dir.path, cfg)
+        report_seconds = time.perf_counter() - t0
+    total = sum(r.seconds for r in results) + (report_seconds or 0.0)
     console.rule("[bold]summary[/bold]")
     for r in results:
         console.print(f"  {r.name:<12} {r.status:<8} {r.seconds:8.1f}s")
+    if report_seconds is not None:
+        console.print(f"  {'report':<12} {'done':<8} {report_seconds:8.1f}s")
     console.print(f"run directory: {run_dir.path.resolve()}  ({total:.1f}s this time)")
     report = run_dir.path / "report" / "index.html"
     if report.exists():
         console.print(f"report: {report.resolve()}")
+
+
+def _run_one(stage: str, config: Optional[Path], runs_dir: Path, force: bool, progress: bool) -> None:
+    run(config=config, runs_dir=runs_dir, name=None, force=force, only=[stage], start=None,
+        dry_run=False, progress=progress)
+
+
+def _stage_command(stage: str, help_text: str) -> None:
+    def command(
+        config: Optional[Path] = ConfigOpt,
+        runs_dir: Path = RunsOpt,
+        force: bool = typer.Option(False, "--force", help="Redo the stage even when its inputs are unchanged."),
+        progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ) -> None:
+        _run_one(stage, config, runs_dir, force, progress)
+
+    command.__doc__ = help_text + (
+        f"\n\nRuns the `{stage}` stage of the study config into runs/<name>/ (the stages it reads must "
+        "have finished there). Same as `mmdiff run --only " + stage + "`."
+    )
+    app.command(stage)(command)
+
+
+_stage_command("capture", "Capture residual-stream activations (VLM on image+question, base LM on "
+               "caption+question) into resumable activation stores.")
+_stage_command("train", "Train the SAEs: base-LM SAEs (unless pretrained ones are given), then warm-started "
+               "SAEs on the VLM under each masking regime (full / image / text / random).")
+_stage_command("stats", "One statistics pass per side: mean squared activation, firing counts by token type and split, "
+               "quantiles and top activating examples of every feature.")
+_stage_command("diff", "Adapted features: variance gap, decoder cosine, the two-stage global selection, "
+               "relative decoder norm and bootstrap stability.")
+_stage_command("detect", "Task features (spatial, OCR, safety) by contrastive firing against generic VQA, "
+               "with Fisher/BH significance, the adapted-set intersection and the lexical filter.")
+_stage_command("ablate", "Remove each task set (project out its decoder directions) and measure every "
+               "task, beside frequency-matched random features and mismatched sets, with bootstrap CIs.")
+_stage_command("steer", "Steer each task set over a sweep of strengths, against the single-layer "
+               "(difference-of-means) baseline at its best layer and strength, with bootstrap CIs.")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/organism.")) -> None:
+    """Rebuild the study's HTML report (report/index.html) from what a run directory holds."""
+    from mmdiff.config import load_config
+    from mmdiff.report.build import build_report
+
+    cfg_path = run_dir / "config.yaml"
+    cfg = load_config(cfg_path) if cfg_path.exists() else None
+    typer.echo(str(build_report(run_dir, cfg).resolve()))
 
 
 @app.command()

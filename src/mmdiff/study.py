@@ -257,36 +257,51 @@ def stage_detect(ctx: StageContext) -> dict[str, Any]:
     return {t: int(len(pd.read_parquet(ctx.run_dir / "features" / f"{t}.parquet"))) for t in s.tasks}
 
 
-def stage_control(ctx: StageContext) -> dict[str, Any]:
-    """Remove each task set and steer it, against matched random and mismatched controls."""
+def _control_common(ctx: StageContext) -> tuple[Any, list[str], dict[str, Any]]:
+    import pandas as pd
+
+    cfg, c = ctx.config, ctx.config.control
+    tasks = c.tasks or cfg.stats.tasks
+    present = [t for t in tasks if len(pd.read_parquet(ctx.run_dir / "features" / f"{t}.parquet"))]
+    common = dict(role=cfg.stats.role, stats_split="vision", out=ctx.run_dir / "eval", seed=cfg.seed,
+                  n_boot=c.n_boot, batch_size=c.batch_size, progress=ctx.progress)
+    return get_adapter(ctx), present, common
+
+
+def stage_ablate(ctx: StageContext) -> dict[str, Any]:
+    """Remove each task set and measure every task, beside matched random and mismatched controls."""
     import pandas as pd
 
     from mmdiff.control.removal import run_removal
-    from mmdiff.control.steering import run_steering
 
-    cfg, c = ctx.config, ctx.config.control
-    adapter = get_adapter(ctx)
-    tasks = c.tasks or cfg.stats.tasks
-    present = [t for t in tasks if len(pd.read_parquet(ctx.run_dir / "features" / f"{t}.parquet"))]
-    summary: dict[str, Any] = {"task_sets": present}
-    out = ctx.run_dir / "eval"
-    common = dict(role=cfg.stats.role, stats_split="vision", out=out, seed=cfg.seed,
-                  n_boot=c.n_boot, batch_size=c.batch_size, progress=ctx.progress)
+    c = ctx.config.control
+    adapter, present, common = _control_common(ctx)
     run_removal(ctx.run_dir, adapter, get_records(ctx, c.test), tasks=present, positions=c.positions,
                 n_random=c.n_random, n_bins=c.n_bins, **common)
-    if c.validation is not None and present:
-        run_steering(ctx.run_dir, adapter, get_records(ctx, c.test), get_records(ctx, c.validation),
-                     tasks=present, alphas=tuple(c.alphas), positions=c.steer_positions, **common)
-    effects = pd.read_parquet(out / "effects.parquet")
-    summary["effects"] = effects[["intervention", "eval_task", "effect", "ci_lo", "ci_hi", "control_effect"]
-                                 ].round(4).to_dict(orient="records")
-    return summary
+    effects = pd.read_parquet(ctx.run_dir / "eval" / "effects.parquet")
+    cols = ["intervention", "eval_task", "effect", "ci_lo", "ci_hi", "control_effect"]
+    return {"task_sets": present, "effects": effects[cols].round(4).to_dict(orient="records")}
+
+
+def stage_steer(ctx: StageContext) -> dict[str, Any]:
+    """Steer each task set over alphas, against the single-layer baseline chosen on validation."""
+    import pandas as pd
+
+    from mmdiff.control.steering import run_steering
+
+    c = ctx.config.control
+    adapter, present, common = _control_common(ctx)
+    run_steering(ctx.run_dir, adapter, get_records(ctx, c.test), get_records(ctx, c.validation),
+                 tasks=present, alphas=tuple(c.alphas), positions=c.steer_positions, **common)
+    df = pd.read_parquet(ctx.run_dir / "eval" / "steering.parquet")
+    best = df[df["selected"]] if "selected" in df else df
+    return {"selected": best[["method", "task", "alpha", "score"]].round(4).to_dict(orient="records")}
 
 
 def study_stages(cfg: StudyConfig) -> list[Stage]:
     """The stages of a study, in the order they run."""
     capture_outputs = [f"activations/{ds}/{side}" for ds in cfg.capture.datasets for side in cfg.capture.sides]
-    return [
+    stages = [
         Stage("capture", stage_capture, outputs=capture_outputs, config_key="capture", datasets=cfg.capture.datasets,
               describe="residual-stream activations of the VLM and the base LM"),
         Stage("train", stage_train,
@@ -303,12 +318,16 @@ def study_stages(cfg: StudyConfig) -> list[Stage]:
         Stage("detect", stage_detect, outputs=[f"features/{t}.parquet" for t in cfg.stats.tasks],
               needs=["stats", "diff"], config_key="detect",
               describe="task features by contrastive firing and the lexical filter"),
-        Stage("control", stage_control,
-              outputs=["eval/effects.parquet"] + (["eval/steering.parquet"] if cfg.control.validation else []),
-              needs=["train", "stats", "detect"], config_key="control",
-              datasets=[cfg.control.test] + ([cfg.control.validation] if cfg.control.validation else []),
-              describe="remove and steer task features, beside matched controls"),
+        Stage("ablate", stage_ablate, outputs=["eval/effects.parquet"], needs=["train", "stats", "detect"],
+              config_key="control", datasets=[cfg.control.test],
+              describe="remove each task set, beside matched random and mismatched controls"),
     ]
+    if cfg.control.validation is not None:
+        stages.append(
+            Stage("steer", stage_steer, outputs=["eval/steering.parquet"], needs=["train", "stats", "detect"],
+                  config_key="control", datasets=[cfg.control.test, cfg.control.validation],
+                  describe="steer each task set against the single-layer baseline"))
+    return stages
 
 
 def check_config(cfg: StudyConfig, *, full: bool = True) -> list[str]:
