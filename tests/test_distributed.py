@@ -284,7 +284,7 @@ def test_capture_into_rank_stores_and_all_reduced_stats_equal_one_process(tmp_pa
 
 
 # ---------------------------------------------------------------------------------- training
-def _train(rank: int, store_root: Path, out: Path, mode: str, kill_at: int | None) -> None:
+def _train(rank: int, store_root: Path, out: Path, mode: str, kill_at: int | None, gather: bool = False) -> None:
     from mmdiff.parallel import train_saes_distributed
 
     def on_step(step: int) -> None:
@@ -292,9 +292,14 @@ def _train(rank: int, store_root: Path, out: Path, mode: str, kill_at: int | Non
             os.kill(os.getpid(), signal.SIGKILL)
 
     result = train_saes_distributed(
-        None, ActivationStore(store_root), LAYERS, CFG, out, mode=mode, progress=False, on_step=on_step
+        None, ActivationStore(store_root), LAYERS, CFG, out, mode=mode, progress=False, on_step=on_step,
+        gather_saes=gather,
     )
-    torch.save({"resumed_from": result.resumed_from_step, "layers": sorted(result.saes)}, out / f"result_{rank}.pt")
+    torch.save(
+        {"resumed_from": result.resumed_from_step, "layers": sorted(result.saes),
+         "W_dec": {L: sae.W_dec.detach() for L, sae in result.saes.items()}},
+        out / f"result_{rank}.pt",
+    )  # fmt: skip
 
 
 def reference_run(store: ActivationStore, out: Path) -> dict[str, torch.Tensor]:
@@ -358,11 +363,17 @@ def test_sigkill_of_one_rank_then_resume_gives_the_same_weights(trained):
     assert "step_000000002" in {p.name for p in rank_dirs[1].iterdir()}
     assert not (out / "train_metrics.parquet").exists()
 
-    assert_ranks_ok(run_ranks(_train, store.root, out, "layers", None, tmp=tmp / "resume_run"), tmp / "resume_run")
-    assert torch.load(out / "result_0.pt")["resumed_from"] == 2
+    assert_ranks_ok(run_ranks(_train, store.root, out, "layers", None, True, tmp=tmp / "resume_run"), tmp / "resume_run")
+    results = [torch.load(out / f"result_{r}.pt") for r in range(WORLD)]
+    assert [r["resumed_from"] for r in results] == [2, 2]
     got, want = state_of(out), state_of(uninterrupted)
     for key in want:
         assert torch.equal(got[key], want[key]), key
+    # gather_saes: every rank ends with every layer's SAE, its own trained and the others loaded
+    for r in results:
+        assert r["layers"] == LAYERS
+        for L in LAYERS:
+            assert torch.equal(r["W_dec"][L], want[f"{L}.W_dec"])
 
 
 # ---------------------------------------------------------------------------------- real torchrun

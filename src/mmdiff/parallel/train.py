@@ -37,6 +37,7 @@ from torch import Tensor
 
 from mmdiff.distributed import (
     DistContext,
+    all_gather_cat,
     all_gather_object,
     all_reduce_max,
     all_reduce_sum,
@@ -196,8 +197,8 @@ def gather_to_owners(
         if parts is not None:
             full = torch.cat(parts)  # [n_local * world, m, d]
             mine = {L: full[:, i] for i, L in enumerate(owned)}
-    types = batch.token_types.repeat(ctx.world_size)  # unused by the step; kept for the shape
-    return TokenBatch(mine, types)
+    types = all_gather_cat(batch.token_types.to(comm_device))  # [n_local * world], rank order
+    return TokenBatch(mine, types.to(batch.token_types.device))
 
 
 @torch.no_grad()
@@ -363,6 +364,7 @@ def train_saes_distributed(
     presharded: bool = False,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    gather_saes: bool = False,
 ) -> TrainResult:
     """`train_saes` over the ranks of torchrun: one TopK SAE per layer, written to out_dir/layer_<L>/.
 
@@ -373,7 +375,9 @@ def train_saes_distributed(
     the world size; cfg.device None = this rank's device. `on_step(step)` runs after every step.
 
     Returns this rank's TrainResult: `saes` holds the SAEs it trained (mode layers: its own layers;
-    ddp: all), `metrics` and `sae_dirs` cover every layer. In a single process this is `train_saes`.
+    ddp: all), or every layer's with gather_saes=True (the others loaded from the folders their
+    ranks wrote, onto this rank's device: what a study needs for its held-out evaluation);
+    `metrics` and `sae_dirs` cover every layer. In a single process this is `train_saes`.
     """
     ctx = context()
     layers = sorted({int(L) for L in layers})
@@ -475,8 +479,15 @@ def train_saes_distributed(
         save_checkpoint(rank_dir / f"step_{step:09d}", saes, optimizer, dead, position, step,
                         tokens, metrics, cfg, sources)  # fmt: skip
         _prune(rank_dir, step)
-    return _finish(saes, warm, metrics, out_dir, step, tokens, resumed_from, data_ran_out, cfg,
-                   mode, layers, ctx)  # fmt: skip
+    result = _finish(saes, warm, metrics, out_dir, step, tokens, resumed_from, data_ran_out, cfg,
+                     mode, layers, ctx)  # fmt: skip
+    if gather_saes:
+        from mmdiff.sae import load_sae
+
+        for L in layers:
+            if L not in result.saes:
+                result.saes[L] = load_sae(out_dir / f"layer_{L}", layer=L, device=device)
+    return result
 
 
 def _finish(
