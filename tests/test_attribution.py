@@ -136,7 +136,7 @@ def test_linear_objective_both_methods_equal_exact_patching(roots):
     torch.testing.assert_close(attr.layer_a, exact.layer_noising, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "paligemma"])
 def test_rank_correlation_with_exact_patching(roots, family):
     adapter = load(roots, family)
     records = make_records(4)
