@@ -191,7 +191,7 @@ def gather_to_owners(
         owned = [L for L in sorted(owners) if owners[L] == owner]
         if not owned:
             continue
-        send = torch.stack([batch.acts[L] for L in owned], 1).to(comm_device)  # [n_local, m, d]
+        send = torch.stack([batch.acts[L] for L in owned], 1).to(comm_device, non_blocking=True)  # [n_local, m, d]
         parts = [torch.empty_like(send) for _ in range(ctx.world_size)] if owner == ctx.rank else None
         dist.gather(send, parts, dst=owner)
         if parts is not None:
@@ -249,7 +249,8 @@ def ddp_train_step(
 
     order = sorted(saes)
     optimizer.zero_grad(set_to_none=True)
-    xs = [batch.acts[L].to(device=device, dtype=torch.float32) for L in order]  # [n_local, d] each
+    # pinned host batches (Prefetcher) copy asynchronously; the cast runs on the device
+    xs = [batch.acts[L].to(device, non_blocking=True).float() for L in order]  # [n_local, d] each
     local_tv, global_tv = _total_variances(xs, n_global)
     scale = local_tv / global_tv  # [m]
     handles, fired, parts = [], {}, []
