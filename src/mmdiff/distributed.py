@@ -41,7 +41,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 - immutable value
     backend: str | None = None  # None = single process, no process group
 
     @property
@@ -124,11 +124,15 @@ def context() -> DistContext:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         return DistContext(local_rank=local, device=_device_for(local, None))
     backend = str(dist.get_backend())
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if backend == "nccl"
+        else torch.device("cpu")
+    )
     return DistContext(dist.get_rank(), dist.get_world_size(), local, device, backend)
 
 
@@ -167,7 +171,9 @@ def barrier() -> None:
 # ---------------------------------------------------------------------------------- sharding
 
 
-def shard_records(records: Sequence[T], rank: int | None = None, world_size: int | None = None) -> list[T]:
+def shard_records(
+    records: Sequence[T], rank: int | None = None, world_size: int | None = None
+) -> list[T]:
     """Rank r's records: r, r + world, r + 2 world, ... (every record on exactly one rank).
 
     Strided, so ranks get equal counts (within one) whatever the order of lengths; deterministic
@@ -177,7 +183,9 @@ def shard_records(records: Sequence[T], rank: int | None = None, world_size: int
     rank = ctx.rank if rank is None else int(rank)
     world = ctx.world_size if world_size is None else int(world_size)
     if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"rank must lie in [0, world_size) with world_size >= 1, found rank={rank}, world_size={world}")
+        raise ConfigError(
+            f"rank must lie in [0, world_size) with world_size >= 1, found rank={rank}, world_size={world}"
+        )
     return list(records)[rank::world]
 
 

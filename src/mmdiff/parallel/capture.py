@@ -143,7 +143,12 @@ def capture_store_distributed(
     with writer:
         todo = [r for r in mine if not writer.has_record(r.id)]
         for batch in iter_activations(
-            adapter, todo, layers, side=side, batch_size=batch_size, progress=progress and ctx.is_main
+            adapter,
+            todo,
+            layers,
+            side=side,
+            batch_size=batch_size,
+            progress=progress and ctx.is_main,
         ):
             writer.add(batch)
     if ctx.distributed:

@@ -34,7 +34,12 @@ def pin_tensors(item: Any) -> Any:
         return type(item)(pin_tensors(v) for v in item)
     if dataclasses.is_dataclass(item) and not isinstance(item, type):
         return dataclasses.replace(
-            item, **{f.name: pin_tensors(getattr(item, f.name)) for f in dataclasses.fields(item) if f.init}
+            item,
+            **{
+                f.name: pin_tensors(getattr(item, f.name))
+                for f in dataclasses.fields(item)
+                if f.init
+            },
         )
     return item
 
@@ -92,10 +97,15 @@ class Prefetcher:
     def close(self) -> None:
         self._stop.set()
 
-    def __enter__(self) -> Prefetcher:
+    def __del__(self) -> None:  # an abandoned prefetcher stops its thread
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+
+    def __enter__(self) -> Prefetcher:  # noqa: PYI034
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

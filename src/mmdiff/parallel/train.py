@@ -191,8 +191,12 @@ def gather_to_owners(
         owned = [L for L in sorted(owners) if owners[L] == owner]
         if not owned:
             continue
-        send = torch.stack([batch.acts[L] for L in owned], 1).to(comm_device, non_blocking=True)  # [n_local, m, d]
-        parts = [torch.empty_like(send) for _ in range(ctx.world_size)] if owner == ctx.rank else None
+        send = torch.stack([batch.acts[L] for L in owned], 1).to(
+            comm_device, non_blocking=True
+        )  # [n_local, m, d]
+        parts = (
+            [torch.empty_like(send) for _ in range(ctx.world_size)] if owner == ctx.rank else None
+        )
         dist.gather(send, parts, dst=owner)
         if parts is not None:
             full = torch.cat(parts)  # [n_local * world, m, d]
@@ -335,7 +339,11 @@ def _prune(folder: Path, keep: int | None) -> None:
 def _resume_step(ckpt_root: Path, rank_dir: Path, layout: str) -> int | None:
     """The newest step every rank has a checkpoint of (None: start from scratch); prunes the rest."""
     parent = ckpt_root.parent
-    others = [p.name for p in parent.iterdir() if p.is_dir() and p.name != layout] if parent.is_dir() else []
+    others = (
+        [p.name for p in parent.iterdir() if p.is_dir() and p.name != layout]
+        if parent.is_dir()
+        else []
+    )
     if others:
         raise ConfigError(
             f"{parent} holds checkpoints of another layout ({others}; this run is {layout!r}): resume "
@@ -416,7 +424,9 @@ def train_saes_distributed(
         stream = rank_stream(local, layers, cfg, world)
         first = [nxt] if (nxt := next(stream, None)) is not None else []
         if not first:
-            raise DataError(f"rank {rank}'s data yields fewer than {cfg.batch_size // world} tokens")
+            raise DataError(
+                f"rank {rank}'s data yields fewer than {cfg.batch_size // world} tokens"
+            )
         dims = {L: int(first[0][0].acts[L].shape[-1]) for L in layers}
     else:
         dims = None
@@ -425,16 +435,24 @@ def train_saes_distributed(
         raise ConfigError(f"no warm-start SAE for layers {sorted(set(mine) - set(init))}")
     saes, warm = build_saes(init_mine, dims, mine, cfg)
     device = next(iter(saes.values())).W_dec.device
-    comm_device = torch.device("cuda", torch.cuda.current_device()) if ctx.backend == "nccl" else torch.device("cpu")
+    comm_device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if ctx.backend == "nccl"
+        else torch.device("cpu")
+    )
     base_lrs = {L: cfg.lr or default_lr(saes[L].cfg.d_sae) for L in mine}
-    optimizer = torch.optim.Adam([{"params": list(saes[L].parameters()), "lr": base_lrs[L]} for L in mine])
+    optimizer = torch.optim.Adam(
+        [{"params": list(saes[L].parameters()), "lr": base_lrs[L]} for L in mine]
+    )
     dead = DeadLatents(
         {L: torch.zeros(saes[L].cfg.d_sae, dtype=torch.long, device=device) for L in mine},
         cfg.dead_tokens_threshold,
     )
     step, tokens, position, metrics = 0, 0, StreamPosition(), []
     if resume_at is not None:
-        state, dead, position = load_checkpoint(rank_dir / f"step_{resume_at:09d}", saes, optimizer, cfg, sources)
+        state, dead, position = load_checkpoint(
+            rank_dir / f"step_{resume_at:09d}", saes, optimizer, cfg, sources
+        )
         step, tokens, metrics = int(state["step"]), int(state["tokens"]), list(state["metrics"])
     if stream is None:
         stream = rank_stream(local, layers, cfg, world, position)
