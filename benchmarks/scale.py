@@ -229,7 +229,9 @@ class OursTrainer:
     """n_saes TopK SAEs (one per layer) trained by the SAE trainer's own `train_step`."""
 
     def __init__(self, n_saes: int, d: int, s: Sizes, device: torch.device) -> None:
-        from mmdiff.sae.trainer import DeadLatents, TrainConfig, default_lr, random_sae
+        from mmdiff.sae.loss import DeadLatents
+        from mmdiff.sae.trainer import TrainConfig, default_lr
+        from mmdiff.sae.warm_start import random_sae
 
         self.cfg = TrainConfig(k=s.k, batch_size=s.sae_batch, d_sae=s.d_sae, bf16=True, device=str(device))
         self.saes = {L: random_sae(d, s.d_sae, s.k, L, 0, str(device)) for L in range(n_saes)}
@@ -242,7 +244,8 @@ class OursTrainer:
         self.device, self.i = device, 0
 
     def step(self, x: torch.Tensor) -> None:
-        from mmdiff.sae.trainer import TokenBatch, train_step
+        from mmdiff.sae.stream import TokenBatch
+        from mmdiff.sae.trainer import train_step
 
         batch = TokenBatch({L: x for L in self.saes}, torch.zeros(x.shape[0], dtype=torch.int8))
         train_step(self.saes, self.opt, self.dead, batch, self.cfg, self.i, self.lrs, self.device, log=False)

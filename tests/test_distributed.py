@@ -128,7 +128,7 @@ def write_store(root: Path, batches: list[ActivationBatch]) -> ActivationStore:
 
 
 def small_saes(seed: int = 0) -> dict[int, Any]:
-    from mmdiff.sae.trainer import random_sae
+    from mmdiff.sae.warm_start import random_sae
 
     return {L: random_sae(D, 48, 4, L, seed) for L in LAYERS}
 

@@ -24,19 +24,11 @@ from mmdiff.sae import load_sae
 from mmdiff.sae.base import SAEConfig
 from mmdiff.sae.metrics import decoder_cosine, evaluate_sae
 from mmdiff.sae.topk import TopKSAE
-from mmdiff.sae.trainer import (
-    CHECKPOINT_DIR,
-    METRICS_FILE,
-    StreamPosition,
-    TrainConfig,
-    as_token_batch,
-    constrain_decoder_grad,
-    regime_token_types,
-    shuffled_batches,
-    topk_loss,
-    train_saes,
-    train_study_saes,
-)
+from mmdiff.sae.checkpoint import CHECKPOINT_DIR
+from mmdiff.sae.loss import constrain_decoder_grad, topk_loss
+from mmdiff.sae.stream import StreamPosition, as_token_batch, shuffled_batches
+from mmdiff.sae.study_saes import train_study_saes
+from mmdiff.sae.trainer import METRICS_FILE, TrainConfig, regime_token_types, train_saes
 
 IMG, TXT, SPC = int(TokenType.IMAGE), int(TokenType.TEXT), int(TokenType.SPECIAL)
 D, N_ATOMS = 32, 64

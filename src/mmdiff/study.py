@@ -118,7 +118,8 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     """Base-LM SAEs (trained here when none are given), then each masking regime on the VLM."""
     import dataclasses
 
-    from mmdiff.sae.trainer import TrainConfig, train_study_saes
+    from mmdiff.sae.study_saes import train_study_saes
+    from mmdiff.sae.trainer import TrainConfig
     from mmdiff.store import ActivationStore
 
     cfg, t = ctx.config, ctx.config.train
