@@ -21,7 +21,7 @@ from mmdiff.interp.dashboard import (
     write_dashboards,
     write_interp,
 )
-from mmdiff.interp.explain import ActivatingExample, Explanation, FeatureEvidence
+from mmdiff.interp.explain import ActivatingExample, Explanation, FeatureEvidence, OfflineExplainer
 from mmdiff.models import load_adapter
 from mmdiff.models.tiny import BASE_SUBDIR, VLM_SUBDIR, build_tiny
 from mmdiff.sae import SAEConfig, build_sae
@@ -123,10 +123,21 @@ def test_interp_stage_on_tiny_llava(tmp_path):
     with torch.no_grad():
         sae.b_enc.fill_(0.05)
     features = pd.DataFrame({"layer": [1, 1], "feature": [0, 3], "variance_gap": [0.5, 0.25]})
+
+    class BatchExplainer:  # stands in for the LLM explainer: requests go out as one batch
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        def explain_many(self, evidences, progress=True):
+            self.calls.append(len(evidences))
+            return [OfflineExplainer().explain(ev) for ev in evidences]
+
+    explainer = BatchExplainer()
     paths = write_interp(
-        adapter, {1: sae}, features, {"VQAv2": vqa, "VSR": vsr}, tmp_path / "interp", k=2,
+        adapter, {1: sae}, features, {"VQAv2": vqa, "VSR": vsr}, tmp_path / "interp", k=2, explainer=explainer,
         detections={"L1/F0": {"balanced_accuracy": 0.8}}, progress=False,
     )
+    assert explainer.calls == [2]
     maxima = pd.read_parquet(paths["examples"])
     assert len(maxima) == 2 * 3 and set(maxima["source"]) == {"VQAv2", "VSR"}
     explanations = json.loads(paths["explanations"].read_text())["explanations"]

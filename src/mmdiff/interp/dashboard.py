@@ -292,7 +292,13 @@ def write_interp(
         adapter, saes, keys, sources, k=k, heatmaps=heatmaps, batch_size=batch_size, progress=progress
     )
     explainer = explainer or OfflineExplainer()
-    explanations = {key: explainer.explain(collected.evidence[key]) for key in keys if collected.evidence[key].examples}
+    fired = [key for key in keys if collected.evidence[key].examples]
+    evidences = [collected.evidence[key] for key in fired]
+    if hasattr(explainer, "explain_many"):  # the LLM explainer runs its requests concurrently
+        explained = explainer.explain_many(evidences, progress=progress) if evidences else []
+    else:
+        explained = [explainer.explain(ev) for ev in evidences]
+    explanations = dict(zip(fired, explained))
     all_tables = {"selection": features, **dict(tables or {})}
     by_id = {record.id: record for records in sources.values() for record in records}
     cards = []
