@@ -120,7 +120,8 @@ def vlm_inputs(s: Sizes, device: torch.device, seed: int = 0) -> dict[str, torch
     image_id = s.vocab - 1
     text = torch.randint(1, s.vocab - 2, (s.batch, s.text_tokens), generator=g)
     ids = torch.cat(
-        [torch.zeros(s.batch, 1, dtype=torch.long), torch.full((s.batch, n_image), image_id), text], 1
+        [torch.zeros(s.batch, 1, dtype=torch.long), torch.full((s.batch, n_image), image_id), text],
+        1,
     )
     pixels = torch.randn(s.batch, 3, s.image_size, s.image_size, generator=g)
     return {
@@ -192,13 +193,15 @@ def bench_capture(s: Sizes, device: torch.device, repeats: int) -> dict[str, Any
         layers = spread_layers(s.layers, n)
         pinned: dict[int, torch.Tensor] = {}
 
-        def run(to_host: bool) -> None:
+        def run(to_host: bool, layers: list[int] = layers, pinned: dict = pinned) -> None:
             with torch.inference_mode():
                 acts = capture_residuals(backbone, inputs, layers)  # layer -> [B, T, d] bf16
                 if to_host:
                     for L, a in acts.items():
                         if L not in pinned:
-                            pinned[L] = torch.empty(a.shape, dtype=a.dtype, pin_memory=device.type == "cuda")
+                            pinned[L] = torch.empty(
+                                a.shape, dtype=a.dtype, pin_memory=device.type == "cuda"
+                            )
                         pinned[L].copy_(a, non_blocking=True)
 
         reset_peak(device)
@@ -209,16 +212,16 @@ def bench_capture(s: Sizes, device: torch.device, repeats: int) -> dict[str, Any
             "layers": layers, "tokens_per_s": tokens / t_dev, "tokens_per_s_to_host": tokens / t_host,
             "vs_forward": t_dev / (tokens / out["forward"]["tokens_per_s"]), "peak_gib": peak / GiB,
         }  # fmt: skip
-    del model, backbone, inputs
-    reset_peak(device)
-    return out
+    return out  # the model is freed with this frame; the next part resets the peak
 
 
 # ---------------------------------------------------------------------------------- SAE training
 def synthetic_batch(n: int, d: int, step: int, device: torch.device) -> torch.Tensor:
     """Residual-like tokens: a few hundred random directions with heavy-tailed weights, bf16."""
     g = torch.Generator().manual_seed(1_000_003 + step)
-    atoms = torch.nn.functional.normalize(torch.randn(512, d, generator=torch.Generator().manual_seed(7)), dim=1)
+    atoms = torch.nn.functional.normalize(
+        torch.randn(512, d, generator=torch.Generator().manual_seed(7)), dim=1
+    )
     idx = torch.randint(0, 512, (n, 16), generator=g)
     coef = torch.randn(n, 16, generator=g).abs() * 4
     x = torch.nn.functional.embedding_bag(idx, atoms, per_sample_weights=coef, mode="sum")
@@ -233,10 +236,14 @@ class OursTrainer:
         from mmdiff.sae.trainer import TrainConfig, default_lr
         from mmdiff.sae.warm_start import random_sae
 
-        self.cfg = TrainConfig(k=s.k, batch_size=s.sae_batch, d_sae=s.d_sae, bf16=True, device=str(device))
+        self.cfg = TrainConfig(
+            k=s.k, batch_size=s.sae_batch, d_sae=s.d_sae, bf16=True, device=str(device)
+        )
         self.saes = {L: random_sae(d, s.d_sae, s.k, L, 0, str(device)) for L in range(n_saes)}
         self.lrs = {L: default_lr(s.d_sae) for L in self.saes}
-        self.opt = torch.optim.Adam([{"params": list(m.parameters()), "lr": self.lrs[L]} for L, m in self.saes.items()])
+        self.opt = torch.optim.Adam(
+            [{"params": list(m.parameters()), "lr": self.lrs[L]} for L, m in self.saes.items()]
+        )
         self.dead = DeadLatents(
             {L: torch.zeros(s.d_sae, dtype=torch.long, device=device) for L in self.saes},
             self.cfg.dead_tokens_threshold,
@@ -248,7 +255,17 @@ class OursTrainer:
         from mmdiff.sae.trainer import train_step
 
         batch = TokenBatch({L: x for L in self.saes}, torch.zeros(x.shape[0], dtype=torch.int8))
-        train_step(self.saes, self.opt, self.dead, batch, self.cfg, self.i, self.lrs, self.device, log=False)
+        train_step(
+            self.saes,
+            self.opt,
+            self.dead,
+            batch,
+            self.cfg,
+            self.i,
+            self.lrs,
+            self.device,
+            log=False,
+        )
         self.i += 1
 
 
@@ -300,9 +317,15 @@ def bench_train(s: Sizes, device: torch.device, steps: int) -> dict[str, Any]:
     out: dict[str, Any] = {"d_in": d, "d_sae": s.d_sae, "k": s.k, "batch_tokens": s.sae_batch}
     for name, t in times.items():
         med = sorted(t)[len(t) // 2]
-        out[name] = {"tokens_per_s": s.sae_batch / med, "step_ms": med * 1e3, "peak_gib": peaks[name] / GiB}
+        out[name] = {
+            "tokens_per_s": s.sae_batch / med,
+            "step_ms": med * 1e3,
+            "peak_gib": peaks[name] / GiB,
+        }
     if "sparsify" in out:
-        out["mmdiff_over_sparsify"] = out["mmdiff"]["tokens_per_s"] / out["sparsify"]["tokens_per_s"]
+        out["mmdiff_over_sparsify"] = (
+            out["mmdiff"]["tokens_per_s"] / out["sparsify"]["tokens_per_s"]
+        )
     del impls
     reset_peak(device)
     return out
@@ -321,7 +344,7 @@ def trains_with(n: int, s: Sizes, device: torch.device) -> tuple[bool, int]:
     except torch.OutOfMemoryError:
         return False, peak_bytes(device)
     finally:
-        t = None  # noqa: F841 - drop the SAEs before the next probe
+        t = None  # drop the SAEs before the next probe
         reset_peak(device)
 
 
@@ -358,9 +381,13 @@ def bench_capacity(s: Sizes, device: torch.device, budget: int | None) -> dict[s
 # ---------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cpu-smoke", action="store_true", help="small dims on CPU: checks the script, not speed")
+    p.add_argument(
+        "--cpu-smoke", action="store_true", help="small dims on CPU: checks the script, not speed"
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed capture passes (median)")
-    p.add_argument("--steps", type=int, default=20, help="timed SAE steps per implementation (median)")
+    p.add_argument(
+        "--steps", type=int, default=20, help="timed SAE steps per implementation (median)"
+    )
     p.add_argument("--skip", default="", help="comma list of parts to skip: capture,train,capacity")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     a = p.parse_args(argv)

@@ -47,33 +47,36 @@ from mmdiff.distributed import (
     shard_records,
 )
 from mmdiff.errors import ConfigError, DataError
-from mmdiff.sae.trainer import (
+from mmdiff.sae.checkpoint import (
     CHECKPOINT_DIR,
-    METRICS_FILE,
-    DeadLatents,
+    checkpoint_dims,
+    data_fingerprint,
+    init_fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mmdiff.sae.loss import DeadLatents, constrain_decoder_grad, topk_loss
+from mmdiff.sae.stream import (
+    CapturedActivations,
     StreamPosition,
     TokenBatch,
+    is_store,
+    shuffled_batches,
+)
+from mmdiff.sae.trainer import (
+    METRICS_FILE,
     TrainConfig,
     TrainResult,
     _autocast,
-    _is_store,
     _lr_at,
-    build_saes,
-    checkpoint_dims,
-    constrain_decoder_grad,
-    data_fingerprint,
     default_lr,
     init_decoder_bias_,
-    init_fingerprint,
-    load_checkpoint,
     regime_token_types,
-    save_checkpoint,
-    shuffled_batches,
-    topk_loss,
     train_saes,
     train_step,
     training_progress,
 )
+from mmdiff.sae.warm_start import build_saes
 
 Mode = Literal["layers", "ddp"]
 MODES: tuple[str, ...] = ("layers", "ddp")
@@ -122,11 +125,9 @@ def shard_source(data: Any, rank: int, world_size: int) -> Any:
     Other iterables cannot be split without running them on every rank: shard them yourself and
     pass presharded=True to `train_saes_distributed`.
     """
-    from mmdiff.sae.trainer import CapturedActivations
-
     if world_size == 1:
         return data
-    if _is_store(data):
+    if is_store(data):
         return RankStore(data, rank, world_size)
     if isinstance(data, CapturedActivations):
         mine = shard_records(data.records, rank, world_size)
@@ -414,7 +415,7 @@ def train_saes_distributed(
     resume_at = _resume_step(ckpt_root, rank_dir, layout)
     sources = {"data": data_fingerprint(local), "init": init_fingerprint(init)}
     random_init = init is None or cfg.regime == "random"
-    one_shot = not _is_store(local) and iter(local) is local
+    one_shot = not is_store(local) and iter(local) is local
 
     first: list[tuple[TokenBatch, StreamPosition]] = []
     stream = None
