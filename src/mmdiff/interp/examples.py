@@ -61,11 +61,22 @@ def _by_layer(keys: Sequence[FeatureKey], saes: Mapping[int, Any]) -> dict[int, 
     return out
 
 
-def _codes(sae: Any, acts: torch.Tensor, features: list[int]) -> torch.Tensor:
-    """[batch, seq, n_features] the SAE activations of `features` on residuals [batch, seq, d_model]."""
+def _codes(sae: Any, acts: torch.Tensor, features: list[int], token_block: int = 2048) -> torch.Tensor:
+    """[batch, seq, n_features] the SAE activations of `features` on residuals [batch, seq, d_model].
+
+    Encoded `token_block` tokens at a time, so the [tokens, d_sae] code matrix stays small even
+    for wide SAEs and long (anyres) image-token sequences.
+    """
     w = sae.W_dec
+    b, t, d = acts.shape
+    flat = acts.reshape(b * t, d)
+    index = torch.as_tensor(features, dtype=torch.long, device=w.device)
+    out = []
     with torch.no_grad():
-        return sae.encode(acts.to(device=w.device, dtype=w.dtype))[..., features].float().cpu()
+        for start in range(0, b * t, token_block):
+            block = flat[start : start + token_block].to(device=w.device, dtype=w.dtype)
+            out.append(sae.encode(block).index_select(-1, index).float().cpu())  # [block, n_features]
+    return torch.cat(out).reshape(b, t, len(features))
 
 
 def feature_maxima(
