@@ -20,6 +20,11 @@ nothing about real speed.
     python benchmarks/scale.py                       # GPU, ~10 minutes, needs ~60 GB free
     python benchmarks/scale.py --cpu-smoke           # CPU, seconds
     python benchmarks/scale.py --json out.json       # also write the figures as JSON
+    torchrun --nproc_per_node 8 benchmarks/scale.py --mode layers   # 32 layers' SAEs over 8 GPUs
+    torchrun --nproc_per_node 2 benchmarks/scale.py --cpu-smoke     # the same on CPU with gloo
+
+Under torchrun only the distributed SAE training is measured: `train_saes_distributed` with the
+given --mode on every layer (or --layers), effective-batch tokens/s and each rank's peak memory.
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import json
 import math
+import os
 import resource
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -378,6 +386,56 @@ def bench_capacity(s: Sizes, device: torch.device, budget: int | None) -> dict[s
     return out
 
 
+# ---------------------------------------------------------------------------------- torchrun
+def bench_train_distributed(
+    s: Sizes, steps: int, mode: str, n_layers: int, tmp: str
+) -> dict[str, Any] | None:
+    """SAE training of `n_layers` layers over the ranks of torchrun (`train_saes_distributed`):
+    effective-batch tokens/s and per-rank peak memory. Each rank feeds its own synthetic slice
+    (presharded), so the figure is the training's, not a data loader's. Rank 0's result, else None.
+    """
+    from mmdiff.distributed import all_gather_object, init_distributed
+    from mmdiff.parallel import train_saes_distributed
+    from mmdiff.sae.trainer import TrainConfig
+
+    ctx = init_distributed()
+    device = ctx.device
+    local = s.sae_batch // ctx.world_size
+    data = [
+        {
+            "acts": {L: synthetic_batch(local, s.hidden, 97 * ctx.rank + i + L, device) for L in range(n_layers)},
+            "token_types": torch.zeros(local, dtype=torch.int8, device=device),
+        }
+        for i in range(2)
+    ]  # fmt: skip
+    cfg = TrainConfig(
+        k=s.k, batch_size=s.sae_batch, total_tokens=s.sae_batch * (steps + 2), d_sae=s.d_sae,
+        buffer_tokens=s.sae_batch, checkpoint_every=0, log_every=10**9, device=str(device),
+    )  # fmt: skip
+    stamps: list[float] = []
+
+    def on_step(step: int) -> None:
+        sync(device)
+        stamps.append(time.perf_counter())
+
+    reset_peak(device)
+    train_saes_distributed(
+        None, data, list(range(n_layers)), cfg, f"{tmp}/{mode}", mode=mode, presharded=True,
+        progress=False, on_step=on_step,
+    )  # fmt: skip
+    gaps = sorted(b - a for a, b in itertools.pairwise(stamps[2:]))  # after 2 warm-up steps
+    step_s = gaps[len(gaps) // 2] if gaps else float("nan")
+    peaks = all_gather_object(peak_bytes(device) / GiB)
+    if not ctx.is_main:
+        return None
+    return {
+        "mode": mode, "world_size": ctx.world_size, "layers": n_layers, "d_sae": s.d_sae,
+        "batch_tokens": s.sae_batch, "step_ms": step_s * 1e3,
+        "tokens_per_s": s.sae_batch / step_s, "layer_tokens_per_s": s.sae_batch * n_layers / step_s,
+        "peak_gib_per_rank": peaks,
+    }  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -390,6 +448,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--skip", default="", help="comma list of parts to skip: capture,train,capacity")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument(
+        "--mode",
+        default="layers",
+        choices=["layers", "ddp"],
+        help="under torchrun: the distributed training mode to measure",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="under torchrun: layers trained together (default: all of the model's)",
+    )
     a = p.parse_args(argv)
 
     if a.cpu_smoke:
@@ -406,6 +476,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         s, device = REAL, torch.device("cuda")
         torch.backends.cuda.matmul.allow_tf32 = True
     skip = set(filter(None, a.skip.split(",")))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the distributed training only
+        with tempfile.TemporaryDirectory() as tmp:
+            from mmdiff.distributed import broadcast_object, init_distributed
+
+            init_distributed("gloo" if device.type == "cpu" else None)
+            tmp = broadcast_object(tmp)  # one output folder for all ranks (a shared filesystem)
+            out = bench_train_distributed(s, a.steps, a.mode, a.layers or s.layers, tmp)
+        if out is not None:
+            print(json.dumps({"train_distributed": out}, indent=1), flush=True)
+            if a.json:
+                from mmdiff.atomic import write_json
+
+                write_json(a.json, {"train_distributed": out})
+        return out or {}
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
         "torch": torch.__version__, "sizes": dataclasses.asdict(s),
