@@ -111,3 +111,44 @@ def test_dry_run_names_missing_things(tiny_study, tmp_path):
     assert "'nope'" in res.output and "missing_model" in res.output
     res = CliRunner().invoke(app, ["run", "--config", str(tiny_study / "study.yaml"), "--dry-run"])
     assert res.exit_code == 0, res.output
+
+
+def test_kill_during_training_then_resume(tiny_study, tmp_path):
+    """SIGKILL while the SAEs train: capture stays done, the rerun resumes and finishes every stage."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = yaml.safe_load((tiny_study / "study.yaml").read_text())
+    cfg["name"] = "killed"
+    cfg["train"]["total_tokens"] = 4096  # long enough to be caught mid-way
+    p = tmp_path / "killed.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "mmdiff", "run", "--config", str(p), "--runs-dir", str(runs), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    manifest = runs / "killed" / "manifest.json"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if manifest.exists():
+                stages = json.loads(manifest.read_text())["stages"]
+                if stages.get("train", {}).get("status") == "running" and list((runs / "killed" / "saes").glob("*/layer_0")):
+                    break  # at least one role finished, another is training
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stages = json.loads(manifest.read_text())["stages"]
+    assert stages["capture"]["status"] == "done" and stages["train"]["status"] == "running"
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stages = json.loads(manifest.read_text())["stages"]
+    assert all(s["status"] == "done" for s in stages.values()), {k: s["status"] for k, s in stages.items()}
+    assert re.search(r"capture\s+skipped", res.stdout + res.stderr)

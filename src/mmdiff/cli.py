@@ -138,6 +138,55 @@ _stage_command("steer", "Steer each task set over a sweep of strengths, against 
                "(difference-of-means) baseline at its best layer and strength, with bootstrap CIs.")
 
 
+organism_app = typer.Typer(help="The bundled model organism: a tiny Llama base LM and its LLaVA VLM, "
+                           "fine-tuned on the procedural shapes world.", no_args_is_help=True)
+app.add_typer(organism_app, name="organism")
+
+
+@organism_app.command("build")
+def organism_build(
+    out_dir: Path = typer.Argument(..., help="Where to write base_lm/, vlm/ and organism.json."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Rebuild the organism from scratch, deterministically (base LM on text, then LLaVA's two stages)."""
+    from mmdiff.organism import build_organism
+
+    manifest = build_organism(out_dir, progress=progress)
+    seconds = manifest.get("seconds") if isinstance(manifest, dict) else None
+    typer.echo(f"organism written to {out_dir.resolve()}" + (f" in {seconds}" if seconds else ""))
+
+
+@organism_app.command("eval")
+def organism_eval(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Default: the shipped checkpoint."),
+    split: str = typer.Option("test", help="Shapes split: train, validation or test."),
+    n_per_task: int = typer.Option(200, help="Records per question family."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Per-task accuracy of the VLM and of the base LM (given the caption), and the VLM's attack success rate."""
+    from rich.table import Table
+
+    from mmdiff.organism import evaluate_organism
+
+    res = evaluate_organism(checkpoint, split=split, n_per_task=n_per_task, progress=progress)
+    table = Table(title=f"organism on the {split} split ({n_per_task} per task)")
+    table.add_column("task")
+    table.add_column("VLM (image)")
+    table.add_column("base LM (caption)")
+    for fam in sorted(set(res.get("vlm", {})) | set(res.get("base", {}))):
+        cells = []
+        for side in ("vlm", "base"):
+            r = res.get(side, {}).get(fam)
+            if r is None:
+                cells.append("-")
+            elif "asr" in r:
+                cells.append(f"ASR {r['asr']:.1%}, refusals {r.get('refusal_rate', float('nan')):.1%}")
+            else:
+                cells.append(f"{r['accuracy']:.1%}")
+        table.add_row(fam, *cells)
+    Console().print(table)
+
+
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/organism.")) -> None:
     """Rebuild the study's HTML report (report/index.html) from what a run directory holds."""
