@@ -330,7 +330,8 @@ def _train(
     )
     torch.save(
         {"resumed_from": result.resumed_from_step, "layers": sorted(result.saes),
-         "W_dec": {L: sae.W_dec.detach() for L, sae in result.saes.items()}},
+         "W_dec": {L: sae.W_dec.detach() for L, sae in result.saes.items()},
+         "init_layers": sorted(result.init)},
         out / f"result_{rank}.pt",
     )  # fmt: skip
 
@@ -365,7 +366,8 @@ def test_distributed_training_equals_one_process_on_the_effective_batch(trained,
     ref = refs[warm]
     out = tmp / (mode if not warm else f"{mode}_warm")
     logs = tmp / f"{out.name}_run"
-    assert_ranks_ok(run_ranks(_train, store.root, out, mode, None, False, warm, tmp=logs), logs)
+    # the warm run gathers every layer's SAE (and warm start) on every rank
+    assert_ranks_ok(run_ranks(_train, store.root, out, mode, None, warm, warm, tmp=logs), logs)
     got = state_of(out)
     assert got.keys() == ref.keys()
     for key in ref:
@@ -373,8 +375,11 @@ def test_distributed_training_equals_one_process_on_the_effective_batch(trained,
     # training moved the weights (a no-op would not be compared against anything)
     init = small_saes(WARM_SEED if warm else CFG.seed)  # the weights training started from
     assert not torch.allclose(got["2.W_dec"], init[2].W_dec, atol=1e-3)
-    owned = [torch.load(out / f"result_{r}.pt")["layers"] for r in range(WORLD)]
-    assert owned == ([[2, 9], [5]] if mode == "layers" else [LAYERS, LAYERS])
+    results = [torch.load(out / f"result_{r}.pt") for r in range(WORLD)]
+    owned = [r["layers"] for r in results]
+    assert owned == ([[2, 9], [5]] if mode == "layers" and not warm else [LAYERS, LAYERS])
+    if warm:
+        assert [r["init_layers"] for r in results] == [LAYERS, LAYERS]
     metrics = pd.read_parquet(out / "train_metrics.parquet")
     assert sorted(metrics["layer"].unique()) == LAYERS and metrics["step"].max() == CFG.total_steps
     ref_metrics = pd.read_parquet(tmp / f"reference_{warm}" / "train_metrics.parquet")

@@ -498,15 +498,18 @@ def train_saes_distributed(
     if cfg.keep_checkpoint:
         save_checkpoint(rank_dir / f"step_{step:09d}", saes, optimizer, dead, position, step,
                         tokens, metrics, cfg, sources)  # fmt: skip
+        barrier()
         _prune(rank_dir, step)
     result = _finish(saes, warm, metrics, out_dir, step, tokens, resumed_from, data_ran_out, cfg,
                      mode, layers, ctx)  # fmt: skip
-    if gather_saes:
+    others = [L for L in layers if L not in result.saes]
+    if gather_saes and others:
         from mmdiff.sae import load_sae
 
-        for L in layers:
-            if L not in result.saes:
-                result.saes[L] = load_sae(out_dir / f"layer_{L}", layer=L, device=device)
+        for L in others:
+            result.saes[L] = load_sae(out_dir / f"layer_{L}", layer=L, device=device)
+        if init is not None:  # the warm starts of the other layers too (decoder cosines)
+            result.init.update(build_saes({L: init[L] for L in others}, None, others, cfg)[1])
     return result
 
 
