@@ -41,6 +41,8 @@ def tiny_study(tmp_path_factory):
         "detect": {"restrict_to_adapted": False, "min_delta_p": 0.0, "alpha": 0.5, "min_image_share": 0.0,
                    "min_neutral_firing": 0.0},
         "control": {"n_random": 2, "n_boot": 200, "alphas": [-1.0, 0.0, 1.0], "batch_size": 8},
+        "attribution": {"top_k": 2, "n_calibration": 8, "max_features": 3, "overlay_heads": 1},
+        "interp": {"k": 3, "max_adapted": 2},
     }
     (root / "study.yaml").write_text(yaml.safe_dump(cfg))
     return root
@@ -62,7 +64,7 @@ def test_run_whole_chain_then_skips(tiny_study):
     assert manifest["stages"]["capture"]["summary"]["train/vlm"]["records"] == 16
     stages = manifest["stages"]
     assert [s for s in stages if stages[s]["status"] == "done"] == [
-        "capture", "train", "stats", "diff", "detect", "ablate", "steer"]
+        "capture", "train", "stats", "diff", "detect", "attribute", "interp", "ablate", "steer"]
     for role in ("base", "full", "image", "text", "random"):
         assert (run / "saes" / role / "layer_1" / "cfg.json").is_file()
     import pandas as pd
@@ -80,7 +82,9 @@ def test_run_whole_chain_then_skips(tiny_study):
     html = (run / "report" / "index.html").read_text()
     assert "Adapted features" in html and "<script" not in html
     res = runner.invoke(app, args)
-    assert res.exit_code == 0 and res.output.count("skipped") >= 7
+    assert (run / "interp" / "dashboards" / "index.html").is_file()
+    assert len(pd.read_parquet(run / "attribution" / "heads.parquet")) > 0
+    assert res.exit_code == 0 and res.output.count("skipped") >= 9
     assert (run / "config.yaml").exists()
     # a changed detect threshold redoes detect only
     res = runner.invoke(app, args + ["--only", "detect", "--force"])
@@ -97,7 +101,7 @@ def test_unrelated_dataset_change_reruns_nothing(tiny_study, tmp_path):
     res = CliRunner().invoke(app, ["run", "--config", str(p), *runs])
     assert res.exit_code == 0, res.output
     rows = [r for r in re.findall(r"^\s+(\w+)\s+(done|skipped)\s", res.output, re.M) if r[0] != "report"]
-    assert len(rows) == 7 and {status for _, status in rows} == {"skipped"}
+    assert len(rows) == 9 and {status for _, status in rows} == {"skipped"}
 
 
 def test_dry_run_names_missing_things(tiny_study, tmp_path):

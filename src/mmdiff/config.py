@@ -114,6 +114,40 @@ class DetectSpec(Section):
     restrict_to_adapted: bool = Field(True, description="Intersect candidates with the adapted set (the seed's method).")
 
 
+class AttributionSpec(Section):
+    """Attribution patching of task features to attention heads (METHOD.md §5)."""
+
+    top_k: int = Field(8, ge=1, description="Each feature's top activating samples averaged over.")
+    n_calibration: int = Field(256, ge=1, description="Records whose mean visual embedding is the corrupt run.")
+    objective: Literal["projection", "activation"] = Field("projection", description=(
+        "Residual projection on the decoder direction summed over positions, or the SAE activation."))
+    exact: bool = Field(False, description="Also run exact activation patching (one pass per head) to validate.")
+    max_features: int = Field(24, ge=1, description="At most this many task features (strongest first).")
+    overlay_heads: int = Field(3, ge=0, description="Attention overlays of this many top and bottom heads.")
+    batch_size: int = Field(8, ge=1)
+
+
+class LLMSpec(Section):
+    """An OpenAI-compatible chat endpoint (OpenAI, vLLM, sglang, ollama) for explanations and scoring."""
+
+    base_url: str = Field(description="e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
+    model: str
+    api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the key.")
+    supports_images: bool = True
+    max_concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class InterpSpec(Section):
+    """Top examples, heatmaps, explanations and feature dashboards (METHOD.md §4)."""
+
+    k: int = Field(10, ge=1, description="Top examples per feature and source.")
+    heatmaps: bool = Field(True, description="Image-patch heatmaps on the model's grid.")
+    max_adapted: int = Field(16, ge=0, description="Besides the task features, the most-changed adapted features.")
+    llm: LLMSpec | None = Field(None, description="None = the offline explainer (no network).")
+    batch_size: int = Field(8, ge=1)
+
+
 class ControlSpec(Section):
     """Removal and steering of the task sets against controls, with bootstrap CIs (METHOD.md §6-7)."""
 
@@ -144,6 +178,8 @@ class StudyConfig(Section):
     stats: StatsSpec = Field(default_factory=StatsSpec)
     diff: DiffSpec = Field(default_factory=DiffSpec)
     detect: DetectSpec = Field(default_factory=DetectSpec)
+    attribution: AttributionSpec = Field(default_factory=AttributionSpec)
+    interp: InterpSpec = Field(default_factory=InterpSpec)
     control: ControlSpec = Field(default_factory=ControlSpec)
 
     @field_validator("layers")

@@ -258,6 +258,88 @@ def stage_detect(ctx: StageContext) -> dict[str, Any]:
     return {t: int(len(pd.read_parquet(ctx.run_dir / "features" / f"{t}.parquet"))) for t in s.tasks}
 
 
+def task_feature_table(run_dir: Path, tasks: list[str]) -> "pd.DataFrame":
+    """Every task feature with its task, strongest contrast first (Delta p)."""
+    import pandas as pd
+
+    frames = []
+    for t in tasks:
+        df = pd.read_parquet(run_dir / "features" / f"{t}.parquet")
+        frames.append(df.assign(task=t))
+    if not frames:
+        return pd.DataFrame(columns=["layer", "feature", "task"])
+    df = pd.concat(frames, ignore_index=True)
+    key = "delta_p" if "delta_p" in df else None
+    return df.sort_values(key, ascending=False) if key else df
+
+
+def stage_attribute(ctx: StageContext) -> dict[str, Any]:
+    """Attribution patching of the task features to attention heads (methods A and B)."""
+    import json
+
+    import pandas as pd
+
+    from mmdiff.attribution import attribute_features
+
+    cfg, a = ctx.config, ctx.config.attribution
+    adapter = get_adapter(ctx)
+    features = task_feature_table(ctx.run_dir, cfg.stats.tasks)
+    features = features.drop_duplicates(["layer", "feature"]).head(a.max_features)
+    out = ctx.run_dir / "attribution"
+    if features.empty:
+        from mmdiff.atomic import write_json, write_parquet
+
+        write_parquet(out / "heads.parquet", pd.DataFrame(columns=["feature", "layer", "head", "score_a", "score_b"]))
+        write_json(out / "summary.json", {"features": 0, "note": "no task features to attribute"})
+        return {"features": 0}
+    records = get_records(ctx, cfg.stats.dataset)
+    saes = load_role_saes(ctx.run_dir, cfg.stats.role, sorted(set(features["layer"])), adapter, "vlm")
+    top = pd.read_parquet(ctx.run_dir / "stats" / "vision.topk.parquet")
+    attribute_features(adapter, saes, features, records, out, top_k=a.top_k, top_examples=top,
+                       n_calibration=a.n_calibration, objective=a.objective, exact=a.exact,
+                       overlay_heads=a.overlay_heads, batch_size=a.batch_size, progress=ctx.progress)
+    summary = json.loads((out / "summary.json").read_text())
+    return {"features": int(len(features)), **{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}}
+
+
+def stage_interp(ctx: StageContext) -> dict[str, Any]:
+    """Top examples with heatmaps, explanations (offline or an LLM) and one dashboard per feature."""
+    import pandas as pd
+
+    from mmdiff.interp.dashboard import write_interp
+    from mmdiff.interp.explain import make_explainer
+
+    cfg, it, s = ctx.config, ctx.config.interp, ctx.config.stats
+    adapter = get_adapter(ctx)
+    features = task_feature_table(ctx.run_dir, s.tasks)
+    diff = pd.read_parquet(ctx.run_dir / "stats" / "diff.parquet")
+    adapted = diff[diff["selected"]].sort_values("variance_gap", ascending=False).head(it.max_adapted)
+    features = pd.concat([features, adapted.assign(task="adapted")], ignore_index=True)
+    features = features.drop_duplicates(["layer", "feature"])[["layer", "feature", "task"]]
+    records = get_records(ctx, s.dataset)
+    sources = {"generic VQA": [r for r in records if s.base_split in r.tasks and not set(s.tasks) & set(r.tasks)]}
+    for t in s.tasks:
+        sources[t] = [r for r in records if t in r.tasks]
+    sources = {k: v for k, v in sources.items() if v}
+    llm = None
+    if it.llm is not None:
+        from mmdiff.interp.client import LLMConfig
+
+        llm = LLMConfig(**it.llm.model_dump(), cache_dir=ctx.run_dir / "interp" / "llm_cache")
+    saes = load_role_saes(ctx.run_dir, s.role, sorted(set(features["layer"])), adapter, "vlm")
+    tables = {"diff": diff}
+    for t in s.tasks:
+        p = ctx.run_dir / "stats" / f"detect_{t}.parquet"
+        if p.exists():
+            tables[f"detect {t}"] = pd.read_parquet(p)
+    heads_path = ctx.run_dir / "attribution" / "heads.parquet"
+    heads = pd.read_parquet(heads_path) if heads_path.exists() else None
+    write_interp(adapter, saes, features, sources, ctx.run_dir / "interp", explainer=make_explainer(llm),
+                 tables=tables, heads=heads, overlays_dir=ctx.run_dir / "attribution" / "overlays",
+                 k=it.k, heatmaps=it.heatmaps, batch_size=it.batch_size, progress=ctx.progress)
+    return {"features": int(len(features)), "explainer": "llm" if llm else "offline"}
+
+
 def _control_common(ctx: StageContext) -> tuple[Any, list[str], dict[str, Any]]:
     import pandas as pd
 
@@ -319,6 +401,14 @@ def study_stages(cfg: StudyConfig) -> list[Stage]:
         Stage("detect", stage_detect, outputs=[f"features/{t}.parquet" for t in cfg.stats.tasks],
               needs=["stats", "diff"], config_key="detect",
               describe="task features by contrastive firing and the lexical filter"),
+        Stage("attribute", stage_attribute, outputs=["attribution/heads.parquet"],
+              needs=["train", "stats", "detect"], config_key="attribution",
+              datasets=[cfg.stats.dataset] if isinstance(cfg.stats.dataset, str) else cfg.stats.dataset,
+              describe="attribution patching of task features to attention heads"),
+        Stage("interp", stage_interp, outputs=["interp/explanations.json", "interp/dashboards/index.html"],
+              needs=["train", "stats", "diff", "detect", "attribute"], config_key="interp",
+              datasets=[cfg.stats.dataset] if isinstance(cfg.stats.dataset, str) else cfg.stats.dataset,
+              describe="top examples, heatmaps, explanations and feature dashboards"),
         Stage("ablate", stage_ablate, outputs=["eval/effects.parquet"], needs=["train", "stats", "detect"],
               config_key="control", datasets=[cfg.control.test],
               describe="remove each task set, beside matched random and mismatched controls"),
