@@ -132,6 +132,10 @@ _stage_command("diff", "Adapted features: variance gap, decoder cosine, the two-
                "relative decoder norm and bootstrap stability.")
 _stage_command("detect", "Task features (spatial, OCR, safety) by contrastive firing against generic VQA, "
                "with Fisher/BH significance, the adapted-set intersection and the lexical filter.")
+_stage_command("attribute", "Attribution patching of task features to attention heads: methods A and B in two "
+               "forwards and one backward each, optional exact patching to validate, attention overlays.")
+_stage_command("interp", "Top activating examples with image-patch heatmaps, explanations (offline, or an "
+               "OpenAI-compatible LLM) with detection scores, and one HTML dashboard per feature.")
 _stage_command("ablate", "Remove each task set (project out its decoder directions) and measure every "
                "task, beside frequency-matched random features and mismatched sets, with bootstrap CIs.")
 _stage_command("steer", "Steer each task set over a sweep of strengths, against the single-layer "
