@@ -453,3 +453,81 @@ def test_under_torchrun_on_loopback(tmp_path):
     import json
 
     assert json.loads(out.read_text()) == {"world": WORLD, "backend": "gloo", "total": 7.0}
+
+
+# ---------------------------------------------------------------------------------- the CLI
+def _pipeline_is_wired() -> bool:
+    from mmdiff.pipeline import Stage
+
+    return "distributed" in getattr(Stage, "__dataclass_fields__", {})
+
+
+@pytest.mark.skipif(
+    not _pipeline_is_wired(), reason="the pipeline has no distributed stages yet (lead's wiring)"
+)
+def test_mmdiff_run_under_torchrun_matches_one_process(tmp_path):
+    """`torchrun -m mmdiff run` on 2 ranks: the capture reads back as one store holding every
+    record, and the statistics equal one process's over the same SAEs."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    from PIL import Image
+
+    from mmdiff.capture import iter_activations
+    from mmdiff.config import load_config
+    from mmdiff.models.tiny import build_tiny, load_tiny
+    from mmdiff.stats import collect_feature_stats_by_split
+    from mmdiff.study import load_records, load_role_saes
+
+    models = build_tiny("llava", tmp_path / "tiny")
+    rows = []
+    for i in range(12):
+        Image.new("RGB", (32, 32), ((37 * i) % 255, 90, 200)).save(tmp_path / f"im{i}.png")
+        spatial = i % 2 == 0
+        rows.append(
+            {"id": f"r{i}", "image": f"im{i}.png", "caption": f"a red square {i}",
+             "question": "Is the square left of the circle?" if spatial else "What colour?",
+             "answers": ["yes" if spatial else "red"], "tasks": ["spatial"] if spatial else ["vqa"]}
+        )  # fmt: skip
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = {"kind": "jsonl", "args": {"path": str(tmp_path / "data.jsonl")}}
+    cfg = {
+        "name": "tiny", "layers": [0, 1],
+        "model": {"vlm": str(models / "vlm"), "base_lm": str(models / "base")},
+        "datasets": {"train": data, "test": data},
+        "capture": {"datasets": ["train"], "batch_size": 4, "shard_tokens": 1024},
+        "train": {"k": 4, "batch_size": 64, "total_tokens": 512, "checkpoint_every": 4,
+                  "expansion_factor": 4, "regimes": ["text"], "spliced_loss": False},
+        "stats": {"tasks": ["spatial"], "neutral_tasks": [], "n_chunks": 4, "top_k": 4},
+    }  # fmt: skip
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "mmdiff", "run",
+           "--config", str(tmp_path / "study.yaml"), "--runs-dir", str(tmp_path / "runs"),
+           "--no-progress", "--only", "capture", "--only", "train", "--only", "stats"]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    run = tmp_path / "runs" / "tiny"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {k: v["status"] for k, v in manifest["stages"].items()} == {
+        "capture": "done", "train": "done", "stats": "done"
+    }  # fmt: skip
+    store = ActivationStore(run / "activations" / "train" / "vlm", verify="hash")
+    assert sorted(store.record_ids) == sorted(r["id"] for r in rows)
+    assert {s["file"].split("/")[0] for s in store.shards} == {"rank_0", "rank_1"}
+
+    study = load_config(tmp_path / "study.yaml")
+    adapter = load_tiny("llava", tmp_path / "tiny")
+    records = load_records(study.datasets["test"])
+    saes = load_role_saes(run, study.stats.role, study.layers, adapter, "vlm")
+    batches = iter_activations(adapter, records, study.layers, "vlm", batch_size=4, progress=False)
+    single = collect_feature_stats_by_split(
+        batches, saes, {"vision": None}, top_k=4, n_chunks=4, progress=False
+    )["vision"]
+    got = pd.read_parquet(run / "stats" / "vision.parquet")
+    pd.testing.assert_frame_equal(got, single.summary(), rtol=1e-5, atol=1e-7)
+    assert got["fires_text"].sum() > 0
