@@ -188,6 +188,12 @@ def test_shard_source_splits_store_shards_and_lists(tmp_path):
     assert len(seen) == len(set(seen)) == store.num_tokens
     with pytest.raises(DataError, match="presharded"):
         shard_source(iter([1, 2]), 0, 2)
+    from mmdiff.sae.stream import CapturedActivations
+
+    live = CapturedActivations(None, list("abcde"), LAYERS, "vlm", 2)  # a live capture's records
+    mine = shard_source(live, 1, WORLD)
+    assert isinstance(mine, CapturedActivations) and mine.records == ["b", "d"]
+    assert (mine.layers, mine.side, mine.batch_size) == (LAYERS, "vlm", 2)
     assert shard_source([1, 2, 3], 1, 2) == [2]
 
 
@@ -207,6 +213,12 @@ def test_prefetcher_yields_in_order_and_reraises(tmp_path):
     b = [b.acts[2] for b in PrefetchingStore(store).iter_batches(LAYERS, 5, seed=1)]
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
     assert PrefetchingStore(store).count_tokens() == store.count_tokens()
+    # a drop-in for the trainer: the same SAEs from the prefetched store
+    cfg = dataclasses.replace(CFG, total_tokens=CFG.batch_size * 3, checkpoint_every=0)
+    train_saes(None, store, LAYERS, cfg, tmp_path / "plain", progress=False)
+    train_saes(None, PrefetchingStore(store), LAYERS, cfg, tmp_path / "prefetched", progress=False)
+    plain, prefetched = state_of(tmp_path / "plain"), state_of(tmp_path / "prefetched")
+    assert all(torch.equal(plain[k], prefetched[k]) for k in plain)
 
 
 # ---------------------------------------------------------------------------------- capture + stats
