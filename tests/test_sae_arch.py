@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from mmdiff.errors import SAEError
-from mmdiff.sae import (SAE, SAEConfig, build_sae, get_sae_class, register_sae_class,
-                        registered_architectures)
+from mmdiff.sae import (
+    SAE,
+    SAEConfig,
+    build_sae,
+    get_sae_class,
+    register_sae_class,
+    registered_architectures,
+)
 from mmdiff.sae.jumprelu import JumpReLUSAE
 
 

@@ -7,7 +7,7 @@ import torch
 
 from mmdiff.sae import kernels
 from mmdiff.sae.base import SAEConfig
-from mmdiff.sae.kernels import (TopKAutoencode, gather_dot, sparse_decode, topk_autoencode_dense)
+from mmdiff.sae.kernels import TopKAutoencode, gather_dot, sparse_decode, topk_autoencode_dense
 from mmdiff.sae.topk import TopKSAE
 
 N, D, F, K = 13, 6, 40, 4
@@ -81,8 +81,8 @@ def test_gradcheck_float64() -> None:
 
 def test_low_precision_selection_gives_exact_values() -> None:
     params = _params(7)
-    x_hat, values, idx = TopKAutoencode.apply(*params, K, True, torch.float32)
-    x, W_enc, b_enc, W_dec, b_dec = params
+    _, values, idx = TopKAutoencode.apply(*params, K, True, torch.float32)
+    x, W_enc, b_enc, _, b_dec = params
     pre = (x - b_dec) @ W_enc + b_enc
     torch.testing.assert_close(values, pre.gather(1, idx).relu(), rtol=0, atol=1e-12)
     ref_idx = pre.topk(K, dim=1).indices

@@ -13,7 +13,18 @@ from mmdiff.sae.relu import ReLUSAE
 from mmdiff.sae.topk import TopKSAE
 
 __all__ = [
-    "SAE", "SAEConfig", "SAEOutput", "build_sae", "load_sae", "detect_format", "to_topk",
-    "register_sae_class", "get_sae_class", "registered_architectures",
-    "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "ReLUSAE",
+    "SAE",
+    "BatchTopKSAE",
+    "JumpReLUSAE",
+    "ReLUSAE",
+    "SAEConfig",
+    "SAEOutput",
+    "TopKSAE",
+    "build_sae",
+    "detect_format",
+    "get_sae_class",
+    "load_sae",
+    "register_sae_class",
+    "registered_architectures",
+    "to_topk",
 ]

@@ -100,7 +100,7 @@ class SAEConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -112,7 +112,7 @@ class SAEOutput:
     """What `SAE.forward` returns. `feature_acts` is dense [..., d_sae], built on first access when
     the forward pass only produced the sparse (top_values, top_indices) pair."""
 
-    __slots__ = ("x_hat", "_feature_acts", "hidden_pre", "top_values", "top_indices", "d_sae")
+    __slots__ = ("_feature_acts", "d_sae", "hidden_pre", "top_indices", "top_values", "x_hat")
 
     def __init__(
         self,
@@ -286,7 +286,7 @@ class SAE(nn.Module):
         return save_saelens(self, folder)
 
     @classmethod
-    def load(cls, path: str | Path, **kwargs: Any) -> "SAE":
+    def load(cls, path: str | Path, **kwargs: Any) -> SAE:
         """Same as `mmdiff.sae.load_sae(path, d_in=, d_sae=, layer=, device=, dtype=)`."""
         from mmdiff.sae.formats import load_sae
 

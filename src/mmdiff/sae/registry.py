@@ -6,14 +6,15 @@ the class that implements it, so loaders never grow an if-chain over architectur
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from mmdiff.errors import SAEError
 
 if TYPE_CHECKING:
     from mmdiff.sae.base import SAE
 
-_REGISTRY: dict[str, type["SAE"]] = {}
+_REGISTRY: dict[str, type[SAE]] = {}
 
 T = TypeVar("T", bound="type[SAE]")
 
@@ -34,7 +35,7 @@ def register_sae_class(name: str) -> Callable[[T], T]:
     return decorate
 
 
-def get_sae_class(name: str) -> type["SAE"]:
+def get_sae_class(name: str) -> type[SAE]:
     """The class registered for architecture `name`; SAEError naming the known ones otherwise."""
     _ensure_builtins()
     try:
@@ -54,7 +55,7 @@ def registered_architectures() -> list[str]:
 
 def _ensure_builtins() -> None:
     # Importing the package registers the built-in architectures (one file each).
-    import mmdiff.sae.batchtopk  # noqa: F401
-    import mmdiff.sae.jumprelu  # noqa: F401
-    import mmdiff.sae.relu  # noqa: F401
+    import mmdiff.sae.batchtopk
+    import mmdiff.sae.jumprelu
+    import mmdiff.sae.relu
     import mmdiff.sae.topk  # noqa: F401

@@ -67,4 +67,4 @@ def load_sae(
     return move(sae, device, dtype)
 
 
-__all__ = ["load_sae", "detect_format"]
+__all__ = ["detect_format", "load_sae"]

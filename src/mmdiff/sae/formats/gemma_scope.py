@@ -66,7 +66,6 @@ def save_gemma_scope(sae: SAE, path: str | Path) -> Path:
     if sae.cfg.apply_b_dec_to_input:  # Gemma Scope never subtracts b_dec: move it into b_enc
         tensors["b_enc"] = tensors["b_enc"] - tensors["b_dec"] @ tensors["W_enc"]
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **{k: tensors[k].float().cpu().numpy() for k in KEYS})
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **{k: tensors[k].float().cpu().numpy() for k in KEYS})
     return path

@@ -36,7 +36,7 @@ def resolve_path(path: str | Path) -> Path:
             if target.exists():
                 return target
             errors.append(f"{target} not in the snapshot")
-        except Exception as e:  # network, auth, missing repo: all end in the same advice
+        except Exception as e:  # noqa: BLE001 -- network, auth, missing repo: same advice
             errors.append(f"{type(e).__name__}: {e}")
     raise SAEError(
         f"SAE path {s!r} does not exist locally, and as a Hugging Face hub id it is not cached and "

@@ -17,8 +17,14 @@ import torch
 
 from mmdiff.errors import SAEError
 from mmdiff.sae.base import SAE, SAEConfig
-from mmdiff.sae.formats.common import (check_shape, layer_from_name, read_json, read_safetensors,
-                                       require_keys, sae_from_tensors)
+from mmdiff.sae.formats.common import (
+    check_shape,
+    layer_from_name,
+    read_json,
+    read_safetensors,
+    require_keys,
+    sae_from_tensors,
+)
 
 HYPERPARAMS = "hyperparams.json"
 WEIGHTS = Path("checkpoints") / "final.safetensors"

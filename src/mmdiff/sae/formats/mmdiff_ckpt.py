@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from mmdiff.atomic import save_safetensors, write_json
 from mmdiff.errors import SAEError
 from mmdiff.sae.base import SAE, SAEConfig, dtype_to_str
@@ -54,4 +52,4 @@ def load_mmdiff_checkpoint(path: Path) -> SAE:
     return sae_from_tensors(cfg, read_safetensors(path), path)
 
 
-__all__ = ["save_mmdiff_checkpoint", "load_mmdiff_checkpoint", "find_checkpoint", "torch"]
+__all__ = ["find_checkpoint", "load_mmdiff_checkpoint", "save_mmdiff_checkpoint"]

@@ -157,7 +157,7 @@ def load_saelens(folder: Path) -> SAE:
     layer = ours.get("hook_layer", raw.get("hook_layer"))
     k = ours.get("k", raw.get("k")) if arch in ("topk", "batchtopk") else None
     if k is not None:
-        k = int(round(k)) if isinstance(k, float) else k
+        k = round(k) if isinstance(k, float) else k
     try:
         cfg = SAEConfig(
             architecture=arch, d_in=raw["d_in"], d_sae=raw["d_sae"], k=k,
@@ -182,5 +182,4 @@ def load_saelens(folder: Path) -> SAE:
     return sae_from_tensors(cfg, tensors, w_path)
 
 
-__all__ = ["save_saelens", "load_saelens", "is_saelens_folder", "saelens_tensors",
-           "dtype_to_str"]
+__all__ = ["is_saelens_folder", "load_saelens", "saelens_cfg", "saelens_tensors", "save_saelens"]
