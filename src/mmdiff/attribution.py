@@ -40,6 +40,7 @@ import torch
 
 from mmdiff.data.records import Record
 from mmdiff.errors import ConfigError, DataError, ModelError, SAEError
+from mmdiff.interp.examples import feature_keys, feature_maxima
 from mmdiff.models.base import Backbone, TokenType, VLMAdapter
 
 Objective = Literal["projection", "activation"]
@@ -799,12 +800,10 @@ def select_samples(
     one pass of the VLM and the SAEs over `records` (`mmdiff.interp.examples.feature_maxima`).
     """
     by_id = {r.id: r for r in records}
-    keys = _feature_keys(features)
+    keys = feature_keys(features)
     if top_examples is None:
         if saes is None or adapter is None:
             raise ConfigError("select_samples needs top_examples, or saes and an adapter to find them")
-        from mmdiff.interp.examples import feature_maxima
-
         top_examples = feature_maxima(adapter, saes, records, keys, batch_size=batch_size, progress=progress)
         top_examples = top_examples.rename(columns={"max_activation": "value"})
     missing = [c for c in ("layer", "feature", "record_id", "value") if c not in top_examples.columns]
@@ -819,13 +818,6 @@ def select_samples(
         ids = [rid for rid in dict.fromkeys(group["record_id"]) if rid in by_id][:top_k]
         out[key] = [by_id[rid] for rid in ids]
     return out
-
-
-def _feature_keys(features: pd.DataFrame) -> list[tuple[int, int]]:
-    missing = [c for c in ("layer", "feature") if c not in features.columns]
-    if missing:
-        raise DataError(f"the features table needs columns layer and feature; it has {list(features.columns)}")
-    return list(dict.fromkeys((int(l), int(f)) for l, f in zip(features["layer"], features["feature"])))
 
 
 def attribute_features(
@@ -861,7 +853,7 @@ def attribute_features(
     from mmdiff.atomic import write_bytes, write_json, write_parquet
 
     out = Path(out_dir)
-    keys = _feature_keys(features)
+    keys = feature_keys(features)
     missing = sorted({layer for layer, _ in keys} - set(saes))
     if missing:
         raise SAEError(f"features at layers {missing} have no SAE; got SAEs for layers {sorted(saes)}")
