@@ -64,7 +64,9 @@ def run(
     run_dir = RunDir(runs_dir / cfg.name)
     from mmdiff.atomic import write_text
 
-    write_text(run_dir.path / "config.yaml", dump_config(cfg))
+    from mmdiff.distributed import on_main
+
+    on_main(write_text, run_dir.path / "config.yaml", dump_config(cfg))
     if config is None:
         console.print("[bold]mmdiff[/bold]: no --config given, running the organism study "
                       "(the bundled tiny LLaVA and its shapes world).")
@@ -87,7 +89,7 @@ def run(
         from mmdiff.report.build import build_report
 
         t0 = time.perf_counter()
-        build_report(run_dir.path, cfg)
+        on_main(build_report, run_dir.path, cfg)
         report_seconds = time.perf_counter() - t0
     total = sum(r.seconds for r in results) + (report_seconds or 0.0)
     console.rule("[bold]summary[/bold]")
@@ -221,6 +223,12 @@ def show_config(config: Optional[Path] = ConfigOpt) -> None:
 
 
 def main() -> None:
+    from mmdiff.distributed import init_distributed, is_main
+
+    # under torchrun: join the process group; ranks other than 0 print nothing. The long timeout
+    # lets ranks wait while rank 0 runs a stage alone (torchrun stops every rank if one dies).
+    init_distributed(timeout_s=7 * 24 * 3600)
+    console.quiet = not is_main()
     try:
         app()
     except MMDiffError as exc:

@@ -42,6 +42,7 @@ class Stage:
     config_key: str | None = None  # the config section whose content is part of the inputs hash
     describe: str = ""
     datasets: Sequence[str] = ()  # the configured datasets the stage reads (part of its inputs hash)
+    distributed: bool = False  # under torchrun: every rank runs it (else rank 0 runs it, others wait)
 
 
 @dataclass
@@ -135,7 +136,10 @@ class RunDir:
         return data
 
     def save(self) -> None:
-        write_json(self.manifest_path, self.manifest)
+        from mmdiff.distributed import is_main
+
+        if is_main():  # one writer under torchrun; the other ranks follow rank 0's decisions
+            write_json(self.manifest_path, self.manifest)
 
     def record(self, name: str, **fields: Any) -> None:
         self.manifest["stages"].setdefault(name, {}).update(fields)
@@ -204,18 +208,27 @@ def run_stages(
     selected_names = {s.name for s in selected}
     results: list[StageResult] = []
     ctx_cache: dict[str, Any] = {}
+    from mmdiff.distributed import broadcast_object, on_main
+
     for stage in selected:
-        for up in stage.needs:
-            if up not in selected_names and run_dir.status(up).get("status") != "done":
-                raise MMDiffError(
-                    f"stage {stage.name!r} needs the outputs of {up!r}, which has not finished in "
-                    f"{run_dir.path}: run it first (mmdiff run --only {up}) or drop --only/--from"
-                )
-        h = inputs_hash(stage, config, run_dir, by_name)
-        prev = run_dir.status(stage.name)
-        outputs_present = all((run_dir.path / o).exists() for o in stage.outputs)
-        if not force and prev.get("status") == "done" and prev.get("inputs_hash") == h and outputs_present:
-            res = StageResult(stage.name, "skipped", 0.0, prev.get("summary"))
+
+        def decide(stage: Stage = stage) -> tuple[str, str]:
+            for up in stage.needs:
+                if up not in selected_names and run_dir.status(up).get("status") != "done":
+                    raise MMDiffError(
+                        f"stage {stage.name!r} needs the outputs of {up!r}, which has not finished in "
+                        f"{run_dir.path}: run it first (mmdiff run --only {up}) or drop --only/--from"
+                    )
+            h = inputs_hash(stage, config, run_dir, by_name)
+            prev = run_dir.status(stage.name)
+            outputs_present = all((run_dir.path / o).exists() for o in stage.outputs)
+            done = prev.get("status") == "done" and prev.get("inputs_hash") == h and outputs_present
+            return ("skip" if not force and done else "run"), h
+
+        # rank 0 decides from its manifest; every rank follows (one rank alone: a plain call)
+        decision, h = broadcast_object(on_main(decide))
+        if decision == "skip":
+            res = StageResult(stage.name, "skipped", 0.0, run_dir.status(stage.name).get("summary"))
             results.append(res)
             if on_event:
                 on_event("skipped", stage, res)
@@ -227,29 +240,33 @@ def run_stages(
         t0 = time.perf_counter()
         try:
             with PeakMemory() as mem:
-                summary = stage.run(ctx) or {}
+                summary = (stage.run(ctx) if stage.distributed else on_main(stage.run, ctx)) or {}
         except BaseException as exc:
             run_dir.record(stage.name, status="failed", error=f"{type(exc).__name__}: {exc}",
                            seconds=round(time.perf_counter() - t0, 3))
             raise
         seconds = time.perf_counter() - t0
-        missing = [o for o in stage.outputs if not (run_dir.path / o).exists()]
-        if missing:
-            run_dir.record(stage.name, status="failed", error=f"missing outputs {missing}")
-            raise MMDiffError(f"stage {stage.name!r} finished without writing {missing}: this is a bug")
-        run_dir.record(
-            stage.name,
-            status="done",
-            inputs_hash=h,
-            outputs={o: sha256_tree(run_dir.path / o) for o in stage.outputs},
-            versions=package_versions(),
-            seconds=round(seconds, 3),
-            peak_rss_mib=round(mem.rss_mib, 1),
-            peak_cuda_mib=None if mem.cuda_mib is None else round(mem.cuda_mib, 1),
-            finished=time.time(),
-            summary=summary,
-            error=None,
-        )
+
+        def finish(summary: dict[str, Any] = summary, seconds: float = seconds) -> None:
+            missing = [o for o in stage.outputs if not (run_dir.path / o).exists()]
+            if missing:
+                run_dir.record(stage.name, status="failed", error=f"missing outputs {missing}")
+                raise MMDiffError(f"stage {stage.name!r} finished without writing {missing}: this is a bug")
+            run_dir.record(
+                stage.name,
+                status="done",
+                inputs_hash=h,
+                outputs={o: sha256_tree(run_dir.path / o) for o in stage.outputs},
+                versions=package_versions(),
+                seconds=round(seconds, 3),
+                peak_rss_mib=round(mem.rss_mib, 1),
+                peak_cuda_mib=None if mem.cuda_mib is None else round(mem.cuda_mib, 1),
+                finished=time.time(),
+                summary=summary,
+                error=None,
+            )
+
+        on_main(finish)
         res = StageResult(stage.name, "done", seconds, summary)
         results.append(res)
         if on_event:

@@ -29,6 +29,14 @@ def resolve_model_paths(cfg: StudyConfig) -> tuple[str, str | None]:
     return vlm, base
 
 
+def _rank_device(device: str | None) -> str | None:
+    """Under torchrun every rank loads the model onto its own device (cuda:LOCAL_RANK or cpu)."""
+    from mmdiff.distributed import context
+
+    dist = context()
+    return str(dist.device) if dist.distributed else device
+
+
 def get_adapter(ctx: StageContext):  # -> VLMAdapter
     """Load the model pair once per run and share it between stages."""
     if "adapter" not in ctx.cache:
@@ -37,7 +45,7 @@ def get_adapter(ctx: StageContext):  # -> VLMAdapter
         vlm, base = resolve_model_paths(ctx.config)
         m = ctx.config.model
         ctx.cache["adapter"] = load_adapter(
-            vlm, base_lm=base, family=m.family, dtype=m.dtype, device=m.device,
+            vlm, base_lm=base, family=m.family, dtype=m.dtype, device=_rank_device(m.device),
             local_files_only=m.local_files_only, trust_remote_code=m.trust_remote_code,
         )
     return ctx.cache["adapter"]
@@ -91,8 +99,8 @@ def get_records(ctx: StageContext, name: str | list[str]) -> list[Record]:
 # ----------------------------------------------------------------------------- stages
 def stage_capture(ctx: StageContext) -> dict[str, Any]:
     """Capture the residual stream at the configured layers into activation stores."""
-    from mmdiff.capture import iter_activations
-    from mmdiff.store import ActivationStoreWriter
+    from mmdiff.parallel import capture_store_distributed
+    from mmdiff.store import ActivationStore
 
     adapter = get_adapter(ctx)
     c = ctx.config.capture
@@ -101,16 +109,10 @@ def stage_capture(ctx: StageContext) -> dict[str, Any]:
         records = get_records(ctx, ds)
         for side in c.sides:
             out = ctx.run_dir / "activations" / ds / side
-            writer = ActivationStoreWriter(
-                out, layers=ctx.config.layers, d_model=adapter.backbone(side).d_model,
-                dtype=c.dtype, shard_tokens=c.shard_tokens,
-            )
-            with writer:
-                todo = [r for r in records if not writer.has_record(r.id)]
-                for batch in iter_activations(adapter, todo, ctx.config.layers, side=side,
-                                              batch_size=c.batch_size, progress=ctx.progress):
-                    writer.add(batch)
-            summary[f"{ds}/{side}"] = {"records": len(records), "tokens": writer.num_tokens}
+            capture_store_distributed(adapter, records, ctx.config.layers, out, side, dtype=c.dtype,
+                                      shard_tokens=c.shard_tokens, batch_size=c.batch_size,
+                                      progress=ctx.progress)  # a plain store in one process
+            summary[f"{ds}/{side}"] = {"records": len(records), "tokens": ActivationStore(out).num_tokens}
     return summary
 
 
@@ -196,7 +198,8 @@ def neutral_records(records: list[Record], instruction: str) -> list[Record]:
 def stage_stats(ctx: StageContext) -> dict[str, Any]:
     """Per-feature statistics: VLM + adapted SAEs by split, base LM + base SAEs, neutral re-runs."""
     from mmdiff.capture import iter_activations
-    from mmdiff.stats import write_feature_stats
+    from mmdiff.distributed import shard_records
+    from mmdiff.parallel import write_feature_stats_distributed as write_feature_stats
 
     cfg, s = ctx.config, ctx.config.stats
     adapter = get_adapter(ctx)
@@ -207,13 +210,13 @@ def stage_stats(ctx: StageContext) -> dict[str, Any]:
     out = ctx.run_dir / "stats"
     kw = dict(top_k=s.top_k, n_chunks=s.n_chunks, progress=ctx.progress)
     splits: dict[str, Any] = {"vision": None, **task_splits(records, s.base_split, s.tasks)}
-    write_feature_stats(iter_activations(adapter, records, layers, "vlm", batch_size=s.batch_size,
+    write_feature_stats(iter_activations(adapter, shard_records(records), layers, "vlm", batch_size=s.batch_size,
                                          progress=ctx.progress), adapted, splits, out, **kw)
-    write_feature_stats(iter_activations(adapter, records, layers, "base", batch_size=s.batch_size,
+    write_feature_stats(iter_activations(adapter, shard_records(records), layers, "base", batch_size=s.batch_size,
                                          progress=ctx.progress), base, "text", out, **kw)
     for task in s.neutral_tasks:
         recs = neutral_records([r for r in records if task in r.tasks], s.neutral_instruction)
-        write_feature_stats(iter_activations(adapter, recs, layers, "vlm", batch_size=s.batch_size,
+        write_feature_stats(iter_activations(adapter, shard_records(recs), layers, "vlm", batch_size=s.batch_size,
                                              progress=ctx.progress), adapted, f"{task}_neutral", out, **kw)
     return {k: len(v) if v is not None else len(records) for k, v in splits.items()}
 
@@ -385,14 +388,14 @@ def study_stages(cfg: StudyConfig) -> list[Stage]:
     """The stages of a study, in the order they run."""
     capture_outputs = [f"activations/{ds}/{side}" for ds in cfg.capture.datasets for side in cfg.capture.sides]
     stages = [
-        Stage("capture", stage_capture, outputs=capture_outputs, config_key="capture", datasets=cfg.capture.datasets,
+        Stage("capture", stage_capture, distributed=True, outputs=capture_outputs, config_key="capture", datasets=cfg.capture.datasets,
               describe="residual-stream activations of the VLM and the base LM"),
-        Stage("train", stage_train,
+        Stage("train", stage_train, distributed=True,
               outputs=[f"saes/{r}" for r in ["base", *cfg.train.regimes]] + ["stats/sae_heldout.parquet"],
               datasets=[cfg.train.dataset, cfg.train.heldout],
               needs=["capture"] if cfg.train.dataset in cfg.capture.datasets else [], config_key="train",
               describe="SAEs: base LM, then the VLM under each masking regime (warm start)"),
-        Stage("stats", stage_stats, outputs=["stats/vision.parquet", "stats/text.parquet"],
+        Stage("stats", stage_stats, distributed=True, outputs=["stats/vision.parquet", "stats/text.parquet"],
               needs=["train"], config_key="stats",
               datasets=[cfg.stats.dataset] if isinstance(cfg.stats.dataset, str) else cfg.stats.dataset,
               describe="per-feature statistics: VLM + adapted SAEs, base LM + base SAEs"),

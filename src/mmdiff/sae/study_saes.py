@@ -84,11 +84,13 @@ def train_role(
     resume=False trains from scratch whatever the folder holds (the pipeline's --force).
     """
     from mmdiff.atomic import write_json
+    from mmdiff.distributed import broadcast_object, on_main
+    from mmdiff.parallel import train_saes_distributed
 
     if not resume and role_dir.exists():
-        shutil.rmtree(role_dir)
+        on_main(shutil.rmtree, role_dir)
     settings = _role_settings(cfg, layers, data, init)
-    if _finished_role(role_dir, settings):
+    if broadcast_object(on_main(_finished_role, role_dir, settings)):  # rank 0 may clear the folder
         import pandas as pd
 
         from mmdiff.sae import load_sae
@@ -106,8 +108,9 @@ def train_role(
             init=warm,
             reloaded=True,
         )
-    write_json(role_dir / TRAIN_CONFIG_FILE, settings)
-    return train_saes(init, data, layers, cfg, role_dir, progress)
+    on_main(write_json, role_dir / TRAIN_CONFIG_FILE, settings)
+    # under torchrun: layers sharded across ranks; every rank gets every SAE back for the evaluation
+    return train_saes_distributed(init, data, layers, cfg, role_dir, progress=progress, gather_saes=True)
 
 
 def import_base_saes(
