@@ -258,3 +258,14 @@ def test_attribute_features_stage(llava, tmp_path):
         assert -1 <= entry["spearman_a_vs_exact"] <= 1
     overlays = [k for k in paths if k.startswith("overlay:")]
     assert len(overlays) == 4 and all(paths[k].read_bytes().startswith(b"\x89PNG") for k in overlays)
+
+
+def test_stage_with_features_that_never_fire(llava, tmp_path):
+    sae = make_sae(llava.vlm.d_model)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e3)  # no latent ever fires
+    features = pd.DataFrame({"layer": [1], "feature": [0]})
+    paths = attribute_features(llava, {1: sae}, features, make_records(2), tmp_path, top_k=2, progress=False)
+    heads = pd.read_parquet(paths["heads"])
+    assert heads.empty and {"feature_layer", "feature", "layer", "head", "score_a"} <= set(heads.columns)
+    assert json.loads(paths["summary"].read_text())["skipped_no_activation"] == ["L1F0"]

@@ -574,6 +574,12 @@ def spearman(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> floa
 # ------------------------------------------------------------------------------------------------
 
 
+HEAD_COLUMNS = [
+    "feature_layer", "feature", "layer", "head", "score_a", "score_b", "exact", "exact_denoising", "n_samples",
+]
+LAYER_COLUMNS = ["feature_layer", "feature", "layer", "score_a", "score_b", "exact", "exact_denoising", "n_samples"]
+
+
 def heads_frame(attribution: HeadAttribution, exact: ExactPatching | None = None) -> pd.DataFrame:
     """One row per head: feature_layer, feature, layer, head, score_a, score_b, exact, exact_denoising, n_samples."""
     n_layers = attribution.feature_layer + 1
@@ -891,17 +897,16 @@ def attribute_features(
                 )
             results.append(FeatureAttribution(attr, ex, overlays))
             bar.advance(task)
-    if not results:
-        raise DataError(
-            f"none of the {len(keys)} features fired on the given records ({skipped[:5]}...): nothing to attribute"
-        )
     paths = {
         "heads": out / "heads.parquet",
         "layers": out / "layers.parquet",
         "summary": out / "summary.json",
     }
-    write_parquet(paths["heads"], pd.concat([heads_frame(r.attribution, r.exact) for r in results], ignore_index=True))
-    write_parquet(paths["layers"], pd.concat([layers_frame(r.attribution, r.exact) for r in results], ignore_index=True))
+    # features that fired on none of the records get no rows; they are listed in the summary
+    heads = [heads_frame(r.attribution, r.exact) for r in results] or [pd.DataFrame(columns=HEAD_COLUMNS)]
+    layers = [layers_frame(r.attribution, r.exact) for r in results] or [pd.DataFrame(columns=LAYER_COLUMNS)]
+    write_parquet(paths["heads"], pd.concat(heads, ignore_index=True))
+    write_parquet(paths["layers"], pd.concat(layers, ignore_index=True))
     write_json(
         paths["summary"],
         {
