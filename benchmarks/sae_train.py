@@ -20,6 +20,7 @@ no more than the one dense product an exact TopK cannot avoid).
     python benchmarks/sae_train.py --profile        # where ours spends its time
 """
 
+# ruff: noqa: B023  (the timed lambdas run at once, inside their loop iteration)
 from __future__ import annotations
 
 import argparse
@@ -209,19 +210,54 @@ def run_interleaved(impls: list[Impl], data: SyntheticActivations, steps: int, w
 
 
 def profile_ours(D: int, F: int, k: int, B: int, lr: float, device: str, bf16: bool,
-                 data: SyntheticActivations, opt_kind: str) -> str:
-    """torch.profiler table of a few steps of ours: where the time goes."""
-    impl = make_ours(D, F, k, lr, device, bf16, opt_kind)
-    for i in range(2):
-        impl.step(data.batch(i, B), i)
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
-        for i in range(2, 5):
-            impl.step(data.batch(i, B), i)
-    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=18)
+                 data: SyntheticActivations, opt_kind: str, steps: int = 6) -> str:
+    """Median milliseconds of each phase of ours: the forward's parts (encoder matmul, top-k,
+    sparse decoder) timed alone on the same tensors, then the training step's phases."""
+    from mmdiff.sae.base import SAEConfig
+    from mmdiff.sae.kernels import sparse_decode
+    from mmdiff.sae.topk import TopKSAE
+
+    sae = TopKSAE(SAEConfig("topk", d_in=D, d_sae=F, k=k, device=device))
+    sae.init_weights(seed=0)
+    sae.select_dtype = torch.bfloat16 if bf16 else None
+    opt = adam(sae.parameters(), lr, opt_kind)
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, fn: Callable[[], object]) -> object:
+        sync(device)
+        t0 = time.perf_counter()
+        r = fn()
+        sync(device)
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+        return r
+
+    mm_dtype = torch.bfloat16 if bf16 else torch.float32
+    for i in range(steps + 2):
+        x = data.batch(i, B)
+        with torch.no_grad():
+            x_in = (x - sae.b_dec).to(mm_dtype)
+            W, b = sae.W_enc.detach().to(mm_dtype), sae.b_enc.detach().to(mm_dtype)
+            pre = timed("encoder matmul (alone)", lambda: torch.addmm(b, x_in, W))
+            v, idx = timed("top-k (alone)", lambda: pre.topk(k, dim=-1, sorted=False))
+            timed("sparse decoder (alone)", lambda: sparse_decode(idx, v.float().relu(), sae.W_dec))
+        out = timed("step: forward", lambda: sae(x))
+        loss = timed("step: FVU loss", lambda: (out.x_hat - x).pow(2).sum()
+                     / (x - x.mean(0)).pow(2).sum())
+        timed("step: backward", loss.backward)
+
+        def constrain() -> None:
+            with torch.no_grad():
+                g = sae.W_dec.grad
+                g.sub_((g * sae.W_dec).sum(-1, keepdim=True) * sae.W_dec)
+
+        timed("step: decoder-parallel grad removal", constrain)
+        timed("step: optimizer", lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
+        timed("step: decoder renorm", sae.set_decoder_norm_to_unit_norm)
+    lines = [f"{'phase':40s} median ms"]
+    for name, ts in times.items():
+        kept = sorted(ts[2:])  # first two are warm-up
+        lines.append(f"{name:40s} {kept[len(kept) // 2] * 1e3:9.1f}")
+    return "\n".join(lines)
 
 
 def main() -> None:
