@@ -18,11 +18,14 @@ from mmdiff.concept_study import (
     STEERING_COLUMNS,
     STEERING_RECORD_COLUMNS,
     RecordBatches,
+    assign_concepts,
+    holdout_split,
     kl_and_top1,
     next_token_logits,
     run_concept_shift,
     steered_next_token_logits,
 )
+from mmdiff.concepts import ConceptDecomposition, kmeans
 from mmdiff.data.records import Record
 from mmdiff.errors import ConfigError, DataError, ModelError
 from mmdiff.models.tiny import HIDDEN, load_tiny
@@ -120,6 +123,7 @@ def test_files_and_schemas(study):
 
     steering = pd.read_parquet(paths["steering"])
     assert tuple(steering.columns) == STEERING_COLUMNS
+    assert (steering["split"] == "fit").all()
     assert list(zip(steering["shift"], steering["alpha"])) == [
         ("concept", 0.0), ("concept", 0.5), ("concept", 1.0), ("mean", 0.0), ("mean", 0.5), ("mean", 1.0),
     ]  # fmt: skip
@@ -134,7 +138,9 @@ def test_files_and_schemas(study):
     summary = json.loads(paths["summary"].read_text())
     assert summary["layer"] == LAYER and summary["k"] == K and summary["n_records"] == N
     assert summary["method"] == "kmeans" and summary["d_model"] == HIDDEN
-    assert set(summary["kl_by_alpha"]) == {"0.0", "0.5", "1.0"}
+    assert summary["n_fit"] == N and summary["n_heldout"] == 0
+    assert set(summary["steering_by_alpha"]) == {"fit/concept", "fit/mean"}
+    assert set(summary["steering_by_alpha"]["fit/concept"]["kl"]) == {"0.0", "0.5", "1.0"}
 
 
 def test_alpha_zero_is_the_unsteered_base_exactly(adapter, study):
@@ -207,6 +213,62 @@ def test_one_concept_per_record_at_the_last_layer_recovers_the_vlm(tied, tmp_pat
     vectors = load_file(str(paths["vectors"]))
     moved = vectors["x_orig"].double() + vectors["deltas"][vectors["labels_orig"]]
     torch.testing.assert_close(moved, vectors["x_ft"].double(), rtol=0, atol=1e-5)
+
+
+def test_assign_concepts_hand_cases():
+    x = torch.tensor(
+        [[0.0, 0.1], [0.2, -0.1], [5.0, 5.0], [5.2, 4.9], [-4.0, 6.0]], dtype=torch.float64
+    )
+    fitted = kmeans(x, 3, seed=0)
+    assert torch.equal(
+        assign_concepts(fitted, x), fitted.labels
+    )  # its own samples keep their labels
+    new = torch.tensor([[4.0, 4.0], [-3.0, 5.0], [0.5, 0.0]], dtype=torch.float64)
+    expected = torch.cdist(new, fitted.concepts).argmin(1)
+    assert torch.equal(assign_concepts(fitted, new), expected)
+    assert len(set(expected.tolist())) == 3
+    u = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    unused = (
+        torch.zeros(1, 3, dtype=torch.float64),
+        torch.zeros(1, dtype=torch.long),
+    )  # acts, labels
+    semi = ConceptDecomposition("semi_nmf", u[:2], *unused)
+    # non-negative least squares: [2, 1] = 2 e0 + 1 e1; [-1, 3] -> g = (0, 3)
+    x2 = torch.tensor([[2.0, 1.0], [-1.0, 3.0]], dtype=torch.float64)
+    assert assign_concepts(semi, x2).tolist() == [0, 1]
+    # dictionary: [3, 3] is best coded by the third atom once the l1 penalty prefers one atom
+    unit = u / u.norm(dim=1, keepdim=True)
+    dico = ConceptDecomposition("dictionary", unit, *unused)
+    assert assign_concepts(dico, torch.tensor([[3.0, 3.0], [0.1, 2.0]]), l1=0.5).tolist() == [2, 1]
+    with pytest.raises(ConfigError, match=r"expected vectors \[n, 2\]"):
+        assign_concepts(fitted, torch.zeros(2, 3))
+
+
+def test_holdout_split_and_heldout_steering(adapter, tmp_path):
+    fit, held = holdout_split(12, 0.25, seed=3)
+    assert len(held) == 3 and sorted(fit + held) == list(range(12)) and fit == sorted(fit)
+    assert holdout_split(12, 0.25, seed=3) == (fit, held)
+    records = _records(12)
+    paths = run_concept_shift(
+        adapter, records, LAYER, tmp_path, k=K, alphas=(0.0, 1.0), batch_size=4, progress=False,
+        top_k=2, holdout=0.25, seed=3,
+    )  # fmt: skip
+    steering = pd.read_parquet(paths["steering"])
+    n = steering.set_index(["split", "shift", "alpha"])["n"]
+    assert n[("fit", "concept", 1.0)] == 9 and n[("heldout", "concept", 1.0)] == 3
+    per_record = pd.read_parquet(paths["steering_records"])
+    held_ids = set(per_record.loc[per_record["split"] == "heldout", "record_id"])
+    assert held_ids == {records[i].id for i in held}
+    assert held_ids.isdisjoint(pd.read_parquet(paths["samples"])["record_id"])  # not in the fit
+    assert pd.read_parquet(paths["matching"])["count"].sum() == 9
+    vectors = load_file(str(paths["vectors"]))
+    assert vectors["heldout_index"].tolist() == held and vectors["labels_heldout"].shape == (3,)
+    heldout_rows = per_record[(per_record["split"] == "heldout") & (per_record["alpha"] == 1.0)]
+    assert heldout_rows["concept"].tolist()[:3] == vectors["labels_heldout"].tolist()
+    with pytest.raises(DataError, match="holds out none"):
+        run_concept_shift(adapter, records, LAYER, tmp_path, k=K, holdout=0.01, progress=False)
+    with pytest.raises(DataError, match="got 9 after holding out 3"):
+        run_concept_shift(adapter, records, LAYER, tmp_path, k=10, holdout=0.25, progress=False)
 
 
 def test_determinism_by_seed(adapter, tmp_path):

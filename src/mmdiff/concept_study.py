@@ -17,9 +17,12 @@ c(i) = the concept the ORIGINAL model's decomposition assigns i to (A_c), added 
   representations, which a shift measured at the answer position says nothing about.
 A control steers every record by the mean shift over all records (one global vector, `shift` =
 "mean"), so the gain of concept-specific shifts over a single difference of means is visible.
-Caveat: the shifts are estimated on the same records they are evaluated on (in-sample), as in the
-paper's recovery experiment; the numbers measure how well K mean shifts summarise the N per-sample
-shifts, not generalisation to new records.
+In-sample and held-out: by default the shifts are estimated on the same records they are evaluated
+on (split "fit"), as in the paper's recovery experiment; that measures how well K mean shifts
+summarise the N per-sample shifts (K = N recovers the VLM exactly at the last layer). With
+`holdout` > 0 a seeded share of the records is kept out of the decomposition; each held-out record
+is assigned to a concept from its original-model vector alone (`assign_concepts`) and steered by
+that concept's shift (split "heldout"): generalisation to new inputs.
 
 Closeness to the fine-tuned model: per record, KL(VLM || steered base) of the next-token
 distributions at the last prompt position and whether their top-1 tokens agree; means over records
@@ -65,10 +68,10 @@ SAMPLES_COLUMNS = (
     "model", "concept", "rank", "record_id", "question", "caption", "activation", "assigned",
 )  # fmt: skip
 STEERING_COLUMNS = (
-    "shift", "alpha", "kl", "kl_ci_lo", "kl_ci_hi",
+    "split", "shift", "alpha", "kl", "kl_ci_lo", "kl_ci_hi",
     "top1_agreement", "top1_ci_lo", "top1_ci_hi", "n",
 )  # fmt: skip
-STEERING_RECORD_COLUMNS = ("shift", "alpha", "record_id", "concept", "kl", "top1_match")
+STEERING_RECORD_COLUMNS = ("split", "shift", "alpha", "record_id", "concept", "kl", "top1_match")
 SHIFT_KINDS = ("concept", "mean")  # Delta_c(i) per record; the control: one mean shift for all
 
 
@@ -268,7 +271,7 @@ def kl_and_top1(
     whether the two top-1 tokens agree. Logits [batch, >= vocab] each."""
     log_p = torch.log_softmax(vlm_logits[:, :vocab].to(torch.float64), dim=-1)  # [batch, vocab]
     log_q = torch.log_softmax(base_logits[:, :vocab].to(torch.float64), dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [batch]
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)  # [batch]; >= 0 up to rounding
     top1 = log_p.argmax(-1) == log_q.argmax(-1)
     return kl.numpy(), top1.numpy()
 
@@ -305,17 +308,25 @@ def concept_steering(
     shift: ConceptShift,
     alphas: Sequence[float],
     *,
+    concepts: torch.Tensor | None = None,
+    split: str = "fit",
     batch_size: int = 16,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Per record, shift kind and alpha: KL(VLM || steered base) and top-1 agreement.
 
-    shift "concept": row i steered by alpha * Delta_c(i), c(i) the original model's concept of i;
-    "mean": every row by alpha * the mean shift over all records (the control). alpha 0 runs the
-    same hooks with a zero vector, i.e. the unsteered base LM.
+    shift "concept": row i steered by alpha * Delta_c(i), c(i) = concepts[i], by default the
+    original model's labels of the records `shift` was fitted on (A_c; give `assign_concepts` of
+    other records' vectors to evaluate those); "mean": every row by alpha * the mean shift over the
+    fitted records (the control). alpha 0 runs the same hooks with a zero vector, i.e. the
+    unsteered base LM. `split` labels the rows ("fit", "heldout").
     """
     base, vlm = adapter.backbone("base"), adapter.backbone("vlm")
-    labels = shift.original.labels  # [N] A_c membership
+    labels = shift.original.labels if concepts is None else concepts.long().cpu()  # [N]
+    if labels.shape != (len(records),):
+        raise ConfigError(
+            f"concepts must give one concept per record: [{len(records)}]; got {tuple(labels.shape)}"
+        )
     counts = shift.counts.to(torch.float64)
     mean_shift = (shift.deltas * counts[:, None]).sum(0) / counts.sum()  # [D] mean_i(x_ft - x_orig)
     kinds = {"concept": shift.deltas, "mean": mean_shift[None, :]}
@@ -349,6 +360,7 @@ def concept_steering(
                     rows.append(
                         {
                             "_order": (SHIFT_KINDS.index(kind), a_index, start + j),
+                            "split": split,
                             "shift": kind,
                             "alpha": float(alpha),
                             "record_id": records[start + j].id,
@@ -363,13 +375,15 @@ def concept_steering(
 
 
 def steering_table(per_record: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
-    """Per shift kind and alpha: mean KL and top-1 agreement over records, with 95% bootstrap CIs."""
+    """Per split, shift kind and alpha: mean KL and top-1 agreement over records, with 95%
+    bootstrap CIs."""
     rows = []
-    for (kind, alpha), group in per_record.groupby(["shift", "alpha"], sort=False):
+    for (split, kind, alpha), group in per_record.groupby(["split", "shift", "alpha"], sort=False):
         kl = bootstrap_mean(group["kl"].to_numpy(), seed=seed)
         top1 = bootstrap_mean(group["top1_match"].to_numpy(dtype=np.float64), seed=seed)
         rows.append(
             {
+                "split": split,
                 "shift": kind,
                 "alpha": float(alpha),
                 "kl": kl.mean,
@@ -384,6 +398,53 @@ def steering_table(per_record: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(STEERING_COLUMNS))
 
 
+# ----------------------------------------------------------------------------- held-out records
+def assign_concepts(
+    decomposition: ConceptDecomposition,
+    x: torch.Tensor,
+    *,
+    l1: float = 0.0,
+    steps: int = 200,
+) -> torch.Tensor:
+    """[n] long: the concept each new vector x [n, D] belongs to under a fitted decomposition.
+
+    The same rule the decomposition labels its own samples by, with its concepts held fixed:
+    k-means the nearest center; semi-NMF the largest coefficient of the non-negative least-squares
+    fit x ~ g U (g >= 0); dictionary learning the largest of the non-negative sparse codes
+    (projected ISTA on 0.5 ||x - a W||^2 + l1 ||a||_1, `l1` the penalty the atoms were learned with).
+    """
+    u = decomposition.concepts.to("cpu", torch.float64)  # [K, D]
+    x = x.detach().to("cpu", torch.float64)  # [n, D]
+    if x.dim() != 2 or x.shape[1] != u.shape[1]:
+        raise ConfigError(
+            f"expected vectors [n, {u.shape[1]}] to assign to concepts; got {tuple(x.shape)}"
+        )
+    if decomposition.method == "kmeans":
+        return torch.cdist(x, u).argmin(1)
+    if decomposition.method == "semi_nmf":
+        from scipy.optimize import nnls
+
+        basis = u.T.numpy()  # [D, K]
+        codes = np.stack([nnls(basis, row)[0] for row in x.numpy()])  # [n, K]
+        return torch.as_tensor(codes).argmax(1)
+    if decomposition.method == "dictionary":
+        gram = u @ u.T  # [K, K]
+        lipschitz = float(torch.linalg.eigvalsh(gram).max().clamp_min(1e-12))
+        xw = x @ u.T  # [n, K]
+        codes = torch.zeros(x.shape[0], u.shape[0], dtype=torch.float64)
+        for _ in range(steps):
+            codes = (codes - (codes @ gram - xw + l1) / lipschitz).clamp_min(0)
+        return codes.argmax(1)
+    raise ConfigError(f"cannot assign vectors to concepts of method {decomposition.method!r}")
+
+
+def holdout_split(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """(fit indices, held-out indices), each sorted: round(holdout * n) records drawn by `seed`."""
+    n_heldout = round(holdout * n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_heldout:]), sorted(order[:n_heldout])
+
+
 # ----------------------------------------------------------------------------- the study
 def _check_arguments(
     adapter: VLMAdapter,
@@ -393,6 +454,7 @@ def _check_arguments(
     method: str,
     alphas: Sequence[float],
     batch_size: int,
+    holdout: float,
 ) -> str:
     method = METHOD_ALIASES.get(method, method)
     if method not in METHODS:
@@ -405,9 +467,20 @@ def _check_arguments(
         adapter.backbone(side).check_layers([layer])  # ModelError naming the valid range
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k (the number of concepts) must be a positive int; got {k!r}")
-    if len(records) < k:
+    if not 0.0 <= holdout < 1.0:
+        raise ConfigError(
+            f"holdout is the share of records kept out of the fit, in [0, 1); got {holdout!r}"
+        )
+    n_heldout = round(holdout * len(records))
+    if holdout > 0 and n_heldout == 0:
         raise DataError(
-            f"K={k} concepts need at least {k} records (one vector per record); got {len(records)}: "
+            f"holdout={holdout} of {len(records)} records holds out none: pass more records or a larger holdout"
+        )
+    n_fit = len(records) - n_heldout
+    if n_fit < k:
+        held = f" after holding out {n_heldout}" if n_heldout else ""
+        raise DataError(
+            f"K={k} concepts need at least {k} records (one vector per record); got {n_fit}{held}: "
             "pass more records or a smaller k"
         )
     if not alphas or not all(math.isfinite(float(a)) for a in alphas):
@@ -445,26 +518,52 @@ def run_concept_shift(
     batch_size: int = 16,
     progress: bool = True,
     top_k: int = 10,
+    holdout: float = 0.0,
 ) -> dict[str, Path]:
     """Concept shift of base LM (caption) -> VLM (image) at `layer`; writes out_dir/concepts/.
 
     Returns {name: path} of matching.parquet, grounding.parquet, samples.parquet,
     steering.parquet, steering_records.parquet, vectors.safetensors and summary.json.
-    top_k: tokens and samples kept per concept.
+    top_k: tokens and samples kept per concept. holdout: the share of records (drawn by `seed`)
+    kept out of the decomposition and the shift vectors; steering is then also evaluated on them
+    (split "heldout"), each assigned to a concept from the original model's vector alone.
     """
     records = list(records)
-    method = _check_arguments(adapter, records, layer, k, method, alphas, batch_size)
+    method = _check_arguments(adapter, records, layer, k, method, alphas, batch_size, holdout)
     x_orig, x_ft = collect_sample_vectors(
         adapter, records, layer, batch_size=batch_size, progress=progress
     )  # [N, D] each
-    shift = concept_shift(x_orig, x_ft, k, method, seed=seed)  # type: ignore[arg-type]
+    fit, heldout = holdout_split(len(records), holdout, seed)
+    fit_records = [records[i] for i in fit]
+    shift = concept_shift(x_orig[fit], x_ft[fit], k, method, seed=seed)  # type: ignore[arg-type]
     matching = matching_table(shift)
     grounding = grounding_table(adapter, shift, top_k)
-    samples = samples_table(records, shift, top_k)
-    per_record = concept_steering(
-        adapter, records, layer, shift, alphas, batch_size=batch_size, progress=progress
-    )
-    steering = steering_table(per_record, seed=seed)
+    samples = samples_table(fit_records, shift, top_k)
+    per_record = [
+        concept_steering(
+            adapter, fit_records, layer, shift, alphas, batch_size=batch_size, progress=progress
+        )
+    ]
+    heldout_labels = torch.zeros(0, dtype=torch.long)
+    if heldout:
+        l1 = 0.1 * float(x_orig[fit].to(torch.float64).norm(dim=1).mean())  # the library default
+        heldout_labels = assign_concepts(shift.original, x_orig[heldout], l1=l1)
+        heldout_records = [records[i] for i in heldout]
+        per_record.append(
+            concept_steering(
+                adapter,
+                heldout_records,
+                layer,
+                shift,
+                alphas,
+                concepts=heldout_labels,
+                split="heldout",
+                batch_size=batch_size,
+                progress=progress,
+            )
+        )
+    steering_records = pd.concat(per_record, ignore_index=True)
+    steering = steering_table(steering_records, seed=seed)
 
     folder = Path(out_dir) / "concepts"
     folder.mkdir(parents=True, exist_ok=True)
@@ -481,26 +580,33 @@ def run_concept_shift(
     write_parquet(paths["grounding"], grounding)
     write_parquet(paths["samples"], samples)
     write_parquet(paths["steering"], steering)
-    write_parquet(paths["steering_records"], per_record)
+    write_parquet(paths["steering_records"], steering_records)
     save_safetensors(
         paths["vectors"],
         {
-            "x_orig": x_orig,  # [N, D]
+            "x_orig": x_orig,  # [N, D] every record, in the given order
             "x_ft": x_ft,  # [N, D]
+            "fit_index": torch.tensor(fit, dtype=torch.long),  # [N_fit] rows the concepts fit on
+            "heldout_index": torch.tensor(heldout, dtype=torch.long),  # [N_heldout]
             "concepts_orig": shift.original.concepts,  # [K, D]
             "concepts_ft": shift.finetuned.concepts,  # [K, D]
             "deltas": shift.deltas,  # [K, D] Delta_c
-            "labels_orig": shift.original.labels,  # [N]
-            "labels_ft": shift.finetuned.labels,  # [N]
+            "labels_orig": shift.original.labels,  # [N_fit] A_c membership
+            "labels_ft": shift.finetuned.labels,  # [N_fit]
+            "labels_heldout": heldout_labels,  # [N_heldout] assigned from x_orig
         },
         metadata={"layer": str(layer), "method": method, "k": str(k), "seed": str(seed)},
     )
-    write_json(paths["summary"], _summary(records, layer, k, method, seed, alphas, shift, steering))
+    write_json(
+        paths["summary"],
+        _summary(len(fit), len(heldout), layer, k, method, seed, alphas, shift, steering),
+    )
     return paths
 
 
 def _summary(
-    records: Sequence[Record],
+    n_fit: int,
+    n_heldout: int,
     layer: int,
     k: int,
     method: str,
@@ -509,29 +615,29 @@ def _summary(
     shift: ConceptShift,
     steering: pd.DataFrame,
 ) -> dict[str, Any]:
-    concept_rows = steering[steering["shift"] == "concept"]
+    by_split: dict[str, dict[str, dict[str, float]]] = {}
+    for row in steering.itertuples():
+        entry = by_split.setdefault(f"{row.split}/{row.shift}", {"kl": {}, "top1_agreement": {}})
+        entry["kl"][str(float(row.alpha))] = float(row.kl)
+        entry["top1_agreement"][str(float(row.alpha))] = float(row.top1_agreement)
     return {
         "layer": layer,
         "k": k,
         "method": method,
         "seed": seed,
-        "n_records": len(records),
+        "n_records": n_fit + n_heldout,
+        "n_fit": n_fit,
+        "n_heldout": n_heldout,
         "d_model": int(shift.deltas.shape[1]),
         "original": "base LM on (caption, question)",
         "finetuned": "VLM on (image, question)",
         "vector": "residual stream after decoder layer `layer`, last prompt position",
         "steering": "base LM + alpha * Delta_c(i) at `layer`, last prompt position; c(i) from the "
-        "original model's decomposition; control shift='mean': one mean shift for all records; "
-        "in-sample (shifts estimated on the evaluated records)",
+        "original model's decomposition (held-out records: assigned from their original vector); "
+        "control shift='mean': one mean shift for all records; split 'fit' is in-sample",
         "mean_cosine": float(shift.original_cosine.mean()),
         "mean_shifted_cosine": float(shift.recovered_cosine.mean()),
         "concepts_used": int((shift.counts > 0).sum()),
         "alphas": [float(a) for a in alphas],
-        "kl_by_alpha": {
-            str(float(a)): float(v) for a, v in zip(concept_rows["alpha"], concept_rows["kl"])
-        },
-        "top1_by_alpha": {
-            str(float(a)): float(v)
-            for a, v in zip(concept_rows["alpha"], concept_rows["top1_agreement"])
-        },
+        "steering_by_alpha": by_split,
     }
