@@ -133,3 +133,24 @@ def test_grad_through_values_only_leaves_incoming_grad_intact() -> None:
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a),
                                    rtol=1e-10, atol=1e-10)
+
+
+def test_bfloat16_through_the_fallback_primitives() -> None:
+    # torch's CPU CSR kernels have no bf16: the gather / index_add fallbacks must take over.
+    assert not kernels._csr_usable(torch.device("cpu"), torch.bfloat16)
+    params = [p.detach().bfloat16().requires_grad_() for p in _params(13, torch.float32)]
+    x_hat, values, idx = TopKAutoencode.apply(*params, K, True, None)
+    x, W_enc, b_enc, W_dec, b_dec = params
+    # the same bf16 products, differentiated densely by autograd
+    pre = torch.addmm(b_enc, x - b_dec, W_enc)
+    ref_v, ref_i = pre.topk(K, dim=-1, sorted=False)
+    assert torch.equal(idx.sort(1).values, ref_i.sort(1).values)
+    f = torch.zeros_like(pre).scatter(1, ref_i, ref_v.relu())
+    ref_x_hat = f @ W_dec + b_dec
+    w = torch.randn(N, D).bfloat16()
+    grads = torch.autograd.grad((x_hat * w).sum(), params)
+    ref_grads = torch.autograd.grad((ref_x_hat * w).sum(), params)
+    torch.testing.assert_close(x_hat, ref_x_hat, rtol=0.02, atol=0.05)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.bfloat16
+        assert (g.float() - r.float()).norm() <= 0.02 * r.float().norm()
