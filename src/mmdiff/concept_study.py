@@ -15,7 +15,7 @@ c(i) = the concept the ORIGINAL model's decomposition assigns i to (A_c), added 
   transfers, and c(i) is computable from the original model alone.
 - The last position only: Delta_c was measured there; earlier positions hold other tokens'
   representations, which a shift measured at the answer position says nothing about.
-A control steers every record by the mean shift over all records (one global vector, `shift` =
+A control steers every record by the mean shift over the fitted records (one global vector, `shift` =
 "mean"), so the gain of concept-specific shifts over a single difference of means is visible.
 In-sample and held-out: by default the shifts are estimated on the same records they are evaluated
 on (split "fit"), as in the paper's recovery experiment; that measures how well K mean shifts
