@@ -43,6 +43,7 @@ def tiny_study(tmp_path_factory):
         "control": {"n_random": 2, "n_boot": 200, "alphas": [-1.0, 0.0, 1.0], "batch_size": 8},
         "attribution": {"top_k": 2, "n_calibration": 8, "max_features": 3, "overlay_heads": 1},
         "interp": {"k": 3, "max_adapted": 2},
+        "concepts": {"k": 2, "holdout": 0.0},
     }
     (root / "study.yaml").write_text(yaml.safe_dump(cfg))
     return root
@@ -64,7 +65,7 @@ def test_run_whole_chain_then_skips(tiny_study):
     assert manifest["stages"]["capture"]["summary"]["train/vlm"]["records"] == 16
     stages = manifest["stages"]
     assert [s for s in stages if stages[s]["status"] == "done"] == [
-        "capture", "train", "stats", "diff", "detect", "attribute", "interp", "ablate", "steer"]
+        "capture", "train", "stats", "diff", "detect", "attribute", "interp", "ablate", "concepts", "steer"]
     for role in ("base", "full", "image", "text", "random"):
         assert (run / "saes" / role / "layer_1" / "cfg.json").is_file()
     import pandas as pd
@@ -84,7 +85,7 @@ def test_run_whole_chain_then_skips(tiny_study):
     res = runner.invoke(app, args)
     assert (run / "interp" / "dashboards" / "index.html").is_file()
     assert len(pd.read_parquet(run / "attribution" / "heads.parquet")) > 0
-    assert res.exit_code == 0 and res.output.count("skipped") >= 9
+    assert res.exit_code == 0 and res.output.count("skipped") >= 10
     assert (run / "config.yaml").exists()
     # a changed detect threshold redoes detect only
     res = runner.invoke(app, args + ["--only", "detect", "--force"])
@@ -101,7 +102,7 @@ def test_unrelated_dataset_change_reruns_nothing(tiny_study, tmp_path):
     res = CliRunner().invoke(app, ["run", "--config", str(p), *runs])
     assert res.exit_code == 0, res.output
     rows = [r for r in re.findall(r"^\s+(\w+)\s+(done|skipped)\s", res.output, re.M) if r[0] != "report"]
-    assert len(rows) == 9 and {status for _, status in rows} == {"skipped"}
+    assert len(rows) == 10 and {status for _, status in rows} == {"skipped"}
 
 
 def test_dry_run_names_missing_things(tiny_study, tmp_path):

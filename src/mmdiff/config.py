@@ -148,6 +148,20 @@ class InterpSpec(Section):
     batch_size: int = Field(8, ge=1)
 
 
+class ConceptsSpec(Section):
+    """Concept shift vectors after seed 003: base LM on captions vs VLM on images, same records."""
+
+    enabled: bool = Field(True, description="Run the concepts stage.")
+    dataset: str = Field("test", description="Records with both an image and a caption.")
+    layer: int | None = Field(None, description="Layer of the per-sample vectors; None = the middle configured layer.")
+    k: int = Field(20, ge=2, description="Concepts per model.")
+    method: Literal["kmeans", "semi_nmf", "dictionary"] = "kmeans"
+    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0])
+    holdout: float = Field(0.25, ge=0, lt=1, description="Share of records kept out of the fit to test transfer.")
+    top_k: int = Field(10, ge=1, description="Grounding tokens and samples per concept.")
+    batch_size: int = Field(16, ge=1)
+
+
 class ControlSpec(Section):
     """Removal and steering of the task sets against controls, with bootstrap CIs (METHOD.md §6-7)."""
 
@@ -181,6 +195,7 @@ class StudyConfig(Section):
     attribution: AttributionSpec = Field(default_factory=AttributionSpec)
     interp: InterpSpec = Field(default_factory=InterpSpec)
     control: ControlSpec = Field(default_factory=ControlSpec)
+    concepts: ConceptsSpec = Field(default_factory=ConceptsSpec)
 
     @field_validator("layers")
     @classmethod

@@ -384,6 +384,25 @@ def stage_steer(ctx: StageContext) -> dict[str, Any]:
     return {"selected": best[["method", "task", "alpha", "score"]].round(4).to_dict(orient="records")}
 
 
+def concepts_layer(cfg: StudyConfig) -> int:
+    return cfg.concepts.layer if cfg.concepts.layer is not None else cfg.layers[len(cfg.layers) // 2]
+
+
+def stage_concepts(ctx: StageContext) -> dict[str, Any]:
+    """Concept shift vectors (seed 003): concepts of both models, matched, shifted, and steered."""
+    import json
+
+    from mmdiff.concept_study import run_concept_shift
+
+    c = ctx.config.concepts
+    paths = run_concept_shift(get_adapter(ctx), get_records(ctx, c.dataset), concepts_layer(ctx.config),
+                              ctx.run_dir, k=c.k, method=c.method, alphas=tuple(c.alphas),
+                              seed=ctx.config.seed, batch_size=c.batch_size, progress=ctx.progress,
+                              top_k=c.top_k, holdout=c.holdout)
+    s = json.loads(paths["summary"].read_text())
+    return {k: s[k] for k in ("mean_cosine", "mean_shifted_cosine", "steering_by_alpha") if k in s}
+
+
 def study_stages(cfg: StudyConfig) -> list[Stage]:
     """The stages of a study, in the order they run."""
     capture_outputs = [f"activations/{ds}/{side}" for ds in cfg.capture.datasets for side in cfg.capture.sides]
@@ -416,6 +435,11 @@ def study_stages(cfg: StudyConfig) -> list[Stage]:
               config_key="control", datasets=[cfg.control.test],
               describe="remove each task set, beside matched random and mismatched controls"),
     ]
+    if cfg.concepts.enabled:
+        stages.append(
+            Stage("concepts", stage_concepts, outputs=["concepts/matching.parquet", "concepts/steering.parquet"],
+                  config_key="concepts", datasets=[cfg.concepts.dataset],
+                  describe="concept shift vectors: base LM on captions vs VLM on images"))
     if cfg.control.validation is not None:
         stages.append(
             Stage("steer", stage_steer, outputs=["eval/steering.parquet"], needs=["train", "stats", "detect"],
