@@ -217,15 +217,34 @@ class StudyConfig(Section):
         }
 
 
+# The organism's question families that come with an image (the text-only ones feed the base LM).
+ORGANISM_FAMILIES = ["colour", "shape", "count", "existence", "spatial_yesno", "spatial_open", "ocr",
+                     "safety", "instruction", "describe"]
+
+
 def default_config() -> StudyConfig:
-    """The organism study: what `mmdiff run` does with no config file."""
+    """The organism study: what `mmdiff run` does with no config file.
+
+    Sized to finish in minutes on a 2-core laptop CPU: 4 layers of a 128-wide model, 1,024-latent
+    SAEs, a few hundred records per split of the procedural shapes world.
+    """
+
+    def shapes(split: str, n: int) -> DatasetSpec:
+        return DatasetSpec(kind="shapes", args={"split": split, "n_per_family": n, "families": ORGANISM_FAMILIES})
+
     return StudyConfig(
         name="organism",
         model=ModelSpec(),
-        datasets={
-            "train": DatasetSpec(kind="shapes", args={"split": "train"}, limit=256),
-            "test": DatasetSpec(kind="shapes", args={"split": "test"}, limit=256),
-        },
+        layers=[0, 1, 2, 3],
+        datasets={"train": shapes("train", 48), "test": shapes("test", 32), "validation": shapes("validation", 16)},
+        capture=CaptureSpec(datasets=["train"], batch_size=32),
+        train=TrainSpec(k=16, expansion_factor=8, batch_size=512, total_tokens=120_000,
+                        dead_tokens_threshold=20_000, checkpoint_every=50),
+        stats=StatsSpec(neutral_instruction="describe the image .", batch_size=32),
+        attribution=AttributionSpec(top_k=4, n_calibration=64, exact=True, max_features=12),
+        interp=InterpSpec(k=6, max_adapted=8),
+        control=ControlSpec(n_random=3, alphas=[-2.0, -1.0, 0.0, 1.0, 2.0], batch_size=32),
+        concepts=ConceptsSpec(k=10),
     )
 
 
