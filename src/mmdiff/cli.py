@@ -71,9 +71,14 @@ def run(
         console.print("[bold]mmdiff[/bold]: no --config given, running the organism study "
                       "(the bundled tiny LLaVA and its shapes world).")
 
+    from mmdiff.pipeline import select_stages
+
+    planned = [s.name for s in select_stages(study_stages(cfg), only, start)]
+
     def on_event(kind, stage, res):  # type: ignore[no-untyped-def]
         if kind == "start":
-            console.rule(f"[bold]{stage.name}[/bold] {stage.describe}")
+            step = planned.index(stage.name) + 1
+            console.rule(f"[bold]{step}/{len(planned)} {stage.name}[/bold] {stage.describe}")
         elif kind == "skipped":
             console.print(f"[dim]- {stage.name}: done earlier with the same inputs, skipped (--force redoes it)[/dim]")
         elif kind == "done":
