@@ -51,9 +51,9 @@ class OrganismConfig:
     """Vision patch side: (64 / 8)^2 = 64 image tokens, the CLS token dropped ("default" strategy)."""
     base: StageConfig = field(default_factory=lambda: StageConfig(steps=2400, batch_size=32, lr=3e-3, warmup=100))
     """Base LM, text only: captions, QA with the caption in context, refusals of harmful requests."""
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch_size=32, lr=2e-3))
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=250, batch_size=32, lr=2e-3))
     """LLaVA stage 1, alignment: image -> caption; vision tower and projector train, the LM is frozen."""
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=900, batch_size=32, lr=1e-3))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=1000, batch_size=32, lr=1e-3))
     """LLaVA stage 2, instruction tuning: (image, question) -> answer; projector, LM (and tower) train."""
     base_caption_loss: bool = False
     """Whether the base LM's loss also covers the caption in its prompt (language modelling of
