@@ -71,6 +71,7 @@ from mmdiff.sae.trainer import (
     _lr_at,
     default_lr,
     init_decoder_bias_,
+    make_optimizer,
     regime_token_types,
     train_saes,
     train_step,
@@ -442,9 +443,7 @@ def train_saes_distributed(
         else torch.device("cpu")
     )
     base_lrs = {L: cfg.lr or default_lr(saes[L].cfg.d_sae) for L in mine}
-    optimizer = torch.optim.Adam(
-        [{"params": list(saes[L].parameters()), "lr": base_lrs[L]} for L in mine]
-    )
+    optimizer = make_optimizer(saes, mine, base_lrs)
     dead = DeadLatents(
         {L: torch.zeros(saes[L].cfg.d_sae, dtype=torch.long, device=device) for L in mine},
         cfg.dead_tokens_threshold,
