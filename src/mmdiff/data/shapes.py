@@ -280,10 +280,6 @@ def _rng(seed: int, split: str, family: str, index: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(key[:8], "little"))
 
 
-def _allowed_pair(split: str, pair: tuple[str, str]) -> bool:
-    return split == "test" or pair not in HELD_OUT_PAIRS
-
-
 def sample_object_scene(rng: np.random.Generator, split: str, n_objects: int | None = None) -> Scene:
     """1-3 objects with distinct colours, distinct shapes and distinct cells.
 
