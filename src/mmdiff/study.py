@@ -8,12 +8,15 @@ every stage is also usable alone from Python.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmdiff.config import ORGANISM, DatasetSpec, StudyConfig
 from mmdiff.data.records import Record
 from mmdiff.errors import ConfigError
 from mmdiff.pipeline import Stage, StageContext
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 # ----------------------------------------------------------------------------- shared resources
@@ -161,17 +164,14 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
 
 
 def load_role_saes(run_dir: Path, role: str, layers: list[int], adapter=None, side: str = "vlm") -> dict:
-    """{layer: SAE} of one role (base | full | image | text | random) from the run directory."""
-    from mmdiff.sae import load_sae
+    """{layer: SAE} of one role (base | full | image | text | random), checked against and placed on
+    the adapter's `side` backbone when an adapter is given."""
+    from mmdiff.control.inputs import load_role_saes as load
 
-    d_in = adapter.backbone(side).d_model if adapter is not None else None
-    out = {}
-    for L in layers:
-        folder = run_dir / "saes" / role / f"layer_{L}"
-        if not folder.exists():
-            raise ConfigError(f"no {role} SAE for layer {L} in {folder.parent}: run the train stage first")
-        out[L] = load_sae(folder, d_in=d_in, layer=L)
-    return out
+    if adapter is None:
+        return load(run_dir, role, layers)
+    backbone = adapter.backbone(side)
+    return load(run_dir, role, layers, d_in=backbone.d_model, device=backbone.device)
 
 
 def task_splits(records: list[Record], base_tag: str, tasks: list[str]) -> dict[str, list[str]]:
