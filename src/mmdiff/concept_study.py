@@ -56,7 +56,7 @@ from mmdiff.concepts import (
 from mmdiff.data.records import Record
 from mmdiff.errors import ConfigError, DataError, ModelError
 from mmdiff.evals.bootstrap import bootstrap_mean
-from mmdiff.interventions._batches import iterate
+from mmdiff.progress import iterate
 from mmdiff.models.base import Backbone, Side, VLMAdapter
 
 METHODS = ("kmeans", "semi_nmf", "dictionary")

@@ -1,4 +1,4 @@
-"""What the parts of attribution share: the early stop, record batches and progress bars."""
+"""What the parts of attribution share: the early stop and record batches."""
 
 from __future__ import annotations
 
@@ -22,26 +22,6 @@ def batches(records: Sequence[Record], batch_size: int) -> Iterator[list[Record]
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     for start in range(0, len(records), batch_size):
         yield list(records[start : start + batch_size])
-
-
-def progress_bar(enabled: bool) -> Any:
-    """A transient rich progress bar (disabled when `enabled` is False)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        disable=not enabled, transient=True,
-    )
-
-
-def iterate(items: Iterator[Any] | Sequence[Any], description: str, enabled: bool) -> Iterator[Any]:
-    """The items, with a progress bar when `enabled`."""
-    items = list(items)
-    with progress_bar(enabled) as bar:
-        task = bar.add_task(description, total=len(items))
-        for item in items:
-            yield item
-            bar.advance(task)
 
 
 def first_tensor(output: Any) -> torch.Tensor:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mmdiff.attribution._common import StopForward, batches, progress_bar
+from mmdiff.attribution._common import StopForward, batches
+from mmdiff.progress import progress_bar
 from mmdiff.data.records import Record
 from mmdiff.errors import DataError, ModelError
 from mmdiff.models.base import Backbone, VLMAdapter

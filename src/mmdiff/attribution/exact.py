@@ -10,7 +10,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mmdiff.attribution._common import batches, progress_bar
+from mmdiff.attribution._common import batches
+from mmdiff.progress import progress_bar
 from mmdiff.attribution.corrupt import VisualMean
 from mmdiff.attribution.objective import Objective, Positions
 from mmdiff.attribution.runs import check_inputs, hooked_forward, prepare_batch

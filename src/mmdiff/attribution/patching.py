@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 import torch
 
-from mmdiff.attribution._common import batches, iterate
+from mmdiff.attribution._common import batches
+from mmdiff.progress import iterate
 from mmdiff.attribution.corrupt import VisualMean
 from mmdiff.attribution.objective import Objective, Positions
 from mmdiff.attribution.runs import Run, check_inputs, hooked_forward, prepare_batch
@@ -104,7 +105,7 @@ def attribution_patching(
     m_corr: list[torch.Tensor] = []
     forwards = backwards = 0
     start = time.perf_counter()
-    for chunk in iterate(batches(records, batch_size), f"attribution patching L{layer}F{feature}", progress):
+    for chunk in iterate(list(batches(records, batch_size)), f"attribution patching L{layer}F{feature}", progress):
         batch = prepare_batch(adapter, sae, layer, feature, chunk, visual_mean, objective, positions)
         clean = hooked_forward(backbone, batch.inputs, layer=layer, objective=batch.objective, track="a" in methods)
         corr = hooked_forward(

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from mmdiff.attribution._common import progress_bar
+from mmdiff.progress import progress_bar
 from mmdiff.attribution.corrupt import visual_embedding_mean
 from mmdiff.attribution.exact import ExactPatching, exact_patching, spearman
 from mmdiff.attribution.frames import HEAD_COLUMNS, LAYER_COLUMNS, heads_frame, layers_frame

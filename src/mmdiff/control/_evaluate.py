@@ -15,11 +15,12 @@ from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from mmdiff.errors import ConfigError
 from mmdiff.evals.harness import EvalResult, EvalTask, evaluate
 from mmdiff.models.base import Backbone
+from mmdiff.progress import progress_bar
 
 PositionName = Literal["text", "image", "all"]
 # (backbone, token types [batch, seq] or None) -> a context manager that intervenes while entered
@@ -87,17 +88,6 @@ def evaluate_under(
             out.p_correct += part.p_correct
             bar.advance(job, len(chunk))
     return out
-
-
-def progress_bar(enabled: bool = True) -> Progress:
-    """The rich progress display every loop of the control experiments reports to."""
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    ]
-    return Progress(*columns, disable=not enabled, transient=True)
 
 
 def check_yesno_metric(name: str) -> str:

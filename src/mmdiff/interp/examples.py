@@ -174,7 +174,7 @@ def token_activations(
 ) -> list[RecordActivations]:
     """Token-level activations of `features` on each record (text and image tokens), padding removed."""
     from mmdiff.capture import capture_residuals
-    from mmdiff.interventions._batches import iterate
+    from mmdiff.progress import iterate
 
     keys = feature_keys(features)
     by_layer = _by_layer(keys, saes)

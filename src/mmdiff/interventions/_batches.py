@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mmdiff.interventions._hooks import InterventionError
 from mmdiff.models.base import Backbone, TokenType
@@ -78,22 +77,3 @@ def forward_until(backbone: Backbone, inputs: Mapping[str, Any], last_layer: int
         handle.remove()
 
 
-def iterate(
-    batches: Iterable[Mapping[str, Any]], description: str, progress: bool
-) -> Iterator[Mapping[str, Any]]:
-    """The batches, with a rich progress bar when `progress` is set."""
-    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-    if not progress:
-        yield from batches
-        return
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    ]
-    with Progress(*columns, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        for batch in batches:
-            yield batch
-            bar.advance(task)

@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 import torch
 
-from mmdiff.interventions._batches import forward_until, iterate, split_batch, valid_positions
+from mmdiff.interventions._batches import forward_until, split_batch, valid_positions
+from mmdiff.progress import iterate
 from mmdiff.interventions._hooks import InterventionError, check_layer, split_output
 from mmdiff.models.base import Backbone
 

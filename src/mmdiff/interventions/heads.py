@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from mmdiff.interventions._batches import forward_until, iterate, split_batch, valid_positions
+from mmdiff.interventions._batches import forward_until, split_batch, valid_positions
+from mmdiff.progress import iterate
 from mmdiff.interventions._hooks import Intervention, InterventionError, Positions, check_layer
 from mmdiff.models.base import Backbone
 
