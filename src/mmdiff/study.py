@@ -249,7 +249,7 @@ def stage_detect(ctx: StageContext) -> dict[str, Any]:
     from mmdiff.detect import write_task_features
     from mmdiff.stats import FeatureStats
 
-    cfg, d, s = ctx.config, ctx.config.detect, ctx.config.stats
+    d, s = ctx.config.detect, ctx.config.stats
     stats = ctx.run_dir / "stats"
     tasks = {t: FeatureStats.load(stats, t) for t in s.tasks}
     neutral = {t: FeatureStats.load(stats, f"{t}_neutral") for t in s.neutral_tasks}
@@ -312,7 +312,7 @@ def stage_interp(ctx: StageContext) -> dict[str, Any]:
     from mmdiff.interp.dashboard import write_interp
     from mmdiff.interp.explain import make_explainer
 
-    cfg, it, s = ctx.config, ctx.config.interp, ctx.config.stats
+    it, s = ctx.config.interp, ctx.config.stats
     adapter = get_adapter(ctx)
     features = task_feature_table(ctx.run_dir, s.tasks)
     diff = pd.read_parquet(ctx.run_dir / "stats" / "diff.parquet")

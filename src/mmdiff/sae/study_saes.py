@@ -18,7 +18,7 @@ from torch import Tensor
 from mmdiff.errors import ConfigError, SAEError
 from mmdiff.sae.checkpoint import data_fingerprint, init_fingerprint
 from mmdiff.sae.stream import CapturedActivations
-from mmdiff.sae.trainer import METRICS_FILE, REGIMES, TrainConfig, TrainResult, train_saes
+from mmdiff.sae.trainer import METRICS_FILE, REGIMES, TrainConfig, TrainResult
 from mmdiff.sae.warm_start import warm_start_sae
 
 ROLES: tuple[str, ...] = ("base", "full", "image", "text", "random")
