@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmdiff.atomic import write_json, write_parquet
+from mmdiff.control.outputs import write_table
 from mmdiff.control._evaluate import (
     check_positions,
     check_yesno_metric,
@@ -279,22 +279,8 @@ def removal_experiment(
 def write_effects(effects: pd.DataFrame, out: str | Path) -> dict[str, Path]:
     """out/effects.parquet (the table) and out/effects.json (the same rows, plus the settings and
     each control draw's features and effects from `effects.attrs`)."""
-    out = Path(out)
-    missing = [c for c in EFFECT_COLUMNS if c not in effects.columns]
-    if missing:
-        raise DataError(
-            f"the effects table lacks columns {missing}; build it with removal_experiment"
-        )
-    table = effects[list(EFFECT_COLUMNS)].copy()
-    table.attrs = {}
-    paths = {"parquet": out / "effects.parquet", "json": out / "effects.json"}
-    write_parquet(paths["parquet"], table)
-    rows = [
-        {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
-        for r in table.to_dict("records")
-    ]
-    write_json(paths["json"], {"effects": rows, **{k: v for k, v in effects.attrs.items()}})
-    return paths
+    return write_table(effects, EFFECT_COLUMNS, out, "effects", builder="removal_experiment",
+                       extra=dict(effects.attrs))
 
 
 def run_removal(

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mmdiff.atomic import write_json, write_parquet
+from mmdiff.control.outputs import write_table
 from mmdiff.control._evaluate import (
     check_positions,
     check_yesno_metric,
@@ -346,32 +346,9 @@ def steering_experiment(
 
 def write_steering(steering: pd.DataFrame, out: str | Path) -> dict[str, Path]:
     """out/steering.parquet and out/steering.json (the rows, the selection and the paired differences)."""
-    out = Path(out)
-    missing = [c for c in STEERING_COLUMNS if c not in steering.columns]
-    if missing:
-        raise DataError(
-            f"the steering table lacks columns {missing}; build it with steering_experiment"
-        )
-    table = steering[list(STEERING_COLUMNS)].copy()
-    table.attrs = {}
-    paths = {"parquet": out / "steering.parquet", "json": out / "steering.json"}
-    write_parquet(paths["parquet"], table)
-    rows = [
-        {
-            k: (None if v is pd.NA or (isinstance(v, float) and np.isnan(v)) else v)
-            for k, v in r.items()
-        }
-        for r in table.astype(object).to_dict("records")
-    ]
-    write_json(
-        paths["json"],
-        {
-            "selection": SELECTION_NOTE,
-            "steering": rows,
-            "summary": steering.attrs.get("steering", {}),
-        },
-    )
-    return paths
+    extra = {"selection": SELECTION_NOTE, "summary": steering.attrs.get("steering", {})}
+    return write_table(steering, STEERING_COLUMNS, out, "steering", builder="steering_experiment",
+                       extra=extra)
 
 
 def run_steering(
