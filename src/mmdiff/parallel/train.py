@@ -64,6 +64,7 @@ from mmdiff.sae.stream import (
     shuffled_batches,
 )
 from mmdiff.sae.trainer import (
+    METRICS_COLUMNS,
     METRICS_FILE,
     TrainConfig,
     TrainResult,
@@ -73,6 +74,7 @@ from mmdiff.sae.trainer import (
     init_decoder_bias_,
     make_optimizer,
     regime_token_types,
+    stamp_training_metadata,
     train_saes,
     train_step,
     training_progress,
@@ -532,27 +534,18 @@ def _finish(
 
     from mmdiff.atomic import write_parquet
 
-    writes = mode == "layers" or ctx.is_main
-    for L, sae in saes.items():
-        sae.cfg.metadata = {
-            **sae.cfg.metadata,
-            "regime": cfg.regime,
-            "train_tokens": tokens,
-            "train_steps": step,
-            "warm_start": bool(warm) and cfg.regime != "random",
-            "distributed": {"mode": mode, "world_size": ctx.world_size},
-        }
-        if writes:
+    stamp_training_metadata(saes, warm, cfg, step, tokens,
+                            distributed={"mode": mode, "world_size": ctx.world_size})
+    if mode == "layers" or ctx.is_main:
+        for L, sae in saes.items():
             sae.save(out_dir / f"layer_{L}")
     if mode == "layers":
         metrics = sorted(
             (row for part in all_gather_object(metrics) for row in part),
             key=lambda r: (r["step"], r["layer"]),
         )
-    columns = ["step", "tokens", "layer", "loss", "fvu", "auxk_loss", "l0", "dead_fraction", "lr"]
-
     def write() -> None:
-        write_parquet(out_dir / METRICS_FILE, pd.DataFrame(metrics, columns=columns))
+        write_parquet(out_dir / METRICS_FILE, pd.DataFrame(metrics, columns=list(METRICS_COLUMNS)))
         if not cfg.keep_checkpoint:
             shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
 

@@ -356,6 +356,26 @@ def train_step(
     return rows
 
 
+METRICS_COLUMNS = ("step", "tokens", "layer", "loss", "fvu", "auxk_loss", "l0", "dead_fraction", "lr")
+"""Columns of train_metrics.parquet, one row per logged step and layer."""
+
+
+def stamp_training_metadata(
+    saes: Mapping[int, Any], warm: Mapping[int, Any], cfg: "TrainConfig", step: int, tokens: int,
+    **extra: Any,
+) -> None:
+    """Record in each SAE's metadata how it was trained (regime, tokens, steps, warm start, ...)."""
+    for sae in saes.values():
+        sae.cfg.metadata = {
+            **sae.cfg.metadata,
+            "regime": cfg.regime,
+            "train_tokens": tokens,
+            "train_steps": step,
+            "warm_start": bool(warm) and cfg.regime != "random",
+            **extra,
+        }
+
+
 def finish_training(
     saes: dict[int, Any],
     warm: dict[int, Any],
@@ -368,35 +388,11 @@ def finish_training(
     cfg: TrainConfig,
 ) -> TrainResult:
     """Write the SAE folders and the metrics table; drop the checkpoint unless asked to keep it."""
-    sae_dirs = {}
-    for L, sae in saes.items():
-        sae.cfg.metadata = {
-            **sae.cfg.metadata,
-            "regime": cfg.regime,
-            "train_tokens": tokens,
-            "train_steps": step,
-            "warm_start": bool(warm) and cfg.regime != "random",
-        }
-        sae_dirs[L] = Path(sae.save(out_dir / f"layer_{L}"))
     import pandas as pd
 
-    write_parquet(
-        out_dir / METRICS_FILE,
-        pd.DataFrame(
-            metrics,
-            columns=[
-                "step",
-                "tokens",
-                "layer",
-                "loss",
-                "fvu",
-                "auxk_loss",
-                "l0",
-                "dead_fraction",
-                "lr",
-            ],
-        ),
-    )
+    stamp_training_metadata(saes, warm, cfg, step, tokens)
+    sae_dirs = {L: Path(sae.save(out_dir / f"layer_{L}")) for L, sae in saes.items()}
+    write_parquet(out_dir / METRICS_FILE, pd.DataFrame(metrics, columns=list(METRICS_COLUMNS)))
     ckpt = out_dir / CHECKPOINT_DIR
     if not cfg.keep_checkpoint and ckpt.exists():
         shutil.rmtree(ckpt)
