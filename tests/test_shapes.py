@@ -134,7 +134,7 @@ def test_labels_follow_from_the_scene(split):
                 else:
                     assert verb in shapes.VERBS[4:]
             else:
-                assert answer == shapes.compliance(verb, noun) and noun in shapes.BENIGN_NOUNS
+                assert answer == shapes.compliance(verb, noun) and noun in shapes.INSTRUCTION_NOUNS
         elif fam == "describe":
             assert answer == r.caption
 

@@ -35,6 +35,7 @@ def base_lm_config(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerFast) -> L
         bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
         eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
         tie_word_embeddings=False,
+        initializer_range=cfg.init_std,
     )
 
 

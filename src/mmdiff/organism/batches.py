@@ -51,21 +51,34 @@ def vlm_batch(tok: PreTrainedTokenizerFast, records: Sequence[Record], n_image_t
     return out
 
 
-def base_batch(tok: PreTrainedTokenizerFast, records: Sequence[Record], *, caption_loss: bool = True) -> dict[str, torch.Tensor]:
+BASE_LOSSES: tuple[str, ...] = ("answer", "caption", "sequence")
+
+
+def base_batch(tok: PreTrainedTokenizerFast, records: Sequence[Record], *, loss_on: str = "sequence") -> dict[str, torch.Tensor]:
     """Base-LM inputs "USER: {caption}\\n{question} ASSISTANT:" + answer + EOS.
 
-    The loss covers the answer and, with `caption_loss`, the caption (language modelling of
-    captions); records without a caption are bare text requests "USER: {question} ASSISTANT:".
+    `loss_on` picks the trained tokens: "answer" (answer + EOS only), "caption" (the caption too),
+    or "sequence" (every token after BOS: caption, question and answer, as in pretraining).
+    "sequence" is what the organism uses: the questions name objects copied from the caption
+    ("is the red cross left of ..."), and predicting them is what trains the copying (induction)
+    heads that binding an attribute to its object needs; with the answer-only loss the 4-layer LM
+    never bound colours to shapes (docs/design.md). Records without a caption are bare text
+    requests "USER: {question} ASSISTANT:".
     """
+    if loss_on not in BASE_LOSSES:
+        raise ValueError(f"loss_on {loss_on!r}: expected one of {BASE_LOSSES}")
     seqs, labels = [], []
     for r in records:
         prompt = tok(base_prompt(r.caption, r.question)).input_ids
         answer = _answer_ids(tok, r)
-        lab = [IGNORE] * len(prompt)
-        if caption_loss and r.caption:
-            head = len(tok("USER:").input_ids)  # <s> user :
-            n_cap = len(tok(r.caption, add_special_tokens=False).input_ids)
-            lab[head:head + n_cap] = prompt[head:head + n_cap]
+        if loss_on == "sequence":
+            lab = [IGNORE] + prompt[1:]
+        else:
+            lab = [IGNORE] * len(prompt)
+            if loss_on == "caption" and r.caption:
+                head = len(tok("USER:").input_ids)  # <s> user :
+                n_cap = len(tok(r.caption, add_special_tokens=False).input_ids)
+                lab[head:head + n_cap] = prompt[head:head + n_cap]
         seqs.append(prompt + answer)
         labels.append(lab + answer)
     return _pad_left(seqs, labels, tok.pad_token_id)

@@ -52,7 +52,7 @@ def train_base_lm(cfg: OrganismConfig, tok, progress: bool = True) -> tuple[Llam
     torch.manual_seed(cfg.seed)
     losses = train_stage(
         base, list(base.parameters()), mixtures.stream(mixtures.BASE_MIX, cfg.seed),
-        lambda rs: base_batch(tok, rs, caption_loss=cfg.base_caption_loss), cfg.base, description="base LM (text)", progress=progress,
+        lambda rs: base_batch(tok, rs, loss_on=cfg.base_loss_on), cfg.base, description="base LM (text)", progress=progress,
     )
     return base, losses
 

@@ -49,16 +49,19 @@ class OrganismConfig:
     """Image side in pixels (the shapes world renders 64x64)."""
     patch_size: int = 8
     """Vision patch side: (64 / 8)^2 = 64 image tokens, the CLS token dropped ("default" strategy)."""
-    base: StageConfig = field(default_factory=lambda: StageConfig(steps=2400, batch_size=32, lr=3e-3, warmup=100))
+    base: StageConfig = field(default_factory=lambda: StageConfig(steps=3000, batch_size=32, lr=1e-3, warmup=100))
     """Base LM, text only: captions, QA with the caption in context, refusals of harmful requests."""
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=250, batch_size=32, lr=2e-3))
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch_size=32, lr=2e-3))
     """LLaVA stage 1, alignment: image -> caption; vision tower and projector train, the LM is frozen."""
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=1000, batch_size=32, lr=1e-3))
     """LLaVA stage 2, instruction tuning: (image, question) -> answer; projector, LM (and tower) train."""
-    base_caption_loss: bool = False
-    """Whether the base LM's loss also covers the caption in its prompt (language modelling of
-    captions). Off by default: it dilutes the answer signal; captions are still learned as the
-    answers of "describe the image"."""
+    base_loss_on: str = "sequence"
+    """Tokens the base LM's loss covers: "sequence" (caption, question and answer, as in
+    pretraining), "caption" (caption and answer) or "answer". See organism.batches.base_batch."""
+    init_std: float = 0.08
+    """Standard deviation of the language model's initial weights (transformers' default, 0.02, is
+    tuned for wide models: at d_model 128 it left attention near uniform for thousands of steps
+    and the LM never learned to copy from its context; 0.08 is about 1/sqrt(d_model))."""
     train_vision_in_stage2: bool = True
     """Whether the vision tower keeps training in stage 2 (a full fine-tune; LLaVA-1.5 freezes its
     pretrained CLIP, ours only had stage 1)."""
@@ -83,6 +86,8 @@ class OrganismConfig:
                 f"hidden sizes ({self.d_model}, vision {self.vision_d_model}) must divide by the head "
                 f"counts ({self.n_heads}, vision {self.vision_heads})"
             )
+        if self.base_loss_on not in ("answer", "caption", "sequence"):
+            raise ConfigError(f"base_loss_on {self.base_loss_on!r}: expected answer, caption or sequence")
         if self.storage_dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"storage_dtype {self.storage_dtype!r}: expected float32, float16 or bfloat16")
 
