@@ -27,6 +27,7 @@ from mmdiff.errors import DataError
 IMAGE_SIZE = 64
 GRID = 3  # cells per side
 CELL = IMAGE_SIZE / GRID
+PATCH = 8  # the organism's vision patch side: text and objects sit on its grid (see _aligned_x)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -329,7 +330,6 @@ def _ink(rng: np.random.Generator) -> tuple[int, int, int]:
     return (g, g, g)
 
 
-PATCH = 8  # the organism's vision patch side: rendered text sits on its grid (see _aligned_x)
 # Patch rows whose capitals' centre lies in each grid row (centre = 8 * p + 3 for y = 8 * p - 2).
 _TEXT_PATCH_ROWS: tuple[tuple[int, ...], ...] = ((0, 1, 2), (3, 4), (5, 6, 7))
 

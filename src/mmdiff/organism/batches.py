@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from mmdiff.data.records import Record
 from mmdiff.organism.architecture import IMAGE_MEAN, IMAGE_STD
+from mmdiff.organism.recipe import BASE_LOSSES
 from mmdiff.organism.tokenizer import IMAGE, base_prompt, vlm_prompt
 
 IGNORE = -100
@@ -49,9 +50,6 @@ def vlm_batch(tok: PreTrainedTokenizerFast, records: Sequence[Record], n_image_t
     out = _pad_left(seqs, labels, tok.pad_token_id)
     out["pixel_values"] = pixel_values(records)
     return out
-
-
-BASE_LOSSES: tuple[str, ...] = ("answer", "caption", "sequence")
 
 
 def base_batch(tok: PreTrainedTokenizerFast, records: Sequence[Record], *, loss_on: str = "sequence") -> dict[str, torch.Tensor]:

@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass, field, fields
 from mmdiff.errors import ConfigError
 
 
+BASE_LOSSES: tuple[str, ...] = ("answer", "caption", "sequence")
+"""What the base LM's loss can cover (OrganismConfig.base_loss_on, organism.batches.base_batch)."""
+
+
 @dataclass
 class StageConfig:
     """One training stage: plain AdamW, linear warmup then cosine decay to 10% of the peak rate."""
@@ -86,8 +90,8 @@ class OrganismConfig:
                 f"hidden sizes ({self.d_model}, vision {self.vision_d_model}) must divide by the head "
                 f"counts ({self.n_heads}, vision {self.vision_heads})"
             )
-        if self.base_loss_on not in ("answer", "caption", "sequence"):
-            raise ConfigError(f"base_loss_on {self.base_loss_on!r}: expected answer, caption or sequence")
+        if self.base_loss_on not in BASE_LOSSES:
+            raise ConfigError(f"base_loss_on {self.base_loss_on!r}: expected one of {BASE_LOSSES}")
         if self.storage_dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"storage_dtype {self.storage_dtype!r}: expected float32, float16 or bfloat16")
 
