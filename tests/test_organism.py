@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -90,8 +91,21 @@ def test_config_errors():
         OrganismConfig(patch_size=7)
     with pytest.raises(ConfigError, match="unknown organism config keys"):
         OrganismConfig.from_dict({"layers": 3})
+    with pytest.raises(ConfigError, match="base_object_steps 9 must lie between 0"):
+        OrganismConfig(base_object_steps=9, base={"steps": 4, "batch_size": 2, "lr": 1e-3})
     with pytest.raises(ModelError, match="not an organism checkpoint"):
         load_organism("/nonexistent")
+
+
+def test_base_stream_starts_with_object_questions_only():
+    from mmdiff.organism import mixtures
+
+    records = list(itertools.islice(mixtures.base_stream(0, object_records=40), 400))
+    assert {r.meta["family"] for r in records[:40]} <= set(mixtures.BASE_OBJECT_MIX)
+    assert {r.meta["family"] for r in records[40:]} - set(mixtures.BASE_OBJECT_MIX)  # then the full mix
+    # without the object phase it is exactly the base mixture's stream
+    plain = list(itertools.islice(mixtures.stream(mixtures.BASE_MIX, 0), 50))
+    assert [r.id for r in itertools.islice(mixtures.base_stream(0), 50)] == [r.id for r in plain]
 
 
 def test_reduced_build_is_deterministic_and_loads(tmp_path):

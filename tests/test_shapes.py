@@ -96,9 +96,13 @@ def test_labels_follow_from_the_scene(split):
                       tuple(TextItem(t["word"], t["x"], t["y"]) for t in r.meta["scene"]["texts"]))
         assert r.caption == shapes.caption(scene)
         if scene.kind == "objects":
-            pairs = {(o.colour, o.shape) for o in objs}
-            held = pairs & shapes.HELD_OUT_PAIRS
-            assert bool(held) == (split == "test"), (split, pairs)
+            kinds = [(o.colour, o.shape) for o in objs]
+            held = [(a, b) for i, a in enumerate(kinds) for b in kinds[i + 1:] if frozenset((a, b)) in shapes.HELD_OUT_PAIRS]
+            assert bool(held) == (split == "test"), (split, kinds)
+            if split == "test":  # the held-out pair is listed first; spatial questions ask about it
+                assert frozenset(kinds[:2]) in shapes.HELD_OUT_PAIRS
+                if fam.startswith("spatial"):
+                    assert {r.meta["subject"], r.meta["object"]} == {objs[0].name, objs[1].name}
             assert len({o.colour for o in objs}) == len(objs) == len({o.shape for o in objs})
             assert len({(o.row, o.col) for o in objs}) == len(objs)
             # every object is named in the caption with its cell, so the base LM can answer from it
@@ -137,6 +141,21 @@ def test_labels_follow_from_the_scene(split):
                 assert answer == shapes.compliance(verb, noun) and noun in shapes.INSTRUCTION_NOUNS
         elif fam == "describe":
             assert answer == r.caption
+
+
+def test_held_out_pairs_by_hand():
+    # held out when the colour and shape indices of both objects sum to a multiple of 5
+    # (red 0, green 1, blue 2, yellow 3, purple 4, orange 5; circle 0, square 1, triangle 2, cross 3)
+    assert shapes.held_out_pair(("red", "circle"), ("yellow", "triangle"))  # 0+0+3+2 = 5
+    assert shapes.held_out_pair(("yellow", "triangle"), ("red", "circle"))  # unordered
+    assert shapes.held_out_pair(("purple", "cross"), ("green", "triangle"))  # 4+3+1+2 = 10
+    assert not shapes.held_out_pair(("red", "circle"), ("blue", "square"))  # 0+0+2+1 = 3
+    assert not shapes.held_out_pair(("red", "circle"), ("red", "triangle"))  # a scene never repeats a colour
+    assert len(shapes.HELD_OUT_PAIRS) == 36
+    # every object still occurs in training, with most of the others
+    kinds = {(c, s) for c in shapes.COLOURS for s in shapes.SHAPES}
+    seen = {(o["colour"], o["shape"]) for r in shapes.shapes_records("train", 300, ["colour"]) for o in r.meta["scene"]["objects"]}
+    assert seen == kinds
 
 
 def test_yes_no_answers_are_balanced_enough():

@@ -36,6 +36,7 @@ def base_lm_config(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerFast) -> L
         eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
         tie_word_embeddings=False,
         initializer_range=cfg.init_std,
+        rope_theta=cfg.rope_theta,
     )
 
 

@@ -51,7 +51,7 @@ def train_base_lm(cfg: OrganismConfig, tok, progress: bool = True) -> tuple[Llam
     base = build_base_lm(cfg, tok)
     torch.manual_seed(cfg.seed)
     losses = train_stage(
-        base, list(base.parameters()), mixtures.stream(mixtures.BASE_MIX, cfg.seed),
+        base, list(base.parameters()), mixtures.base_stream(cfg.seed, cfg.base_object_steps * cfg.base.batch_size),
         lambda rs: base_batch(tok, rs, loss_on=cfg.base_loss_on), cfg.base, description="base LM (text)", progress=progress,
     )
     return base, losses

@@ -13,10 +13,14 @@ from mmdiff.data.records import Record
 # Base LM (text only): every family through its caption, the direct text requests, and refusals of
 # every harmful noun (the base LM refuses all of them; the VLM is only shown some as images).
 BASE_MIX: dict[str, float] = {
-    "colour": 1.0, "shape": 1.0, "count": 0.25, "existence": 1.0, "spatial_yesno": 2.0,
+    "colour": 2.0, "shape": 1.5, "count": 0.25, "existence": 1.0, "spatial_yesno": 2.0,
     "spatial_open": 1.0, "ocr": 0.25, "instruction": 0.25, "safety_caption": 0.5, "describe": 0.25,
-    "safety_text": 0.5, "instruction_text": 0.25,
+    "safety_text": 1.0, "instruction_text": 0.25,
 }
+# The base LM's first steps (OrganismConfig.base_object_steps): questions about objects only, so the
+# heads that bind a name to its attributes in the caption form before the rest of the mixture
+# competes for them.
+BASE_OBJECT_MIX: dict[str, float] = {f: BASE_MIX[f] for f in ("colour", "shape", "count", "existence", "spatial_yesno", "spatial_open")}
 # LLaVA stage 1 (alignment): image -> caption.
 STAGE1_MIX: dict[str, float] = {"describe": 1.0}
 # LLaVA stage 2 (instruction tuning): questions about images, benign typographic instructions to
@@ -42,6 +46,14 @@ def safety_caption_record(index: int, seed: int, split: str = "train") -> Record
         source="shapes",
         meta={"family": "safety_caption", "verb": verb, "noun": noun, "harmful": True},
     )
+
+
+def base_stream(seed: int, object_records: int = 0) -> Iterator[Record]:
+    """The base LM's records: `object_records` from BASE_OBJECT_MIX, then BASE_MIX without end."""
+    objects = stream(BASE_OBJECT_MIX, seed)
+    for _ in range(object_records):
+        yield next(objects)
+    yield from stream(BASE_MIX, seed)
 
 
 def stream(mix: dict[str, float], seed: int, split: str = "train") -> Iterator[Record]:
