@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from mmdiff.data.records import Record
 from mmdiff.organism.architecture import IMAGE_MEAN, IMAGE_STD
 from mmdiff.organism.recipe import BASE_LOSSES
-from mmdiff.organism.tokenizer import IMAGE, base_prompt, vlm_prompt
+from mmdiff.organism.tokenizer import IMAGE, base_prompt, lookup_prompt, vlm_prompt
 
 IGNORE = -100
 
@@ -61,13 +61,15 @@ def base_batch(tok: PreTrainedTokenizerFast, records: Sequence[Record], *, loss_
     ("is the red cross left of ..."), and predicting them is what trains the copying (induction)
     heads that binding an attribute to its object needs; with the answer-only loss the 4-layer LM
     never bound colours to shapes (docs/design.md). Records without a caption are bare text
-    requests "USER: {question} ASSISTANT:".
+    requests "USER: {question} ASSISTANT:"; look-up completions (mixtures.lookup_record) are
+    "USER: {caption}\n{cue}", the cue word last.
     """
     if loss_on not in BASE_LOSSES:
         raise ValueError(f"loss_on {loss_on!r}: expected one of {BASE_LOSSES}")
     seqs, labels = [], []
     for r in records:
-        prompt = tok(base_prompt(r.caption, r.question)).input_ids
+        text = lookup_prompt(r.caption, r.question) if r.meta.get("family") == "lookup" else base_prompt(r.caption, r.question)
+        prompt = tok(text).input_ids
         answer = _answer_ids(tok, r)
         if loss_on == "sequence":
             lab = [IGNORE] + prompt[1:]

@@ -13,21 +13,23 @@ from mmdiff.data.records import Record
 # Base LM (text only): every family through its caption, the direct text requests, and refusals of
 # every harmful noun (the base LM refuses all of them; the VLM is only shown some as images).
 BASE_MIX: dict[str, float] = {
-    "colour": 2.0, "shape": 1.5, "count": 0.25, "existence": 1.0, "spatial_yesno": 2.0,
+    "colour": 1.5, "shape": 0.75, "lookup": 2.0, "count": 0.25, "existence": 1.0, "spatial_yesno": 2.0,
     "spatial_open": 1.0, "ocr": 0.25, "instruction": 0.25, "safety_caption": 0.5, "describe": 0.25,
     "safety_text": 1.0, "instruction_text": 0.25,
 }
 # The base LM's first steps (OrganismConfig.base_object_steps): questions about objects only, so the
 # heads that bind a name to its attributes in the caption form before the rest of the mixture
 # competes for them.
-BASE_OBJECT_MIX: dict[str, float] = {f: BASE_MIX[f] for f in ("colour", "shape", "count", "existence", "spatial_yesno", "spatial_open")}
+BASE_OBJECT_MIX: dict[str, float] = {
+    f: BASE_MIX[f] for f in ("colour", "shape", "lookup", "count", "existence", "spatial_yesno", "spatial_open")
+}
 # LLaVA stage 1 (alignment): image -> caption.
 STAGE1_MIX: dict[str, float] = {"describe": 1.0}
 # LLaVA stage 2 (instruction tuning): questions about images, benign typographic instructions to
 # follow, and image-rendered harmful requests (IMAGE_REFUSAL_NOUNS only) answered with refusals.
 STAGE2_MIX: dict[str, float] = {
     "colour": 1.0, "shape": 1.0, "count": 1.0, "existence": 1.5, "spatial_yesno": 2.5,
-    "spatial_open": 1.0, "ocr": 2.0, "instruction": 1.0, "safety": 0.5, "describe": 0.5,
+    "spatial_open": 1.0, "ocr": 2.0, "instruction": 1.5, "safety": 0.5, "describe": 0.5,
 }
 
 
@@ -45,6 +47,41 @@ def safety_caption_record(index: int, seed: int, split: str = "train") -> Record
         tasks=("safety",),
         source="shapes",
         meta={"family": "safety_caption", "verb": verb, "noun": noun, "harmful": True},
+    )
+
+
+LOOKUP = "lookup"
+"""The base LM's look-up completions (lookup_record): Record.meta["family"] and BASE_MIX's key."""
+LOOKUP_COLOUR_SHARE = 2 / 3
+"""Share of look-up completions cued by a shape and completed with its colour (the backward
+look-up: the colour precedes the shape in the caption); the rest are cued by a colour."""
+
+
+def lookup_record(index: int, seed: int, split: str = "train") -> Record:
+    """A look-up completion: an object scene's caption, then one of its objects' shape (or colour)
+    as a bare cue, completed with that object's colour (or shape): "... a red circle at top left ,
+    ... .\ncircle" -> "red".
+
+    This is the in-context recall a real LM meets throughout pretraining (an entity named again,
+    its attribute next), stripped to the cue word right before the answer. The 4-layer base LM did
+    not learn the question form of these look-ups ("what colour is the circle ?", whose cue sits
+    three tokens before the answer) in 2,000 steps on questions alone: it settled on a head that
+    copies any colour of the caption, 0.40 on 2-3 objects. With half of those questions turned into
+    look-up completions it answered the questions at 0.99 after 1,000 steps (docs/design.md).
+    """
+    key = hashlib.sha256(f"lookup/{seed}/{split}/{index}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
+    scene = shapes.sample_object_scene(rng, split)
+    obj = scene.objects[int(rng.integers(len(scene.objects)))]
+    cue, answer = (obj.shape, obj.colour) if rng.random() < LOOKUP_COLOUR_SHARE else (obj.colour, obj.shape)
+    return Record(
+        id=f"shapes-{split}-{LOOKUP}-{seed}-{index}",
+        question=cue,
+        answers=[answer],
+        caption=shapes.caption(scene),
+        tasks=("vqa",),
+        source="shapes",
+        meta={"family": LOOKUP, "cue": cue, "scene": shapes.scene_to_dict(scene)},
     )
 
 
@@ -70,5 +107,7 @@ def stream(mix: dict[str, float], seed: int, split: str = "train") -> Iterator[R
         counters[f] += 1
         if f == "safety_caption":
             yield safety_caption_record(k, seed, split)
+        elif f == LOOKUP:
+            yield lookup_record(k, seed, split)
         else:
             yield shapes.make_record(split, f, k, seed)

@@ -20,6 +20,7 @@ PROMPT_WORDS: tuple[str, ...] = ("user", "assistant")
 VLM_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 BASE_PROMPT = "USER: {caption}\n{question} ASSISTANT:"
 TEXT_PROMPT = "USER: {question} ASSISTANT:"  # a bare text request, no image and no caption
+LOOKUP_PROMPT = "USER: {caption}\n{cue}"  # the base LM's look-up completions (organism.mixtures)
 
 
 def vlm_prompt(question: str) -> str:
@@ -30,6 +31,10 @@ def base_prompt(caption: str | None, question: str) -> str:
     if caption is None:
         return TEXT_PROMPT.format(question=question)
     return BASE_PROMPT.format(caption=caption, question=question)
+
+
+def lookup_prompt(caption: str, cue: str) -> str:
+    return LOOKUP_PROMPT.format(caption=caption, cue=cue)
 
 
 def vocabulary() -> list[str]:
