@@ -199,8 +199,9 @@ def test_shipped_checkpoint_reaches_its_measured_accuracy():
     "evaluation" starts with the same 16). Two answers per task may flip: the VLM is near chance
     on spatial yes/no and existence, and 5 of those 32 first answer tokens are decided by a
     logit margin under 0.01, which another CPU's arithmetic could move; a broken checkpoint,
-    prompt format, processor or shapes-world change moves many. A sample's level is not compared with the 100-record one:
-    on near-chance tasks 16 records stray far from it (VLM existence: 0.25 against 0.61)."""
+    prompt format, processor or shapes-world change moves many. A sample's level is not compared
+    with the 100-record one: on near-chance tasks 16 records stray far from it (VLM existence:
+    0.25 against 0.61)."""
     manifest = json.loads((checkpoint_path() / "organism.json").read_text())
     measured, full = manifest["evaluation_sample"], manifest["evaluation"]
     assert measured["n_per_task"] == 16 and full["n_per_task"] >= 16

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from mmdiff.data.records import Record
 from mmdiff.organism.architecture import IMAGE_MEAN, IMAGE_STD
+from mmdiff.organism.mixtures import LOOKUP
 from mmdiff.organism.recipe import BASE_LOSSES
 from mmdiff.organism.tokenizer import IMAGE, base_prompt, lookup_prompt, vlm_prompt
 
@@ -68,8 +69,8 @@ def base_batch(tok: PreTrainedTokenizerFast, records: Sequence[Record], *, loss_
         raise ValueError(f"loss_on {loss_on!r}: expected one of {BASE_LOSSES}")
     seqs, labels = [], []
     for r in records:
-        text = lookup_prompt(r.caption, r.question) if r.meta.get("family") == "lookup" else base_prompt(r.caption, r.question)
-        prompt = tok(text).input_ids
+        lookup = r.meta.get("family") == LOOKUP
+        prompt = tok(lookup_prompt(r.caption, r.question) if lookup else base_prompt(r.caption, r.question)).input_ids
         answer = _answer_ids(tok, r)
         if loss_on == "sequence":
             lab = [IGNORE] + prompt[1:]

@@ -17,9 +17,9 @@ BASE_MIX: dict[str, float] = {
     "spatial_open": 1.0, "ocr": 0.25, "instruction": 0.25, "safety_caption": 0.5, "describe": 0.25,
     "safety_text": 1.0, "instruction_text": 0.25,
 }
-# The base LM's first steps (OrganismConfig.base_object_steps): questions about objects only, so the
-# heads that bind a name to its attributes in the caption form before the rest of the mixture
-# competes for them.
+# The base LM's first steps (OrganismConfig.base_object_steps): questions about objects and look-up
+# completions only, so the heads that bind a name to its attributes in the caption form before the
+# rest of the mixture competes for them.
 BASE_OBJECT_MIX: dict[str, float] = {
     f: BASE_MIX[f] for f in ("colour", "shape", "lookup", "count", "existence", "spatial_yesno", "spatial_open")
 }

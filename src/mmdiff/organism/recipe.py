@@ -60,8 +60,8 @@ class OrganismConfig:
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=1500, batch_size=32, lr=1e-3))
     """LLaVA stage 2, instruction tuning: (image, question) -> answer; projector, LM (and tower) train."""
     base_object_steps: int = 2000
-    """Steps at the start of the base LM's training that see only questions about objects
-    (mixtures.BASE_OBJECT_MIX); the rest see the whole base mixture."""
+    """Steps at the start of the base LM's training that see only questions about objects and
+    look-up completions (mixtures.BASE_OBJECT_MIX); the rest see the whole base mixture."""
     base_loss_on: str = "sequence"
     """Tokens the base LM's loss covers: "sequence" (caption, question and answer, as in
     pretraining), "caption" (caption and answer) or "answer". See organism.batches.base_batch."""
