@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -120,8 +119,7 @@ def test_lookup_completions_end_on_the_cue_and_answer_from_the_scene(tok):
         by_colour = {o["colour"]: o["shape"] for o in objects}
         # the cue names one object of the scene and the answer is that object's other attribute
         assert r.answers == [by_shape[r.question] if r.question in shapes.SHAPES else by_colour[r.question]]
-        assert r.caption == shapes.caption(shapes.Scene("objects", tuple(
-            shapes.ShapeObject(o["colour"], o["shape"], o["row"], o["col"], o["cx"], o["cy"], o["size"]) for o in objects)))
+        assert r.caption == shapes.caption(shapes.scene_from_dict(r.meta["scene"]))
         cues.add("shape" if r.question in shapes.SHAPES else "colour")
     assert cues == {"shape", "colour"}  # both directions of look-up occur
     # the prompt is the caption then the bare cue: the cue is the last token before the answer

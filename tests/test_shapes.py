@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from mmdiff.data import shapes
-from mmdiff.data.records import Record
 from mmdiff.data.shapes import Scene, ShapeObject, TextItem
 from mmdiff.errors import DataError
 
@@ -75,11 +74,6 @@ def test_records_are_deterministic():
     assert [r.caption for r in a] != [r.caption for r in c]
 
 
-def _scene_objects(r: Record) -> list[ShapeObject]:
-    return [ShapeObject(o["colour"], o["shape"], o["row"], o["col"], o["cx"], o["cy"], o["size"])
-            for o in r.meta["scene"]["objects"]]
-
-
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_labels_follow_from_the_scene(split):
     for r in shapes.shapes_records(split, 25, seed=1):
@@ -91,9 +85,8 @@ def test_labels_follow_from_the_scene(split):
             assert r.image is None and r.caption is None
             continue
         assert r.load_image().size == (64, 64)
-        objs = _scene_objects(r)
-        scene = Scene(r.meta["scene"]["kind"], tuple(objs),
-                      tuple(TextItem(t["word"], t["x"], t["y"]) for t in r.meta["scene"]["texts"]))
+        scene = shapes.scene_from_dict(r.meta["scene"])
+        objs = list(scene.objects)
         assert r.caption == shapes.caption(scene)
         if scene.kind == "objects":
             kinds = [(o.colour, o.shape) for o in objs]
@@ -185,3 +178,17 @@ def test_vocabulary_covers_every_generated_text():
     for r in shapes.shapes_records("test", 10) + shapes.shapes_records("train", 10):
         text = " ".join([r.question, r.caption or "", *r.answers])
         assert set(text.split()) <= vocab, set(text.split()) - vocab
+
+
+def test_a_recorded_scene_redraws_its_image_and_caption():
+    families = [f for f in shapes.FAMILIES if f not in shapes.TEXT_ONLY_FAMILIES]
+    for r in shapes.shapes_records("test", 3, families, seed=2):
+        scene = shapes.scene_from_dict(r.meta["scene"])
+        assert shapes.scene_to_dict(scene) == r.meta["scene"]
+        assert np.array_equal(np.asarray(shapes.render(scene)), np.asarray(r.load_image())), r.id
+        assert shapes.caption(scene) == r.caption
+    # a scene recorded without ink and background still gives its caption (black ink, default background)
+    old = {k: v for k, v in r.meta["scene"].items() if k != "background"}
+    assert shapes.caption(shapes.scene_from_dict(old)) == r.caption
+    with pytest.raises(DataError, match="not a shapes scene.*objects"):
+        shapes.scene_from_dict({"kind": "objects", "texts": []})

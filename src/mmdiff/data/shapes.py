@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -511,6 +511,7 @@ def _object_question(rng: np.random.Generator, scene: Scene, family: str, held_o
 
 
 def scene_to_dict(scene: Scene) -> dict:
+    """Everything `render` and `caption` read from a scene, as JSON-ready values (Record.meta["scene"])."""
     return {
         "kind": scene.kind,
         "objects": [
@@ -518,8 +519,29 @@ def scene_to_dict(scene: Scene) -> dict:
              "cx": round(o.cx, 3), "cy": round(o.cy, 3), "size": round(o.size, 3)}
             for o in scene.objects
         ],
-        "texts": [{"word": t.word, "x": t.x, "y": t.y} for t in scene.texts],
+        "texts": [{"word": t.word, "x": t.x, "y": t.y, "ink": list(t.ink)} for t in scene.texts],
+        "background": list(scene.background),
     }
+
+
+def scene_from_dict(data: dict) -> Scene:
+    """The scene `scene_to_dict` described: render(scene_from_dict(d)) redraws the record's image.
+
+    Scenes recorded before ink and background were kept get the defaults (black ink on the default
+    background): their captions and answers are exact, their redrawn image is not.
+    """
+    try:
+        objects = tuple(ShapeObject(o["colour"], o["shape"], o["row"], o["col"], o["cx"], o["cy"], o["size"])
+                        for o in data["objects"])
+        texts = tuple(TextItem(t["word"], t["x"], t["y"], tuple(t.get("ink", (0, 0, 0)))) for t in data["texts"])
+        kind = data["kind"]
+    except (KeyError, TypeError) as e:
+        raise DataError(
+            f"not a shapes scene (missing or malformed {e}); expected the dict scene_to_dict writes: "
+            "kind, objects (colour, shape, row, col, cx, cy, size) and texts (word, x, y)"
+        ) from e
+    background = tuple(data.get("background", Scene.__dataclass_fields__["background"].default))
+    return Scene(kind, objects, texts, background=background)
 
 
 def shapes_records(
