@@ -49,6 +49,9 @@ COUNT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three")
 # the build budget (VLM shape accuracy 0.09); docs/design.md.
 OBJECT_CENTRES: tuple[float, ...] = (8.0, 32.0, 56.0)
 OBJECT_SIZE = 14.0
+# What a scene is drawn with when it does not say (TextItem.ink, Scene.background, scene_from_dict).
+DEFAULT_INK: tuple[int, int, int] = (0, 0, 0)
+DEFAULT_BACKGROUND: tuple[int, int, int] = (245, 245, 245)
 
 # Object pairs that share a scene only in the test split. Every colour-shape object occurs in
 # training (the VLM learns what a red cross looks like, as a real VLM has seen red crosses), but no
@@ -161,7 +164,7 @@ class TextItem:
     word: str
     x: int
     y: int
-    ink: tuple[int, int, int] = (0, 0, 0)
+    ink: tuple[int, int, int] = DEFAULT_INK
 
     @property
     def row(self) -> int:
@@ -175,7 +178,7 @@ class Scene:
     kind: str  # "objects" | "word" | "activity"
     objects: tuple[ShapeObject, ...] = ()
     texts: tuple[TextItem, ...] = ()
-    background: tuple[int, int, int] = (245, 245, 245)
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     def object_by_shape(self, shape: str) -> ShapeObject:
@@ -533,15 +536,14 @@ def scene_from_dict(data: dict) -> Scene:
     try:
         objects = tuple(ShapeObject(o["colour"], o["shape"], o["row"], o["col"], o["cx"], o["cy"], o["size"])
                         for o in data["objects"])
-        texts = tuple(TextItem(t["word"], t["x"], t["y"], tuple(t.get("ink", (0, 0, 0)))) for t in data["texts"])
+        texts = tuple(TextItem(t["word"], t["x"], t["y"], tuple(t.get("ink", DEFAULT_INK))) for t in data["texts"])
         kind = data["kind"]
     except (KeyError, TypeError) as e:
         raise DataError(
             f"not a shapes scene (missing or malformed {e}); expected the dict scene_to_dict writes: "
             "kind, objects (colour, shape, row, col, cx, cy, size) and texts (word, x, y)"
         ) from e
-    background = tuple(data.get("background", Scene.__dataclass_fields__["background"].default))
-    return Scene(kind, objects, texts, background=background)
+    return Scene(kind, objects, texts, background=tuple(data.get("background", DEFAULT_BACKGROUND)))
 
 
 def shapes_records(
