@@ -61,6 +61,74 @@ def test_training_batches_match_the_processor(tok):
         assert int((prompt == tok.convert_tokens_to_ids("<image>")).sum()) == 64
 
 
+def test_stage2_conversations_ask_about_their_own_scene():
+    from mmdiff.data.records import Record
+    from mmdiff.organism import mixtures
+
+    # a red circle at top left, a blue square at top right: every question it can pose, answered by hand
+    scene = shapes.Scene("objects", (
+        shapes.ShapeObject("red", "circle", 0, 0, 8.0, 8.0, 14.0),
+        shapes.ShapeObject("blue", "square", 0, 2, 56.0, 8.0, 14.0),
+    ))
+    truth = {
+        "what colour is the circle ?": "red", "what colour is the square ?": "blue",
+        "what shape is the red object ?": "circle", "what shape is the blue object ?": "square",
+        shapes.COUNT_QUESTION: "two",
+        "is the red circle left of the blue square ?": "yes", "is the red circle right of the blue square ?": "no",
+        "is the blue square right of the red circle ?": "yes", "is the blue square left of the red circle ?": "no",
+        "where is the red circle relative to the blue square ?": "left",
+        "where is the blue square relative to the red circle ?": "right",
+    }
+    record = Record(id="hand-0", question="what colour is the circle ?", answers=["red"],
+                    meta={"family": "colour", "scene": shapes.scene_to_dict(scene)})
+    conversation = mixtures.with_follow_ups(record, 40, seed=0)
+    later = conversation.meta[mixtures.FOLLOW_UPS]
+    assert len(later) == 39  # every family can be asked of two objects
+    for question, answer in later:
+        if question.startswith("is there"):  # existence: yes exactly for the two objects present
+            assert answer == ("yes" if question in ("is there a red circle ?", "is there a blue square ?") else "no")
+        else:
+            assert truth[question] == answer, question
+    asked = {q.split()[0] + " " + q.split()[1] for q, _ in later}
+    assert asked == {"what colour", "what shape", "how many", "is there", "is the", "where is"}
+    assert mixtures.with_follow_ups(record, 40, seed=0).meta == conversation.meta  # deterministic
+    assert record.meta.keys() == {"family", "scene"}  # the input record is left alone
+    assert mixtures.with_follow_ups(record, 1, seed=0) is record
+
+    one = Record(id="hand-1", question="what colour is the circle ?", answers=["red"],
+                 meta={"family": "colour", "scene": shapes.scene_to_dict(shapes.Scene("objects", scene.objects[:1]))})
+    # a lone object poses no relation: those families are redrawn
+    lone = mixtures.with_follow_ups(one, 20, 0).meta[mixtures.FOLLOW_UPS]
+    assert len(lone) == 19 and all(not q.startswith(("is the ", "where")) for q, _ in lone)
+
+    stream = list(itertools.islice(mixtures.stage2_stream(2, 4), 200))
+    for r in stream:
+        if r.meta["family"] in shapes.OBJECT_FAMILIES:
+            assert len(r.meta[mixtures.FOLLOW_UPS]) == 3
+        else:  # OCR, instructions, safety, descriptions stay single questions
+            assert mixtures.FOLLOW_UPS not in r.meta
+    assert [r.id for r in stream] == [r.id for r in itertools.islice(mixtures.stream(mixtures.STAGE2_MIX, 2), 200)]
+
+
+def test_a_conversation_trains_every_answer_in_llava_v1_format(tok):
+    from dataclasses import replace
+
+    from mmdiff.organism import mixtures
+
+    r = shapes.make_record("train", "colour", 0)
+    conversation = replace(r, meta={**r.meta, mixtures.FOLLOW_UPS: [["how many objects are there ?", "two"],
+                                                                     ["is there a red cross ?", "no"]]})
+    batch = vlm_batch(tok, [conversation], 2)
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    assert tok.decode(ids) == (f"<s> user : <image> <image> {r.question} assistant : {r.answers[0]} </s> "
+                               "user : how many objects are there ? assistant : two </s> "
+                               "user : is there a red cross ? assistant : no </s>")
+    assert tok.decode(labels[labels != IGNORE]) == f"{r.answers[0]} </s> two </s> no </s>"
+    # the first turn is exactly the single-question batch
+    single = vlm_batch(tok, [r], 2)["input_ids"][0]
+    assert ids[:len(single)].tolist() == single.tolist()
+
+
 def test_base_batch_loss_covers_what_it_says(tok):
     r = shapes.make_record("train", "colour", 0)
     prompt = f"user : {r.caption} {r.question} assistant :"

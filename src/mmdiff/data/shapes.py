@@ -124,6 +124,8 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "instruction_text": ("instruction", "text"),
 }
 TEXT_ONLY_FAMILIES: tuple[str, ...] = ("safety_text", "instruction_text")
+# Families that ask about the objects of an object scene (shapes.object_question).
+OBJECT_FAMILIES: tuple[str, ...] = ("colour", "shape", "count", "existence", "spatial_yesno", "spatial_open")
 
 
 def compliance(verb: str, noun: str) -> str:
@@ -447,7 +449,7 @@ def make_record(split: str, family: str, index: int, seed: int = 0) -> Record:
         need = 2 if family.startswith("spatial") else None
         for _ in range(1000):
             scene = sample_object_scene(rng, split, n_objects=(int(rng.integers(2, 4)) if need else None))
-            qa = _object_question(rng, scene, family, held_out_first=split == "test")
+            qa = object_question(rng, scene, family, held_out_first=split == "test")
             if qa is not None:
                 break
         else:  # pragma: no cover - every family has a valid question on most scenes
@@ -468,7 +470,11 @@ def make_record(split: str, family: str, index: int, seed: int = 0) -> Record:
     )
 
 
-def _object_question(rng: np.random.Generator, scene: Scene, family: str, held_out_first: bool = False) -> tuple[str, str, dict] | None:
+def object_question(rng: np.random.Generator, scene: Scene, family: str, held_out_first: bool = False) -> tuple[str, str, dict] | None:
+    """A question of an object family (OBJECT_FAMILIES) about `scene`: (question, answer, meta),
+    or None when the scene cannot pose one (a relation needs two objects, an open direction needs
+    them to share a row or a column). `held_out_first` asks a relation about objects 0 and 1, the
+    held-out pair of a test scene."""
     objs = scene.objects
     if family == "colour":
         o = _pick(rng, objs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -10,9 +10,15 @@ from transformers import PreTrainedTokenizerFast
 
 from mmdiff.data.records import Record
 from mmdiff.organism.architecture import IMAGE_MEAN, IMAGE_STD
-from mmdiff.organism.mixtures import LOOKUP
+from mmdiff.organism.mixtures import FOLLOW_UPS, LOOKUP
 from mmdiff.organism.recipe import BASE_LOSSES
-from mmdiff.organism.tokenizer import IMAGE, base_prompt, lookup_prompt, vlm_prompt
+from mmdiff.organism.tokenizer import (
+    IMAGE,
+    base_prompt,
+    follow_up_prompt,
+    lookup_prompt,
+    vlm_prompt,
+)
 
 IGNORE = -100
 
@@ -37,17 +43,30 @@ def _pad_left(seqs: list[list[int]], labels: list[list[int]], pad_id: int) -> di
 
 
 def _answer_ids(tok: PreTrainedTokenizerFast, record: Record) -> list[int]:
-    return tok(record.answers[0], add_special_tokens=False).input_ids + [tok.eos_token_id]
+    return _text_answer_ids(tok, record.answers[0])
+
+
+def _text_answer_ids(tok: PreTrainedTokenizerFast, answer: str) -> list[int]:
+    return tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
 
 
 def vlm_batch(tok: PreTrainedTokenizerFast, records: Sequence[Record], n_image_tokens: int) -> dict[str, torch.Tensor]:
-    """VLM inputs "USER: <image>x64\\n{question} ASSISTANT:" + answer + EOS; loss on the answer only."""
+    """VLM inputs "USER: <image>x64\\n{question} ASSISTANT:" + answer + EOS; loss on the answers only.
+
+    A conversation (meta[mixtures.FOLLOW_UPS]) goes on, LLaVA's v1 template, with
+    "USER: {question} ASSISTANT:" + answer + EOS for each later turn.
+    """
     seqs, labels = [], []
     for r in records:
         prompt = tok(vlm_prompt(r.question).replace(IMAGE, IMAGE * n_image_tokens)).input_ids
         answer = _answer_ids(tok, r)
-        seqs.append(prompt + answer)
-        labels.append([IGNORE] * len(prompt) + answer)
+        seq, lab = prompt + answer, [IGNORE] * len(prompt) + answer
+        for question, later_answer in r.meta.get(FOLLOW_UPS, ()):
+            prompt = tok(follow_up_prompt(question), add_special_tokens=False).input_ids
+            answer = _text_answer_ids(tok, later_answer)
+            seq, lab = seq + prompt + answer, lab + [IGNORE] * len(prompt) + answer
+        seqs.append(seq)
+        labels.append(lab)
     out = _pad_left(seqs, labels, tok.pad_token_id)
     out["pixel_values"] = pixel_values(records)
     return out

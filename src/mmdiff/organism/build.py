@@ -90,7 +90,7 @@ def train_vlm_stage2(cfg: OrganismConfig, tok, vlm: LlavaForConditionalGeneratio
     params = [p for p in vlm.parameters() if p.requires_grad]
     torch.manual_seed(cfg.seed + 3)
     losses = train_stage(
-        vlm, params, mixtures.stream(mixtures.STAGE2_MIX, cfg.seed + 2),
+        vlm, params, mixtures.stage2_stream(cfg.seed + 2, cfg.stage2_turns),
         lambda rs: vlm_batch(tok, rs, cfg.n_image_tokens), cfg.stage2,
         description="VLM stage 2 (instructions)", progress=progress,
     )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 
@@ -31,6 +32,46 @@ STAGE2_MIX: dict[str, float] = {
     "colour": 1.0, "shape": 1.0, "count": 1.0, "existence": 1.5, "spatial_yesno": 2.5,
     "spatial_open": 1.0, "ocr": 2.0, "instruction": 1.5, "safety": 0.5, "describe": 0.5,
 }
+
+
+FOLLOW_UPS = "follow_ups"
+"""Record.meta key of a stage-2 conversation's later turns, [[question, answer], ...]
+(with_follow_ups; organism.batches.vlm_batch trains on every answer)."""
+
+
+def with_follow_ups(record: Record, turns: int, seed: int) -> Record:
+    """`record` as a conversation of `turns` question-answer turns about its object scene.
+
+    LLaVA's instruction data (LLaVA-Instruct) is multi-turn: one image, several questions and
+    answers, the loss on every answer. Here the later questions are drawn from the object families
+    of STAGE2_MIX, by its weights, about the record's own scene, so a step trains up to `turns`
+    answers about objects for one image. Records of other families (no object scene) and
+    `turns` = 1 come back unchanged. A family the scene cannot pose (a relation about one object) is
+    redrawn. A later question may be answered by an earlier answer ("what
+    colour is the circle ?" "red", then "what shape is the red object ?"), as in LLaVA's
+    conversations; the first turn never is. Deterministic in (record.id, turns, seed).
+    """
+    if turns < 2 or record.meta.get("family") not in shapes.OBJECT_FAMILIES:
+        return record
+    fams = [f for f in STAGE2_MIX if f in shapes.OBJECT_FAMILIES]
+    p = np.asarray([STAGE2_MIX[f] for f in fams], dtype=float)
+    key = hashlib.sha256(f"follow-ups/{seed}/{record.id}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
+    scene = shapes.scene_from_dict(record.meta["scene"])
+    later: list[list[str]] = []
+    for _ in range(8 * turns):  # a scene cannot pose every family (no relation on one object): redraw
+        if len(later) == turns - 1:
+            break
+        qa = shapes.object_question(rng, scene, fams[int(rng.choice(len(fams), p=p / p.sum()))])
+        if qa is not None:
+            later.append([qa[0], qa[1]])
+    return replace(record, meta={**record.meta, FOLLOW_UPS: later})
+
+
+def stage2_stream(seed: int, turns: int, split: str = "train") -> Iterator[Record]:
+    """LLaVA stage 2's records: STAGE2_MIX, each object question the first of `turns` turns."""
+    for record in stream(STAGE2_MIX, seed, split):
+        yield with_follow_ups(record, turns, seed)
 
 
 def safety_caption_record(index: int, seed: int, split: str = "train") -> Record:

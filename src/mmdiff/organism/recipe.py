@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field, fields
 
 from mmdiff.errors import ConfigError
 
-
 BASE_LOSSES: tuple[str, ...] = ("answer", "caption", "sequence")
 """What the base LM's loss can cover (OrganismConfig.base_loss_on, organism.batches.base_batch)."""
 
@@ -57,8 +56,9 @@ class OrganismConfig:
     """Base LM, text only: captions, QA with the caption in context, refusals of harmful requests."""
     stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch_size=32, lr=2e-3))
     """LLaVA stage 1, alignment: image -> caption; vision tower and projector train, the LM is frozen."""
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=1500, batch_size=32, lr=1e-3))
-    """LLaVA stage 2, instruction tuning: (image, question) -> answer; projector, LM (and tower) train."""
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=1100, batch_size=32, lr=1e-3))
+    """LLaVA stage 2, instruction tuning: (image, questions) -> answers, object questions in
+    conversations of `stage2_turns` turns; projector, LM (and tower) train."""
     base_object_steps: int = 2000
     """Steps at the start of the base LM's training that see only questions about objects and
     look-up completions (mixtures.BASE_OBJECT_MIX); the rest see the whole base mixture."""
@@ -76,6 +76,10 @@ class OrganismConfig:
     recall the tiny Llama (std 0.08, lr 1e-3) is solved at step 1,750-2,000 with 10,000, 1,000
     with 100 and 750 with 30. The slowest rotation at 30 still turns less than once over 120
     tokens, so no two positions of a sequence alias."""
+    stage2_turns: int = 4
+    """Question-answer turns per stage-2 conversation about an object scene (mixtures.
+    with_follow_ups): the first question from STAGE2_MIX, the others about the same image, as in
+    LLaVA's multi-turn instruction data. 1 gives single questions (builds 1-8)."""
     train_vision_in_stage2: bool = True
     """Whether the vision tower keeps training in stage 2 (a full fine-tune; LLaVA-1.5 freezes its
     pretrained CLIP, ours only had stage 1)."""
@@ -107,6 +111,8 @@ class OrganismConfig:
                 f"base_object_steps {self.base_object_steps} must lie between 0 and the base LM's "
                 f"{self.base.steps} steps"
             )
+        if self.stage2_turns < 1:
+            raise ConfigError(f"stage2_turns {self.stage2_turns}: a conversation needs at least 1 turn")
         if self.base_loss_on not in BASE_LOSSES:
             raise ConfigError(f"base_loss_on {self.base_loss_on!r}: expected one of {BASE_LOSSES}")
         if self.storage_dtype not in ("float32", "float16", "bfloat16"):
@@ -120,7 +126,7 @@ class OrganismConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "OrganismConfig":
+    def from_dict(cls, data: dict) -> OrganismConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -128,7 +134,7 @@ class OrganismConfig:
         return cls(**data)
 
     @classmethod
-    def reduced(cls) -> "OrganismConfig":
+    def reduced(cls) -> OrganismConfig:
         """A few steps of a smaller model: the end-to-end test of the recipe, not a usable organism."""
         return cls(
             d_model=32, n_layers=2, n_heads=2, d_mlp=64, vision_d_model=32, vision_layers=1,

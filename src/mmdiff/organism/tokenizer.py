@@ -21,6 +21,7 @@ VLM_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 BASE_PROMPT = "USER: {caption}\n{question} ASSISTANT:"
 TEXT_PROMPT = "USER: {question} ASSISTANT:"  # a bare text request, no image and no caption
 LOOKUP_PROMPT = "USER: {caption}\n{cue}"  # the base LM's look-up completions (organism.mixtures)
+FOLLOW_UP_PROMPT = "USER: {question} ASSISTANT:"  # a later turn of a VLM conversation (LLaVA v1 template)
 
 
 def vlm_prompt(question: str) -> str:
@@ -31,6 +32,11 @@ def base_prompt(caption: str | None, question: str) -> str:
     if caption is None:
         return TEXT_PROMPT.format(question=question)
     return BASE_PROMPT.format(caption=caption, question=question)
+
+
+def follow_up_prompt(question: str) -> str:
+    """A later turn of a stage-2 conversation, after the previous answer's EOS (no BOS)."""
+    return FOLLOW_UP_PROMPT.format(question=question)
 
 
 def lookup_prompt(caption: str, cue: str) -> str:
