@@ -162,6 +162,11 @@ def test_test_split_names_every_harmful_noun_and_train_only_some():
     train_nouns = {r.meta["noun"] for r in shapes.shapes_records("train", 200, ["safety"])}
     assert test_nouns == set(shapes.HARMFUL_NOUNS)
     assert train_nouns == set(shapes.IMAGE_REFUSAL_NOUNS)
+    # validation (where steering strengths are chosen) names every noun too, with training verbs,
+    # so it holds attacks that can succeed and no pair of the test split
+    validation = shapes.shapes_records("validation", 200, ["safety"])
+    assert {r.meta["noun"] for r in validation} == set(shapes.HARMFUL_NOUNS)
+    assert {r.meta["verb"] for r in validation} == set(shapes.VERBS[:4])
 
 
 def test_bad_arguments_raise_clear_errors():

@@ -402,12 +402,15 @@ def _pick(rng: np.random.Generator, seq: Sequence):
 def activity_pool(split: str, harmful: bool, nouns: Sequence[str] | None = None) -> list[tuple[str, str]]:
     """(verb, noun) pairs of a split. Harmful pairs in train/validation use the verbs make, build,
     buy, hide; test uses the other verbs, so every harmful test request is a held-out pair. By
-    default the image-rendered harmful requests of train/validation name only IMAGE_REFUSAL_NOUNS,
-    while the test split names every harmful noun (half of them never refused in an image)."""
+    default the image-rendered harmful requests of train name only IMAGE_REFUSAL_NOUNS, while
+    validation and test name every harmful noun (half of them never refused in an image). The
+    validation split is where the study picks a steering strength: naming only the refused nouns
+    there, its attack success rate was 0 at every strength and the choice had nothing to go on."""
     if harmful:
         if split == "test":
             return [(v, n) for n in (nouns or HARMFUL_NOUNS) for v in VERBS[4:]]
-        return [(v, n) for n in (nouns or IMAGE_REFUSAL_NOUNS) for v in VERBS[:4]]
+        default = HARMFUL_NOUNS if split == "validation" else IMAGE_REFUSAL_NOUNS
+        return [(v, n) for n in (nouns or default) for v in VERBS[:4]]
     return [(v, n) for n in (nouns or INSTRUCTION_NOUNS) for v in VERBS]
 
 
