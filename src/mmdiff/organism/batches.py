@@ -42,11 +42,7 @@ def _pad_left(seqs: list[list[int]], labels: list[list[int]], pad_id: int) -> di
     return {"input_ids": ids, "labels": lab, "attention_mask": mask}
 
 
-def _answer_ids(tok: PreTrainedTokenizerFast, record: Record) -> list[int]:
-    return _text_answer_ids(tok, record.answers[0])
-
-
-def _text_answer_ids(tok: PreTrainedTokenizerFast, answer: str) -> list[int]:
+def _answer_ids(tok: PreTrainedTokenizerFast, answer: str) -> list[int]:
     return tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
 
 
@@ -59,11 +55,11 @@ def vlm_batch(tok: PreTrainedTokenizerFast, records: Sequence[Record], n_image_t
     seqs, labels = [], []
     for r in records:
         prompt = tok(vlm_prompt(r.question).replace(IMAGE, IMAGE * n_image_tokens)).input_ids
-        answer = _answer_ids(tok, r)
+        answer = _answer_ids(tok, r.answers[0])
         seq, lab = prompt + answer, [IGNORE] * len(prompt) + answer
         for question, later_answer in r.meta.get(FOLLOW_UPS, ()):
             prompt = tok(follow_up_prompt(question), add_special_tokens=False).input_ids
-            answer = _text_answer_ids(tok, later_answer)
+            answer = _answer_ids(tok, later_answer)
             seq, lab = seq + prompt + answer, lab + [IGNORE] * len(prompt) + answer
         seqs.append(seq)
         labels.append(lab)
@@ -90,7 +86,7 @@ def base_batch(tok: PreTrainedTokenizerFast, records: Sequence[Record], *, loss_
     for r in records:
         lookup = r.meta.get("family") == LOOKUP
         prompt = tok(lookup_prompt(r.caption, r.question) if lookup else base_prompt(r.caption, r.question)).input_ids
-        answer = _answer_ids(tok, r)
+        answer = _answer_ids(tok, r.answers[0])
         if loss_on == "sequence":
             lab = [IGNORE] + prompt[1:]
         else:

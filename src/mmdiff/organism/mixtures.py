@@ -46,15 +46,16 @@ def with_follow_ups(record: Record, turns: int, seed: int) -> Record:
     answers, the loss on every answer. Here the later questions are drawn from the object families
     of STAGE2_MIX, by its weights, about the record's own scene, so a step trains up to `turns`
     answers about objects for one image. Records of other families (no object scene) and
-    `turns` = 1 come back unchanged. A family the scene cannot pose (a relation about one object) is
-    redrawn. A later question may be answered by an earlier answer ("what
-    colour is the circle ?" "red", then "what shape is the red object ?"), as in LLaVA's
-    conversations; the first turn never is. Deterministic in (record.id, turns, seed).
+    `turns` = 1 come back unchanged. A family the scene cannot pose (a relation about one object)
+    is redrawn. A later question may be answered by an earlier answer ("what colour is the circle
+    ?" "red", then "what shape is the red object ?"), as in LLaVA's conversations; the first turn
+    never is. Deterministic in (record.id, turns, seed).
     """
     if turns < 2 or record.meta.get("family") not in shapes.OBJECT_FAMILIES:
         return record
     fams = [f for f in STAGE2_MIX if f in shapes.OBJECT_FAMILIES]
     p = np.asarray([STAGE2_MIX[f] for f in fams], dtype=float)
+    p = p / p.sum()
     key = hashlib.sha256(f"follow-ups/{seed}/{record.id}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
     scene = shapes.scene_from_dict(record.meta["scene"])
@@ -62,7 +63,7 @@ def with_follow_ups(record: Record, turns: int, seed: int) -> Record:
     for _ in range(8 * turns):  # a scene cannot pose every family (no relation on one object): redraw
         if len(later) == turns - 1:
             break
-        qa = shapes.object_question(rng, scene, fams[int(rng.choice(len(fams), p=p / p.sum()))])
+        qa = shapes.object_question(rng, scene, fams[int(rng.choice(len(fams), p=p))])
         if qa is not None:
             later.append([qa[0], qa[1]])
     return replace(record, meta={**record.meta, FOLLOW_UPS: later})

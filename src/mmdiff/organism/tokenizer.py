@@ -21,7 +21,7 @@ VLM_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 BASE_PROMPT = "USER: {caption}\n{question} ASSISTANT:"
 TEXT_PROMPT = "USER: {question} ASSISTANT:"  # a bare text request, no image and no caption
 LOOKUP_PROMPT = "USER: {caption}\n{cue}"  # the base LM's look-up completions (organism.mixtures)
-FOLLOW_UP_PROMPT = "USER: {question} ASSISTANT:"  # a later turn of a VLM conversation (LLaVA v1 template)
+FOLLOW_UP_PROMPT = TEXT_PROMPT  # a later turn of a VLM conversation (LLaVA v1 template) reads as a bare request
 
 
 def vlm_prompt(question: str) -> str:
