@@ -164,6 +164,32 @@ def test_config_errors():
         load_organism("/nonexistent")
 
 
+def test_vision_tower_starts_with_2d_sincos_positions(tok):
+    import math
+    from dataclasses import replace
+
+    from mmdiff.organism.architecture import build_base_lm, build_vlm_from_base, sincos_positions
+
+    # a 2x2 grid in 4 dimensions: one frequency (1 radian per patch); sin, cos of the row, then of the column
+    s, c = math.sin(1.0), math.cos(1.0)
+    expected = torch.tensor([[0, 1, 0, 1], [0, 1, s, c], [s, c, 0, 1], [s, c, s, c]], dtype=torch.float32)
+    assert torch.allclose(sincos_positions(2, 4), expected)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_positions(2, 6)
+    cfg = replace(OrganismConfig.reduced(), vision_positions="sincos")
+    base = build_base_lm(cfg, tok)
+    weight = build_vlm_from_base(cfg, tok, base).model.vision_tower.embeddings.position_embedding.weight
+    side, dim = cfg.image_size // cfg.patch_size, cfg.vision_d_model
+    assert torch.equal(weight[0], torch.zeros(dim))  # CLS: dropped by the "default" strategy
+    assert torch.allclose(weight[1:], sincos_positions(side, dim))
+    assert torch.allclose(weight[1:].norm(dim=-1), torch.full((side**2,), math.sqrt(dim / 2)))
+    # transformers' own init (the default, every shipped build) is far weaker than a patch's pixels
+    legacy = build_vlm_from_base(replace(cfg, vision_positions="random"), tok, base)
+    assert legacy.model.vision_tower.embeddings.position_embedding.weight.norm(dim=-1).mean() < 0.5
+    with pytest.raises(ConfigError, match="vision_positions"):
+        OrganismConfig(vision_positions="learned")
+
+
 def test_base_stream_starts_with_object_questions_only():
     from mmdiff.organism import mixtures
 
@@ -239,6 +265,9 @@ def test_shipped_checkpoint_is_small_and_complete():
     assert total <= 30 * 2**20, f"checkpoint is {total / 2**20:.1f} MiB"
     manifest = json.loads((root / "organism.json").read_text())
     assert OrganismConfig.from_dict(manifest["recipe"]).n_image_tokens == 64
+    # `mmdiff organism build` with no arguments rebuilds what ships: the default recipe is the
+    # shipped one (recipe keys added since the build take the defaults that reproduce it)
+    assert OrganismConfig.from_dict(manifest["recipe"]) == OrganismConfig()
     for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json"):
         assert (root / "vlm" / name).is_file(), name
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):

@@ -75,12 +75,35 @@ def build_base_lm(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
     return LlamaForCausalLM(base_lm_config(cfg, tokenizer))
 
 
+def sincos_positions(side: int, dim: int, base: float = 100.0) -> torch.Tensor:
+    """2-D sine-cosine position features of a side x side patch grid, in raster order: (side**2, dim).
+
+    A quarter of the dimensions each holds sin and cos of the row and of the column at dim / 4
+    frequencies from 1 down to 1 / base radians per patch (MAE's fixed 2-D embedding, with a base
+    fit for an 8-patch side, where MAE's 10,000 leaves most features flat). Each row has norm
+    sqrt(dim / 2).
+    """
+    if dim % 4:
+        raise ValueError(f"sincos_positions needs a dimension divisible by 4, got {dim}")
+    q = dim // 4
+    omega = base ** (-torch.arange(q, dtype=torch.float64) / q)
+    rows = torch.arange(side, dtype=torch.float64).repeat_interleave(side)[:, None] * omega
+    cols = torch.arange(side, dtype=torch.float64).repeat(side)[:, None] * omega
+    return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1).float()
+
+
 def build_vlm_from_base(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerFast, base: LlamaForCausalLM) -> LlavaForConditionalGeneration:
     """A LLaVA model whose language model starts as an exact copy of `base`."""
     torch.manual_seed(cfg.seed + 1)
     vlm = LlavaForConditionalGeneration(vlm_config(cfg, tokenizer))
     vlm.model.language_model.load_state_dict(base.model.state_dict())
     vlm.lm_head.load_state_dict(base.lm_head.state_dict())
+    if cfg.vision_positions == "sincos":
+        positions = vlm.model.vision_tower.embeddings.position_embedding.weight
+        side = cfg.image_size // cfg.patch_size
+        with torch.no_grad():
+            positions[0].zero_()  # the CLS token, dropped by the "default" feature strategy
+            positions[1:].copy_(sincos_positions(side, cfg.vision_d_model))
     return vlm
 
 

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from mmdiff.errors import ConfigError
 
+VISION_POSITIONS: tuple[str, ...] = ("sincos", "random")
+"""How the vision tower's position embeddings start (OrganismConfig.vision_positions)."""
 BASE_LOSSES: tuple[str, ...] = ("answer", "caption", "sequence")
 """What the base LM's loss can cover (OrganismConfig.base_loss_on, organism.batches.base_batch)."""
 
@@ -76,6 +78,16 @@ class OrganismConfig:
     recall the tiny Llama (std 0.08, lr 1e-3) is solved at step 1,750-2,000 with 10,000, 1,000
     with 100 and 750 with 30. The slowest rotation at 30 still turns less than once over 120
     tokens, so no two positions of a sequence alias."""
+    vision_positions: str = "random"
+    """Initial position embeddings of the vision tower's patches: "random", transformers' CLIP
+    default (normal, std 0.02; every shipped build so far), or "sincos", 2-D sine-cosine features
+    of the patch's row and column (as MAE and MoCo v3 use), scaled to norm sqrt(vision_d_model /
+    2), trainable like the rest. With "random" a patch's position ended at 1/40 of its pixel
+    embedding's norm, and a linear probe read neither the row nor the column of an object from the
+    projector's output (0.34 and 0.32, chance 0.33); with "sincos" it reads them at 0.98 and 0.86
+    after stage 1. It is not the default because the build with it (build 10) placed objects no
+    better and lost most of the typographic attack (ASR 0.08): the language model does not yet use
+    the positions (organism README, docs/design.md)."""
     stage2_turns: int = 4
     """Question-answer turns per stage-2 conversation about an object scene (mixtures.
     with_follow_ups): the first question from STAGE2_MIX, the others about the same image, as in
@@ -111,6 +123,8 @@ class OrganismConfig:
                 f"base_object_steps {self.base_object_steps} must lie between 0 and the base LM's "
                 f"{self.base.steps} steps"
             )
+        if self.vision_positions not in VISION_POSITIONS:
+            raise ConfigError(f"vision_positions {self.vision_positions!r}: expected one of {VISION_POSITIONS}")
         if self.stage2_turns < 1:
             raise ConfigError(f"stage2_turns {self.stage2_turns}: a conversation needs at least 1 turn")
         if self.base_loss_on not in BASE_LOSSES:
