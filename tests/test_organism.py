@@ -164,7 +164,7 @@ def test_config_errors():
         load_organism("/nonexistent")
 
 
-def test_vision_tower_starts_with_2d_sincos_positions(tok):
+def test_vision_positions_sincos_starts_the_tower_at_2d_sincos_features(tok):
     import math
     from dataclasses import replace
 
@@ -179,7 +179,7 @@ def test_vision_tower_starts_with_2d_sincos_positions(tok):
     cfg = replace(OrganismConfig.reduced(), vision_positions="sincos")
     base = build_base_lm(cfg, tok)
     weight = build_vlm_from_base(cfg, tok, base).model.vision_tower.embeddings.position_embedding.weight
-    side, dim = cfg.image_size // cfg.patch_size, cfg.vision_d_model
+    side, dim = cfg.patches_per_side, cfg.vision_d_model
     assert torch.equal(weight[0], torch.zeros(dim))  # CLS: dropped by the "default" strategy
     assert torch.allclose(weight[1:], sincos_positions(side, dim))
     assert torch.allclose(weight[1:].norm(dim=-1), torch.full((side**2,), math.sqrt(dim / 2)))

@@ -100,10 +100,9 @@ def build_vlm_from_base(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerFast,
     vlm.lm_head.load_state_dict(base.lm_head.state_dict())
     if cfg.vision_positions == "sincos":
         positions = vlm.model.vision_tower.embeddings.position_embedding.weight
-        side = cfg.image_size // cfg.patch_size
         with torch.no_grad():
             positions[0].zero_()  # the CLS token, dropped by the "default" feature strategy
-            positions[1:].copy_(sincos_positions(side, cfg.vision_d_model))
+            positions[1:].copy_(sincos_positions(cfg.patches_per_side, cfg.vision_d_model))
     return vlm
 
 

@@ -133,8 +133,12 @@ class OrganismConfig:
             raise ConfigError(f"storage_dtype {self.storage_dtype!r}: expected float32, float16 or bfloat16")
 
     @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
     def n_image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.patches_per_side**2
 
     def to_dict(self) -> dict:
         return asdict(self)
