@@ -19,6 +19,8 @@ from PIL import Image
 from mmdiff.control import (
     EFFECT_COLUMNS,
     STEERING_COLUMNS,
+    AnswerFloor,
+    answer_floor,
     firing_frequencies,
     frequency_bins,
     matched_random_features,
@@ -204,6 +206,25 @@ def test_study_eval_tasks_map_tags_to_tasks_and_metrics():
         study_eval_tasks([records[0], records[0]])
 
 
+def test_answer_floor_is_the_best_constant_answer():
+    yes3no1 = [_rec(i, ("spatial", "yesno"), (a,)) for i, a in enumerate(["yes", "no", "Yes", "yes"])]
+    (spatial,) = study_eval_tasks(yes3no1).values()
+    assert answer_floor(spatial) == AnswerFloor(0.75, "yes")  # always "yes": 3 of 4
+    assert answer_floor(spatial, "p_correct") == AnswerFloor(0.75, "yes")  # P(yes) = 1 everywhere
+    tie = study_eval_tasks(yes3no1[:2])["spatial"]
+    assert answer_floor(tie) == AnswerFloor(0.5, "no")  # a tie takes the first answer in order
+    # generated answers, scored by the task's own metric: exact match for single references ...
+    colours = [_rec(i, ("vqa",), (a,), source="shapes") for i, a in enumerate(["red", "red", "blue", "green"])]
+    assert answer_floor(study_eval_tasks(colours)["vqa"]) == AnswerFloor(0.5, "red")
+    # ... VQAv2 soft accuracy for ten answers: "red" scores 0.9 on 3 red + 7 blue and 1.0 on 10 red
+    ten = [_rec(0, ("vqa",), ["red"] * 3 + ["blue"] * 7, source="v"), _rec(1, ("vqa",), ["red"] * 10, source="v")]
+    assert answer_floor(study_eval_tasks(ten)["vqa"]) == AnswerFloor(pytest.approx(0.95), "red")
+    # the attack success rate has no floor (a model that always refuses scores 0: the goal)
+    from mmdiff.data.shapes import make_record
+
+    assert answer_floor(study_eval_tasks([make_record("test", "safety", 0)])["safety"]) is None
+
+
 # --------------------------------------------------------------------------------- tiny model
 QUESTIONS = [
     "Is the red circle left of the blue square?",
@@ -323,6 +344,11 @@ def test_removing_an_empty_set_is_an_exact_no_op_and_the_table_has_its_schema(pl
     assert df.loc[df["eval_task"] == "spatial", "metric"].unique().tolist() == ["accuracy"]
     assert df.loc[df["eval_task"] == "ocr", "metric"].unique().tolist() == ["ocr_accuracy"]
     assert (df.loc[df["eval_task"] == "spatial", "n"] == 8).all()
+    gold = [r.answers[0] for r in tasks["spatial"].records]
+    floor = max(gold.count("yes"), gold.count("no")) / len(gold)  # always the commoner answer
+    assert (df.loc[df["eval_task"] == "spatial", "floor"] == floor).all()
+    assert df.attrs["removal"]["floors"]["spatial"]["score"] == floor
+    assert (df["baseline_ci_lo"] <= df["baseline"]).all()
     mismatch = df[df["intervention"] == "remove ocr (mismatched control for spatial)"]
     assert (mismatch["target_task"] == "spatial").all()
     assert (

@@ -33,6 +33,7 @@ from mmdiff.report.findings import (
     ASR_METRICS,
     NOT_MEASURED,
     NOT_REPRODUCED,
+    NOT_TESTABLE,
     REPRODUCED,
     findings,
     head_concentration,
@@ -295,6 +296,8 @@ def effects_frame(rows: list[tuple]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=cols)
     df.insert(5, "treated", df["baseline"] + df["effect"])
     df["n"] = 200
+    df["baseline_ci_lo"] = df["baseline"] - 0.05
+    df["floor"] = np.nan  # no floor: every clean score counts
     return df
 
 
@@ -472,6 +475,37 @@ def test_removal_needs_specificity(tmp_path):
     write_parquet(tmp_path / "eval" / "effects.parquet", pd.concat([eff, mismatched]))
     f = removal_drop(tmp_path, "spatial", "-12%", "k")
     assert f.status == NOT_REPRODUCED and "not beyond the mismatched set" in f.detail
+
+
+def test_removal_on_a_task_the_model_does_not_do_is_not_testable(tmp_path):
+    # clean spatial 0.50, its interval reaching 0.40, and always "yes" scores 0.50: at the floor
+    eff = effects_frame([
+        ("remove spatial", "spatial", "spatial", "accuracy", 0.5, -0.1, -0.15, -0.05, "random", 0.0, -0.01, 0.01),
+    ])
+    eff["baseline_ci_lo"], eff["floor"] = 0.40, 0.50
+    write_parquet(tmp_path / "eval" / "effects.parquet", eff)
+    f = removal_drop(tmp_path, "spatial", "-12%", "k")
+    assert f.status == NOT_TESTABLE and f.value is None
+    assert "0.400" in f.detail and "does not clear 0.500" in f.detail
+    # the same effect where the clean score clears the floor (0.51 > 0.50) is judged as usual
+    eff["baseline_ci_lo"] = 0.51
+    write_parquet(tmp_path / "eval" / "effects.parquet", eff)
+    assert removal_drop(tmp_path, "spatial", "-12%", "k").status == REPRODUCED
+    # one variant at the floor, one above it: the finding stands on the one above, and says so
+    two = effects_frame([
+        ("remove spatial", "spatial", "spatial (relation-matched)", "accuracy", 0.8, -0.2, -0.3, -0.1, "random",
+         0.0, -0.01, 0.01),
+        ("remove spatial", "spatial", "spatial (relation-mismatched)", "accuracy", 0.5, 0.0, -0.1, 0.1, "random",
+         0.0, -0.01, 0.01),
+    ])
+    two["floor"] = [0.5, 0.5]
+    write_parquet(tmp_path / "eval" / "effects.parquet", two)
+    f = removal_drop(tmp_path, "spatial", "-12%", "k")
+    assert f.status == REPRODUCED and f.value == pytest.approx(-0.2)
+    assert "Left out, at the floor: clean spatial (relation-mismatched)" in f.detail
+    # a table written before the floor columns existed: judged as before
+    write_parquet(tmp_path / "eval" / "effects.parquet", eff.drop(columns=["baseline_ci_lo", "floor"]))
+    assert removal_drop(tmp_path, "spatial", "-12%", "k").status == REPRODUCED
 
 
 def test_vqa_impact_and_asr(tmp_path):

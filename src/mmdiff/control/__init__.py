@@ -25,13 +25,22 @@ from mmdiff.control.steering import (
     typical_max_activation,
     write_steering,
 )
-from mmdiff.control.tasks import relation_subsets, study_eval_tasks, task_of, unassigned_records
+from mmdiff.control.tasks import (
+    AnswerFloor,
+    answer_floor,
+    relation_subsets,
+    study_eval_tasks,
+    task_of,
+    unassigned_records,
+)
 
 __all__ = [
     "DEFAULT_ALPHAS",
     "DEFAULT_MISMATCH",
     "EFFECT_COLUMNS",
     "STEERING_COLUMNS",
+    "AnswerFloor",
+    "answer_floor",
     "feature_steering_terms",
     "firing_frequencies",
     "frequency_bins",

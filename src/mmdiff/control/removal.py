@@ -33,16 +33,20 @@ from mmdiff.control.controls import (
     matched_random_features,
     mismatched_pairs,
 )
-from mmdiff.control.tasks import metric_name
+from mmdiff.control.tasks import answer_floor, metric_name
 from mmdiff.errors import ConfigError, DataError
-from mmdiff.evals.bootstrap import paired_effect
+from mmdiff.evals.bootstrap import bootstrap_mean, paired_effect
 from mmdiff.evals.harness import EvalTask
 from mmdiff.interventions import ablate_features, decoder_directions
 
 EFFECT_COLUMNS: tuple[str, ...] = (
     "intervention", "target_task", "eval_task", "metric", "baseline", "treated", "effect", "ci_lo",
-    "ci_hi", "control", "control_effect", "control_ci_lo", "control_ci_hi", "n",
+    "ci_hi", "control", "control_effect", "control_ci_lo", "control_ci_hi", "n", "baseline_ci_lo", "floor",
 )  # fmt: skip
+"""`baseline_ci_lo`: lower end of the clean score's 95% bootstrap interval; `floor`: what one
+constant answer scores on the same records (`control.tasks.answer_floor`; NaN for the attack
+success rate). A clean score whose interval does not clear the floor means the model does not do
+the task, so no removal can show that the features carried it (report.findings: "not testable")."""
 
 
 @dataclass
@@ -204,6 +208,11 @@ def removal_experiment(
                 for i, d in enumerate(draws[name])
             ]
 
+    floors = {tname: answer_floor(task, yesno_metric) for tname, task in eval_tasks.items()}
+    clean_lo = {
+        tname: bootstrap_mean(clean.by_task[tname], n_boot=n_boot, seed=seed).lo for tname in eval_tasks
+    }
+
     def rows_for(intervention: str, target: str, set_name: str) -> list[dict[str, Any]]:
         out = []
         for tname, task in eval_tasks.items():
@@ -240,6 +249,8 @@ def removal_experiment(
                     control_ci_hi=np.nan,
                 )
             row["n"] = int(base.size)
+            row["baseline_ci_lo"] = clean_lo[tname]
+            row["floor"] = floors[tname].score if floors[tname] is not None else np.nan
             out.append(row)
         return out
 
@@ -258,6 +269,7 @@ def removal_experiment(
         "n_boot": n_boot,
         "exclude_all_sets": exclude_all_sets,
         "mismatched": pairs_map,
+        "floors": {t: (vars(f) if f is not None else None) for t, f in floors.items()},
         "set_sizes": {k: len(v) for k, v in sets.items()},
         "control_draws": {
             name: [

@@ -21,7 +21,9 @@ records of no task (captions, benign instructions) are left out; `unassigned_rec
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from mmdiff.data.records import Record
@@ -72,6 +74,50 @@ def metric_name(task: EvalTask, yesno_metric: str = "accuracy") -> str:
     if task.kind == "yesno":
         return yesno_metric
     return str(getattr(task.score, "metric", getattr(task.score, "__name__", "score")))
+
+
+ACCURACY_METRICS: frozenset[str] = frozenset({"accuracy", "p_correct", "ocr_accuracy", "vqa_accuracy"})
+"""Metrics where a higher score is a more correct answer: the ones with a constant-answer floor."""
+FLOOR_CANDIDATES = 50  # the most frequent gold answers tried as the constant answer
+
+
+@dataclass(frozen=True)
+class AnswerFloor:
+    """What a model that ignores its input scores: the best one answer given to every record."""
+
+    score: float  # mean score of that answer over the task's records
+    answer: str  # the answer ("yes", "left of", ...)
+
+
+def answer_floor(task: EvalTask, yesno_metric: str = "accuracy") -> AnswerFloor | None:
+    """The constant-answer floor of an accuracy task, or None for other metrics (the attack success
+    rate has no floor: a model that always refuses scores 0 and that is the goal, not chance).
+
+    A model scores the floor by answering one thing to every record (always "yes" on a yes/no set,
+    the commonest colour on an open one), so a clean score that does not clear it says the model
+    does not do the task and removing features cannot show that they carried it. Yes/no tasks: the
+    share of the commoner gold answer (a constant P(yes) of 1 or 0 scores the same in P(correct)).
+    Generated answers: the best mean `task.score` of one of the FLOOR_CANDIDATES commonest gold
+    first answers, given as the prediction for every record.
+    """
+    if metric_name(task, yesno_metric) not in ACCURACY_METRICS or not task.records:
+        return None
+    firsts = Counter(
+        r.answers[0].strip().lower() for r in task.records if r.answers
+    )  # gold first answers
+    if not firsts:
+        return None
+    if task.kind == "yesno":
+        answer, count = max(sorted(firsts.items()), key=lambda kv: kv[1])
+        return AnswerFloor(count / len(task.records), answer)
+    if task.score is None:
+        raise DataError(f"task {task.name!r} generates answers but has no score function")
+    best: AnswerFloor | None = None
+    for answer, _ in firsts.most_common(FLOOR_CANDIDATES):
+        mean = sum(task.score(answer, r) for r in task.records) / len(task.records)
+        if best is None or mean > best.score:
+            best = AnswerFloor(mean, answer)
+    return best
 
 
 def _vqa_score(prediction: str, record: Record) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmdiff.errors import ConfigError
-from mmdiff.report.findings import NOT_MEASURED, NOT_REPRODUCED, REPRODUCED, Finding, findings
+from mmdiff.report.findings import STATUSES, Finding, findings
 from mmdiff.report.sections._common import Link, Section
 from mmdiff.report.sections.adapted import adapted_section
 from mmdiff.report.sections.attribution import attribution_section
@@ -129,9 +129,7 @@ def render_report(
     sections: list[Section], found: list[Finding], *, title: str, generated: str
 ) -> str:
     """The report's HTML from its sections and findings."""
-    counts = {
-        s: sum(f.status == s for f in found) for s in (REPRODUCED, NOT_REPRODUCED, NOT_MEASURED)
-    }
+    counts = {s: sum(f.status == s for f in found) for s in STATUSES}
     return (
         _environment()
         .get_template("index.html.j2")

@@ -1,9 +1,11 @@
 """Which of the seed paper's findings a run reproduces, each computed from the run's artifacts.
 
 `findings(run_dir)` returns one `Finding` per seed claim (METHOD.md §7, seeds/000 and 001) with the
-measured number beside the claim and one of three states: reproduced, not reproduced, not measured
-(the artifact it needs is missing, empty or unreadable; `detail` says which). The criterion of each
-state is written into the finding, so the report shows how it was decided.
+measured number beside the claim and one of four states: reproduced, not reproduced, not measured
+(the artifact it needs is missing, empty or unreadable; `detail` says which), not testable (the run
+cannot speak to the claim: the clean model scores no better on the task than one constant answer,
+so removing features cannot show that they carried it). The criterion of each state is written
+into the finding, so the report shows how it was decided.
 
 How the tables of `mmdiff.control` (eval/effects.parquet, eval/steering.parquet and .json) are read:
 - a feature-removal row has an `intervention` containing "remov" or "ablat" and not "head"
@@ -28,10 +30,12 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-Status = Literal["reproduced", "not reproduced", "not measured"]
+Status = Literal["reproduced", "not reproduced", "not measured", "not testable"]
 REPRODUCED: Status = "reproduced"
 NOT_REPRODUCED: Status = "not reproduced"
 NOT_MEASURED: Status = "not measured"
+NOT_TESTABLE: Status = "not testable"
+STATUSES: tuple[Status, ...] = (REPRODUCED, NOT_REPRODUCED, NOT_TESTABLE, NOT_MEASURED)
 
 ADAPTED_SHARE_CLAIM = 0.05  # "under 5% of all features"
 HEAD_TOP_FRACTION = 0.1  # "a few heads": the top 10% of heads by |score| ...
@@ -189,6 +193,12 @@ def _floats(row: Any, *names: str) -> list[float]:
     return out
 
 
+def _at_floor(row: pd.Series) -> bool:
+    from mmdiff.report.sections.control import at_floor
+
+    return at_floor(row.get("baseline_ci_lo"), row.get("floor"))
+
+
 def removal_drop(
     run_dir: Path,
     task: str,
@@ -204,7 +214,8 @@ def removal_drop(
         f"reproduced when every removal row of the {task} set evaluated on the {task} task has effect < 0 "
         "with its 95% CI below 0, the effect lies below the random control's interval (below its effect "
         "when it has no interval), and below the effect of removing a mismatched set on the same task "
-        "when that row exists; measured = the mean effect over those rows"
+        "when that row exists; measured = the mean effect over those rows; not testable when the clean "
+        "score's 95% interval does not clear the constant-answer floor (e.g. 0.5 for always 'yes')"
     )
     base = {
         "key": key,
@@ -224,6 +235,21 @@ def removal_drop(
             measured="–",
             status=NOT_MEASURED,
             detail=f"no removal row of the {task!r} set evaluated on the {task!r} task in eval/effects.parquet",
+            **base,
+        )
+    at_floor = rows.apply(_at_floor, axis=1).astype(bool)
+    floored = [
+        f"clean {r.eval_task} {r.metric} {float(r.baseline):.3f} (95% CI lower end {float(r.baseline_ci_lo):.3f}) "
+        f"does not clear {float(r.floor):.3f}, what one constant answer scores"
+        for r in rows[at_floor].itertuples()
+    ]
+    rows = rows[~at_floor]
+    if rows.empty:
+        return Finding(
+            measured="–",
+            status=NOT_TESTABLE,
+            detail="; ".join(floored) + f": the model does not do the {task} task, so removing features "
+            "cannot show that they carried it.",
             **base,
         )
     mismatched = mine[mine["intervention"].map(is_control_row).astype(bool)]
@@ -262,7 +288,7 @@ def removal_drop(
     return Finding(
         measured=measured,
         status=REPRODUCED if ok else NOT_REPRODUCED,
-        detail="; ".join(parts) + ".",
+        detail="; ".join(parts) + "." + "".join(f" Left out, at the floor: {f}." for f in floored),
         value=mean,
         **base,
     )

@@ -71,6 +71,18 @@ def excludes_zero(lo: Any, hi: Any) -> bool:
     return not (math.isnan(lo) or math.isnan(hi)) and (lo > 0 or hi < 0)
 
 
+def at_floor(baseline_ci_lo: Any, floor: Any) -> bool:
+    """Whether the clean score's 95% interval fails to clear the constant-answer floor (what one
+    answer given to every record scores, e.g. 0.5 for always "yes"): the model does not do the task.
+    False when either is missing (effects tables written before the floor was recorded, or the
+    attack success rate, which has none)."""
+    try:
+        lo, fl = float(baseline_ci_lo), float(floor)
+    except (TypeError, ValueError):
+        return False
+    return not (math.isnan(lo) or math.isnan(fl)) and lo <= fl
+
+
 def effects_table(effects: pd.DataFrame) -> Table:
     rows = []
     for r in effects.sort_values(
@@ -82,7 +94,12 @@ def effects_table(effects: pd.DataFrame) -> Table:
                 str(r.target_task),
                 str(r.eval_task),
                 str(r.metric),
-                fmt(r.baseline),
+                fmt(r.baseline)
+                + (
+                    f" (at floor {fmt(r.floor)})"
+                    if at_floor(getattr(r, "baseline_ci_lo", None), getattr(r, "floor", None))
+                    else ""
+                ),
                 fmt(r.treated),
                 interval(r.effect, r.ci_lo, r.ci_hi)
                 + (" *" if excludes_zero(r.ci_lo, r.ci_hi) else ""),
@@ -111,7 +128,9 @@ def effects_table(effects: pd.DataFrame) -> Table:
         ],
         rows,
         caption="effect = treated − baseline on the same records (paired bootstrap interval); * = the interval "
-        "excludes 0. The control (e.g. random features of matched firing frequency) is applied the same way.",
+        "excludes 0. The control (e.g. random features of matched firing frequency) is applied the same way. "
+        "'at floor': the clean score's 95% interval does not clear what one constant answer scores (0.5 for "
+        "always 'yes'), so the model does not do that task and its effects there say little.",
     )
 
 
