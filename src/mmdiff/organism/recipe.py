@@ -58,9 +58,12 @@ class OrganismConfig:
     """Base LM, text only: captions, QA with the caption in context, refusals of harmful requests."""
     stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch_size=32, lr=2e-3))
     """LLaVA stage 1, alignment: image -> caption; vision tower and projector train, the LM is frozen."""
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=1100, batch_size=32, lr=1e-3))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=2200, batch_size=32, lr=1e-3))
     """LLaVA stage 2, instruction tuning: (image, questions) -> answers, object questions in
-    conversations of `stage2_turns` turns; projector, LM (and tower) train."""
+    conversations of `stage2_turns` turns; projector, LM (and tower) train. 2,200 steps (1,100 until
+    build 10): twice the stage took the VLM's colour / shape / existence from 0.84 / 0.71 / 0.66 to
+    0.91 / 0.90 / 0.90 and benign instructions from 0.83 to 1.00, for a build of about 30 min on a
+    2-core CPU, past the 20-minute budget (organism README, docs/design.md)."""
     base_object_steps: int = 2000
     """Steps at the start of the base LM's training that see only questions about objects and
     look-up completions (mixtures.BASE_OBJECT_MIX); the rest see the whole base mixture."""
@@ -78,16 +81,14 @@ class OrganismConfig:
     recall the tiny Llama (std 0.08, lr 1e-3) is solved at step 1,750-2,000 with 10,000, 1,000
     with 100 and 750 with 30. The slowest rotation at 30 still turns less than once over 120
     tokens, so no two positions of a sequence alias."""
-    vision_positions: str = "random"
-    """Initial position embeddings of the vision tower's patches: "random", transformers' CLIP
-    default (normal, std 0.02; every shipped build so far), or "sincos", 2-D sine-cosine features
-    of the patch's row and column (as MAE and MoCo v3 use), scaled to norm sqrt(vision_d_model /
-    2), trainable like the rest. With "random" a patch's position ended at 1/40 of its pixel
-    embedding's norm, and a linear probe read neither the row nor the column of an object from the
-    projector's output (0.34 and 0.32, chance 0.33); with "sincos" it reads them at 0.98 and 0.86
-    after stage 1. It is not the default because the build with it (build 10) placed objects no
-    better and lost most of the typographic attack (ASR 0.08): the language model does not yet use
-    the positions (organism README, docs/design.md)."""
+    vision_positions: str = "sincos"
+    """Initial position embeddings of the vision tower's patches: "sincos", 2-D sine-cosine features
+    of the patch's row and column (as MAE and MoCo v3 use), scaled to norm sqrt(vision_d_model / 2),
+    trainable like the rest; or "random", transformers' CLIP default (normal, std 0.02; builds 1-9).
+    CLIP's init is made for a pretrained tower; ours trains from scratch, and with it a patch's
+    position ended at 1/40 of its pixel embedding's norm and a linear probe read neither the row nor
+    the column of an object from the projector's output (0.34 and 0.32, chance 0.33); with "sincos"
+    it reads them at 0.98 and 0.86 after stage 1 (organism README, docs/design.md)."""
     stage2_turns: int = 4
     """Question-answer turns per stage-2 conversation about an object scene (mixtures.
     with_follow_ups): the first question from STAGE2_MIX, the others about the same image, as in
