@@ -2,7 +2,7 @@
 
     from mmdiff.organism import checkpoint_path, build_organism, evaluate_organism, OrganismConfig
     checkpoint_path()                      # the shipped checkpoint: vlm/, base_lm/, organism.json
-    build_organism("out/organism")         # rebuild it from scratch (about 19 minutes on 2 CPU cores)
+    build_organism("out/organism")         # rebuild it from scratch (about 26-30 minutes on 2 CPU cores)
     evaluate_organism(checkpoint_path())   # per-task accuracy of both models, and the VLM's ASR
 """
 
