@@ -183,7 +183,7 @@ def test_vision_positions_sincos_starts_the_tower_at_2d_sincos_features(tok):
     assert torch.equal(weight[0], torch.zeros(dim))  # CLS: dropped by the "default" strategy
     assert torch.allclose(weight[1:], sincos_positions(side, dim))
     assert torch.allclose(weight[1:].norm(dim=-1), torch.full((side**2,), math.sqrt(dim / 2)))
-    # transformers' own init (the default, every shipped build) is far weaker than a patch's pixels
+    # transformers' own init (builds 1-9) is far weaker than a patch's pixels
     legacy = build_vlm_from_base(replace(cfg, vision_positions="random"), tok, base)
     assert legacy.model.vision_tower.embeddings.position_embedding.weight.norm(dim=-1).mean() < 0.5
     with pytest.raises(ConfigError, match="vision_positions"):
@@ -246,6 +246,36 @@ def test_reduced_build_is_deterministic_and_loads(tmp_path):
     res = evaluate_organism(tmp_path / "a", n_per_task=2, families=["colour", "safety", "safety_text"])
     assert set(res["vlm"]) == {"colour", "safety"} and set(res["base"]) == {"colour", "safety", "safety_text"}
     assert 0.0 <= res["vlm"]["colour"]["accuracy"] <= 1.0
+
+
+def test_build_cli_rebuilds_the_recipe_of_a_built_organism(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmdiff.cli import app
+
+    cfg = OrganismConfig.reduced()
+    build_organism(tmp_path / "a", cfg, progress=False)
+    res = CliRunner().invoke(
+        app, ["organism", "build", str(tmp_path / "b"), "--recipe", str(tmp_path / "a" / "organism.json"), "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "b" / "organism.json").read_text())["recipe"] == cfg.to_dict()
+    wa, wb = (load_file(tmp_path / d / "vlm" / "model.safetensors") for d in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the same recipe, the same weights
+    # a bare dict of fields works too; bad files say what was expected
+    (tmp_path / "r.json").write_text(json.dumps(cfg.to_dict()))
+    assert OrganismConfig.from_file(tmp_path / "r.json") == cfg
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        OrganismConfig.from_file(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a dict of OrganismConfig fields"):
+        OrganismConfig.from_file(tmp_path / "list.json")
+    (tmp_path / "typo.json").write_text(json.dumps({"stage_2": {"steps": 3}}))
+    with pytest.raises(ConfigError, match="unknown organism config keys"):
+        OrganismConfig.from_file(tmp_path / "typo.json")
+    with pytest.raises(ConfigError, match="cannot read the organism recipe"):
+        OrganismConfig.from_file(tmp_path / "missing.json")
 
 
 # ---- the shipped checkpoint ------------------------------------------------------------------

@@ -158,12 +158,16 @@ app.add_typer(organism_app, name="organism")
 @organism_app.command("build")
 def organism_build(
     out_dir: Path = typer.Argument(..., help="Where to write base_lm/, vlm/ and organism.json."),
+    recipe: Optional[Path] = typer.Option(
+        None, "--recipe", help="A JSON recipe (OrganismConfig fields) or a built organism's organism.json "
+        "to rebuild; default: the shipped recipe."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Rebuild the organism from scratch, deterministically (base LM on text, then LLaVA's two stages)."""
-    from mmdiff.organism import build_organism
+    from mmdiff.organism import OrganismConfig, build_organism
 
-    manifest = build_organism(out_dir, progress=progress)
+    config = OrganismConfig.from_file(recipe) if recipe is not None else None
+    manifest = build_organism(out_dir, config, progress=progress)
     seconds = manifest.get("seconds") if isinstance(manifest, dict) else None
     typer.echo(f"organism written to {out_dir.resolve()}" + (f" in {seconds}" if seconds else ""))
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from mmdiff.errors import ConfigError
 
@@ -151,6 +154,26 @@ class OrganismConfig:
         if unknown:
             raise ConfigError(f"unknown organism config keys {sorted(unknown)}; known keys: {sorted(known)}")
         return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> OrganismConfig:
+        """The recipe in a JSON file: a config dict (`to_dict`), or a built organism's
+        `organism.json`, whose "recipe" it reads, so `mmdiff organism build OUT --recipe
+        OLD/organism.json` rebuilds OLD."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"cannot read the organism recipe {path}: {e}") from e
+        except ValueError as e:
+            raise ConfigError(
+                f"{path} is not valid JSON ({e}); give an organism.json or a dict of OrganismConfig fields"
+            ) from e
+        if isinstance(data, dict) and isinstance(data.get("recipe"), dict):
+            data = data["recipe"]
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} holds {type(data).__name__}; expected a dict of OrganismConfig fields")
+        return cls.from_dict(data)
 
     @classmethod
     def reduced(cls) -> OrganismConfig:
