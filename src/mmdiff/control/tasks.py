@@ -76,7 +76,7 @@ def metric_name(task: EvalTask, yesno_metric: str = "accuracy") -> str:
     return str(getattr(task.score, "metric", getattr(task.score, "__name__", "score")))
 
 
-ACCURACY_METRICS: frozenset[str] = frozenset({"accuracy", "p_correct", "ocr_accuracy", "vqa_accuracy"})
+FLOORED_METRICS: frozenset[str] = frozenset({"accuracy", "p_correct", "ocr_accuracy", "vqa_accuracy"})
 """Metrics where a higher score is a more correct answer: the ones with a constant-answer floor."""
 FLOOR_CANDIDATES = 50  # the most frequent gold answers tried as the constant answer
 
@@ -100,7 +100,7 @@ def answer_floor(task: EvalTask, yesno_metric: str = "accuracy") -> AnswerFloor 
     Generated answers: the best mean `task.score` of one of the FLOOR_CANDIDATES commonest gold
     first answers, given as the prediction for every record.
     """
-    if metric_name(task, yesno_metric) not in ACCURACY_METRICS or not task.records:
+    if metric_name(task, yesno_metric) not in FLOORED_METRICS or not task.records:
         return None
     firsts = Counter(
         r.answers[0].strip().lower() for r in task.records if r.answers
