@@ -42,7 +42,7 @@ from mmdiff.evals.harness import EvalTask, evaluate
 from mmdiff.interventions import layer_vectors
 from mmdiff.models.base import TokenType
 from mmdiff.sae import SAEConfig, build_sae
-from mmdiff.stats import FeatureStats
+from mmdiff.stats import FeatureStats, accumulate_codes, save_feature_stats
 
 D_SAE = 16
 LAYER = 2  # the tiny LLaVA's last decoder layer
@@ -279,8 +279,8 @@ def planted(tmp_path_factory):
     h = torch.zeros(16, D_SAE)
     for i in range(D_SAE):
         h[: i + 1, i] = 1.0 + 0.5 * i
-    stats.update_codes(
-        LAYER,
+    accumulate_codes(
+        stats, LAYER,
         h,
         record=torch.arange(16) % 4,
         position=torch.arange(16),
@@ -437,7 +437,7 @@ def test_runners_read_a_run_directory_and_write_eval_files(planted, tmp_path):
     adapter, saes, stats, _ = planted
     run = tmp_path / "run"
     saes[LAYER].save(run / "saes" / "text" / f"layer_{LAYER}")
-    stats.save(run / "stats")
+    save_feature_stats(stats, run / "stats")
     (run / "features").mkdir(parents=True)
     pd.DataFrame({"layer": [LAYER], "feature": [0], "delta_p": [0.2]}).to_parquet(
         run / "features" / "spatial.parquet"

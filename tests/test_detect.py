@@ -18,7 +18,7 @@ from mmdiff.detect import (
 )
 from mmdiff.errors import ConfigError
 from mmdiff.models.base import TokenType
-from mmdiff.stats import FeatureStats
+from mmdiff.stats import FeatureStats, accumulate_codes
 
 TEXT, IMAGE = int(TokenType.TEXT), int(TokenType.IMAGE)
 
@@ -74,7 +74,7 @@ def stats_from_counts(split: str, fires: dict[int, list[tuple[int, int]]], n_tex
         for f, (ft, fi) in enumerate(per_feature):
             h[:ft, f] = 1.0
             h[n_text : n_text + fi, f] = 1.0
-        stats.update_codes(layer, h, record=torch.arange(n) % 4, position=torch.arange(n), token_type=types,
+        accumulate_codes(stats, layer, h, record=torch.arange(n) % 4, position=torch.arange(n), token_type=types,
                            record_ids=["a", "b", "c", "d"])
     return stats
 

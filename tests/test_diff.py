@@ -20,7 +20,7 @@ from mmdiff.diff import (
 )
 from mmdiff.errors import ConfigError, SAEError
 from mmdiff.models.base import TokenType
-from mmdiff.stats import FeatureStats, collect_feature_stats
+from mmdiff.stats import FeatureStats, accumulate_codes, collect_feature_stats
 
 TEXT, IMAGE, SPECIAL = int(TokenType.TEXT), int(TokenType.IMAGE), int(TokenType.SPECIAL)
 
@@ -63,13 +63,13 @@ def test_two_stage_selection_by_hand():
 
 def test_variance_gap_token_types_by_hand():
     vision = FeatureStats({0: 2}, "vision", n_chunks=1)
-    vision.update_codes(
-        0, torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 4.0]]), record=torch.tensor([0, 0, 0]),
+    accumulate_codes(
+        vision, 0, torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 4.0]]), record=torch.tensor([0, 0, 0]),
         position=torch.tensor([1, 2, 3]), token_type=torch.tensor([IMAGE, IMAGE, TEXT]), record_ids=["r"],
     )
     text = FeatureStats({0: 2}, "text", n_chunks=1)
-    text.update_codes(
-        0, torch.tensor([[2.0, 1.0], [0.0, 1.0]]), record=torch.tensor([0, 0]),
+    accumulate_codes(
+        text, 0, torch.tensor([[2.0, 1.0], [0.0, 1.0]]), record=torch.tensor([0, 0]),
         position=torch.tensor([1, 2]), token_type=torch.tensor([TEXT, TEXT]), record_ids=["r"],
     )
     # all non-special tokens: E_vision = [10/3, 20/3], E_text = [2, 1]

@@ -43,7 +43,7 @@ from mmdiff.report.findings import (
 )
 from mmdiff.report.sections._common import fmt
 from mmdiff.sae.training_report import fvu_curves, heldout_table, write_training_report
-from mmdiff.stats import FeatureStats
+from mmdiff.stats import FeatureStats, accumulate_codes
 
 SCRIPT = "<script>alert(1)</script>"
 TEXT, IMAGE = int(TokenType.TEXT), int(TokenType.IMAGE)
@@ -67,8 +67,8 @@ def _stats(
     for i, layer in enumerate(LAYERS):
         fires = g.random((n, D_SAE)) < rate[i]
         h = torch.tensor(fires * g.exponential(1.0, (n, D_SAE)), dtype=torch.float32)
-        st.update_codes(
-            layer,
+        accumulate_codes(
+            st, layer,
             h,
             record=record,
             position=position,

@@ -11,7 +11,20 @@ import torch
 from mmdiff.activations import ActivationBatch
 from mmdiff.errors import ConfigError, DataError, SAEError
 from mmdiff.models.base import TokenType
-from mmdiff.stats import FeatureStats, LogHistogram, chunk_of, collect_feature_stats
+from mmdiff.parallel.stats import all_reduce_stats
+from mmdiff.stats import (
+    FeatureStats,
+    LogHistogram,
+    accumulate_batch,
+    accumulate_codes,
+    chunk_of,
+    collect_feature_stats,
+    feature_summary,
+    load_feature_stats,
+    merge_stats,
+    save_feature_stats,
+    top_examples,
+)
 
 TEXT, IMAGE, SPECIAL = int(TokenType.TEXT), int(TokenType.IMAGE), int(TokenType.SPECIAL)
 
@@ -88,8 +101,8 @@ def setup():
 def test_hand_computed_codes():
     stats = FeatureStats({0: 2}, "s", top_k=2, n_chunks=1)
     h = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
-    stats.update_codes(
-        0, h, record=torch.tensor([0, 0, 1]), position=torch.tensor([1, 2, 1]),
+    accumulate_codes(
+        stats, 0, h, record=torch.tensor([0, 0, 1]), position=torch.tensor([1, 2, 1]),
         token_type=torch.tensor([TEXT, TEXT, IMAGE]), record_ids=["a", "b"],
     )
     assert stats.sum_h2(0, (TEXT,)).tolist() == [5.0, 0.0]
@@ -99,7 +112,7 @@ def test_hand_computed_codes():
     assert stats.mean_sq(0).tolist() == pytest.approx([5 / 3, 3.0])
     assert stats.firing_frequency(0, (TEXT,)).tolist() == [1.0, 0.0]
     assert stats.image_share(0).tolist() == [0.0, 1.0]
-    top = stats.top_examples()
+    top = top_examples(stats)
     assert top[["feature", "rank", "record_id", "position", "value"]].values.tolist() == [
         [0, 0, "a", 2, 2.0], [0, 1, "a", 1, 1.0], [1, 0, "b", 1, 3.0]
     ]
@@ -125,7 +138,7 @@ def test_stream_equals_direct(setup):
             )
             assert int(stats.chunk_tokens(layer)[c]) == int((chunks == c).sum())
         # top-k: the same values and the same (record, position) of each
-        top = stats.top_examples(layer)
+        top = top_examples(stats, layer)
         for f in range(D_SAE):
             order = torch.argsort(h[:, f], descending=True)[:4]
             want = [(meta[i][0], meta[i][1], meta[i][2], float(h[i, f])) for i in order if h[i, f] > 0]
@@ -153,9 +166,9 @@ def test_quantile_hand_case():
     stats = FeatureStats({0: 1}, "s", top_k=1, n_chunks=1, histogram=hist)
     vals = torch.tensor([2.0, 3.0, 20.0, 50.0])[:, None]
     n = len(vals)
-    stats.update_codes(0, vals, record=torch.zeros(n, dtype=torch.long), position=torch.arange(n),
+    accumulate_codes(stats, 0, vals, record=torch.zeros(n, dtype=torch.long), position=torch.arange(n),
                        token_type=torch.full((n,), TEXT), record_ids=["r"])
-    assert stats._layer(0).hist[0].tolist() == [0, 2, 2, 0]
+    assert stats.layer_state(0).hist[0].tolist() == [0, 2, 2, 0]
     q = stats.quantiles(0, (0.0, 0.5, 0.75, 1.0))[:, 0]
     # median: rank 2 of 4 = the end of bin [1,10) clamped to [min=2, 10): 2 * 5 ** 1 = 10
     # 0.75: half way through bin [10,100) clamped to [10, max=50]: 10 * 5 ** 0.5
@@ -166,32 +179,32 @@ def test_merge_equals_single_pass(setup):
     saes, batches, whole = setup
     a = collect_feature_stats(batches[:1] + batches[3:], saes, "vqa", top_k=4, n_chunks=3, progress=False)
     b = collect_feature_stats(batches[1:3], saes, "vqa", top_k=4, n_chunks=3, progress=False, token_block=4)
-    merged = a.merge(b)
+    merged = merge_stats(a, b)
     for layer in LAYERS:
         for t in (None, (TEXT,), (IMAGE,)):
             torch.testing.assert_close(merged.chunk_sums(layer, "sum_h2", t), whole.chunk_sums(layer, "sum_h2", t))
             assert torch.equal(merged.chunk_sums(layer, "fires", t), whole.chunk_sums(layer, "fires", t))
             assert torch.equal(merged.chunk_tokens(layer, t), whole.chunk_tokens(layer, t))
-        assert torch.equal(merged._layer(layer).hist, whole._layer(layer).hist)
+        assert torch.equal(merged.layer_state(layer).hist, whole.layer_state(layer).hist)
         torch.testing.assert_close(merged.quantiles(layer, (0.1, 0.5)), whole.quantiles(layer, (0.1, 0.5)), equal_nan=True)
     pd_cols = ["layer", "feature", "rank", "record_id", "position", "value"]
-    assert merged.top_examples()[pd_cols].equals(whole.top_examples()[pd_cols])
+    assert top_examples(merged)[pd_cols].equals(top_examples(whole)[pd_cols])
 
 
 def test_save_load_roundtrip(setup, tmp_path):
     _, _, stats = setup
-    paths = stats.save(tmp_path / "stats")
+    paths = save_feature_stats(stats, tmp_path / "stats")
     assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == [
         "vqa.parquet", "vqa.state.safetensors", "vqa.topk.parquet"
     ]
-    back = FeatureStats.load(tmp_path / "stats", "vqa")
-    assert back.summary().equals(stats.summary())
-    assert back.top_examples().equals(stats.top_examples())
+    back = load_feature_stats(tmp_path / "stats", "vqa")
+    assert feature_summary(back).equals(feature_summary(stats))
+    assert top_examples(back).equals(top_examples(stats))
     import pandas as pd
 
-    assert pd.read_parquet(paths["summary"]).equals(stats.summary())
+    assert pd.read_parquet(paths["summary"]).equals(feature_summary(stats))
     # loaded statistics keep merging correctly
-    back.merge(FeatureStats.load(paths["state"]))
+    merge_stats(back, load_feature_stats(paths["state"]))
     assert torch.equal(back.firing_counts(3), 2 * stats.firing_counts(3))
 
 
@@ -199,16 +212,16 @@ def test_bad_inputs(setup):
     saes, batches, _ = setup
     stats = FeatureStats({layer: D_SAE for layer in LAYERS}, "vqa")
     with pytest.raises(SAEError, match="need an SAE for layers \\[7\\]"):
-        stats.update(batches[0], {3: saes[3]})
+        accumulate_batch(stats, batches[0], {3: saes[3]})
     bad = make_batches(n_batches=1)[0]
     bad.token_types[0, 1] = 5
     with pytest.raises(DataError, match="TokenType values"):
-        stats.update(bad, saes)
+        accumulate_batch(stats, bad, saes)
     with pytest.raises(SAEError, match="W_dec"):
         collect_feature_stats([], {0: object()}, "x")
     other = FeatureStats({layer: D_SAE for layer in LAYERS}, "vqa", n_chunks=5)
     with pytest.raises(ConfigError, match="different settings"):
-        stats.merge(other)
+        merge_stats(stats, other)
     with pytest.raises(ConfigError, match="subset of TEXT"):
         stats.mean_sq(3, (SPECIAL,))
 
@@ -220,8 +233,8 @@ def _reduce_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     saes = {layer: ReluSAE(D_IN, D_SAE, seed=layer) for layer in LAYERS}
     mine = make_batches()[rank::world]  # rank 0: batches 0, 2; rank 1: batches 1, 3
     stats = collect_feature_stats(mine, saes, "vqa", top_k=4, n_chunks=3, progress=False, token_block=5)
-    stats.all_reduce()
-    stats.save(f"{out_dir}/rank{rank}")
+    all_reduce_stats(stats)
+    save_feature_stats(stats, f"{out_dir}/rank{rank}")
     dist.destroy_process_group()
 
 
@@ -234,14 +247,14 @@ def test_all_reduce_across_two_gloo_ranks_equals_single_pass(setup, tmp_path):
     mp.start_processes(_reduce_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
     for rank in range(2):
-        got = FeatureStats.load(tmp_path / f"rank{rank}", "vqa")
+        got = load_feature_stats(tmp_path / f"rank{rank}", "vqa")
         cols = ["layer", "feature", "tokens_text", "tokens_image", "fires_text", "fires_image"]
-        assert got.summary()[cols].equals(whole.summary()[cols])
-        np.testing.assert_allclose(got.summary().sum_h2_image, whole.summary().sum_h2_image, rtol=1e-12)
+        assert feature_summary(got)[cols].equals(feature_summary(whole)[cols])
+        np.testing.assert_allclose(feature_summary(got).sum_h2_image, feature_summary(whole).sum_h2_image, rtol=1e-12)
         tcols = ["layer", "feature", "rank", "record_id", "position", "value"]
-        assert got.top_examples()[tcols].equals(whole.top_examples()[tcols])
+        assert top_examples(got)[tcols].equals(top_examples(whole)[tcols])
         for layer in LAYERS:
-            assert torch.equal(got._layer(layer).hist, whole._layer(layer).hist)
+            assert torch.equal(got.layer_state(layer).hist, whole.layer_state(layer).hist)
 
 
 def test_with_the_project_topk_sae():
@@ -268,16 +281,16 @@ def test_by_split_one_pass_equals_direct(setup, tmp_path):
     paths = write_feature_stats(batches, saes, {"vqa": None, "spatial": members}, tmp_path, top_k=4, n_chunks=3,
                                 progress=False, token_block=5)
     assert set(paths) == {"vqa", "spatial"}
-    full = FeatureStats.load(paths["vqa"]["state"])
-    part = FeatureStats.load(paths["spatial"]["state"])
-    assert full.summary().equals(whole.summary())
+    full = load_feature_stats(paths["vqa"]["state"])
+    part = load_feature_stats(paths["spatial"]["state"])
+    assert feature_summary(full).equals(feature_summary(whole))
     for layer in LAYERS:
         h, meta = materialise(batches, saes, layer)
         sel = torch.tensor([m[0] in members for m in meta])
         assert part.n_tokens(layer) == int(sel.sum())
         torch.testing.assert_close(part.sum_h2(layer), (h[sel] ** 2).sum(0), rtol=1e-12, atol=1e-12)
         assert torch.equal(part.firing_counts(layer), (h[sel] > 0).sum(0))
-        top = part.top_examples(layer)
+        top = top_examples(part, layer)
         assert set(top.record_id) <= members
         f = int(torch.argmax((h[sel] > 0).sum(0)))
         best = int(torch.argmax(torch.where(sel, h[:, f], -1.0)))
@@ -288,7 +301,7 @@ def test_by_split_one_pass_equals_direct(setup, tmp_path):
 def test_negative_codes_are_refused_before_any_update():
     stats = FeatureStats({0: 2}, "s", n_chunks=1)
     with pytest.raises(SAEError, match="negative values"):
-        stats.update_codes(0, torch.tensor([[1.0, -0.5]]), record=torch.tensor([0]), position=torch.tensor([1]),
+        accumulate_codes(stats, 0, torch.tensor([[1.0, -0.5]]), record=torch.tensor([0]), position=torch.tensor([1]),
                            token_type=torch.tensor([TEXT]), record_ids=["a"])
     assert stats.n_tokens(0) == 0
 
@@ -304,9 +317,9 @@ def test_merge_of_any_partition_equals_single_pass(setup):
     def check(assignment):
         parts = [FeatureStats({layer: D_SAE for layer in LAYERS}, "vqa", top_k=4, n_chunks=3) for _ in range(3)]
         for batch, part in zip(batches, assignment):
-            parts[part].update(batch, saes, token_block=5)
-        merged = parts[2].merge(parts[0]).merge(parts[1])
-        got, want = merged.summary(), whole.summary()
+            accumulate_batch(parts[part], batch, saes, token_block=5)
+        merged = merge_stats(merge_stats(parts[2], parts[0]), parts[1])
+        got, want = feature_summary(merged), feature_summary(whole)
         assert list(got.columns) == list(want.columns)
         for col in got.columns:  # counts exactly; float sums up to summation order
             if got[col].dtype.kind in "iub" or col == "split":
@@ -314,6 +327,6 @@ def test_merge_of_any_partition_equals_single_pass(setup):
             else:
                 np.testing.assert_allclose(got[col], want[col], rtol=1e-12, err_msg=col)
         cols = ["layer", "feature", "rank", "record_id", "position", "value"]
-        assert merged.top_examples()[cols].equals(whole.top_examples()[cols])
+        assert top_examples(merged)[cols].equals(top_examples(whole)[cols])
 
     check()

@@ -9,7 +9,7 @@ every helper below behaves as a world of one, so the same code runs on a laptop 
 What is sharded how (docs/distributed.md has the whole picture):
 - records: `shard_records` gives rank r the records r, r + world, ... of a list every rank builds
   in the same order (checked with `check_same_everywhere`);
-- per-feature statistics: each rank accumulates its records, then `FeatureStats.all_reduce`;
+- per-feature statistics: each rank accumulates its records, then `parallel.stats.all_reduce_stats`;
 - SAE training: `mmdiff.parallel.train` (layers sharded across ranks, or plain data parallel).
 """
 

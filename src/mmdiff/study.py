@@ -199,7 +199,7 @@ def stage_stats(ctx: StageContext) -> dict[str, Any]:
     """Per-feature statistics: VLM + adapted SAEs by split, base LM + base SAEs, neutral re-runs."""
     from mmdiff.capture import iter_activations
     from mmdiff.distributed import shard_records
-    from mmdiff.parallel import write_feature_stats_distributed as write_feature_stats
+    from mmdiff.parallel import write_feature_stats_distributed
 
     cfg, s = ctx.config, ctx.config.stats
     adapter = get_adapter(ctx)
@@ -210,21 +210,23 @@ def stage_stats(ctx: StageContext) -> dict[str, Any]:
     out = ctx.run_dir / "stats"
     kw = dict(top_k=s.top_k, n_chunks=s.n_chunks, progress=ctx.progress)
     splits: dict[str, Any] = {"vision": None, **task_splits(records, s.base_split, s.tasks)}
-    write_feature_stats(iter_activations(adapter, shard_records(records), layers, "vlm", batch_size=s.batch_size,
-                                         progress=ctx.progress), adapted, splits, out, **kw)
-    write_feature_stats(iter_activations(adapter, shard_records(records), layers, "base", batch_size=s.batch_size,
-                                         progress=ctx.progress), base, "text", out, **kw)
+    def write(recs: list, mode: str, saes: dict, split: Any) -> None:
+        acts = iter_activations(adapter, shard_records(recs), layers, mode, batch_size=s.batch_size,
+                                progress=ctx.progress)
+        write_feature_stats_distributed(acts, saes, split, out, **kw)
+
+    write(records, "vlm", adapted, splits)
+    write(records, "base", base, "text")
     for task in s.neutral_tasks:
-        recs = neutral_records([r for r in records if task in r.tasks], s.neutral_instruction)
-        write_feature_stats(iter_activations(adapter, shard_records(recs), layers, "vlm", batch_size=s.batch_size,
-                                             progress=ctx.progress), adapted, f"{task}_neutral", out, **kw)
+        write(neutral_records([r for r in records if task in r.tasks], s.neutral_instruction), "vlm", adapted,
+              f"{task}_neutral")
     return {k: len(v) if v is not None else len(records) for k, v in splits.items()}
 
 
 def stage_diff(ctx: StageContext) -> dict[str, Any]:
     """Adapted features: variance gap, decoder cosine, two-stage global selection, stability."""
     from mmdiff.diff import write_adapted_features
-    from mmdiff.stats import FeatureStats
+    from mmdiff.stats import load_feature_stats
 
     cfg, d = ctx.config, ctx.config.diff
     stats = ctx.run_dir / "stats"
@@ -232,7 +234,7 @@ def stage_diff(ctx: StageContext) -> dict[str, Any]:
     adapted = load_role_saes(ctx.run_dir, cfg.stats.role, cfg.layers)
     import pandas as pd
 
-    paths = write_adapted_features(FeatureStats.load(stats, "vision"), FeatureStats.load(stats, "text"),
+    paths = write_adapted_features(load_feature_stats(stats, "vision"), load_feature_stats(stats, "text"),
                                    base, adapted, ctx.run_dir, p_gap=d.p_gap, p_cos=d.p_cos,
                                    n_bootstrap=d.n_bootstrap, seed=cfg.seed, progress=ctx.progress)
     df = pd.read_parquet(paths["diff"])
@@ -247,14 +249,14 @@ def stage_detect(ctx: StageContext) -> dict[str, Any]:
     import pandas as pd
 
     from mmdiff.detect import write_task_features
-    from mmdiff.stats import FeatureStats
+    from mmdiff.stats import load_feature_stats
 
     d, s = ctx.config.detect, ctx.config.stats
     stats = ctx.run_dir / "stats"
-    tasks = {t: FeatureStats.load(stats, t) for t in s.tasks}
-    neutral = {t: FeatureStats.load(stats, f"{t}_neutral") for t in s.neutral_tasks}
+    tasks = {t: load_feature_stats(stats, t) for t in s.tasks}
+    neutral = {t: load_feature_stats(stats, f"{t}_neutral") for t in s.neutral_tasks}
     adapted = pd.read_parquet(stats / "diff.parquet") if d.restrict_to_adapted else None
-    write_task_features(tasks, FeatureStats.load(stats, s.base_split), ctx.run_dir,
+    write_task_features(tasks, load_feature_stats(stats, s.base_split), ctx.run_dir,
                                  adapted=adapted, neutral=neutral or None, min_delta_p=d.min_delta_p,
                                  alpha=d.alpha, min_neutral_firing=d.min_neutral_firing,
                                  min_image_share=d.min_image_share)
@@ -297,7 +299,9 @@ def stage_attribute(ctx: StageContext) -> dict[str, Any]:
         return {"features": 0}
     records = get_records(ctx, cfg.stats.dataset)
     saes = load_role_saes(ctx.run_dir, cfg.stats.role, sorted(set(features["layer"])), adapter, "vlm")
-    top = pd.read_parquet(ctx.run_dir / "stats" / "vision.topk.parquet")
+    from mmdiff.stats import stats_paths
+
+    top = pd.read_parquet(stats_paths(ctx.run_dir / "stats", "vision")["topk"])
     attribute_features(adapter, saes, features, records, out, top_k=a.top_k, top_examples=top,
                        n_calibration=a.n_calibration, objective=a.objective, exact=a.exact,
                        overlay_heads=a.overlay_heads, batch_size=a.batch_size, progress=ctx.progress)

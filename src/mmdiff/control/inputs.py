@@ -65,7 +65,7 @@ def load_role_saes(
 
 def load_stats(run_dir: str | Path, split: str) -> Any:
     """FeatureStats of `split` from run_dir/stats/<split>.state.safetensors."""
-    from mmdiff.stats import FeatureStats
+    from mmdiff.stats import load_feature_stats
 
     folder = Path(run_dir) / "stats"
     path = folder / f"{split}.state.safetensors"
@@ -81,7 +81,7 @@ def load_stats(run_dir: str | Path, split: str) -> Any:
         raise StoreError(
             f"no feature statistics {path} (splits present: {have}); pass stats_split= one of them, or run the statistics stage"
         )
-    return FeatureStats.load(path)
+    return load_feature_stats(path)
 
 
 def check_stats_fit(stats: Any, saes: dict[int, Any]) -> None:

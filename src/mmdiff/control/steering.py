@@ -38,6 +38,7 @@ from mmdiff.errors import ConfigError, DataError
 from mmdiff.evals.bootstrap import bootstrap_mean, paired_effect
 from mmdiff.evals.harness import EvalTask
 from mmdiff.interventions import difference_of_means, steer_features, steer_vector
+from mmdiff.stats import top_examples
 
 STEERING_COLUMNS: tuple[str, ...] = (
     "method", "task", "alpha", "score", "ci_lo", "ci_hi", "layer", "split", "metric", "selected", "n",
@@ -62,7 +63,7 @@ def typical_max_activation(
     if how == "max":
         return stats.max_activation(layer).numpy()[feats]
     if how == "topk_mean":
-        top = stats.top_examples(layer)
+        top = top_examples(stats, layer)
         means = top.groupby("feature")["value"].mean()
         return np.array([float(means.get(int(f), 0.0)) for f in feats], dtype=np.float64)
     if how.startswith("quantile:"):
