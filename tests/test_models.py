@@ -12,7 +12,7 @@ from mmdiff.errors import DataError, ModelError
 from mmdiff.models import ADAPTERS, TokenType, load_adapter
 from mmdiff.models.tiny import BASE_SUBDIR, VLM_SUBDIR, build_tiny, load_tiny
 
-FAMILIES = ["llava", "llava_next", "paligemma", "qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["llava", "llava_next", "paligemma", "qwen2_vl", "qwen2_5_vl", "internvl"]
 SIZES = [(20, 30), (40, 16), (16, 16)]  # (height, width) of the test images
 QUESTIONS = ["Is it red?", "Is the green triangle above the yellow star?", "What?"]
 
@@ -27,12 +27,18 @@ QUESTIONS = ["Is it red?", "Is the green triangle above the yellow star?", "What
 #            4 x 4 + 4 = 20 -> 36
 # qwen (patch 4, merge 2, sides rounded to multiples of 8): t*h*w / 4 with (t, h, w) in patches:
 #   20x30 -> 16x32 -> (1, 4, 8) -> 8;  40x16 -> (1, 10, 4) -> 10;  16x16 -> (1, 4, 4) -> 4
+# internvl (16-pixel tiles, patch 4, pixel shuffle 0.5: 2x2 = 4 tokens per tile; 1-4 tiles as
+#   (cols, rows) of the aspect ratio nearest the image's, a tie going to more tiles while the image
+#   covers over half their area; a thumbnail tile when there is more than one):
+#   20x30 (w/h 1.5) -> 1x1, 2x1, 3x1, 2x2 all 0.5 off; 600 px > 512 -> 2x2 + thumbnail -> 20
+#   40x16 (0.4) -> 1x3 (0.33) -> 3 + thumbnail -> 16;  16x16 -> 1x1 (2x2 ties, 256 < 512) -> 4
 EXPECTED_IMAGE_TOKENS = {
     "llava": [16, 16, 16],
     "llava_next": [70, 56, 36],
     "paligemma": [16, 16, 16],
     "qwen2_vl": [8, 10, 4],
     "qwen2_5_vl": [8, 10, 4],
+    "internvl": [20, 16, 4],
 }
 
 
@@ -163,6 +169,25 @@ def test_qwen_inputs_carry_grid_and_mm_types(adapter):
         torch.tensor(a.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])),
     )
     assert (types[vision_markers] == TokenType.SPECIAL).all()
+
+
+def test_internvl_layout(adapter):
+    a = adapter("internvl")
+    inputs = a.vlm_inputs(make_records())
+    assert inputs["pixel_values"].shape == (5 + 4 + 1, 3, 16, 16)  # tiles of the three images
+    ids = inputs["input_ids"][1]
+    text = a.tokenizer.decode(ids[ids != a.image_token_id])
+    assert text.endswith(
+        "<|im_start|>user\n<img></img>\nIs the green triangle above the yellow star?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    # <img> and </img> are special; the context tokens between them are the image, 4 per tile
+    types = a.token_types(inputs)[1]
+    image = (ids == a.image_token_id).nonzero().flatten()
+    assert types[image[0] - 1] == TokenType.SPECIAL and types[image[-1] + 1] == TokenType.SPECIAL
+    assert a.patch_grid(inputs, 1) == [(2, 2, False)] * 4
+    with torch.no_grad():
+        assert a.model(**inputs).logits.shape[:2] == inputs["input_ids"].shape
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -11,7 +11,13 @@ from pathlib import Path
 import torch
 
 from mmdiff.errors import ModelError
-from mmdiff.models import llava, llava_next, paligemma, qwen2vl  # noqa: F401  (registers the families)
+from mmdiff.models import (  # noqa: F401  (registers the families)
+    internvl,
+    llava,
+    llava_next,
+    paligemma,
+    qwen2vl,
+)
 from mmdiff.models.base import (
     ADAPTERS,
     Backbone,

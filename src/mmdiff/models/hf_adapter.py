@@ -8,7 +8,7 @@ more than `processor(images=..., text=...)`.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -178,36 +178,41 @@ class HFAdapter(VLMAdapter):
         records = _check_records(records)
         prompts = [self.base_prompt(r.require_caption(), r.question) for r in records]
         answers = [_first_answer(r) for r in records] if with_answer else None
-        texts = self._with_answers(prompts, answers, tokenizer)
-        encoded = dict(
-            tokenizer(
-                texts,
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=_add_bos(texts, tokenizer),
-            )
+        encoded = self._encode_texts(
+            prompts,
+            answers,
+            tokenizer,
+            lambda texts, bos: tokenizer(
+                texts, return_tensors="pt", padding=True, add_special_tokens=bos
+            ),
         )
-        if answers is not None:
-            encoded["labels"] = _answer_labels(encoded, _answer_lengths(prompts, texts, tokenizer))
         return self._to_device(encoded, self.backbone("base"))
 
     def _encode_vlm(
         self, prompts: list[str], images: list[Any], answers: list[str] | None
     ) -> dict[str, torch.Tensor]:
-        texts = self._with_answers(prompts, answers, self.tokenizer)
-        encoded = dict(
-            self.processor(
-                images=images,
-                text=texts,
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=_add_bos(texts, self.tokenizer),
-            )
+        return self._encode_texts(
+            prompts,
+            answers,
+            self.tokenizer,
+            lambda texts, bos: self.processor(
+                images=images, text=texts, return_tensors="pt", padding=True, add_special_tokens=bos
+            ),
         )
+
+    def _encode_texts(
+        self,
+        prompts: list[str],
+        answers: list[str] | None,
+        tokenizer: Any,
+        encode: Callable[[list[str], bool], Any],
+    ) -> dict[str, torch.Tensor]:
+        """`encode(texts, add_special_tokens)` of the prompts (+ answers and EOS), with `labels`
+        on the answer positions when answers are given."""
+        texts = self._with_answers(prompts, answers, tokenizer)
+        encoded = dict(encode(texts, _add_bos(texts, tokenizer)))
         if answers is not None:
-            encoded["labels"] = _answer_labels(
-                encoded, _answer_lengths(prompts, texts, self.tokenizer)
-            )
+            encoded["labels"] = _answer_labels(encoded, _answer_lengths(prompts, texts, tokenizer))
         return encoded
 
     def _with_answers(

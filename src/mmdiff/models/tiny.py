@@ -315,24 +315,8 @@ QWEN_PATCH = 4
 QWEN_MERGE = 2
 
 
-def _qwen2_base_config(tokenizer: Any) -> Any:
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=512,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def _qwen_text_kwargs(tokenizer: Any) -> dict[str, Any]:
+def _qwen_sizes(tokenizer: Any) -> dict[str, Any]:
+    """The text-model sizes and special ids every tiny Qwen-family model shares."""
     return {
         "vocab_size": len(tokenizer),
         "hidden_size": HIDDEN,
@@ -341,15 +325,27 @@ def _qwen_text_kwargs(tokenizer: Any) -> dict[str, Any]:
         "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS,
         "max_position_embeddings": 512,
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _qwen2_base_config(tokenizer: Any) -> Any:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**_qwen_sizes(tokenizer))
+
+
+def _qwen_text_kwargs(tokenizer: Any) -> dict[str, Any]:
+    return {
+        **_qwen_sizes(tokenizer),
         # M-RoPE: sections of (temporal, height, width) summing to head_dim / 2
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 10000.0,
             "mrope_section": [1, 1, 2],
         },
-        "bos_token_id": None,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
     }
 
 
@@ -435,12 +431,77 @@ def _build_qwen2_5_vl(seed: int) -> tuple[Any, Any, Any, Any]:
     )
 
 
+_INTERNVL_TOKENS = _Tokens(
+    bos=None,
+    eos="<|im_end|>",
+    pad="<|endoftext|>",
+    image="<IMG_CONTEXT>",
+    add_bos=False,
+    extra=("<|im_start|>", "<|im_end|>", "<img>", "</img>"),
+)
+
+# A Qwen-style chat template that writes one "<IMG_CONTEXT>" per image, as InternVL-HF's does.
+_INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+INTERNVL_MAX_TILES = 4
+
+
+def _qwen3_text_kwargs(tokenizer: Any) -> dict[str, Any]:
+    return {**_qwen_sizes(tokenizer), "head_dim": HEAD_DIM, "tie_word_embeddings": True}
+
+
+def _build_internvl(seed: int) -> tuple[Any, Any, Any, Any]:
+    """InternVL3.5 shape: InternViT tower on 16-pixel tiles (patch 4, pixel shuffle 0.5: 4 tokens
+    per tile, up to 4 tiles + thumbnail), Qwen3 text model, Qwen chat template."""
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    tokenizer = _train_tokenizer(_INTERNVL_TOKENS, chat_template=_INTERNVL_CHAT_TEMPLATE)
+    vision_config = {
+        "hidden_size": HIDDEN,
+        "intermediate_size": 2 * HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": IMAGE_SIZE,
+        "patch_size": PATCH,
+    }
+    config = InternVLConfig(
+        vision_config=vision_config,
+        text_config={"model_type": "qwen3", **_qwen3_text_kwargs(tokenizer)},
+        image_token_id=_ids(tokenizer, "<IMG_CONTEXT>"),
+        image_seq_length=(IMAGE_SIZE // PATCH // 2) ** 2,
+        downsample_ratio=0.5,
+    )
+    torch.manual_seed(seed)
+    vlm = InternVLForConditionalGeneration(config)
+    # the PIL backend: the default one needs torchvision
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        min_patches=1,
+        max_patches=INTERNVL_MAX_TILES,
+    )
+    base = Qwen3ForCausalLM(Qwen3Config(**_qwen3_text_kwargs(tokenizer)))
+    base_tokenizer = _train_tokenizer(_INTERNVL_TOKENS, chat_template=_INTERNVL_CHAT_TEMPLATE)
+    return vlm, [image_processor, tokenizer], base, base_tokenizer
+
+
 BUILDERS: dict[str, Callable[..., tuple[Any, Any, Any, Any]]] = {
     "llava": _build_llava,
     "llava_next": _build_llava_next,
     "paligemma": _build_paligemma,
     "qwen2_vl": _build_qwen2_vl,
     "qwen2_5_vl": _build_qwen2_5_vl,
+    "internvl": _build_internvl,
 }
 
 

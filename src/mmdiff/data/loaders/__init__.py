@@ -16,8 +16,10 @@ from mmdiff.data.loaders.easy_vqa import load_easy_vqa
 from mmdiff.data.loaders.figstep import FIGSTEP_PROMPT, load_figstep
 from mmdiff.data.loaders.jsonl import load_jsonl
 from mmdiff.data.loaders.mm_safetybench import load_mm_safetybench
+from mmdiff.data.loaders.mssbench import load_mssbench
 from mmdiff.data.loaders.ocrbench import load_ocrbench
 from mmdiff.data.loaders.textvqa import load_textvqa
+from mmdiff.data.loaders.vlsbench import load_vlsbench
 from mmdiff.data.loaders.vqav2 import load_vqav2
 from mmdiff.data.loaders.vsr import load_vsr, vsr_question
 from mmdiff.data.records import Record
@@ -49,6 +51,8 @@ for _kind, _fn in {
     "ocrbench": load_ocrbench,
     "mm_safetybench": load_mm_safetybench,
     "figstep": load_figstep,
+    "vlsbench": load_vlsbench,
+    "mssbench": load_mssbench,
     "easy_vqa": load_easy_vqa,
     "jsonl": load_jsonl,
 }.items():
@@ -86,8 +90,10 @@ __all__ = [
     "load_figstep",
     "load_jsonl",
     "load_mm_safetybench",
+    "load_mssbench",
     "load_ocrbench",
     "load_textvqa",
+    "load_vlsbench",
     "load_vqav2",
     "load_vsr",
     "register_loader",
