@@ -30,6 +30,7 @@ from data_formats import (
     write_vqav2,
     write_vsr,
 )
+from real_configs import GEMMA2_2B, LLAMA31_8B, LLAVA_MORE_8B, PALIGEMMA2_3B
 
 from mmdiff.checks import (
     SAEFacts,
@@ -117,100 +118,6 @@ def _json(path: Path, obj: Any) -> Path:
 
 
 # ----------------------------------------------------------------------------- real model configs
-LLAMA31_8B = {  # meta-llama/Llama-3.1-8B config.json
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-05,
-    "rope_theta": 500000.0,
-    "hidden_act": "silu",
-    "bos_token_id": 128000,
-    "eos_token_id": 128001,
-    "torch_dtype": "bfloat16",
-    "tie_word_embeddings": False,
-    "rope_scaling": {
-        "factor": 8.0,
-        "high_freq_factor": 4.0,
-        "low_freq_factor": 1.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-}
-LLAVA_MORE_8B = {  # aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning, llava-hf layout
-    "architectures": ["LlavaForConditionalGeneration"],
-    "model_type": "llava",
-    "image_token_index": 128256,
-    "image_seq_length": 576,
-    "projector_hidden_act": "gelu",
-    "vision_feature_layer": -2,
-    "vision_feature_select_strategy": "default",
-    "torch_dtype": "bfloat16",
-    "text_config": {
-        **{k: v for k, v in LLAMA31_8B.items() if k != "architectures"},
-        "vocab_size": 128320,
-    },
-    "vision_config": {
-        "model_type": "clip_vision_model",
-        "hidden_size": 1024,
-        "image_size": 336,
-        "intermediate_size": 4096,
-        "num_attention_heads": 16,
-        "num_hidden_layers": 24,
-        "patch_size": 14,
-        "projection_dim": 768,
-    },
-}
-GEMMA2_2B = {  # google/gemma-2-2b config.json
-    "architectures": ["Gemma2ForCausalLM"],
-    "model_type": "gemma2",
-    "hidden_size": 2304,
-    "intermediate_size": 9216,
-    "num_hidden_layers": 26,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "head_dim": 256,
-    "vocab_size": 256000,
-    "query_pre_attn_scalar": 256,
-    "sliding_window": 4096,
-    "hidden_activation": "gelu_pytorch_tanh",
-    "final_logit_softcapping": 30.0,
-    "attn_logit_softcapping": 50.0,
-    "max_position_embeddings": 8192,
-    "torch_dtype": "float32",
-}
-PALIGEMMA2_3B = {  # google/paligemma2-3b-mix-224 config.json
-    "architectures": ["PaliGemmaForConditionalGeneration"],
-    "model_type": "paligemma",
-    "image_token_index": 257152,
-    "hidden_size": 2048,
-    "projection_dim": 2304,
-    "torch_dtype": "bfloat16",
-    "text_config": {
-        **{k: v for k, v in GEMMA2_2B.items() if k != "architectures"},
-        "vocab_size": 257216,
-        "num_image_tokens": 256,
-    },
-    "vision_config": {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 1152,
-        "intermediate_size": 4304,
-        "num_attention_heads": 16,
-        "num_hidden_layers": 27,
-        "patch_size": 14,
-        "image_size": 224,
-        "num_image_tokens": 256,
-        "projection_dim": 2304,
-        "vision_use_head": False,
-    },
-}
-
-
 def write_model(
     folder: Path,
     config: dict,
