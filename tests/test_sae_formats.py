@@ -292,3 +292,73 @@ def test_sae_load_classmethod_checks_the_class(tmp_path: Path) -> None:
     assert isinstance(SAE.load(tmp_path / "s", d_in=D), TopKSAE)
     with pytest.raises(SAEError, match="holds a topk SAE, not a JumpReLUSAE"):
         JumpReLUSAE.load(tmp_path / "s")
+
+
+# ---------------------------------------------------------------------------- EleutherAI sparsify
+def _sparsify_checkpoint(folder: Path, hookpoint: str = "layers.3", **cfg_kw):
+    """A checkpoint written by the real sparsify package (SparseCoder.save_to_disk)."""
+    sparsify = pytest.importorskip("sparsify")
+    torch.manual_seed(0)
+    coder = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=F, k=4, **cfg_kw))
+    with torch.no_grad():
+        coder.encoder.bias.copy_(torch.randn(F) * 0.3)
+        coder.b_dec.copy_(torch.randn(D))
+    coder.save_to_disk(folder / hookpoint)
+    return coder, folder / hookpoint
+
+
+def test_sparsify_checkpoint_loads_with_identical_encodings(tmp_path: Path) -> None:
+    coder, folder = _sparsify_checkpoint(tmp_path)
+    ours = load_sae(folder, d_in=D, layer=3)
+    assert ours.cfg.architecture == "topk" and ours.cfg.k == 4 and ours.cfg.d_sae == F
+    assert ours.cfg.hook_name == "blocks.3.hook_resid_post"
+    x = _x()
+    with torch.no_grad():
+        enc = coder.encode(x)
+        theirs = torch.zeros(len(x), F).scatter(1, enc.top_indices, enc.top_acts)
+        torch.testing.assert_close(ours.encode(x), theirs, rtol=1e-5, atol=1e-5)
+        assert (theirs > 0).sum() > 0
+        torch.testing.assert_close(ours(x).x_hat, coder(x).sae_out, rtol=1e-4, atol=1e-4)
+    with pytest.raises(SAEError, match="trained at layer 3"):
+        load_sae(folder, layer=5)
+    # the dry run reads the same facts from the headers
+    from mmdiff.checks import probe_sae
+
+    facts = probe_sae(folder)
+    assert (facts.format, facts.d_in, facts.d_sae, facts.layer) == ("sparsify", D, F, 3)
+
+
+def test_sparsify_checkpoint_as_warm_start(tmp_path: Path) -> None:
+    from mmdiff.sae.warm_start import warm_start_sae
+
+    coder, folder = _sparsify_checkpoint(tmp_path)
+    warm = warm_start_sae(folder, layer=3, k=4)
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(warm(x).x_hat, coder(x).sae_out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kw,hookpoint,match", [
+    (dict(transcode=True), "layers.3", "transcoder"),
+    (dict(skip_connection=True), "layers.3", "skip_connection"),
+    (dict(), "layers.3.mlp", "not the residual stream"),
+])
+def test_sparsify_checkpoints_we_cannot_express_are_refused(tmp_path: Path, kw, hookpoint, match) -> None:
+    _, folder = _sparsify_checkpoint(tmp_path, hookpoint, **kw)
+    with pytest.raises(SAEError, match=match):
+        load_sae(folder)
+
+
+def test_saved_folder_names_its_hook_point_for_saelens(tmp_path: Path) -> None:
+    """SAELens and Neuronpedia read where an SAE reads from cfg.json's hook_name and model_name."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from mmdiff.sae.formats.saelens import set_model_name
+
+    sae = _random_sae("topk", k=4)
+    sae.cfg.hook_name, sae.cfg.model_name = None, None  # as the trainer builds them
+    sae.save(tmp_path / "sae")
+    set_model_name(tmp_path / "sae", "llava-hf/llava-1.5-7b-hf")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"))
+    assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+    assert theirs.cfg.metadata.model_name == "llava-hf/llava-1.5-7b-hf"
+    assert load_sae(tmp_path / "sae").cfg.model_name == "llava-hf/llava-1.5-7b-hf"

@@ -68,6 +68,10 @@ def test_run_whole_chain_then_skips(tiny_study):
         "capture", "train", "stats", "diff", "detect", "attribute", "interp", "ablate", "concepts", "steer"]
     for role in ("base", "full", "image", "text", "random"):
         assert (run / "saes" / role / "layer_1" / "cfg.json").is_file()
+    models = yaml.safe_load((tiny_study / "study.yaml").read_text())["model"]
+    for role, model in (("base", models["base_lm"]), ("full", models["vlm"])):  # as SAELens reads them
+        meta = json.loads((run / "saes" / role / "layer_1" / "cfg.json").read_text())["metadata"]
+        assert meta["hook_name"] == "blocks.1.hook_resid_post" and meta["model_name"] == model
     import pandas as pd
 
     diff = pd.read_parquet(run / "stats" / "diff.parquet")

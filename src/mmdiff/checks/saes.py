@@ -56,7 +56,7 @@ def probe_sae(path: str | Path) -> SAEFacts:
     """Format, d_in, d_sae and recorded layer of an SAE checkpoint, from its config and weight
     headers only (SAEError when the folder is not a recognised, whole checkpoint)."""
     from mmdiff.errors import SAEError
-    from mmdiff.sae.formats import detect_format, gemma_scope, llama_scope, mmdiff_ckpt, saelens
+    from mmdiff.sae.formats import detect_format, gemma_scope, llama_scope, mmdiff_ckpt, saelens, sparsify
     from mmdiff.sae.formats.common import layer_from_name, read_json
 
     path = Path(path)
@@ -76,6 +76,11 @@ def probe_sae(path: str | Path) -> SAEFacts:
                 {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in)},
                 path / saelens.WEIGHTS_FILENAME,
             )
+        elif fmt == "sparsify":
+            _, d_in, d_sae, layer = sparsify.sparsify_facts(path)
+            w_path = path / sparsify.WEIGHTS_FILENAME
+            tensors = _header(read_safetensors_header, w_path)
+            _expect_shapes(tensors, {"encoder.weight": (d_sae, d_in), "W_dec": (d_sae, d_in)}, w_path)
         elif fmt == "llama_scope":
             hp_path = path / llama_scope.HYPERPARAMS
             hp = read_json(hp_path)
@@ -149,7 +154,7 @@ def _locate_sae(location: str, where: str, offline: bool, problems: list[str]) -
     if m is None or location.startswith(("/", ".", "~")):
         problems.append(
             f"{where}: {p} does not exist: expected an SAE folder (SAELens cfg.json + "
-            "sae_weights.safetensors, Llama Scope hyperparams.json + checkpoints/, Gemma "
+            "sae_weights.safetensors, sparsify cfg.json + sae.safetensors, Llama Scope hyperparams.json + checkpoints/, Gemma "
             "Scope params.npz, or an MMDiff checkpoint); check the path (and MMDIFF_MODELS)"
         )
         return None

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmdiff.distributed import on_main
 from mmdiff.errors import ConfigError, SAEError
 from mmdiff.sae.checkpoint import data_fingerprint, init_fingerprint
 from mmdiff.sae.stream import CapturedActivations
@@ -180,6 +181,21 @@ def spliced_loss_rows(
     return [{"regime": role, "side": side, **r.row()} for (role, _), r in results.items()]
 
 
+def _record_model_names(adapter: Any, results: Mapping[str, TrainResult]) -> None:
+    """Name in each saved SAE the model it reads (the base LM for `base`, else the VLM): the
+    trainer only sees activations, and SAELens / Neuronpedia need the name."""
+    from mmdiff.sae.formats.saelens import set_model_name
+
+    for role, result in results.items():
+        model = adapter.backbone("base" if role == "base" else "vlm").model
+        name = getattr(getattr(model, "config", None), "name_or_path", None)
+        if not name:
+            continue
+        for L, folder in result.sae_dirs.items():
+            on_main(set_model_name, folder, str(name))
+            result.saes[L].cfg.model_name = str(name)
+
+
 def train_study_saes(
     adapter: Any,
     records_train: Sequence[Any],
@@ -263,6 +279,8 @@ def train_study_saes(
             resume,
         )
     saes = {role: r.saes for role, r in results.items()}
+    if adapter is not None:
+        _record_model_names(adapter, results)
 
     rows = []
     for side, roles in (("base", ["base"]), ("vlm", list(saes))):

@@ -1,7 +1,7 @@
 """Read every supported SAE checkpoint format (auto-detected); write our native SAELens folders.
 
-Formats: SAELens folders, Llama Scope folders, Gemma Scope `params.npz`, MMDiff checkpoints
-(`<name>.safetensors` + `<name>.json`). Hub ids are fetched with huggingface_hub when online.
+Formats: SAELens folders, Llama Scope folders, Gemma Scope `params.npz`, EleutherAI sparsify
+folders (`cfg.json` + `sae.safetensors`), MMDiff checkpoints (`<name>.safetensors` + `<name>.json`). Hub ids are fetched with huggingface_hub when online.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ from mmdiff.sae.formats.common import fit_check, move
 
 
 def detect_format(path: Path) -> str:
-    """"saelens" | "llama_scope" | "gemma_scope" | "mmdiff"; SAEError describing what was found."""
-    from mmdiff.sae.formats import gemma_scope, llama_scope, mmdiff_ckpt, saelens
+    """"saelens" | "sparsify" | "llama_scope" | "gemma_scope" | "mmdiff"; SAEError describing
+    what was found."""
+    from mmdiff.sae.formats import gemma_scope, llama_scope, mmdiff_ckpt, saelens, sparsify
 
     if saelens.is_saelens_folder(path):
         return "saelens"
+    if sparsify.is_sparsify_folder(path):
+        return "sparsify"
     if llama_scope.is_llama_scope_folder(path):
         return "llama_scope"
     if gemma_scope.find_npz(path) is not None:
@@ -30,9 +33,10 @@ def detect_format(path: Path) -> str:
     found = sorted(p.name for p in path.iterdir())[:20] if path.is_dir() else [path.name]
     raise SAEError(
         f"no SAE checkpoint recognised at {path} (found: {found}). Expected one of: a SAELens "
-        "folder (cfg.json + sae_weights.safetensors), a Llama Scope folder (hyperparams.json + "
-        "checkpoints/final.safetensors), a Gemma Scope params.npz, or an MMDiff checkpoint "
-        "(<name>.safetensors + <name>.json)."
+        "folder (cfg.json + sae_weights.safetensors), a sparsify folder (cfg.json + "
+        "sae.safetensors, one per hook point such as layers.12), a Llama Scope folder "
+        "(hyperparams.json + checkpoints/final.safetensors), a Gemma Scope params.npz, or an "
+        "MMDiff checkpoint (<name>.safetensors + <name>.json)."
     )
 
 
@@ -50,13 +54,15 @@ def load_sae(
     d_in / d_sae / layer are what the caller's model and hook point expect; a checkpoint that
     does not fit raises SAEError. NaN/inf weights and corrupt files raise SAEError naming the file.
     """
-    from mmdiff.sae.formats import gemma_scope, llama_scope, mmdiff_ckpt, saelens
+    from mmdiff.sae.formats import gemma_scope, llama_scope, mmdiff_ckpt, saelens, sparsify
     from mmdiff.sae.formats.hub import resolve_path
 
     local = resolve_path(path)
     fmt = detect_format(local)
     if fmt == "saelens":
         sae = saelens.load_saelens(local)
+    elif fmt == "sparsify":
+        sae = sparsify.load_sparsify(local)
     elif fmt == "llama_scope":
         sae = llama_scope.load_llama_scope(local)
     elif fmt == "gemma_scope":

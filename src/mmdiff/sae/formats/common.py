@@ -65,6 +65,12 @@ def layer_from_name(name: str | None) -> int | None:
     return int(hits[-1]) if hits else None  # the last one: the nearest folder of a path
 
 
+def resid_post_hook_name(layer: int | None) -> str | None:
+    """The residual stream after decoder layer `layer` (HF hidden_states[layer + 1]) in the
+    TransformerLens names SAELens and Neuronpedia use: "blocks.12.hook_resid_post"."""
+    return None if layer is None else f"blocks.{layer}.hook_resid_post"
+
+
 def sae_from_tensors(cfg: SAEConfig, tensors: dict[str, Tensor], path: Path) -> SAE:
     """Build the SAE `cfg` names and put `tensors` in it without a random init first."""
     device = cfg.device

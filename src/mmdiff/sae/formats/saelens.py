@@ -21,7 +21,13 @@ from torch import Tensor
 from mmdiff.atomic import atomic_dir, save_safetensors, write_json
 from mmdiff.errors import SAEError
 from mmdiff.sae.base import SAE, SAEConfig, dtype_to_str
-from mmdiff.sae.formats.common import layer_from_name, read_json, read_safetensors, sae_from_tensors
+from mmdiff.sae.formats.common import (
+    layer_from_name,
+    read_json,
+    read_safetensors,
+    resid_post_hook_name,
+    sae_from_tensors,
+)
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -93,7 +99,8 @@ def saelens_cfg(sae: SAE, notes: dict[str, Any]) -> dict[str, Any]:
         "sae_lens_version": version,
         "sae_lens_training_version": version,
         "model_name": cfg.model_name,
-        "hook_name": cfg.hook_name,
+        # SAELens and Neuronpedia tell where an SAE reads by this name alone
+        "hook_name": cfg.hook_name or resid_post_hook_name(cfg.hook_layer),
         "hook_head_index": None,
         "mmdiff": {
             "architecture": cfg.architecture,
@@ -117,6 +124,16 @@ def save_saelens(sae: SAE, folder: str | Path) -> Path:
         save_safetensors(tmp / WEIGHTS_FILENAME, {k: v.cpu() for k, v in tensors.items()})
         write_json(tmp / CFG_FILENAME, cfg)
     return folder
+
+
+def set_model_name(folder: str | Path, model_name: str) -> None:
+    """Record in a saved folder's cfg.json the model its SAE reads (SAELens's metadata.model_name),
+    for SAEs trained on activations alone, which do not know their model."""
+    cfg_path = Path(folder) / CFG_FILENAME
+    raw = read_json(cfg_path)
+    if (raw.get("metadata") or {}).get("model_name") != model_name:
+        raw.setdefault("metadata", {})["model_name"] = model_name
+        write_json(cfg_path, raw)
 
 
 def load_saelens(folder: Path) -> SAE:
@@ -182,4 +199,5 @@ def load_saelens(folder: Path) -> SAE:
     return sae_from_tensors(cfg, tensors, w_path)
 
 
-__all__ = ["is_saelens_folder", "load_saelens", "saelens_cfg", "saelens_tensors", "save_saelens"]
+__all__ = ["is_saelens_folder", "load_saelens", "saelens_cfg", "saelens_tensors", "save_saelens",
+           "set_model_name"]
