@@ -1,8 +1,13 @@
 import json
+import os
+import stat
 
+import pandas as pd
 import pytest
+import torch
 
 from mmdiff import atomic
+from mmdiff.atomic import write_text
 
 
 def test_write_json_replaces_and_leaves_no_temp(tmp_path):
@@ -48,3 +53,22 @@ def test_tree_hash_sees_content_and_names(tmp_path):
     (tmp_path / "d" / "f").rename(tmp_path / "d" / "g")
     h3 = atomic.sha256_tree(tmp_path / "d")
     assert len({h1, h2, h3}) == 3
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_files_and_folders_follow_the_umask(tmp_path, umask):
+    """A lab sharing a run directory reads it: modes are 0666 / 0777 less the umask, as open() gives."""
+    from mmdiff.atomic import atomic_dir, save_safetensors, write_parquet
+
+    old = os.umask(umask)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        save_safetensors(tmp_path / "w.safetensors", {"t": torch.zeros(2)})
+        write_parquet(tmp_path / "t.parquet", pd.DataFrame({"a": [1]}))
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("y")
+    finally:
+        os.umask(old)
+    for name in ("a.txt", "w.safetensors", "t.parquet"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~umask

@@ -2,6 +2,8 @@
 
 Every artifact in a run directory is written to a temporary sibling and renamed into place, so a
 killed process never leaves a half-written file that looks complete (rename is atomic on POSIX).
+The temporary files and folders get the modes a plain open() / mkdir() would (0666 / 0777 less the
+umask), not tempfile's private 0600 / 0700, so a lab that shares a run directory can read it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where /proc says it (Linux >= 4.7)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it (and set it back)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed onto `path`.
@@ -38,6 +51,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # after: some writers (safetensors) recreate it
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
@@ -54,6 +68,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")
