@@ -308,6 +308,11 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def env(tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     monkeypatch.setenv("MMDIFF_MODELS", str(tree["models"]))
     monkeypatch.setenv("MMDIFF_DATA", str(tree["data"]))
+    # the example configs run on a GPU (device: cuda): check them as on the host they are for
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     return tree
 
 
@@ -718,3 +723,49 @@ def test_hub_id_saes_are_looked_up_in_the_cache_only(
     assert check_base_saes(template, [8], 64, offline=True) == []
     (msg,) = check_base_saes(template, [8], 128, offline=True)
     assert "expects d_in=64, the model's hidden size is 128" in msg
+
+
+# ----------------------------------------------------------------- what a run would only find later
+def test_dataset_argument_of_the_wrong_type(tmp_path: Path) -> None:
+    """`n_per_family: eight` used to pass the dry run and fail with a TypeError after the models loaded."""
+    for read_records in (True, False):
+        spec = DatasetSpec(kind="shapes", args={"split": "train", "n_per_family": "eight"})
+        (msg,) = check_dataset("train", spec, read_records=read_records)
+        assert msg.startswith("datasets.train.args.n_per_family: 'eight' is not of the type the shapes "
+                              "loader takes (n_per_family: int;"), msg
+    spec = DatasetSpec(kind="shapes", args={"split": "train", "n_per_family": 2, "families": "colour"})
+    (msg,) = check_dataset("train", spec)
+    assert "families: " in msg and "not allowed as a Sequence" in msg
+    assert check_dataset("train", DatasetSpec(kind="shapes", args={"split": "train", "n_per_family": 2})) == []
+
+
+def test_empty_training_split_is_refused_before_capture() -> None:
+    """n_per_family: 0 used to pass, capture 0 records, and fail in training naming a non-key."""
+    spec = DatasetSpec(kind="shapes", args={"split": "train", "n_per_family": 0})
+    for read_records in (True, False):
+        assert check_dataset("train", spec, read_records=read_records) == [
+            "datasets.train.args.n_per_family: 0 records per question family makes the dataset "
+            "empty; expected an int >= 1"
+        ]
+
+
+def test_cuda_device_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from mmdiff.checks.models import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (msg,) = check_device("cuda")
+    assert msg.startswith("model.device: 'cuda', but this torch (") and "use device: cpu" in msg
+    assert check_device("cpu") == []
+    (msg,) = check_device("gpu")
+    assert msg.startswith("model.device: 'gpu' is not a torch device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert check_device("cuda:0") == []
+    (msg,) = check_device("cuda:1")
+    assert "only 1 CUDA device(s) are visible" in msg
+    cfg = default_config()
+    cfg.model.device = "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert any(p.startswith("model.device: 'cuda'") for p in check_study(cfg, read_records=False))

@@ -208,6 +208,10 @@ def test_stream_rejects_data_without_regime_tokens():
     items = _id_batches(3)
     with pytest.raises(DataError, match="no training tokens of types"):
         next(shuffled_batches(items, [0], (IMG,), 5, 12, seed=0))
+    # an empty dataset (n_per_family: 0) gets the same error, pointing at config keys that exist
+    with pytest.raises(DataError, match="training dataset empty") as err:
+        next(shuffled_batches([], [0], (TXT,), 5, 12, seed=0))
+    assert "exclude_special" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------- loss pieces

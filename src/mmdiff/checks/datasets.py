@@ -29,6 +29,36 @@ def _is_path_param(p: inspect.Parameter) -> bool:
     return "Path" in str(p.annotation)
 
 
+def _type_problems(where: str, fn: Callable[..., Any], spec: DatasetSpec) -> list[str]:
+    """Arguments whose YAML value is not of the loader's annotated type (`n_per_family: eight`);
+    strict, so "8" is not an int either. Paths are left to the existence check."""
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+    from pydantic.errors import PydanticSchemaGenerationError
+
+    try:
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError):
+        return []
+    problems = []
+    for arg, value in spec.args.items():
+        hint = hints.get(arg)
+        if hint is None or "Path" in str(hint):
+            continue
+        try:
+            TypeAdapter(hint).validate_python(value, strict=True)
+        except ValidationError as exc:
+            name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            problems.append(
+                f"{where}.args.{arg}: {value!r} is not of the type the {spec.kind} loader takes "
+                f"({arg}: {name}; {exc.errors()[0]['msg']})"
+            )
+        except PydanticSchemaGenerationError:
+            continue
+    return problems
+
+
 def check_dataset(
     name: str, spec: DatasetSpec, *, sample: int = SAMPLE_RECORDS, read_records: bool = True
 ) -> list[str]:
@@ -60,6 +90,12 @@ def check_dataset(
         problems.append(
             f"{where}.args: kind {spec.kind!r} needs {missing}, which are not given; add "
             f"them under args (it takes {list(params)})"
+        )
+    problems += _type_problems(where, fn, spec)
+    if spec.kind == "shapes" and isinstance(spec.args.get("n_per_family"), int) and spec.args["n_per_family"] < 1:
+        problems.append(
+            f"{where}.args.n_per_family: {spec.args['n_per_family']} records per question family "
+            "makes the dataset empty; expected an int >= 1"
         )
     for arg, value in spec.args.items():
         if arg not in params or not _is_path_param(params[arg]) or value is None:

@@ -251,6 +251,34 @@ def _resolve_organism(cfg: StudyConfig, problems: list[str]) -> tuple[str | None
     )
 
 
+def check_device(device: str | None) -> list[str]:
+    """model.device names a device this torch build can use (a CUDA device needs a CUDA build
+    and a visible GPU), so a run does not fail after reading its datasets."""
+    import torch
+
+    if device is None:
+        return []
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        return [f"model.device: {device!r} is not a torch device ({exc}); expected cpu, cuda, cuda:1 or mps"]
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+            return [
+                f"model.device: {device!r}, but this torch ({torch.__version__}, a {build}) sees no "
+                "CUDA GPU; use device: cpu, or run where a GPU is visible with a CUDA build of torch"
+            ]
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return [
+                f"model.device: {device!r}, but only {torch.cuda.device_count()} CUDA device(s) are "
+                f"visible (cuda:0 to cuda:{torch.cuda.device_count() - 1}); pick one of them"
+            ]
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        return [f"model.device: {device!r}, but MPS is not available here; use device: cpu"]
+    return []
+
+
 def check_models(cfg: StudyConfig) -> tuple[list[str], ModelFacts, ModelFacts]:
     """The VLM and base LM: files, types, matching dimensions, and the configured layers."""
     from mmdiff.models.loading import ModelError, hub_offline, parse_dtype
@@ -262,6 +290,7 @@ def check_models(cfg: StudyConfig) -> tuple[list[str], ModelFacts, ModelFacts]:
         parse_dtype(m.dtype)
     except ModelError as exc:
         problems.append(f"model.dtype: {exc}")
+    problems += check_device(m.device)
     vlm_loc, base_loc = _resolve_organism(cfg, problems)
     vlm = base = ModelFacts()
     if vlm_loc is not None:

@@ -197,7 +197,9 @@ def shuffled_batches(
                 if fresh_epoch and epoch_tokens == 0:
                     raise DataError(
                         f"the data yields no training tokens of types {token_types} in a whole epoch: "
-                        "check the masking regime (e.g. `image` on text-only data) and exclude_special"
+                        "is the training dataset empty (check its records in manifest.json's capture "
+                        "summary), or does the masking regime select none of its tokens (train.regimes, "
+                        "e.g. `image` on text-only data)? Special tokens (BOS, padding) never count"
                     )
                 epoch, item, epoch_tokens, fresh_epoch = epoch + 1, 0, 0, True
                 it = _open_source(data, layers, token_types, epoch, 0, seed, batch_size)
