@@ -277,6 +277,20 @@ def _interventions(backbone, types):
     }
 
 
+def test_the_cache_is_found_whatever_keyword_it_travels_under():
+    """transformers 5.24 renamed `past_key_values` to `cache`; a hook that missed the cache edited
+    generated tokens as if they sat at position 0 (the bug behind issue 19)."""
+    from transformers import DynamicCache
+
+    from mmdiff.interventions._hooks import find_cache
+
+    cache = DynamicCache()
+    for key in ("cache", "past_key_values", "past_key_value", "some_future_name"):
+        assert find_cache((), {key: cache, "use_cache": True}) is cache
+    assert find_cache((torch.zeros(1), cache), {}) is cache  # handed positionally
+    assert find_cache((torch.zeros(1),), {"cache": None, "use_cache": False}) is None
+
+
 @pytest.mark.parametrize("name", ["ablate", "steer", "clamp", "heads", "vector_image", "composed"])
 def test_same_tokens_and_logits_with_and_without_kv_cache(tiny, name):
     backbone, ids, mask, types = tiny

@@ -3,10 +3,15 @@
 Hook point L is the output of `backbone.layers[L]` (HF `hidden_states[L + 1]`). With a KV cache a
 forward sees only the new tokens, so each hook has to know which absolute positions it covers. A
 pre-hook on the decoder layer reads the layer's cache length *before* the layer appends to it
-(`past_key_values.get_seq_length(layer_idx)`); where a layer is not handed the cache, a pre-hook on
+(`cache.get_seq_length(layer_idx)`); where a layer is not handed the cache, a pre-hook on
 `backbone.model` records the cache length of the whole forward instead. Without a cache the forward
 covers positions 0..T-1. Position ids are not used: they are shifted by left padding and are 3-D
 under M-RoPE, so they do not say which absolute index a token has.
+
+The cache is found by its type, not by the keyword it travels under: transformers 5.24 renamed the
+keyword from `past_key_values` to `cache` (older releases also used `past_key_value` in layers), and
+a hook that looked for the old name saw no cache, took every cached step for position 0 and edited
+the wrong positions of generated tokens.
 """
 
 from __future__ import annotations
@@ -78,6 +83,25 @@ def position_mask(
     return out
 
 
+_CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
+
+
+def find_cache(args: tuple, kwargs: dict) -> Any:
+    """The KV cache a module call was handed, whatever its keyword; None when it runs without one.
+
+    A cache is an object with `get_seq_length` (every transformers `Cache`); the known keywords are
+    tried first, then every other argument, so a future rename cannot silently hide it.
+    """
+    for key in _CACHE_KEYWORDS:
+        value = kwargs.get(key)
+        if value is not None and callable(getattr(value, "get_seq_length", None)):
+            return value
+    for value in (*kwargs.values(), *args):
+        if not isinstance(value, torch.Tensor) and callable(getattr(value, "get_seq_length", None)):
+            return value
+    return None
+
+
 class _PositionTracker:
     """Tracks the absolute start position of the forward that is running now."""
 
@@ -94,14 +118,14 @@ class _PositionTracker:
         return int(cache.get_seq_length(layer_idx))
 
     def model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.model_start = self._cache_length(kwargs.get("past_key_values"), None)
+        self.model_start = self._cache_length(find_cache(args, kwargs), None)
 
     def model_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.model_start = None
 
     def layer_pre_hook(self, layer: int, cache_idx: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+            cache = find_cache(args, kwargs)
             if cache is not None:
                 self.layer_start[layer] = self._cache_length(cache, cache_idx)
             else:
