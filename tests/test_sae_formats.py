@@ -147,7 +147,7 @@ def test_llama_scope_reproduces_method_formula(tmp_path: Path) -> None:
     W_enc, b_enc = ref["encoder.weight"].double(), ref["encoder.bias"].double()
     W_dec, b_dec = ref["decoder.weight"].double(), ref["decoder.bias"].double()
     x = torch.randn(200, D_, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 9 / 4
-    # METHOD.md section 8, written out independently of the loader:
+    # docs/method.md#file-formats, written out independently of the loader:
     pre = s * x @ W_enc.T + b_enc
     dn = W_dec.norm(dim=0)
     f_method = pre * (pre * dn > s * theta)

@@ -142,7 +142,7 @@ _stage_command("attribute", "Attribution patching of task features to attention 
                "forwards and one backward each, optional exact patching to validate, attention overlays.")
 _stage_command("interp", "Top activating examples with image-patch heatmaps, explanations (offline, or an "
                "OpenAI-compatible LLM) with detection scores, and one HTML dashboard per feature.")
-_stage_command("concepts", "Concept shift vectors (seed 003): concepts of the base LM (captions) and the VLM "
+_stage_command("concepts", "Concept shift vectors (docs/method.md#concept-shift-vectors): concepts of the base LM (captions) and the VLM "
                "(images) on the same records, Hungarian-matched, grounded, shifted, and steered.")
 _stage_command("ablate", "Remove each task set (project out its decoder directions) and measure every "
                "task, beside frequency-matched random features and mismatched sets, with bootstrap CIs.")

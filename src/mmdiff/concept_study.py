@@ -1,4 +1,4 @@
-"""The concept-shift study (Khayatan et al. 2025, seed 003) on a model pair: what a researcher reads.
+"""The concept-shift study (Khayatan et al. 2025, docs/method.md#concept-shift-vectors) on a model pair: what a researcher reads.
 
 The "original" model is the base LM run on (caption, question); the "fine-tuned" model is the VLM
 run on (image, question), on the same records. Each record gives one vector per model: the residual

@@ -1,4 +1,4 @@
-"""Concept shift vectors (Khayatan et al. 2025, seed 003): how fine-tuning moved a model's concepts.
+"""Concept shift vectors (Khayatan et al. 2025, docs/method.md#concept-shift-vectors): how fine-tuning moved a model's concepts.
 
 One vector per sample (the hidden state at a token of interest, or the mean over the answer span:
 `sample_vectors`) from the original and from the fine-tuned model on the same inputs. The original

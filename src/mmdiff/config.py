@@ -56,7 +56,7 @@ class CaptureSpec(Section):
 
 
 class TrainSpec(Section):
-    """Multimodal SAEs by warm start (METHOD.md §1): base-LM SAEs, then each masking regime on the VLM."""
+    """Multimodal SAEs by warm start (docs/method.md#sae-architectures-and-training): base-LM SAEs, then each masking regime on the VLM."""
 
     dataset: str = Field("train", description="Dataset the SAEs train on (its captured activations).")
     heldout: str = Field("test", description="Dataset for held-out FVU, L0, dead fraction, spliced-in loss.")
@@ -80,7 +80,7 @@ class TrainSpec(Section):
 
 
 class StatsSpec(Section):
-    """One statistics pass per side over the analysis dataset, split by task tags (METHOD.md §2-3)."""
+    """One statistics pass per side over the analysis dataset, split by task tags (docs/method.md#task-features)."""
 
     dataset: str | list[str] = Field("test", description=(
         "Dataset (or datasets, concatenated) whose records are analysed, e.g. [vqav2, vsr, textvqa, figstep]."))
@@ -115,7 +115,7 @@ class DetectSpec(Section):
 
 
 class AttributionSpec(Section):
-    """Attribution patching of task features to attention heads (METHOD.md §5)."""
+    """Attribution patching of task features to attention heads (docs/method.md#attribution-patching)."""
 
     top_k: int = Field(8, ge=1, description="Each feature's top activating samples averaged over.")
     n_calibration: int = Field(256, ge=1, description="Records whose mean visual embedding is the corrupt run.")
@@ -139,7 +139,7 @@ class LLMSpec(Section):
 
 
 class InterpSpec(Section):
-    """Top examples, heatmaps, explanations and feature dashboards (METHOD.md §4)."""
+    """Top examples, heatmaps, explanations and feature dashboards (docs/method.md#feature-explanations)."""
 
     k: int = Field(10, ge=1, description="Top examples per feature and source.")
     heatmaps: bool = Field(True, description="Image-patch heatmaps on the model's grid.")
@@ -149,7 +149,7 @@ class InterpSpec(Section):
 
 
 class ConceptsSpec(Section):
-    """Concept shift vectors after seed 003: base LM on captions vs VLM on images, same records."""
+    """Concept shift vectors (docs/method.md#concept-shift-vectors): base LM on captions vs VLM on images, same records."""
 
     enabled: bool = Field(True, description="Run the concepts stage.")
     dataset: str = Field("test", description="Records with both an image and a caption.")
@@ -163,7 +163,7 @@ class ConceptsSpec(Section):
 
 
 class ControlSpec(Section):
-    """Removal and steering of the task sets against controls, with bootstrap CIs (METHOD.md §6-7)."""
+    """Removal and steering of the task sets against controls, with bootstrap CIs (docs/method.md#interventions-and-controls)."""
 
     test: str = Field("test", description="Dataset every intervention is evaluated on.")
     validation: str | None = Field("validation", description=(

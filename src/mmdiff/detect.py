@@ -1,4 +1,4 @@
-"""Task features by contrastive firing, intersected with the adapted set, lexically filtered (METHOD.md §3).
+"""Task features by contrastive firing, intersected with the adapted set, lexically filtered (docs/method.md#task-features).
 
 For a task split D_T (spatial, OCR, safety, ...) against a generic base split D_B, per feature:
 

@@ -1,4 +1,4 @@
-"""Adapted features: variance gap, decoder cosine and the global two-stage selection (METHOD.md §2).
+"""Adapted features: variance gap, decoder cosine and the global two-stage selection (docs/method.md#adapted-features).
 
 Inputs are two `FeatureStats` over the same records: `vision` = the VLM on image + question encoded
 with the adapted SAEs, `text` = the base LM on caption + question encoded with the base SAEs. Then

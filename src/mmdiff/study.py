@@ -393,7 +393,7 @@ def concepts_layer(cfg: StudyConfig) -> int:
 
 
 def stage_concepts(ctx: StageContext) -> dict[str, Any]:
-    """Concept shift vectors (seed 003): concepts of both models, matched, shifted, and steered."""
+    """Concept shift vectors (docs/method.md#concept-shift-vectors): concepts of both models, matched, shifted, and steered."""
     import json
 
     from mmdiff.concept_study import run_concept_shift

@@ -1,4 +1,4 @@
-"""Attribution patching from attention heads to an SAE feature (METHOD.md §5, seed 001 §8).
+"""Attribution patching from attention heads to an SAE feature (docs/method.md#attribution-patching).
 
 Objective for feature f at layer L: m = sum over positions of the layer-L residual projected on the
 unit decoder direction d_f / ||d_f|| (objective="projection"), or of the SAE activation h_f

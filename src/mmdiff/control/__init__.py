@@ -1,4 +1,4 @@
-"""Control experiments (METHOD.md §6-7): removal and steering of task features against honest
+"""Control experiments (docs/method.md#interventions-and-controls): removal and steering of task features against honest
 controls, every effect with a bootstrap confidence interval.
 
     tasks = study_eval_tasks(records)                       # evaluation tasks from task tags

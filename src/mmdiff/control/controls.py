@@ -1,4 +1,4 @@
-"""Honest controls for an intervention on a task feature set (METHOD.md §6).
+"""Honest controls for an intervention on a task feature set (docs/method.md#interventions-and-controls).
 
 - Matched random features: for each feature of the task set, a feature of the same layer drawn from
   the same firing-frequency quantile bin (bins are quantiles of that layer's firing frequencies),

@@ -1,7 +1,7 @@
 """Removal of task features against honest controls, every effect with a paired bootstrap CI.
 
 For each task set: project the span of its decoder directions out of the residual stream at each of
-its layers (`ablate_features`, METHOD.md §6), evaluate every task (the target and the others), and
+its layers (`ablate_features`, docs/method.md#interventions-and-controls), evaluate every task (the target and the others), and
 compare per record with the clean run: effect = mean(treated - clean) with a 95% percentile
 bootstrap interval over records (`paired_effect`). Beside it, the same for random features matched
 in layer and firing-frequency bin (the per-record mean over `n_random` draws), and, as rows of

@@ -1,4 +1,4 @@
-"""Steering along task features against the single-layer baseline (METHOD.md §6).
+"""Steering along task features against the single-layer baseline (docs/method.md#steering).
 
 - Feature steering: at each feature's own layer, y <- y + alpha * s * v, v the feature's unit decoder
   direction and s its typical maximum activation, in residual-stream units

@@ -1,4 +1,4 @@
-"""The evaluation tasks of a study, built from the records' task tags (METHOD.md §7).
+"""The evaluation tasks of a study, built from the records' task tags (docs/method.md#evaluation-tasks-and-metrics).
 
 Each record goes to at most one task, by the first rule that matches it:
 

@@ -1,7 +1,7 @@
 """Task splits by question text and annotations: VQAv2 yes/no, spatial questions, OCR questions.
 
 Cue matching is whole-word and case-insensitive; a multiword cue ("in front of") matches with any
-whitespace between its words. These are the heuristic splits of METHOD.md §3, not a parser: the
+whitespace between its words. These are the heuristic splits of docs/method.md#task-features, not a parser: the
 cue lists are public constants so that a study can report exactly what selected its task sets.
 """
 

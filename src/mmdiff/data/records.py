@@ -18,7 +18,7 @@ class Record:
     """One (image, question) example with its answers, caption and task tags.
 
     `image` is a PIL image (generated data), a path loaded lazily (on-disk datasets), or None
-    (text-only). `caption` stands in for the image when the base LM is run (METHOD.md §2).
+    (text-only). `caption` stands in for the image when the base LM is run (docs/method.md#activations-and-token-types).
     `tasks` are tags such as "spatial", "ocr", "safety", "vqa", "yesno", "colour".
     """
 

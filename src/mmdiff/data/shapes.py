@@ -3,7 +3,7 @@
 Each 64x64 RGB image holds either 1-3 coloured objects on a 3x3 grid of cells, one rendered word
 (OCR), or a two-word activity rendered as text (the FigStep-style typographic attack when the
 activity is harmful). Every image has a ground-truth caption from which every answer follows, so
-the base LM can answer from the caption alone (METHOD.md §2): objects are named with their cell
+the base LM can answer from the caption alone (docs/method.md#activations-and-token-types): objects are named with their cell
 ("top left"), which makes every spatial relation the generator asks about derivable from the text.
 
 Records are a pure function of (split, family, index, seed): the same arguments give the same image,

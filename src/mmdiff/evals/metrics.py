@@ -2,7 +2,7 @@
 
 - Yes/No tasks (VSR, VQAv2 yes/no): accuracy and mean P(correct) from next-token scores, with
   P(yes) = sum of the yes variants' probabilities normalised against the no variants'
-  (METHOD.md §7).
+  (docs/method.md#evaluation-tasks-and-metrics).
 - VQAv2 soft accuracy: the official evaluator (GT-Vision-Lab/VQA, PythonEvaluationTools/
   vqaEvaluation/vqaEval.py, master), normalisation quirks included.
 - TextVQA soft accuracy: EvalAI's answer processor (pythia/MMF `EvalAIAnswerProcessor`, the one

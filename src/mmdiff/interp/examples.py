@@ -7,7 +7,7 @@ image (`token_activations`); each becomes an `ActivatingExample` with a continuo
 image-token activations on the model's real patch grid (`activating_example`). `collect_evidence`
 does all of it and adds the tokens the feature promotes through the unembedding and its share of
 activation mass on image tokens (over all records of all sources), giving the `FeatureEvidence`
-the explainers take (METHOD.md §4).
+the explainers take (docs/method.md#feature-explanations).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ direction promotes through the unembedding, and its image-token share of activat
 statistics stage's top-k examples convert into it directly.
 
 `make_explainer(llm_config)` gives the LLM explainer when an endpoint is configured and the offline
-explainer otherwise (METHOD.md §4).
+explainer otherwise (docs/method.md#feature-explanations).
 """
 
 from __future__ import annotations

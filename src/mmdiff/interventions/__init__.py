@@ -1,7 +1,7 @@
 """Interventions on a backbone's residual stream and attention heads, as composable context managers.
 
 Each one is effective on prompt and generated tokens alike and gives the same result with and
-without the KV cache (METHOD.md §6). Compose them by nesting, or with `compose(a, b, ...)`.
+without the KV cache (docs/method.md#interventions-and-controls). Compose them by nesting, or with `compose(a, b, ...)`.
 """
 
 from __future__ import annotations

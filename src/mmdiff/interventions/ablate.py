@@ -1,4 +1,4 @@
-"""Feature ablation: project the span of decoder directions out of the residual stream (METHOD.md §6)."""
+"""Feature ablation: project the span of decoder directions out of the residual stream (docs/method.md#interventions-and-controls)."""
 
 from __future__ import annotations
 

@@ -155,7 +155,7 @@ class VLMAdapter(ABC):
     def image_token_id(self) -> int: ...
 
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[batch, seq] bool: `input_ids == image_token_id`, never offsets (METHOD.md §8)."""
+        """[batch, seq] bool: `input_ids == image_token_id`, never offsets (docs/method.md#activations-and-token-types)."""
         return input_ids == self.image_token_id
 
     @abstractmethod

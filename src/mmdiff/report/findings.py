@@ -1,6 +1,6 @@
 """Which of the seed paper's findings a run reproduces, each computed from the run's artifacts.
 
-`findings(run_dir)` returns one `Finding` per seed claim (METHOD.md §7, seeds/000 and 001) with the
+`findings(run_dir)` returns one `Finding` per claim of the MMDiff and spatial-features papers (docs/method.md#papers) with the
 measured number beside the claim and one of four states: reproduced, not reproduced, not measured
 (the artifact it needs is missing, empty or unreadable; `detail` says which), not testable (the run
 cannot speak to the claim: the clean model scores no better on the task than one constant answer,

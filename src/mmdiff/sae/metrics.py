@@ -1,5 +1,5 @@
 """How good an SAE is: FVU (overall and by token type), L0, dead fraction, spliced-in next-token
-loss against clean and zero-ablation, and decoder cosine to the warm-start SAE (METHOD.md §1).
+loss against clean and zero-ablation, and decoder cosine to the warm-start SAE (docs/method.md#held-out-metrics-and-spliced-loss).
 
 Everything here returns numbers or tensors; tables, plots and files live in `training_report.py`.
 """
@@ -444,7 +444,7 @@ def spliced_loss(
     exclude_special: bool = True,
 ) -> SplicedLoss:
     """CE of the model on `inputs` clean, with the SAE reconstruction spliced in at layer L, and with
-    layer L's output zero-ablated (METHOD.md §1).
+    layer L's output zero-ablated (docs/method.md#held-out-metrics-and-spliced-loss).
 
     inputs: the model's keyword inputs (input_ids [batch, seq], attention_mask, pixel_values, ...).
     token_types: [batch, seq] TokenType labels. Splicing and zeroing touch the positions the SAE is

@@ -1,13 +1,13 @@
 """Train one TopK SAE per layer from one stream of activations: warm start or random init, masking
 regimes, AuxK for dead latents, unit-norm decoder rows, per-step metrics, kill-safe checkpoints.
 
-The loop is short on purpose (STYLE.md); what it calls lives beside it, one concept per file:
+The loop is short on purpose, so a reader can hold it in their head; what it calls lives beside it, one concept per file:
 the token stream (`sae/stream.py`: `shuffled_batches`), the initial SAEs (`sae/warm_start.py`:
 `build_saes`), the loss, the decoder constraint and the dead-latent bookkeeping (`sae/loss.py`:
 `topk_loss`, `constrain_decoder_grad`, `DeadLatents`), the checkpoint (`sae/checkpoint.py`:
 `save_checkpoint` / `load_checkpoint`). The study recipe on top of it is `sae/study_saes.py`.
 
-Masking regimes choose the tokens that enter the loss (METHOD.md §1). A TopK SAE is a per-token
+Masking regimes choose the tokens that enter the loss (docs/method.md#sae-architectures-and-training). A TopK SAE is a per-token
 function, so encoding positions whose loss is masked out would change nothing but the cost: like
 sparsify, the trainer drops them before the SAE, and `batch_size` counts loss tokens.
 

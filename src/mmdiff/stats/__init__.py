@@ -1,4 +1,4 @@
-"""Per-feature SAE statistics from one streaming pass over activations (METHOD.md §2, §3).
+"""Per-feature SAE statistics from one streaming pass over activations (docs/method.md#adapted-features, docs/method.md#task-features).
 
 One module per job:
 

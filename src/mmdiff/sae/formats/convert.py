@@ -1,4 +1,4 @@
-"""Architecture conversions for warm starts (METHOD.md section 1: Llama Scope -> TopK, k = 50)."""
+"""Architecture conversions for warm starts (Llama Scope -> TopK, k = 50: docs/method.md#sae-architectures-and-training)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Llama Scope folders (`hyperparams.json` + `checkpoints/final.safetensors`), read faithfully.
 
-Inference as METHOD.md section 8 pins it down, with s = sqrt(D) / dataset_average_activation_norm["in"]:
+Inference as docs/method.md#file-formats states it, with s = sqrt(D) / dataset_average_activation_norm["in"]:
     pre = s W_enc x + b_enc;  f_i = pre_i * 1[pre_i ||d_i|| > s theta];  x_hat = (W_dec f + b_dec) / s
 which maps onto our JumpReLU SAE as norm_scale = s, decoder_norm_gating =
 sparsity_include_decoder_norm, threshold = s * jump_relu_threshold (one value for every latent).
