@@ -230,3 +230,38 @@ def test_spliced_losses_of_many_saes_match_one_at_a_time(tiny_lm):
     whole = spliced_loss(tiny_lm, 1, saes["k2"][0], inputs, types)
     assert together["k2"].ce_sae == pytest.approx(whole.ce_sae, rel=1e-6)
     assert together["zero1"].fraction_recovered == pytest.approx(0.0, abs=1e-9)
+
+
+def test_spliced_loss_on_answer_tokens_is_the_teacher_forced_answer_loss(tiny_lm):
+    """targets='answer' scores exactly the positions labels mark: HF's own loss with those labels."""
+    inputs, types = _inputs()
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[0, 5:] = inputs["input_ids"][0, 5:]  # row 0: the last two tokens are the answer
+    labels[1, 4] = inputs["input_ids"][1, 4]  # row 1: one answer token before its padding
+    with torch.no_grad():
+        hf = tiny_lm.model(**inputs, labels=labels).loss
+    answered = {**inputs, "labels": labels}
+    r = spliced_loss(tiny_lm, 0, signed_identity_sae(8, k=8), answered, types, targets="answer")
+    assert r.targets == "answer" and r.row()["targets"] == "answer"
+    assert r.n_targets == 3  # 2 + 1 answer tokens, not the 6 text tokens
+    assert r.ce_clean == pytest.approx(float(hf), rel=1e-5)
+    assert r.fraction_recovered == pytest.approx(1.0, abs=1e-4)
+    # hand check of the same number: mean CE of the three answer tokens from the clean logits
+    with torch.no_grad():
+        logits = tiny_lm.model(**inputs).logits.double()
+    lp = torch.log_softmax(logits, -1)
+    ids = inputs["input_ids"]
+    hand = -(lp[0, 4, ids[0, 5]] + lp[0, 5, ids[0, 6]] + lp[1, 3, ids[1, 4]]) / 3
+    assert r.ce_clean == pytest.approx(float(hand), rel=1e-9)
+    zero = spliced_loss(tiny_lm, 1, torch.zeros_like, answered, types, targets="answer")
+    assert zero.fraction_recovered == pytest.approx(0.0, abs=1e-9)
+    text = spliced_loss(tiny_lm, 0, signed_identity_sae(8, k=8), answered, types)
+    assert text.targets == "text" and text.n_targets == 6  # labels are ignored by text targets
+
+
+def test_spliced_loss_on_answers_needs_labels(tiny_lm):
+    inputs, types = _inputs()
+    with pytest.raises(ModelError, match="with_answer=True"):
+        spliced_loss(tiny_lm, 0, torch.zeros_like, inputs, types, targets="answer")
+    with pytest.raises(ModelError, match="targets must be one of"):
+        spliced_loss(tiny_lm, 0, torch.zeros_like, inputs, types, targets="question")

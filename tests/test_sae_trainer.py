@@ -668,3 +668,7 @@ def test_train_study_saes_on_a_tiny_llava_with_live_capture(tmp_path):
     assert len(spliced) == 1 + 5  # base SAE on the base LM, every role on the VLM
     assert spliced[["ce_clean", "ce_sae", "ce_zero"]].notna().all().all()
     assert (spliced["n_targets"] > 0).all()
+    # each side scored where it was trained to predict: the VLM on the answer (+ EOS)
+    assert spliced.groupby("side")["targets"].unique().map(list).to_dict() == {
+        "base": ["text"], "vlm": ["answer"],
+    }  # fmt: skip

@@ -332,6 +332,20 @@ def next_token_ce(
     return float(nll[mask.to(nll.device)].mean())
 
 
+SPLICE_TARGETS: dict[str, str] = {
+    "text": "every text token (the language-modelling objective)",
+    "answer": "the answer tokens (labels != -100: the answer and its EOS)",
+}
+"""Which next tokens the spliced-in loss is scored on. A side is scored where its training made the
+prediction meaningful: a VLM instruction-tuned on answers has no reason to predict the question's
+words (on the organism its CE there is worse than uniform), so its fraction recovered would not be
+a fraction."""
+
+TRAINED_TARGETS: dict[str, str] = {"base": "text", "vlm": "answer"}
+"""The default targets per model side: the base LM was pretrained on all text, the VLM's
+instruction tuning (and the organism's stage 2) trained it on the answers."""
+
+
 @dataclass
 class SplicedLoss:
     """Next-token CE with the hook point clean, replaced by the SAE reconstruction, and zeroed."""
@@ -341,6 +355,7 @@ class SplicedLoss:
     ce_sae: float
     ce_zero: float
     n_targets: int
+    targets: str = "text"  # which next tokens were scored: a key of SPLICE_TARGETS
 
     @property
     def fraction_recovered(self) -> float:
@@ -353,7 +368,7 @@ class SplicedLoss:
 
 
 def _model_logits(backbone: Backbone, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    out = backbone.model(**inputs)
+    out = backbone.model(**{k: v for k, v in inputs.items() if k != "labels"})
     logits = getattr(out, "logits", None)
     if logits is None:
         raise ModelError(
@@ -362,8 +377,17 @@ def _model_logits(backbone: Backbone, inputs: Mapping[str, torch.Tensor]) -> tor
     return logits
 
 
+def _check_targets(targets: str) -> str:
+    if targets not in SPLICE_TARGETS:
+        raise ModelError(f"targets must be one of {sorted(SPLICE_TARGETS)}, got {targets!r}")
+    return targets
+
+
 def _splice_masks(
-    inputs: Mapping[str, torch.Tensor], token_types: torch.Tensor | None, exclude_special: bool
+    inputs: Mapping[str, torch.Tensor],
+    token_types: torch.Tensor | None,
+    exclude_special: bool,
+    targets: str = "text",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, splice positions, target positions), each [batch, seq]."""
     input_ids = inputs.get("input_ids")
@@ -371,8 +395,17 @@ def _splice_masks(
         raise ModelError("spliced loss needs input_ids among the model inputs to score next tokens")
     attn = inputs.get("attention_mask")
     attn = torch.ones_like(input_ids, dtype=torch.bool) if attn is None else attn.bool()
+    answer = None
+    if _check_targets(targets) == "answer":
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ModelError(
+                "targets='answer' scores the answer tokens, but the inputs have no labels: build them "
+                "with the answers appended (adapter.vlm_inputs(records, with_answer=True))"
+            )
+        answer = attn & (labels != -100).to(attn.device)
     if token_types is None:
-        return input_ids, attn, attn
+        return input_ids, attn, attn if answer is None else answer
     if token_types.shape != input_ids.shape:
         raise ModelError(
             f"token_types are {tuple(token_types.shape)}, input_ids {tuple(input_ids.shape)}: "
@@ -380,7 +413,7 @@ def _splice_masks(
         )
     token_types = token_types.to(attn.device)
     positions = attn & (token_types != int(TokenType.SPECIAL)) if exclude_special else attn
-    return input_ids, positions, attn & (token_types == int(TokenType.TEXT))
+    return input_ids, positions, attn & (token_types == int(TokenType.TEXT)) if answer is None else answer
 
 
 def _reconstruction(
@@ -402,35 +435,40 @@ def spliced_losses(
     batches: Iterable[tuple[Mapping[str, torch.Tensor], torch.Tensor | None]],
     *,
     exclude_special: bool = True,
+    targets: str = "text",
 ) -> dict[Any, SplicedLoss]:
     """Spliced-in loss of many SAEs ({key: (sae, layer)}) over (inputs, token_types) batches.
 
-    Per batch the clean run happens once and the zero-ablated run once per layer, so n SAEs over
-    m layers cost 1 + m + n forward passes, not 3n. Batch CEs are weighted by their target counts.
+    targets: which next tokens are scored (SPLICE_TARGETS): "text", or "answer" (the positions
+    where inputs["labels"] != -100; labels never reach the model). Per batch the clean run happens
+    once and the zero-ablated run once per layer, so n SAEs over m layers cost 1 + m + n forward
+    passes, not 3n. Batch CEs are weighted by their target counts.
     """
+    _check_targets(targets)
     layers = sorted({layer for _, layer in saes.values()})
     sums = {key: [0.0, 0.0, 0.0] for key in saes}  # target-weighted CE clean / sae / zero
     n = 0
     for inputs, types in batches:
-        input_ids, positions, targets = _splice_masks(inputs, types, exclude_special)
-        n_targets = int(targets[:, 1:].sum())
+        input_ids, positions, scored = _splice_masks(inputs, types, exclude_special, targets)
+        n_targets = int(scored[:, 1:].sum())
         if n_targets == 0:
             continue
-        clean = next_token_ce(_model_logits(backbone, inputs), input_ids, targets)
+        clean = next_token_ce(_model_logits(backbone, inputs), input_ids, scored)
         zero = {}
         for layer in layers:
             with replace_layer_output(backbone, layer, torch.zeros_like, positions):
-                zero[layer] = next_token_ce(_model_logits(backbone, inputs), input_ids, targets)
+                zero[layer] = next_token_ce(_model_logits(backbone, inputs), input_ids, scored)
         for key, (sae, layer) in saes.items():
             with replace_layer_output(backbone, layer, _reconstruction(sae), positions):
-                ce = next_token_ce(_model_logits(backbone, inputs), input_ids, targets)
+                ce = next_token_ce(_model_logits(backbone, inputs), input_ids, scored)
             for i, value in enumerate((clean, ce, zero[layer])):
                 sums[key][i] += value * n_targets
         n += n_targets
     if n == 0:
-        raise ValueError("no batches (or no target tokens) to compute the spliced loss on")
+        raise ValueError(f"no batches (or no {targets} target tokens) to compute the spliced loss on")
     return {
-        key: SplicedLoss(saes[key][1], c / n, s_ / n, z / n, n) for key, (c, s_, z) in sums.items()
+        key: SplicedLoss(saes[key][1], c / n, s_ / n, z / n, n, targets)
+        for key, (c, s_, z) in sums.items()
     }
 
 
@@ -442,24 +480,28 @@ def spliced_loss(
     token_types: torch.Tensor | None = None,
     *,
     exclude_special: bool = True,
+    targets: str = "text",
 ) -> SplicedLoss:
     """CE of the model on `inputs` clean, with the SAE reconstruction spliced in at layer L, and with
     layer L's output zero-ablated (docs/method.md#held-out-metrics-and-spliced-loss).
 
-    inputs: the model's keyword inputs (input_ids [batch, seq], attention_mask, pixel_values, ...).
-    token_types: [batch, seq] TokenType labels. Splicing and zeroing touch the positions the SAE is
-    trained on (non-padding; non-special when exclude_special); targets are the text tokens (image
-    and special tokens are not predicted). Without token_types every non-padding position counts.
+    inputs: the model's keyword inputs (input_ids [batch, seq], attention_mask, pixel_values, ...;
+    `labels` [batch, seq] for targets="answer"). token_types: [batch, seq] TokenType labels.
+    Splicing and zeroing touch the positions the SAE is trained on (non-padding; non-special when
+    exclude_special). targets="text" scores the text tokens (image and special tokens are not
+    predicted; without token_types every non-padding position counts); targets="answer" scores the
+    answer tokens, where labels != -100 (TRAINED_TARGETS: what a VLM was trained to predict).
     `sae` is an mmdiff SAE or any function x [..., d] -> x_hat [..., d].
     """
     if not 0 <= layer < len(backbone.layers):
         raise ModelError(
             f"layer {layer} is out of range: the backbone has {len(backbone.layers)} decoder layers"
         )
-    _splice_masks(inputs, token_types, exclude_special)  # input errors before any forward pass
+    _splice_masks(inputs, token_types, exclude_special, targets)  # input errors before any forward
     return spliced_losses(
-        backbone, {0: (sae, layer)}, [(inputs, token_types)], exclude_special=exclude_special
-    )[0]
+        backbone, {0: (sae, layer)}, [(inputs, token_types)], exclude_special=exclude_special,
+        targets=targets,
+    )[0]  # fmt: skip
 
 
 def spliced_loss_over_batches(
@@ -469,9 +511,12 @@ def spliced_loss_over_batches(
     batches: Iterable[tuple[Mapping[str, torch.Tensor], torch.Tensor | None]],
     *,
     exclude_special: bool = True,
+    targets: str = "text",
 ) -> SplicedLoss:
     """`spliced_loss` over several (inputs, token_types) batches, weighted by their target counts."""
-    return spliced_losses(backbone, {0: (sae, layer)}, batches, exclude_special=exclude_special)[0]
+    return spliced_losses(
+        backbone, {0: (sae, layer)}, batches, exclude_special=exclude_special, targets=targets
+    )[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,18 +155,21 @@ def spliced_loss_rows(
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Spliced-in CE (clean / SAE / zero, fraction recovered) of every role's SAE on one model side,
-    in one pass over the records."""
-    from mmdiff.sae.metrics import spliced_losses
+    in one pass over the records, scored where the side was trained to predict (TRAINED_TARGETS:
+    the VLM on the answers, the base LM on all text; the `targets` column says which)."""
+    from mmdiff.sae.metrics import TRAINED_TARGETS, spliced_losses
 
     backbone = adapter.backbone(side)
     device = next(backbone.model.parameters()).device
     make = adapter.vlm_inputs if side == "vlm" else adapter.base_inputs
+    answered = all(r.answers for r in records)  # else no answer to append: score the text tokens
+    targets = TRAINED_TARGETS[side] if answered else "text"
 
     starts = range(0, len(records), batch_size)
 
     def batches(bar: Any, task: Any) -> Iterator[tuple[dict[str, Any], Tensor]]:
         for s in starts:
-            inputs = make(records[s : s + batch_size])
+            inputs = make(records[s : s + batch_size], with_answer=answered)
             yield _to_device(inputs, device), adapter.token_types(inputs, side=side).to(device)
             bar.update(task, advance=1)
 
@@ -176,7 +179,7 @@ def spliced_loss_rows(
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"spliced-in loss ({side})", total=len(starts))
         results = spliced_losses(
-            backbone, keyed, batches(bar, task), exclude_special=exclude_special
+            backbone, keyed, batches(bar, task), exclude_special=exclude_special, targets=targets
         )
     return [{"regime": role, "side": side, **r.row()} for (role, _), r in results.items()]
 

@@ -145,8 +145,13 @@ def sae_section(run_dir: Path) -> Section:
                     "ce_zero",
                     "fraction_recovered",
                     "n_targets",
+                    "targets",
                 ],
-                caption="fraction recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean): 1 = as good as clean.",
+                caption="fraction recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean): 1 = as good as clean. "
+                "Each side is scored on the next tokens its training made meaningful (targets): the VLM, "
+                "instruction-tuned on answers, on the answer tokens (answer + EOS); the base LM, pretrained "
+                "on all text, on every text token of caption, question and answer. Scored on the question "
+                "words, a VLM's clean CE can be worse than uniform and the fraction leaves [0, 1].",
                 max_rows=200,
             )
         )
