@@ -14,6 +14,7 @@ from mmdiff.diff import (
     adapted_features,
     decoder_cosine,
     relative_decoder_norm,
+    relative_norm_absence,
     two_stage_selection,
     variance_gap,
     write_adapted_features,
@@ -44,6 +45,15 @@ def test_decoder_scores_by_hand():
     rel = relative_decoder_norm(wb, wa)
     assert rel[:3].tolist() == pytest.approx([math.sqrt(2) / (1 + math.sqrt(2)), 1 / 3, 10 / 15])
     assert math.isnan(rel[3])
+
+
+def test_relative_norm_is_reported_only_where_it_can_vary():
+    ones = torch.ones(4)
+    assert "unit norm" in relative_norm_absence(ones, ones + 1e-7)
+    assert "unit norm" in relative_norm_absence(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
+    assert "0.5" in relative_norm_absence(torch.full((3,), 2.0), torch.full((3,), 2.0))
+    assert "zero" in relative_norm_absence(torch.zeros(2), ones[:2])
+    assert relative_norm_absence(ones, torch.tensor([1.0, 2.0, 1.0, 1.0])) is None
 
 
 def test_two_stage_selection_by_hand():
@@ -152,7 +162,10 @@ def test_planted_adapted_set(world):
     assert df.rejected_at[df.selected].isna().all()
     planted = df[df.selected]
     assert planted.decoder_cosine.to_numpy() == pytest.approx(np.full(4, math.cos(math.radians(70))), abs=1e-5)
-    assert (planted.relative_decoder_norm.to_numpy() == pytest.approx(np.full(4, 0.5), abs=1e-6))
+    # unit-norm decoders on both sides: the relative norm would be 0.5 everywhere, so it is absent
+    assert df.decoder_norm_base.to_numpy() == pytest.approx(np.ones(len(df)), abs=1e-6)
+    assert df.relative_decoder_norm.isna().all()
+    assert "unit norm" in df.attrs["relative_decoder_norm_absent"]
     # E[h^2] of the planted latents is about 9x larger on the vision side
     assert (planted.mean_sq_vision / planted.mean_sq_text).between(6, 12).all()
     assert (planted.stability >= 0.9).all()

@@ -8,7 +8,10 @@ with the adapted SAEs, `text` = the base LM on caption + question encoded with t
   tokens of the vision run, the text tokens of the text run);
 - decoder cosine c_f = cos(W_dec_f base, W_dec_f adapted);
 - relative decoder norm ||d_adapted|| / (||d_base|| + ||d_adapted||) (crosscoder style: 0.5 =
-  unchanged norm, towards 1 = the feature grew in the adapted SAE, towards 0 = it shrank);
+  unchanged norm, towards 1 = the feature grew in the adapted SAE, towards 0 = it shrank). It is
+  reported only where it can vary: SAEs whose decoder rows are kept at unit norm (TopK training,
+  converted JumpReLU warm starts) give 0.5 for every feature by construction, so the column is NaN
+  and `df.attrs["relative_decoder_norm_absent"]` says why;
 - selection: pool every feature of every layer; stage 1 keeps the top ceil(p_gap * N) by Delta_f,
   stage 2 keeps the bottom ceil(p_cos * n_stage1) of those by c_f. Ties are broken by (layer,
   feature) order; a feature with an undefined cosine (a zero decoder row) is never selected;
@@ -55,6 +58,29 @@ def relative_decoder_norm(w_base: torch.Tensor, w_adapted: torch.Tensor) -> torc
     nb, na = w_base.double().norm(dim=1), w_adapted.double().norm(dim=1)
     tot = nb + na
     return torch.where(tot > 0, na / tot.clamp_min(1e-300), torch.full_like(tot, math.nan))
+
+
+UNIT_NORM_TOL = 1e-3  # float32 renormalised rows differ from 1 by ~1e-7; a trained norm by far more
+
+
+def relative_norm_absence(norms_base: torch.Tensor, norms_adapted: torch.Tensor) -> str | None:
+    """Why the relative decoder norm carries no information for these decoder row norms ([N] each,
+    pooled over layers), or None when it can vary. Zero rows (dead, pruned) are left out."""
+    nb, na = norms_base.double(), norms_adapted.double()
+    live = (nb > 0) & (na > 0)
+    if not bool(live.any()):
+        return "every decoder row is zero in one of the two SAEs"
+    nb, na = nb[live], na[live]
+    if bool(((nb - 1).abs() <= UNIT_NORM_TOL).all() and ((na - 1).abs() <= UNIT_NORM_TOL).all()):
+        return (
+            "both SAEs keep every decoder row at unit norm, so ||d_adapted|| / (||d_base|| + "
+            "||d_adapted||) is 0.5 for every feature by construction; the decoder cosine carries "
+            "the whole decoder change"
+        )
+    rel = na / (nb + na)
+    if float(rel.max() - rel.min()) <= 1e-9:
+        return f"every feature's relative decoder norm is {float(rel[0]):.3g}: the norms never changed"
+    return None
 
 
 def variance_gap(
@@ -137,7 +163,8 @@ def adapted_features(
 
     Columns: layer, feature, mean_sq_vision, mean_sq_text, variance_gap, decoder_cosine,
     decoder_norm_base, decoder_norm_adapted, relative_decoder_norm, firing_frequency_vision,
-    firing_frequency_text, gap_rank (1 = largest gap, global), passed_gap, selected, rejected_at
+    firing_frequency_text (relative_decoder_norm is NaN where it cannot vary: see
+    `relative_norm_absence`), gap_rank (1 = largest gap, global), passed_gap, selected, rejected_at
     ("variance_gap", "decoder_cosine" or None when selected), stability (share of bootstrap
     resamples in which the feature is selected; NaN when n_bootstrap = 0).
     `base_saes` / `adapted_saes` map layer -> SAE (anything with W_dec [d_sae, d_in]) or the matrix.
@@ -176,6 +203,12 @@ def adapted_features(
             )
         )
     df = pd.concat(frames, ignore_index=True)
+    absent = relative_norm_absence(
+        torch.tensor(df["decoder_norm_base"].to_numpy()),
+        torch.tensor(df["decoder_norm_adapted"].to_numpy()),
+    )
+    if absent is not None:  # a statistic that cannot vary is not reported (module docstring)
+        df["relative_decoder_norm"] = np.nan
     gap_all, cos_all = torch.cat(gaps), torch.cat(cosines)
     stage1, selected = two_stage_selection(gap_all, cos_all, p_gap, p_cos)
     order = torch.sort(torch.nan_to_num(gap_all, nan=-math.inf), descending=True, stable=True).indices
@@ -203,6 +236,7 @@ def adapted_features(
             "gap_threshold": float(gap_all[stage1].min()) if stage1.any() else math.nan,
             "cosine_threshold": float(cos_all[selected].max()) if selected.any() else math.nan,
             "n_bootstrap": n_bootstrap,
+            "relative_decoder_norm_absent": absent,
             "vision_split": vision.split,
             "text_split": text.split,
         }
