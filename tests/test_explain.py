@@ -86,9 +86,10 @@ def test_offline_explainer_hand_made_case():
     exp = OfflineExplainer(rel_threshold=0.3, max_patterns=2).explain(ev)
     # the BOS spike (9.0) is special and ignored: peak 4.0 -> cut 1.2
     # activating: ex1 'left' 4.0; ex2 image 2.0 and 'Left' 2.0; ex3 'Right' 1.5 -> total 9.5
-    # mass: left 6.0, <image> 2.0, right 1.5; top-2 = left, <image> -> confidence 8 / 9.5
+    # mass: left 6.0, <image> 2.0, right 1.5; top-2 = left, <image> -> coverage 8 / 9.5
     assert exp.cue_counts == {"left": 2, "<image>": 1}
-    assert exp.confidence == pytest.approx(8.0 / 9.5)
+    assert exp.coverage == pytest.approx(8.0 / 9.5)
+    assert exp.confidence is None and exp.measured_score() is None  # nothing measured
     assert exp.description == (
         "Fires mainly on text tokens (80% of activation mass); strongest on 'left'; "
         "promotes 'left', 'right'."
@@ -102,7 +103,7 @@ def test_offline_explainer_hand_made_case():
     assert Explanation.from_dict(exp.to_dict()) == exp
     # a higher threshold keeps only the strongest cue
     strict = OfflineExplainer(rel_threshold=0.6).explain(ev)
-    assert strict.cue_counts == {"left": 1} and strict.confidence == 1.0
+    assert strict.cue_counts == {"left": 1} and strict.coverage == 1.0
 
 
 def test_offline_explainer_image_dominated_and_silent_features():
@@ -114,9 +115,9 @@ def test_offline_explainer_image_dominated_and_silent_features():
         == "Fires mainly on image tokens (86% of activation mass); strongest on 'red'."
     )
     assert exp.cue_counts == {"<image>": 1, "red": 1}
-    assert exp.confidence == pytest.approx(1.0)
+    assert exp.coverage == pytest.approx(1.0) and exp.confidence is None
     silent = OfflineExplainer().explain(FeatureEvidence("L0/F2", [ActivatingExample(["a"], [0.0])]))
-    assert silent.confidence == 0.0 and "never fires" in silent.description
+    assert silent.coverage == 0.0 and "never fires" in silent.description
     with pytest.raises(DataError, match="no activating examples"):
         OfflineExplainer().explain(FeatureEvidence("L0/F3", []))
     with pytest.raises(DataError, match="2 tokens but 1 activations"):
@@ -298,3 +299,15 @@ def test_detection_reply_with_wrong_length_is_rejected():
                     Explanation("x", 0.5), ["a"], ["b"], seed=0
                 )
     assert len(srv.requests) == 2
+
+
+def test_only_a_held_out_detection_score_is_printed():
+    """An explanation prints a score only where one was measured on held-out examples."""
+    exp = Explanation("left of", confidence=0.9, coverage=1.0, source="llm:m", feature_id="L1/F2")
+    assert exp.measured_score() is None  # a self-rating and an in-sample share are not measured
+    scored = exp.with_detection(0.8333, 24)
+    assert scored.measured_score() == "detection 0.83 (balanced accuracy, 24 held-out examples)"
+    assert Explanation.from_dict(scored.to_dict()) == scored
+    # files written before coverage / detection existed still read
+    old = Explanation.from_dict({"description": "x", "confidence": 1.0, "source": "offline"})
+    assert old.measured_score() is None and old.coverage is None

@@ -381,6 +381,37 @@ def test_task_features_link_to_dashboards(full_run):
         assert (run / "report" / href).resolve().is_file()
     assert "objects left of &lt;script&gt;alert(1)&lt;/script&gt;" in tasks
     assert "Task: safety" in tasks and "No feature of safety passed every criterion." in tasks
+    # the explanations' confidence (0.75) was never measured on held-out data: not printed
+    assert "confidence" not in html and "<th>detection</th>" not in tasks
+    assert "q-values below 1e-6 print as &lt; 1e-6" in tasks
+
+
+def test_relative_decoder_norm_only_where_it_can_vary(full_run, tmp_path):
+    from mmdiff.report.sections.adapted import adapted_section
+
+    run, _, html = full_run
+    assert "<th>relative_decoder_norm</th>" in section_html(html, "adapted")  # trained norms vary
+    g = torch.Generator().manual_seed(0)
+    unit = {L: torch.nn.functional.normalize(torch.randn(D_SAE, D_IN, generator=g), dim=1) for L in LAYERS}
+    turned = {L: torch.nn.functional.normalize(w + 0.5 * torch.randn(w.shape, generator=g), dim=1)
+              for L, w in unit.items()}  # fmt: skip
+    rng = np.random.default_rng(1)
+    vision = _stats("vision", rng.uniform(0.05, 0.5, (2, D_SAE)), 2)
+    text = _stats("text", rng.uniform(0.05, 0.5, (2, D_SAE)), 3)
+    write_adapted_features(vision, text, unit, turned, tmp_path, n_bootstrap=0, progress=False)
+    section = adapted_section(tmp_path, {})
+    top = next(b for b in section.blocks if b.title == "Top adapted features")
+    assert "relative_decoder_norm" not in top.tables[0].columns
+    assert any("Relative decoder norm is not reported" in n and "unit norm" in n for n in top.notes)
+
+
+def test_p_values_are_floored_at_a_stated_bound():
+    from mmdiff.report.sections._common import P_FLOOR, fmt_p
+
+    assert P_FLOOR == 1e-6
+    assert fmt_p(1e-303) == "< 1e-6" and fmt_p(0.0) == "< 1e-6" and fmt_p(9.9e-7) == "< 1e-6"
+    assert fmt_p(1e-6) == "1.00e-06" and fmt_p(0.0123) == "0.0123" and fmt_p(1.0) == "1"
+    assert fmt_p(float("nan")) == "–" and fmt_p(0.0, floor=1e-3) == "< 1e-3"
 
 
 def test_hostile_text_is_escaped(full_run):

@@ -230,7 +230,7 @@ def render_index(cards: Sequence[FeatureCard], *, title: str = "Feature dashboar
                 "href": card.file_name,
                 "feature_id": card.feature_id,
                 "description": ex.description if ex else "",
-                "confidence": _fmt(ex.confidence) if ex else "",
+                "score": (ex.measured_score() or "not measured") if ex else "",
                 "image_share": _fmt(ev.image_token_share()) if ev else "",
                 "n_examples": len(ev.examples) if ev else 0,
             }

@@ -33,24 +33,53 @@ IMAGE_PATTERN = "<image>"  # how image tokens are named in patterns and cue coun
 
 @dataclass
 class Explanation:
-    """What a feature means: a description, how sure the explainer is, the patterns behind it."""
+    """What a feature means: a description, the patterns behind it, and what was measured of it.
+
+    Only `detection` is a measured score of the explanation (on examples the explainer did not
+    see); `measured_score` is the one thing a report may print as its quality. `confidence` is an
+    LLM explainer's own rating and `coverage` an in-sample share of the explainer's examples: neither
+    says whether the explanation predicts the feature, so neither is printed as a score.
+    """
 
     description: str
-    confidence: float  # in [0, 1]
+    confidence: float | None = None  # the LLM explainer's self-rating in [0, 1]; None offline
     patterns: list[str] = field(default_factory=list)
     cue_counts: dict[str, int] = field(
         default_factory=dict
     )  # cue (token / word) -> examples showing it
     source: str = ""  # "offline" or "llm:<model>"
     feature_id: str = ""
+    coverage: float | None = None  # offline: share of the examples' activating mass its patterns carry
+    detection: float | None = None  # balanced accuracy of detection on held-out examples
+    detection_n: int | None = None  # how many held-out examples that score was measured on
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Explanation":
-        keys = ("description", "confidence", "patterns", "cue_counts", "source", "feature_id")
+        keys = (
+            "description", "confidence", "patterns", "cue_counts", "source", "feature_id",
+            "coverage", "detection", "detection_n",
+        )  # fmt: skip
         return cls(**{k: d[k] for k in keys if k in d})
+
+    def measured_score(self) -> str | None:
+        """ "detection 0.83 (balanced accuracy, 40 held-out examples)", or None where nothing was
+        measured: the only score of an explanation that a report prints."""
+        if self.detection is None or math.isnan(self.detection):
+            return None
+        on = f", {self.detection_n} held-out examples" if self.detection_n else ", held-out examples"
+        return f"detection {self.detection:.2f} (balanced accuracy{on})"
+
+    def with_detection(self, balanced_accuracy: float, n_examples: int) -> "Explanation":
+        """A copy carrying a detection score measured on `n_examples` held-out examples
+        (`interp.scoring.DetectionScorer`)."""
+        import dataclasses
+
+        return dataclasses.replace(
+            self, detection=float(balanced_accuracy), detection_n=int(n_examples)
+        )
 
 
 @dataclass
@@ -195,8 +224,10 @@ class OfflineExplainer:
 
     A token occurrence is "activating" when its activation exceeds `rel_threshold` times the
     feature's maximum over the examples. Patterns are the tokens carrying the most activation mass
-    (image tokens pooled as one "<image>" cue). Confidence is the share of all activating mass those
-    patterns explain: a feature concentrated on a few cues scores near 1, a diffuse one near 0.
+    (image tokens pooled as one "<image>" cue). `coverage` is the share of all activating mass those
+    patterns carry: a feature concentrated on a few cues scores near 1, a diffuse one near 0. It is
+    measured on the same examples the explanation was read from, so it is no confidence: the
+    explanation has none until detection scoring measures one on held-out examples.
     """
 
     rel_threshold: float = 0.3
@@ -238,14 +269,14 @@ class OfflineExplainer:
         if total == 0:
             return Explanation(
                 description=f"Feature {evidence.feature_id} never fires on the given examples.",
-                confidence=0.0,
+                coverage=0.0,
                 patterns=[],
                 cue_counts={},
                 source="offline",
                 feature_id=evidence.feature_id,
             )
         top = sorted(mass, key=lambda c: (-mass[c], c))[: self.max_patterns]
-        confidence = sum(mass[c] for c in top) / total
+        coverage = sum(mass[c] for c in top) / total
         text_cues = [c for c in top if c != IMAGE_PATTERN]
 
         parts = []
@@ -273,7 +304,7 @@ class OfflineExplainer:
             )
         return Explanation(
             description=description,
-            confidence=float(min(1.0, max(0.0, confidence))),
+            coverage=float(min(1.0, max(0.0, coverage))),
             patterns=patterns,
             cue_counts={c: counts[c] for c in top},
             source="offline",

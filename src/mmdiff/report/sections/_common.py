@@ -191,6 +191,27 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+P_FLOOR = 1e-6
+"""The smallest p- or q-value printed: below it a cell reads "< 1e-6". The Fisher tests count every
+token as an independent draw (docs/design.md), so their tail probabilities are a ranking device, and
+values like 1e-303 (or 0 after underflow) state a precision no test here has."""
+
+
+def fmt_p(value: Any, floor: float = P_FLOOR) -> str:
+    """A p- or q-value for display, floored at `floor` ("< 1e-6"); NaN as an en dash."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return fmt(value)
+    if math.isnan(v):
+        return "–"
+    if v < floor:
+        exponent = math.log10(floor)
+        bound = f"1e{int(exponent)}" if exponent == int(exponent) else f"{floor:.1g}"
+        return f"< {bound}"
+    return fmt(v)
+
+
 def frame_table(
     df: pd.DataFrame,
     title: str,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -141,6 +140,14 @@ def adapted_section(run_dir: Path, explanations: Mapping[str, Any]) -> Section:
             if "variance_gap" in adapted
             else adapted
         )
+        absent = diff.attrs.get("relative_decoder_norm_absent") if diff is not None else None
+        rel_norm = "relative_decoder_norm" in top and top["relative_decoder_norm"].notna().any()
+        if not rel_norm:
+            block.notes.append(
+                "Relative decoder norm is not reported: "
+                + (absent or "it is undefined for every feature (no decoder norms recorded)")
+                + "."
+            )
         block.tables.append(
             frame_table(
                 top.assign(
@@ -154,15 +161,16 @@ def adapted_section(run_dir: Path, explanations: Mapping[str, Any]) -> Section:
                     "feature",
                     "variance_gap",
                     "decoder_cosine",
-                    "relative_decoder_norm",
+                    *(["relative_decoder_norm"] if rel_norm else []),
                     "firing_frequency_vision",
                     "firing_frequency_text",
                     "stability",
                     "explanation",
                 ],
                 max_rows=TOP_ADAPTED,
-                caption="stability = share of bootstrap resamples of the records in which the feature is selected; "
-                "relative decoder norm 0.5 = unchanged norm. Feature ids link to their dashboards where one exists.",
+                caption="stability = share of bootstrap resamples of the records in which the feature is selected"
+                + ("; relative decoder norm 0.5 = unchanged norm" if rel_norm else "")
+                + ". Feature ids link to their dashboards where one exists.",
                 cell=lambda c, v, r: (
                     dashboard_link(run_dir, r["layer"], v) if c == "feature" else None
                 ),
@@ -176,9 +184,5 @@ def _explanation(explanations: Mapping[str, Any], layer: int, feature: int) -> s
     e = explanations.get(f"L{int(layer)}/F{int(feature)}")
     if e is None:
         return "–"
-    conf = (
-        e.confidence
-        if isinstance(e.confidence, (int, float)) and not math.isnan(e.confidence)
-        else None
-    )
-    return e.description + (f" (confidence {conf:.2f})" if conf is not None else "")
+    score = e.measured_score()  # held-out detection only: an unmeasured confidence is never printed
+    return e.description + (f" ({score})" if score else "")
