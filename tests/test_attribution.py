@@ -222,6 +222,18 @@ def test_bad_inputs(llava):
         attribution_patching(llava, make_sae(llava.vlm.d_model), 1, 0, records, bad)
 
 
+def test_top_and_bottom_heads_are_disjoint():
+    # one layer of 4 heads (a feature at layer 0), 3 asked for each list: 2 each, never shared
+    scores = torch.tensor([[17.6, -0.5, 3.0, 0.1]])
+    top, bottom = attribution.top_and_bottom_heads(scores, 3)
+    assert top == [(0, 0, pytest.approx(17.6)), (0, 2, 3.0)]
+    assert bottom == [(0, 3, pytest.approx(0.1)), (0, 1, -0.5)]  # smallest |score| first
+    big = torch.arange(12.0).view(2, 6)
+    top, bottom = attribution.top_and_bottom_heads(big, 3)
+    assert [h for _, h, _ in top] == [5, 4, 3] and [(l, h) for l, h, _ in bottom] == [(0, 0), (0, 1), (0, 2)]
+    assert attribution.top_and_bottom_heads(torch.ones(1, 1), 3) == ([], [])
+
+
 def test_attention_overlays_png(llava):
     records = make_records(2)
     vm = visual_embedding_mean(llava, records, progress=False)

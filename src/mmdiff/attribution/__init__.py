@@ -41,6 +41,7 @@ from mmdiff.attribution.overlays import (
     attention_weights,
     head_image_attention,
     ranked_heads,
+    top_and_bottom_heads,
 )
 from mmdiff.attribution.patching import HeadAttribution, Method, attribution_patching
 from mmdiff.attribution.stage import FeatureAttribution, attribute_features, select_samples
@@ -67,6 +68,7 @@ __all__ = [
     "layers_frame",
     "objective_positions",
     "ranked_heads",
+    "top_and_bottom_heads",
     "select_samples",
     "spearman",
     "visual_embedding_mean",

@@ -24,6 +24,16 @@ def ranked_heads(scores: torch.Tensor, n: int, *, bottom: bool = False) -> list[
     return [(int(i) // H, int(i) % H, float(flat[i])) for i in order]
 
 
+def top_and_bottom_heads(
+    scores: torch.Tensor, n: int
+) -> tuple[list[tuple[int, int, float]], list[tuple[int, int, float]]]:
+    """(top, bottom) heads by |score|, disjoint: each list has min(n, H_total // 2) heads, so with
+    fewer than 2n heads (a feature at layer 0 of a small model) no head is both "top" and "bottom"."""
+    m = min(n, scores.numel() // 2)
+    ranked = ranked_heads(scores, scores.numel())  # every head, largest |score| first
+    return ranked[:m], ranked[len(ranked) - m :][::-1] if m else []
+
+
 @contextmanager
 def _eager_attention(backbone: Backbone) -> Iterator[None]:
     """Eager attention in the language model for the duration (SDPA returns no attention weights)."""
@@ -99,8 +109,9 @@ def attention_overlays(
 ) -> dict[str, bytes]:
     """PNG overlays of the top and bottom heads' attention onto the image, for one sample.
 
-    Heads are ranked by |score| of `method`. The attention is read from the text positions (mean)
-    or from the feature's max position ("max"). Keys: "top1_L3H1", ..., "bottom1_L0H2", ...
+    Heads are ranked by |score| of `method`; the top and bottom lists never share a head
+    (`top_and_bottom_heads`). The attention is read from the text positions (mean) or from the
+    feature's max position ("max"). Keys: "top1_L3H1", ..., "bottom1_L0H2", ...
     """
     from mmdiff.interp.heatmap import overlay_png, patch_grid
 
@@ -126,7 +137,8 @@ def attention_overlays(
     tiles = patch_grid(adapter, inputs, 0)
     image = record.load_image()
     out: dict[str, bytes] = {}
-    for label, chosen in (("top", ranked_heads(scores, n_heads)), ("bottom", ranked_heads(scores, n_heads, bottom=True))):
+    top, bottom = top_and_bottom_heads(scores, n_heads)
+    for label, chosen in (("top", top), ("bottom", bottom)):
         for rank, (lyr, head, score) in enumerate(chosen, start=1):
             att = head_image_attention(adapter, inputs, 0, lyr, head, queries)
             title = f"{label} {rank}: L{lyr}H{head} (score {score:+.3g})"
