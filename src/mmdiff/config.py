@@ -222,11 +222,26 @@ ORGANISM_FAMILIES = ["colour", "shape", "count", "existence", "spatial_yesno", "
                      "safety", "instruction", "describe"]
 
 
+# The families the control stages evaluate (control.study_eval_tasks: safety, ocr, spatial yes/no and
+# open, existence, and colour / shape / count as general VQA); the text-only ones form no task.
+ORGANISM_EVAL_FAMILIES = ["colour", "shape", "count", "existence", "spatial_yesno", "spatial_open", "ocr",
+                          "safety"]
+# Records per family of the control evaluation: 200 per task puts the smallest detectable change of a
+# 0/1 score at 0.038 (evals.power.binary_mde_floor; 0.197 at the former 32) and 95% intervals of a
+# clean score near 0.5 at about +-0.07 instead of +-0.17.
+ORGANISM_EVAL_RECORDS = 200
+# Its records start at index 1000 of each test family, so none is among the "test" records the
+# statistics, and so the task features, were computed on (indices 0-31): the effects are out of sample.
+ORGANISM_EVAL_START = 1000
+
+
 def default_config() -> StudyConfig:
     """The organism study: what `mmdiff run` does with no config file.
 
     Sized to finish in minutes on a 2-core laptop CPU: 4 layers of a 128-wide model, 1,024-latent
-    SAEs, a few hundred records per split of the procedural shapes world.
+    SAEs, a few hundred records per split of the procedural shapes world; the control stages
+    evaluate on their own 200 records per task ("eval", drawn from the test split), in batches of
+    128 (generation on this model costs per step, not per record).
     """
 
     def shapes(split: str, n: int) -> DatasetSpec:
@@ -236,14 +251,17 @@ def default_config() -> StudyConfig:
         name="organism",
         model=ModelSpec(),
         layers=[0, 1, 2, 3],
-        datasets={"train": shapes("train", 48), "test": shapes("test", 32), "validation": shapes("validation", 16)},
+        datasets={"train": shapes("train", 48), "test": shapes("test", 32), "validation": shapes("validation", 16),
+                  "eval": DatasetSpec(kind="shapes", args={"split": "test", "n_per_family": ORGANISM_EVAL_RECORDS,
+                                                           "families": ORGANISM_EVAL_FAMILIES,
+                                                           "start": ORGANISM_EVAL_START})},
         capture=CaptureSpec(datasets=["train"], batch_size=32),
         train=TrainSpec(k=16, expansion_factor=8, batch_size=512, total_tokens=120_000,
                         dead_tokens_threshold=20_000, checkpoint_every=50),
         stats=StatsSpec(neutral_instruction="describe the image .", batch_size=32),
         attribution=AttributionSpec(top_k=4, n_calibration=64, exact=True, max_features=12),
         interp=InterpSpec(k=6, max_adapted=8),
-        control=ControlSpec(n_random=3, alphas=[-2.0, -1.0, 0.0, 1.0, 2.0], batch_size=32),
+        control=ControlSpec(test="eval", n_random=3, alphas=[-2.0, -1.0, 0.0, 1.0, 2.0], batch_size=128),
         concepts=ConceptsSpec(k=10),
     )
 
