@@ -30,7 +30,6 @@ from data_formats import (
     write_vqav2,
     write_vsr,
 )
-from real_configs import GEMMA2_2B, LLAMA31_8B, LLAVA_MORE_8B, PALIGEMMA2_3B
 
 from mmdiff.checks import (
     SAEFacts,
@@ -43,6 +42,7 @@ from mmdiff.checks import (
 )
 from mmdiff.config import DatasetSpec, StudyConfig, default_config, load_config
 from mmdiff.errors import ConfigError, MMDiffError
+from mmdiff.models.published import GEMMA2_2B, LLAMA31_8B, LLAVA_MORE_8B, PALIGEMMA2_3B
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

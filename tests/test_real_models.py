@@ -16,7 +16,12 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from real_configs import (
+
+from mmdiff.interp.heatmap import tile_token_count
+from mmdiff.models import adapter_for_model_type
+from mmdiff.models.internvl import tokens_per_tile
+from mmdiff.models.loading import read_config
+from mmdiff.models.published import (
     GEMMA2_2B,
     INTERNVL3_5_2B,
     INTERNVL_PREPROCESSOR,
@@ -33,11 +38,7 @@ from real_configs import (
     VICUNA_7B,
     paligemma2_3b,
 )
-
-from mmdiff.interp.heatmap import tile_token_count
-from mmdiff.models import adapter_for_model_type
-from mmdiff.models.internvl import tokens_per_tile
-from mmdiff.models.loading import read_config
+from mmdiff.plan import image_tokens
 from mmdiff.sae.formats.common import layer_from_name
 
 pytestmark = pytest.mark.slow  # building 8B-parameter module trees takes seconds, even on meta
@@ -115,6 +116,12 @@ def _stand_in_tokenizer():
     return _train_tokenizer(_LLAVA_TOKENS)
 
 
+def _plan_tokens(a, size: tuple[int, int], preprocessor: dict | None = None) -> int:
+    """What `mmdiff plan` counts for one image of this size."""
+    facts = SimpleNamespace(adapter=a, vlm_config=a.model.config, preprocessor=preprocessor or {})
+    return image_tokens(facts, *size)[0]
+
+
 def _vision_tokens(a, pixel_values: torch.Tensor) -> int:
     """Image features per image (or per tile) the real-size tower and projector produce, on meta."""
     with torch.no_grad():
@@ -142,7 +149,7 @@ def test_llava_336px_has_576_image_tokens(meta_adapter, name):
     out = processor(images=[_image(480, 640)], text=["<image>"], return_tensors="pt")
     n_processor = int((out["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")).sum())
     assert n_processor == 576
-    assert tile_token_count(a.patch_grid({}, 0)) == 576
+    assert tile_token_count(a.patch_grid({}, 0)) == 576 == _plan_tokens(a, (480, 640))
     assert _vision_tokens(a, out["pixel_values"]) == 576
 
 
@@ -174,12 +181,13 @@ def test_llava_next_anyres_count_matches_the_processor(meta_adapter, size):
     n_processor = int((out["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")).sum())
     assert n_processor == LLAVA_NEXT_TOKENS[size]
     assert tile_token_count(a.patch_grid({"image_sizes": out["image_sizes"]}, 0)) == n_processor
+    assert _plan_tokens(a, size) == n_processor
 
 
 @pytest.mark.parametrize("size, tokens", [(224, 256), (448, 1024), (896, 4096)])
 def test_paligemma2_image_tokens_per_resolution(meta_adapter, size, tokens):
     a = meta_adapter(f"paligemma2-3b-{size}")
-    assert tile_token_count(a.patch_grid({}, 0)) == tokens
+    assert tile_token_count(a.patch_grid({}, 0)) == tokens == _plan_tokens(a, (480, 640))
     assert a.model.config.text_config.num_image_tokens == tokens
     assert _vision_tokens(a, torch.zeros(1, 3, size, size)) == tokens
 
@@ -203,7 +211,7 @@ def test_qwen2_vl_tokens_from_image_grid_thw(meta_adapter, size):
     ids = torch.full((1, tokens), a.image_token_id)
     tiles = a.patch_grid({"input_ids": ids, "image_grid_thw": vision["image_grid_thw"]}, 0)
     assert tiles == [(grid[1] // 2, grid[2] // 2, False)]  # not square
-    assert tile_token_count(tiles) == tokens
+    assert tile_token_count(tiles) == tokens == _plan_tokens(a, size, QWEN2_VL_PREPROCESSOR)
 
 
 # InternVL's dynamic tiling (max 12 tiles of 448 px, a thumbnail when more than one):
@@ -227,3 +235,4 @@ def test_internvl_tiling_matches_the_image_processor(meta_adapter, size):
     assert _vision_tokens(a, vision["pixel_values"][:1]) == 256
     ids = torch.full((1, n_tiles * 256), a.image_token_id)
     assert tile_token_count(a.patch_grid({"input_ids": ids}, 0)) == n_tiles * 256
+    assert _plan_tokens(a, size, INTERNVL_PREPROCESSOR) == n_tiles * 256

@@ -57,6 +57,10 @@ def run(
             raise typer.Exit(1)
         console.print(f"[green]config OK[/green]: {config or 'organism default'}; stages: "
                       + ", ".join(s.name for s in study_stages(cfg)))
+        try:
+            _print_plan(cfg, None)
+        except MMDiffError as exc:  # the config is fine; only its cost cannot be sized here
+            console.print(f"[yellow]no plan[/yellow]: {exc}")
         return
     if problems:
         raise MMDiffError("the config names things that are not there:\n  " + "\n  ".join(problems))
@@ -212,6 +216,28 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
     cfg_path = run_dir / "config.yaml"
     cfg = load_config(cfg_path) if cfg_path.exists() else None
     typer.echo(str(build_report(run_dir, cfg).resolve()))
+
+
+@app.command()
+def plan(
+    config: Optional[Path] = ConfigOpt,
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, h100, h200, a100, a100-40gb, "
+                                         "l40s or l4 (default: the config's device; cuda = h100)."),
+) -> None:
+    """Predict each stage's tokens, FLOPs, peak memory, disk and wall time, loading no weights."""
+    from mmdiff.config import load_config
+
+    _print_plan(load_config(config), device)
+
+
+def _print_plan(cfg, device: Optional[str]) -> None:  # type: ignore[no-untyped-def]
+    from mmdiff.plan import device_for, plan_study, plan_text
+
+    found, note = device_for(cfg, device)
+    result = plan_study(cfg, found)
+    if note:
+        result.assumptions.insert(0, note)
+    typer.echo("\n".join(plan_text(result)))
 
 
 @app.command()

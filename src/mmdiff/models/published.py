@@ -1,8 +1,9 @@
-"""config.json of every supported family at its real size, written from the published files.
+"""The published config.json of each supported family's real checkpoints, and their base LMs.
 
-Shared by the tests that build real-size models on the meta device (test_real_models.py) and the
-dry-run checks of the example configs (test_checks.py). Each dict holds what the published
-config.json sets; a few defaults the class would fill in are written out so the sizes are read here.
+`mmdiff plan` sizes a study from these when the checkpoint is not on disk yet (`published_config`
+finds one by hub id or by the folder name a config gives), and the tests build the real
+architectures from them on the meta device. Each dict holds what the published config.json sets; a
+few defaults the class would fill in are written out so the sizes are read here.
 """
 
 from __future__ import annotations
@@ -258,3 +259,40 @@ INTERNVL_PREPROCESSOR = {  # its preprocessor_config.json (crop_to_patches is th
     "min_patches": 1,
     "max_patches": 12,
 }
+
+
+PUBLISHED: dict[str, dict] = {
+    "meta-llama/Llama-3.1-8B": LLAMA31_8B,
+    "aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning": LLAVA_MORE_8B,
+    "lmsys/vicuna-7b-v1.5": VICUNA_7B,
+    "llava-hf/llava-1.5-7b-hf": LLAVA15_7B,
+    "mistralai/Mistral-7B-Instruct-v0.2": MISTRAL_7B,
+    "llava-hf/llava-v1.6-mistral-7b-hf": LLAVA_NEXT_MISTRAL_7B,
+    "google/gemma-2-2b": GEMMA2_2B,
+    **{
+        f"google/paligemma2-3b-{kind}-{size}": paligemma2_3b(size)
+        for kind in ("pt", "mix")
+        for size in (224, 448, 896)
+    },
+    "Qwen/Qwen2-7B": QWEN2_7B,
+    "Qwen/Qwen2-VL-7B-Instruct": QWEN2_VL_7B,
+    "Qwen/Qwen3-1.7B": QWEN3_1_7B,
+    "OpenGVLab/InternVL3_5-2B-HF": INTERNVL3_5_2B,
+}
+"""Hub id -> published config.json."""
+
+PREPROCESSORS: dict[str, dict] = {
+    "Qwen/Qwen2-VL-7B-Instruct": QWEN2_VL_PREPROCESSOR,
+    "OpenGVLab/InternVL3_5-2B-HF": INTERNVL_PREPROCESSOR,
+}
+"""Hub id -> the image-processor settings that decide image-token counts."""
+
+
+def published_id(path_or_id: str) -> str | None:
+    """The hub id of a known checkpoint named by hub id or by its folder name (last path part)."""
+    text = str(path_or_id).rstrip("/")
+    if text in PUBLISHED:
+        return text
+    name = text.rsplit("/", 1)[-1].lower()
+    matches = [hub_id for hub_id in PUBLISHED if hub_id.rsplit("/", 1)[-1].lower() == name]
+    return matches[0] if len(matches) == 1 else None

@@ -1,0 +1,91 @@
+"""`mmdiff plan`: the organism's predicted tokens against the real encoding, real-size warnings, the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mmdiff.cli import app
+from mmdiff.config import DatasetSpec, ModelSpec, StudyConfig, default_config
+from mmdiff.models import load_adapter
+from mmdiff.plan import DEVICES, GIB, PLAN_COLUMNS, plan_rows, plan_study
+from mmdiff.study import load_records, resolve_model_paths
+
+
+@pytest.fixture(scope="module")
+def organism_plan():
+    return plan_study(default_config(), DEVICES["h100"])
+
+
+def test_organism_tokens_and_disk_match_the_encoded_records(organism_plan):
+    """The plan samples 64 records; every record of the train set, encoded, is within 3%."""
+    cfg = default_config()
+    vlm, base = resolve_model_paths(cfg)
+    adapter = load_adapter(vlm, base_lm=base, dtype=torch.float32)
+    records = load_records(cfg.datasets["train"])
+    exact = 0
+    for side in ("vlm", "base"):
+        make = adapter.vlm_inputs if side == "vlm" else adapter.base_inputs
+        for s in range(0, len(records), 64):
+            exact += int(make(records[s : s + 64])["attention_mask"].sum())
+    capture = organism_plan.stages[0]
+    assert capture.stage == "capture"
+    assert capture.tokens == pytest.approx(exact, rel=0.03)
+    # the stores hold tokens x layers x d_model float32 values
+    assert capture.disk_bytes == pytest.approx(capture.tokens * 4 * 128 * 4)
+    assert organism_plan.datasets["train"].image_tokens == 64  # (64 / 8)^2 patches, no CLS
+    names = [s.stage for s in organism_plan.stages]
+    assert names == ["capture", "train", "stats", "diff", "detect", "attribute", "interp",
+                     "concepts", "ablate", "steer"]
+    assert all(s.seconds > 0 for s in organism_plan.stages)
+    assert organism_plan.warnings == []
+    rows = plan_rows(organism_plan)
+    assert len(rows) == len(names) + 1 and all(len(r) == len(PLAN_COLUMNS) for r in rows)
+
+
+def _llava_more(layers: list[int], capture: bool = False) -> StudyConfig:
+    """LLaVA-MORE from its published config (no files here), 50k VQAv2 records assumed."""
+    spec = DatasetSpec(kind="vqav2", args={"questions": "/absent/q.json", "images": "/absent"},
+                       limit=50_000)
+    cfg = StudyConfig(
+        name="llava_more", layers=layers,
+        model=ModelSpec(vlm="/models/LLaVA_MORE-llama_3_1-8B-finetuning", base_lm="/models/Llama-3.1-8B",
+                        dtype="bfloat16", device="cuda"),
+        datasets={"train": spec, "test": spec.model_copy(update={"limit": 1000})},
+    )
+    cfg.train.base_saes = "/sae/L{layer}"
+    cfg.train.batch_size = 4096
+    cfg.train.total_tokens = 50_000_000
+    cfg.capture.datasets = ["train"] if capture else []
+    cfg.capture.dtype = "bfloat16"
+    return cfg
+
+
+@pytest.mark.slow
+def test_all_32_layers_of_an_8b_model_do_not_fit_one_80gb_gpu():
+    few = plan_study(_llava_more([8, 16, 24]), DEVICES["h100"])
+    assert few.warnings == [], few.warnings
+    assert few.params["vlm"] == pytest.approx(8.36e9, rel=0.01)
+    train = next(s for s in few.stages if s.stage == "train")
+    # runtime 1 GiB + weights (8.4B + 8.0B params in bf16) + 3 layers x (268M SAE params x 16 bytes
+    # + 3 x 4096 tokens x 32768 latents x 4 bytes)
+    expected = 16.39e9 * 2 + 3 * (268.5e6 * 16 + 3 * 4096 * 32768 * 4)
+    assert train.peak_bytes / GIB == pytest.approx(expected / GIB + 1, rel=0.02)
+    full = plan_study(_llava_more(list(range(32)), capture=True), DEVICES["h100"])
+    text = "\n".join(full.warnings)
+    assert "train: 32 layers' SAEs with Adam state" in text
+    assert "layers per rank under torchrun (torchrun --nproc-per-node" in text
+    assert "capture: the activation stores take" in text and "capture.datasets: []" in text
+    assert any("not readable here" in a for a in full.assumptions)
+
+
+def test_cli_plan_and_dry_run_print_the_table():
+    runner = CliRunner()
+    result = runner.invoke(app, ["plan", "--device", "a100"])
+    assert result.exit_code == 0, result.output
+    assert "plan of 'organism' on A100 80 GB" in result.output
+    for stage in ("capture", "train", "steer", "total"):
+        assert stage in result.output
+    bad = runner.invoke(app, ["plan", "--device", "tpu"])
+    assert bad.exit_code != 0 and "unknown device 'tpu'" in str(bad.exception)
