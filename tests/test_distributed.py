@@ -491,7 +491,8 @@ def test_mmdiff_run_under_torchrun_matches_one_process(tmp_path):
     from mmdiff.config import load_config
     from mmdiff.models.tiny import build_tiny, load_tiny
     from mmdiff.stats import collect_feature_stats_by_split, feature_summary
-    from mmdiff.study import load_records, load_role_saes
+    from mmdiff.control.inputs import load_role_saes
+    from mmdiff.data.selection import load_records
 
     models = build_tiny("llava", tmp_path / "tiny")
     rows = []
@@ -535,7 +536,8 @@ def test_mmdiff_run_under_torchrun_matches_one_process(tmp_path):
     study = load_config(tmp_path / "study.yaml")
     adapter = load_tiny("llava", tmp_path / "tiny")
     records = load_records(study.datasets["test"])
-    saes = load_role_saes(run, study.stats.role, study.layers, adapter, "vlm")
+    vlm = adapter.backbone("vlm")
+    saes = load_role_saes(run, study.stats.role, study.layers, d_in=vlm.d_model, device=vlm.device)
     batches = iter_activations(adapter, records, study.layers, "vlm", batch_size=4, progress=False)
     single = collect_feature_stats_by_split(
         batches, saes, {"vision": None}, top_k=4, n_chunks=4, progress=False

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from mmdiff.errors import ConfigError, MMDiffError
-from mmdiff.pipeline import RunDir, Stage, run_stages
+from mmdiff.pipeline import RunDir, Stage, StageEvent, run_stages
 
 
 class Cfg:
@@ -118,7 +118,7 @@ def test_kill_mid_stage_keeps_finished_work_and_resumes(tmp_path):
         import os, signal, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_pipeline import Cfg
-        from mmdiff.pipeline import RunDir, Stage, run_stages
+        from mmdiff.pipeline import RunDir, Stage, StageEvent, run_stages
         def a(ctx): (ctx.run_dir / "a.txt").write_text("1")
         def b(ctx):
             (ctx.run_dir / "b.partial").write_text("half")
@@ -140,3 +140,23 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(MMDiffError, match="delete it"):
         RunDir(tmp_path)
+
+
+def test_always_stage_runs_every_time_and_events_count_steps(tmp_path):
+    calls, events = [], []
+
+    def report(ctx):
+        """Rebuilt from whatever the run holds."""
+        calls.append("report")
+        (ctx.run_dir / "r.html").write_text("r")
+
+    stages = [*make_stages(calls), Stage("report", report, outputs=["r.html"], always=True)]
+    run_stages(stages, Cfg(), RunDir(tmp_path))
+    res = run_stages(stages, Cfg(), RunDir(tmp_path), on_event=events.append)
+    assert [r.status for r in res] == ["skipped", "skipped", "done"] and calls == ["a", "b", "report", "report"]
+    assert [(e.kind, e.stage.name, e.step, e.total) for e in events] == [
+        ("skipped", "a", 1, 3), ("skipped", "b", 2, 3), ("start", "report", 3, 3), ("done", "report", 3, 3)]
+    assert all(isinstance(e, StageEvent) for e in events) and events[-1].result.status == "done"
+    assert stages[-1].describe == "Rebuilt from whatever the run holds."
+    res = run_stages(stages, Cfg(), RunDir(tmp_path), only=["a"])
+    assert [r.name for r in res] == ["a"]  # not selected: not run

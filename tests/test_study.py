@@ -65,7 +65,9 @@ def test_run_whole_chain_then_skips(tiny_study):
     assert manifest["stages"]["capture"]["summary"]["train/vlm"]["records"] == 16
     stages = manifest["stages"]
     assert [s for s in stages if stages[s]["status"] == "done"] == [
-        "capture", "train", "stats", "diff", "detect", "attribute", "interp", "ablate", "concepts", "steer"]
+        "capture", "train", "stats", "diff", "detect", "attribute", "interp", "ablate", "concepts", "steer",
+        "report"]
+    assert stages["report"]["outputs"]["report/index.html"]  # the report is a stage, hashed like the others
     for role in ("base", "full", "image", "text", "random"):
         assert (run / "saes" / role / "layer_1" / "cfg.json").is_file()
     models = yaml.safe_load((tiny_study / "study.yaml").read_text())["model"]
@@ -90,6 +92,7 @@ def test_run_whole_chain_then_skips(tiny_study):
     assert (run / "interp" / "dashboards" / "index.html").is_file()
     assert len(pd.read_parquet(run / "attribution" / "heads.parquet")) > 0
     assert res.exit_code == 0 and res.output.count("skipped") >= 10
+    assert re.search(r"^\s+report\s+done\s", res.output, re.M)  # rebuilt from the run on every run
     assert (run / "config.yaml").exists()
     # a changed detect threshold redoes detect only
     res = runner.invoke(app, args + ["--only", "detect", "--force"])
@@ -161,3 +164,18 @@ def test_kill_during_training_then_resume(tiny_study, tmp_path):
     stages = json.loads(manifest.read_text())["stages"]
     assert all(s["status"] == "done" for s in stages.values()), {k: s["status"] for k, s in stages.items()}
     assert re.search(r"capture\s+skipped", res.stdout + res.stderr)
+
+
+def test_stages_lists_the_report_last_and_each_description_once(tiny_study):
+    from mmdiff.study import STAGE_FUNCTIONS
+
+    res = CliRunner().invoke(app, ["stages", "--config", str(tiny_study / "study.yaml")])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(STAGE_FUNCTIONS)
+    assert lines[-1].startswith("report") and lines[-1].endswith("-> report/index.html")
+    # a stage's description is its function's docstring: in `mmdiff stages` and in its command's help
+    first_line = STAGE_FUNCTIONS["detect"].__doc__.strip().splitlines()[0]
+    assert first_line in res.output
+    helped = CliRunner().invoke(app, ["detect", "--help"], env={"COLUMNS": "400"})
+    assert " ".join(first_line.split()) in " ".join(helped.output.split())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -9,7 +10,12 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from mmdiff.checks import check_study
+from mmdiff.config import dump_config, load_config
+from mmdiff.distributed import init_distributed, is_main, on_main
 from mmdiff.errors import MMDiffError
+from mmdiff.pipeline import CONFIG_FILE, RunDir, StageEvent, StageResult, run_stages
+from mmdiff.study import STAGE_FUNCTIONS, study_stages
 
 app = typer.Typer(
     name="mmdiff",
@@ -41,22 +47,19 @@ def run(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Run the whole study (or some stages) into runs/<name>/, skipping stages already done."""
-    from mmdiff.config import dump_config, load_config
-    from mmdiff.pipeline import RunDir, run_stages
-    from mmdiff.study import check_config, study_stages
-
     cfg = load_config(config)
     if name:
         cfg.name = name
+    stages = study_stages(cfg)
     # the dry run reads a sample of every dataset; before a real run, names and file headers suffice
-    problems = check_config(cfg, full=dry_run)
+    problems = check_study(cfg, read_records=dry_run)
     if dry_run:
+        for p in problems:
+            console.print(f"[red]x[/red] {p}")
         if problems:
-            for p in problems:
-                console.print(f"[red]x[/red] {p}")
             raise typer.Exit(1)
         console.print(f"[green]config OK[/green]: {config or 'organism default'}; stages: "
-                      + ", ".join(s.name for s in study_stages(cfg)))
+                      + ", ".join(s.name for s in stages))
         try:
             _print_plan(cfg, None)
         except MMDiffError as exc:  # the config is fine; only its cost cannot be sized here
@@ -64,94 +67,62 @@ def run(
         return
     if problems:
         raise MMDiffError("the config names things that are not there:\n  " + "\n  ".join(problems))
-    run_dir = RunDir(runs_dir / cfg.name)
-    from mmdiff.atomic import write_text
-
-    from mmdiff.distributed import on_main
-
-    on_main(write_text, run_dir.path / "config.yaml", dump_config(cfg))
     if config is None:
         console.print("[bold]mmdiff[/bold]: no --config given, running the organism study "
                       "(the bundled tiny LLaVA and its shapes world).")
+    run_dir = RunDir(runs_dir / cfg.name)
+    on_main(run_dir.write_config, dump_config(cfg))
+    results = run_stages(stages, cfg, run_dir, only=only, start=start, force=force, progress=progress,
+                         on_event=_print_event)
+    _print_summary(results, run_dir.path)
 
-    from mmdiff.pipeline import select_stages
 
-    planned = [s.name for s in select_stages(study_stages(cfg), only, start)]
+def _print_event(event: StageEvent) -> None:
+    stage = event.stage
+    if event.kind == "start":
+        console.rule(f"[bold]{event.step}/{event.total} {stage.name}[/bold] {stage.describe}")
+    elif event.kind == "skipped":
+        console.print(f"[dim]- {stage.name}: done earlier with the same inputs, skipped (--force redoes it)[/dim]")
+    elif event.kind == "done" and event.result is not None:
+        console.print(f"[green]v[/green] {stage.name} in {event.result.seconds:.1f}s")
 
-    def on_event(kind, stage, res):  # type: ignore[no-untyped-def]
-        if kind == "start":
-            step = planned.index(stage.name) + 1
-            console.rule(f"[bold]{step}/{len(planned)} {stage.name}[/bold] {stage.describe}")
-        elif kind == "skipped":
-            console.print(f"[dim]- {stage.name}: done earlier with the same inputs, skipped (--force redoes it)[/dim]")
-        elif kind == "done":
-            console.print(f"[green]v[/green] {stage.name} in {res.seconds:.1f}s")
 
-    results = run_stages(study_stages(cfg), cfg, run_dir, only=only, start=start, force=force,
-                         progress=progress, on_event=on_event)
-    report_seconds = None
-    if not only:
-        # always rebuilt from what the run directory holds, so it is never stale (it takes seconds)
-        import time
-
-        from mmdiff.report.build import build_report
-
-        t0 = time.perf_counter()
-        on_main(build_report, run_dir.path, cfg)
-        report_seconds = time.perf_counter() - t0
-    total = sum(r.seconds for r in results) + (report_seconds or 0.0)
+def _print_summary(results: list[StageResult], run_dir: Path) -> None:
     console.rule("[bold]summary[/bold]")
     for r in results:
         console.print(f"  {r.name:<12} {r.status:<8} {r.seconds:8.1f}s")
-    if report_seconds is not None:
-        console.print(f"  {'report':<12} {'done':<8} {report_seconds:8.1f}s")
-    console.print(f"run directory: {run_dir.path.resolve()}  ({total:.1f}s this time)")
-    report = run_dir.path / "report" / "index.html"
-    if report.exists():
-        console.print(f"report: {report.resolve()}")
+    total = sum(r.seconds for r in results)
+    console.print(f"run directory: {run_dir.resolve()}  ({total:.1f}s this time)")
+    for r in results:
+        if r.name == "report" and r.summary:
+            console.print(f"report: {(run_dir / r.summary['path']).resolve()}")
 
 
-def _run_one(stage: str, config: Optional[Path], runs_dir: Path, force: bool, progress: bool) -> None:
-    run(config=config, runs_dir=runs_dir, name=None, force=force, only=[stage], start=None,
-        dry_run=False, progress=progress)
-
-
-def _stage_command(stage: str, help_text: str) -> None:
+def _stage_command(stage: str, doc: str) -> None:
     def command(
         config: Optional[Path] = ConfigOpt,
         runs_dir: Path = RunsOpt,
         force: bool = typer.Option(False, "--force", help="Redo the stage even when its inputs are unchanged."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
-        _run_one(stage, config, runs_dir, force, progress)
+        run(config=config, runs_dir=runs_dir, name=None, force=force, only=[stage], start=None,
+            dry_run=False, progress=progress)
 
-    command.__doc__ = help_text + (
+    command.__doc__ = doc + (
         f"\n\nRuns the `{stage}` stage of the study config into runs/<name>/ (the stages it reads must "
-        "have finished there). Same as `mmdiff run --only " + stage + "`."
+        f"have finished there). Same as `mmdiff run --only {stage}`."
     )
     app.command(stage)(command)
 
 
-_stage_command("capture", "Capture residual-stream activations (VLM on image+question, base LM on "
-               "caption+question) into resumable activation stores.")
-_stage_command("train", "Train the SAEs: base-LM SAEs (unless pretrained ones are given), then warm-started "
-               "SAEs on the VLM under each masking regime (full / image / text / random).")
-_stage_command("stats", "One statistics pass per side: mean squared activation, firing counts by token type and split, "
-               "quantiles and top activating examples of every feature.")
-_stage_command("diff", "Adapted features: variance gap, decoder cosine, the two-stage global selection, "
-               "relative decoder norm and bootstrap stability.")
-_stage_command("detect", "Task features (spatial, OCR, safety) by contrastive firing against generic VQA, "
-               "with Fisher/BH significance, the adapted-set intersection and the lexical filter.")
-_stage_command("attribute", "Attribution patching of task features to attention heads: methods A and B in two "
-               "forwards and one backward each, optional exact patching to validate, attention overlays.")
-_stage_command("interp", "Top activating examples with image-patch heatmaps, explanations (offline, or an "
-               "OpenAI-compatible LLM) with detection scores, and one HTML dashboard per feature.")
-_stage_command("concepts", "Concept shift vectors (docs/method.md#concept-shift-vectors): concepts of the base LM (captions) and the VLM "
-               "(images) on the same records, Hungarian-matched, grounded, shifted, and steered.")
-_stage_command("ablate", "Remove each task set (project out its decoder directions) and measure every "
-               "task, beside frequency-matched random features and mismatched sets, with bootstrap CIs.")
-_stage_command("steer", "Steer each task set over a sweep of strengths, against the single-layer "
-               "(difference-of-means) baseline at its best layer and strength, with bootstrap CIs.")
+def _help_text(fn: object) -> str:
+    """A docstring with one line per paragraph, which the help reflows to the terminal's width."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(fn.__doc__ or "").split("\n\n"))
+
+
+for _name, _fn in STAGE_FUNCTIONS.items():
+    if _name != "report":  # `mmdiff report RUN_DIR` rebuilds it from any run directory
+        _stage_command(_name, _help_text(_fn))
 
 
 organism_app = typer.Typer(help="The bundled model organism: a tiny Llama base LM and its LLaVA VLM, "
@@ -210,10 +181,9 @@ def organism_eval(
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/organism.")) -> None:
     """Rebuild the study's HTML report (report/index.html) from what a run directory holds."""
-    from mmdiff.config import load_config
     from mmdiff.report.build import build_report
 
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = run_dir / CONFIG_FILE
     cfg = load_config(cfg_path) if cfg_path.exists() else None
     typer.echo(str(build_report(run_dir, cfg).resolve()))
 
@@ -243,9 +213,6 @@ def _print_plan(cfg, device: Optional[str]) -> None:  # type: ignore[no-untyped-
 @app.command()
 def stages(config: Optional[Path] = ConfigOpt) -> None:
     """List the study's stages in order, with what each one writes."""
-    from mmdiff.config import load_config
-    from mmdiff.study import study_stages
-
     for s in study_stages(load_config(config)):
         typer.echo(f"{s.name:<12} {s.describe}  -> {', '.join(s.outputs)}")
 
@@ -253,14 +220,10 @@ def stages(config: Optional[Path] = ConfigOpt) -> None:
 @app.command("config")
 def show_config(config: Optional[Path] = ConfigOpt) -> None:
     """Print the resolved study config as YAML (the organism study when no file is given)."""
-    from mmdiff.config import dump_config, load_config
-
     typer.echo(dump_config(load_config(config)))
 
 
 def main() -> None:
-    from mmdiff.distributed import init_distributed, is_main
-
     # under torchrun: join the process group; ranks other than 0 print nothing. The long timeout
     # lets ranks wait while rank 0 runs a stage alone (torchrun stops every rank if one dies).
     init_distributed(timeout_s=7 * 24 * 3600)

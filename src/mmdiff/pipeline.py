@@ -6,7 +6,8 @@ its status, the hash of its inputs (its config section, the hashes of its upstre
 the mmdiff version), package versions, wall seconds and peak memory. A stage whose recorded inputs
 hash equals the current one and whose outputs are all present is skipped; `force` redoes it. A stage
 killed mid-way stays "running" in the manifest and is redone on the next run (stages that run long
-keep their own checkpoints inside their output folder and resume from them).
+keep their own checkpoints inside their output folder and resume from them). A stage marked
+`always` (the report, which reads whatever the run holds) runs whenever it is selected.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from mmdiff import __version__
-from mmdiff.atomic import sha256_json, sha256_tree, write_json
+from mmdiff.atomic import sha256_json, sha256_tree, write_json, write_text
 from mmdiff.errors import ConfigError, MMDiffError
 
 MANIFEST = "manifest.json"
+CONFIG_FILE = "config.yaml"
 
 
 @dataclass
@@ -40,9 +42,14 @@ class Stage:
     outputs: Sequence[str]
     needs: Sequence[str] = ()
     config_key: str | None = None  # the config section whose content is part of the inputs hash
-    describe: str = ""
     datasets: Sequence[str] = ()  # the configured datasets the stage reads (part of its inputs hash)
     distributed: bool = False  # under torchrun: every rank runs it (else rank 0 runs it, others wait)
+    always: bool = False  # never skipped: it reads whatever the run holds, so no hash says it is current
+
+    @property
+    def describe(self) -> str:
+        """What the stage does: the first line of its function's docstring."""
+        return (self.run.__doc__ or "").strip().split("\n", 1)[0]
 
 
 @dataclass
@@ -141,6 +148,12 @@ class RunDir:
         if is_main():  # one writer under torchrun; the other ranks follow rank 0's decisions
             write_json(self.manifest_path, self.manifest)
 
+    def write_config(self, text: str) -> Path:
+        """Save the config the run goes by (YAML) as config.yaml, where `mmdiff report` finds it."""
+        path = self.path / CONFIG_FILE
+        write_text(path, text)
+        return path
+
     def record(self, name: str, **fields: Any) -> None:
         self.manifest["stages"].setdefault(name, {}).update(fields)
         self.save()
@@ -187,6 +200,17 @@ class StageResult:
     summary: dict[str, Any] | None = None
 
 
+@dataclass
+class StageEvent:
+    """What `run_stages` tells its `on_event` callback: a stage starts, was skipped or is done."""
+
+    kind: str  # "start" | "skipped" | "done"
+    stage: Stage
+    step: int  # 1-based position among the selected stages
+    total: int  # number of selected stages
+    result: StageResult | None = None  # with "skipped" and "done"
+
+
 def run_stages(
     stages: Sequence[Stage],
     config: Any,
@@ -196,7 +220,7 @@ def run_stages(
     start: str | None = None,
     force: bool = False,
     progress: bool = True,
-    on_event: Callable[[str, Stage, StageResult | None], None] | None = None,
+    on_event: Callable[[StageEvent], None] | None = None,
 ) -> list[StageResult]:
     """Run the selected stages in order; skip those done with unchanged inputs unless `force`.
 
@@ -210,7 +234,11 @@ def run_stages(
     ctx_cache: dict[str, Any] = {}
     from mmdiff.distributed import broadcast_object, on_main
 
-    for stage in selected:
+    def tell(kind: str, step: int, stage: Stage, result: StageResult | None = None) -> None:
+        if on_event:
+            on_event(StageEvent(kind, stage, step, len(selected), result))
+
+    for step, stage in enumerate(selected, start=1):
 
         def decide(stage: Stage = stage) -> tuple[str, str]:
             for up in stage.needs:
@@ -223,18 +251,16 @@ def run_stages(
             prev = run_dir.status(stage.name)
             outputs_present = all((run_dir.path / o).exists() for o in stage.outputs)
             done = prev.get("status") == "done" and prev.get("inputs_hash") == h and outputs_present
-            return ("skip" if not force and done else "run"), h
+            return ("skip" if done and not (force or stage.always) else "run"), h
 
         # rank 0 decides from its manifest; every rank follows (one rank alone: a plain call)
         decision, h = broadcast_object(on_main(decide))
         if decision == "skip":
             res = StageResult(stage.name, "skipped", 0.0, run_dir.status(stage.name).get("summary"))
             results.append(res)
-            if on_event:
-                on_event("skipped", stage, res)
+            tell("skipped", step, stage, res)
             continue
-        if on_event:
-            on_event("start", stage, None)
+        tell("start", step, stage)
         run_dir.record(stage.name, status="running", inputs_hash=h, started=time.time())
         ctx = StageContext(run_dir.path, config, stage, progress=progress, cache=ctx_cache, force=force)
         t0 = time.perf_counter()
@@ -269,6 +295,5 @@ def run_stages(
         on_main(finish)
         res = StageResult(stage.name, "done", seconds, summary)
         results.append(res)
-        if on_event:
-            on_event("done", stage, res)
+        tell("done", step, stage, res)
     return results

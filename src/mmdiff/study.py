@@ -2,21 +2,27 @@
 
 Each stage function is thin: it reads the config section and upstream files, calls the library,
 and writes its outputs into the run directory. The work itself lives in the modules it calls, so
-every stage is also usable alone from Python.
+every stage is also usable alone from Python. A stage function's docstring is its description in
+`mmdiff stages`, in the run's progress lines and in `mmdiff <stage> --help`.
+
+Each stage function imports the library module it calls when it runs, so the command line
+(`mmdiff --help`, `mmdiff stages`, the dry run) starts without loading torch. This module is at
+the top of the import graph (docs/design.md): nothing in the package imports it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
-from mmdiff.config import ORGANISM, DatasetSpec, StudyConfig
+import pandas as pd
+
+from mmdiff.config import ORGANISM, StudyConfig
 from mmdiff.data.records import Record
+from mmdiff.data.selection import load_records, neutral_records, task_splits
 from mmdiff.errors import ConfigError
 from mmdiff.pipeline import Stage, StageContext
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 
 # ----------------------------------------------------------------------------- shared resources
@@ -32,52 +38,23 @@ def resolve_model_paths(cfg: StudyConfig) -> tuple[str, str | None]:
     return vlm, base
 
 
-def _rank_device(device: str | None) -> str | None:
-    """Under torchrun every rank loads the model onto its own device (cuda:LOCAL_RANK or cpu)."""
-    from mmdiff.distributed import context
-
-    dist = context()
-    return str(dist.device) if dist.distributed else device
-
-
 def get_adapter(ctx: StageContext):  # -> VLMAdapter
-    """Load the model pair once per run and share it between stages."""
+    """Load the model pair once per run and share it between stages.
+
+    Under torchrun every rank loads the model onto its own device (cuda:LOCAL_RANK or cpu).
+    """
     if "adapter" not in ctx.cache:
+        from mmdiff.distributed import context
         from mmdiff.models import load_adapter
 
         vlm, base = resolve_model_paths(ctx.config)
-        m = ctx.config.model
+        m, dist = ctx.config.model, context()
         ctx.cache["adapter"] = load_adapter(
-            vlm, base_lm=base, family=m.family, dtype=m.dtype, device=_rank_device(m.device),
+            vlm, base_lm=base, family=m.family, dtype=m.dtype,
+            device=str(dist.device) if dist.distributed else m.device,
             local_files_only=m.local_files_only, trust_remote_code=m.trust_remote_code,
         )
     return ctx.cache["adapter"]
-
-
-def load_records(spec: DatasetSpec) -> list[Record]:
-    """Records of one configured dataset, filtered by task tags and subsampled (seeded)."""
-    if spec.kind == "shapes":
-        from mmdiff.data.shapes import shapes_records
-
-        records = list(shapes_records(**spec.args))
-    else:
-        import inspect
-
-        from mmdiff.data.loaders import LOADERS, load_dataset
-
-        args = dict(spec.args)
-        params = inspect.signature(LOADERS[spec.kind]).parameters if spec.kind in LOADERS else {}
-        if spec.tasks is None and spec.limit is not None and {"limit", "seed"} <= set(params):
-            # the loaders subsample with the same seeded rule, without building every record first
-            args.setdefault("limit", spec.limit)
-            args.setdefault("seed", spec.seed)
-        records = list(load_dataset(spec.kind, **args))
-    if spec.tasks is not None:
-        wanted = set(spec.tasks)
-        records = [r for r in records if wanted.intersection(r.tasks)]
-    from mmdiff.data.loaders._common import subsample
-
-    return subsample(records, spec.limit, spec.seed)
 
 
 def get_records(ctx: StageContext, name: str | list[str]) -> list[Record]:
@@ -99,9 +76,34 @@ def get_records(ctx: StageContext, name: str | list[str]) -> list[Record]:
     return out
 
 
+def backbone_saes(ctx: StageContext, role: str, layers: list[int], side: str = "vlm") -> dict:
+    """{layer: SAE} of one role (base | full | image | text | random) from the run directory,
+    checked against the hidden size of the adapter's `side` backbone and placed on its device."""
+    from mmdiff.control.inputs import load_role_saes
+
+    backbone = get_adapter(ctx).backbone(side)
+    return load_role_saes(ctx.run_dir, role, layers, d_in=backbone.d_model, device=backbone.device)
+
+
+def task_feature_table(run_dir: Path, tasks: list[str]) -> pd.DataFrame:
+    """Every task feature with its task, strongest contrast first (Delta p)."""
+    frames = []
+    for t in tasks:
+        df = pd.read_parquet(run_dir / "features" / f"{t}.parquet")
+        frames.append(df.assign(task=t))
+    if not frames:
+        return pd.DataFrame(columns=["layer", "feature", "task"])
+    df = pd.concat(frames, ignore_index=True)
+    key = "delta_p" if "delta_p" in df else None
+    return df.sort_values(key, ascending=False) if key else df
+
+
 # ----------------------------------------------------------------------------- stages
 def stage_capture(ctx: StageContext) -> dict[str, Any]:
-    """Capture the residual stream at the configured layers into activation stores."""
+    """Residual-stream activations of the VLM and the base LM, into resumable activation stores.
+
+    The VLM reads image + question, the base LM caption + question, at the configured layers.
+    """
     from mmdiff.parallel import capture_store_distributed
     from mmdiff.store import ActivationStore
 
@@ -163,55 +165,27 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     return summary
 
 
-def load_role_saes(run_dir: Path, role: str, layers: list[int], adapter=None, side: str = "vlm") -> dict:
-    """{layer: SAE} of one role (base | full | image | text | random), checked against and placed on
-    the adapter's `side` backbone when an adapter is given."""
-    from mmdiff.control.inputs import load_role_saes as load
-
-    if adapter is None:
-        return load(run_dir, role, layers)
-    backbone = adapter.backbone(side)
-    return load(run_dir, role, layers, d_in=backbone.d_model, device=backbone.device)
-
-
-def task_splits(records: list[Record], base_tag: str, tasks: list[str]) -> dict[str, list[str]]:
-    """Record ids per split: each task's tagged records, and the base split without any task tag."""
-    splits = {t: [r.id for r in records if t in r.tasks] for t in tasks}
-    task_set = set(tasks)
-    splits[base_tag] = [r.id for r in records if base_tag in r.tasks and not task_set.intersection(r.tasks)]
-    empty = [k for k, v in splits.items() if not v]
-    if empty:
-        raise ConfigError(
-            f"no records carry the task tags {empty} in the analysis dataset; check stats.tasks / "
-            "stats.base_split against the dataset's tags"
-        )
-    return splits
-
-
-def neutral_records(records: list[Record], instruction: str) -> list[Record]:
-    """The same images with the question replaced by the neutral instruction (lexical filter)."""
-    from dataclasses import replace
-
-    return [replace(r, question=instruction) for r in records if r.image is not None]
-
-
 def stage_stats(ctx: StageContext) -> dict[str, Any]:
-    """Per-feature statistics: VLM + adapted SAEs by split, base LM + base SAEs, neutral re-runs."""
+    """Per-feature statistics: VLM + adapted SAEs by split, base LM + base SAEs, neutral re-runs.
+
+    One pass per side: mean squared activation, firing counts by token type and split, quantiles
+    and the top activating examples of every feature.
+    """
     from mmdiff.capture import iter_activations
     from mmdiff.distributed import shard_records
     from mmdiff.parallel import write_feature_stats_distributed
 
     cfg, s = ctx.config, ctx.config.stats
-    adapter = get_adapter(ctx)
     records = get_records(ctx, s.dataset)
     layers = cfg.layers
-    adapted = load_role_saes(ctx.run_dir, s.role, layers, adapter, "vlm")
-    base = load_role_saes(ctx.run_dir, "base", layers, adapter, "base")
+    adapted = backbone_saes(ctx, s.role, layers, "vlm")
+    base = backbone_saes(ctx, "base", layers, "base")
     out = ctx.run_dir / "stats"
     kw = dict(top_k=s.top_k, n_chunks=s.n_chunks, progress=ctx.progress)
     splits: dict[str, Any] = {"vision": None, **task_splits(records, s.base_split, s.tasks)}
-    def write(recs: list, mode: str, saes: dict, split: Any) -> None:
-        acts = iter_activations(adapter, shard_records(recs), layers, mode, batch_size=s.batch_size,
+
+    def write(recs: list[Record], side: str, saes: dict, split: Any) -> None:
+        acts = iter_activations(get_adapter(ctx), shard_records(recs), layers, side, batch_size=s.batch_size,
                                 progress=ctx.progress)
         write_feature_stats_distributed(acts, saes, split, out, **kw)
 
@@ -224,7 +198,11 @@ def stage_stats(ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_diff(ctx: StageContext) -> dict[str, Any]:
-    """Adapted features: variance gap, decoder cosine, two-stage global selection, stability."""
+    """Adapted features: variance gap, decoder cosine, two-stage global selection, stability.
+
+    Also the relative decoder norm, and the selection's stability under a bootstrap over records.
+    """
+    from mmdiff.control.inputs import load_role_saes
     from mmdiff.diff import write_adapted_features
     from mmdiff.stats import load_feature_stats
 
@@ -232,8 +210,6 @@ def stage_diff(ctx: StageContext) -> dict[str, Any]:
     stats = ctx.run_dir / "stats"
     base = load_role_saes(ctx.run_dir, "base", cfg.layers)
     adapted = load_role_saes(ctx.run_dir, cfg.stats.role, cfg.layers)
-    import pandas as pd
-
     paths = write_adapted_features(load_feature_stats(stats, "vision"), load_feature_stats(stats, "text"),
                                    base, adapted, ctx.run_dir, p_gap=d.p_gap, p_cos=d.p_cos,
                                    n_bootstrap=d.n_bootstrap, seed=cfg.seed, progress=ctx.progress)
@@ -245,9 +221,11 @@ def stage_diff(ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_detect(ctx: StageContext) -> dict[str, Any]:
-    """Task features by contrastive firing, intersected with the adapted set, lexically filtered."""
-    import pandas as pd
+    """Task features by contrastive firing, intersected with the adapted set, lexically filtered.
 
+    Task features (spatial, OCR, safety) fire more on their task than on generic VQA, with
+    Fisher/BH significance; the neutral re-runs drop those the question's words alone explain.
+    """
     from mmdiff.detect import write_task_features
     from mmdiff.stats import load_feature_stats
 
@@ -257,52 +235,34 @@ def stage_detect(ctx: StageContext) -> dict[str, Any]:
     neutral = {t: load_feature_stats(stats, f"{t}_neutral") for t in s.neutral_tasks}
     adapted = pd.read_parquet(stats / "diff.parquet") if d.restrict_to_adapted else None
     write_task_features(tasks, load_feature_stats(stats, s.base_split), ctx.run_dir,
-                                 adapted=adapted, neutral=neutral or None, min_delta_p=d.min_delta_p,
-                                 alpha=d.alpha, min_neutral_firing=d.min_neutral_firing,
-                                 min_image_share=d.min_image_share)
+                        adapted=adapted, neutral=neutral or None, min_delta_p=d.min_delta_p,
+                        alpha=d.alpha, min_neutral_firing=d.min_neutral_firing,
+                        min_image_share=d.min_image_share)
     return {t: int(len(pd.read_parquet(ctx.run_dir / "features" / f"{t}.parquet"))) for t in s.tasks}
 
 
-def task_feature_table(run_dir: Path, tasks: list[str]) -> "pd.DataFrame":
-    """Every task feature with its task, strongest contrast first (Delta p)."""
-    import pandas as pd
-
-    frames = []
-    for t in tasks:
-        df = pd.read_parquet(run_dir / "features" / f"{t}.parquet")
-        frames.append(df.assign(task=t))
-    if not frames:
-        return pd.DataFrame(columns=["layer", "feature", "task"])
-    df = pd.concat(frames, ignore_index=True)
-    key = "delta_p" if "delta_p" in df else None
-    return df.sort_values(key, ascending=False) if key else df
-
-
 def stage_attribute(ctx: StageContext) -> dict[str, Any]:
-    """Attribution patching of the task features to attention heads (methods A and B)."""
-    import json
+    """Attribution patching of the task features to attention heads (methods A and B).
 
-    import pandas as pd
-
+    Two forwards and one backward per method, optional exact patching to validate, and attention
+    overlays of the top heads.
+    """
+    from mmdiff.atomic import write_json, write_parquet
     from mmdiff.attribution import attribute_features
+    from mmdiff.stats import stats_paths
 
     cfg, a = ctx.config, ctx.config.attribution
-    adapter = get_adapter(ctx)
     features = task_feature_table(ctx.run_dir, cfg.stats.tasks)
     features = features.drop_duplicates(["layer", "feature"]).head(a.max_features)
     out = ctx.run_dir / "attribution"
     if features.empty:
-        from mmdiff.atomic import write_json, write_parquet
-
         write_parquet(out / "heads.parquet", pd.DataFrame(columns=["feature", "layer", "head", "score_a", "score_b"]))
         write_json(out / "summary.json", {"features": 0, "note": "no task features to attribute"})
         return {"features": 0}
     records = get_records(ctx, cfg.stats.dataset)
-    saes = load_role_saes(ctx.run_dir, cfg.stats.role, sorted(set(features["layer"])), adapter, "vlm")
-    from mmdiff.stats import stats_paths
-
+    saes = backbone_saes(ctx, cfg.stats.role, sorted(set(features["layer"])), "vlm")
     top = pd.read_parquet(stats_paths(ctx.run_dir / "stats", "vision")["topk"])
-    attribute_features(adapter, saes, features, records, out, top_k=a.top_k, top_examples=top,
+    attribute_features(get_adapter(ctx), saes, features, records, out, top_k=a.top_k, top_examples=top,
                        n_calibration=a.n_calibration, objective=a.objective, exact=a.exact,
                        overlay_heads=a.overlay_heads, batch_size=a.batch_size, progress=ctx.progress)
     summary = json.loads((out / "summary.json").read_text())
@@ -310,14 +270,15 @@ def stage_attribute(ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_interp(ctx: StageContext) -> dict[str, Any]:
-    """Top examples with heatmaps, explanations (offline or an LLM) and one dashboard per feature."""
-    import pandas as pd
+    """Top examples with heatmaps, explanations (offline or an LLM) and one dashboard per feature.
 
+    The top activating examples get image-patch heatmaps; explanations come offline or from an
+    OpenAI-compatible LLM, with detection scores.
+    """
     from mmdiff.interp.dashboard import write_interp
     from mmdiff.interp.explain import make_explainer
 
     it, s = ctx.config.interp, ctx.config.stats
-    adapter = get_adapter(ctx)
     features = task_feature_table(ctx.run_dir, s.tasks)
     diff = pd.read_parquet(ctx.run_dir / "stats" / "diff.parquet")
     adapted = diff[diff["selected"]].sort_values("variance_gap", ascending=False).head(it.max_adapted)
@@ -333,7 +294,7 @@ def stage_interp(ctx: StageContext) -> dict[str, Any]:
         from mmdiff.interp.client import LLMConfig
 
         llm = LLMConfig(**it.llm.model_dump(), cache_dir=ctx.run_dir / "interp" / "llm_cache")
-    saes = load_role_saes(ctx.run_dir, s.role, sorted(set(features["layer"])), adapter, "vlm")
+    saes = backbone_saes(ctx, s.role, sorted(set(features["layer"])), "vlm")
     tables = {"diff": diff}
     for t in s.tasks:
         p = ctx.run_dir / "stats" / f"detect_{t}.parquet"
@@ -341,15 +302,13 @@ def stage_interp(ctx: StageContext) -> dict[str, Any]:
             tables[f"detect {t}"] = pd.read_parquet(p)
     heads_path = ctx.run_dir / "attribution" / "heads.parquet"
     heads = pd.read_parquet(heads_path) if heads_path.exists() else None
-    write_interp(adapter, saes, features, sources, ctx.run_dir / "interp", explainer=make_explainer(llm),
+    write_interp(get_adapter(ctx), saes, features, sources, ctx.run_dir / "interp", explainer=make_explainer(llm),
                  tables=tables, heads=heads, overlays_dir=ctx.run_dir / "attribution" / "overlays",
                  k=it.k, heatmaps=it.heatmaps, batch_size=it.batch_size, progress=ctx.progress)
     return {"features": int(len(features)), "explainer": "llm" if llm else "offline"}
 
 
 def _control_common(ctx: StageContext) -> tuple[Any, list[str], dict[str, Any]]:
-    import pandas as pd
-
     cfg, c = ctx.config, ctx.config.control
     tasks = c.tasks or cfg.stats.tasks
     present = [t for t in tasks if len(pd.read_parquet(ctx.run_dir / "features" / f"{t}.parquet"))]
@@ -359,9 +318,11 @@ def _control_common(ctx: StageContext) -> tuple[Any, list[str], dict[str, Any]]:
 
 
 def stage_ablate(ctx: StageContext) -> dict[str, Any]:
-    """Remove each task set and measure every task, beside matched random and mismatched controls."""
-    import pandas as pd
+    """Remove each task set and measure every task, beside matched random and mismatched controls.
 
+    A set is removed by projecting out its decoder directions; the controls are frequency-matched
+    random features and the other tasks' sets, with bootstrap CIs.
+    """
     from mmdiff.control.removal import run_removal
 
     c = ctx.config.control
@@ -374,9 +335,10 @@ def stage_ablate(ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_steer(ctx: StageContext) -> dict[str, Any]:
-    """Steer each task set over alphas, against the single-layer baseline chosen on validation."""
-    import pandas as pd
+    """Steer each task set over alphas, against the single-layer baseline chosen on validation.
 
+    The baseline is difference-of-means steering at its best layer and strength, with bootstrap CIs.
+    """
     from mmdiff.control.steering import run_steering
 
     c = ctx.config.control
@@ -393,9 +355,11 @@ def concepts_layer(cfg: StudyConfig) -> int:
 
 
 def stage_concepts(ctx: StageContext) -> dict[str, Any]:
-    """Concept shift vectors (docs/method.md#concept-shift-vectors): concepts of both models, matched, shifted, and steered."""
-    import json
+    """Concept shift vectors: concepts of both models, matched, shifted, and steered.
 
+    Concepts of the base LM (on captions) and of the VLM (on images) over the same records,
+    Hungarian-matched and grounded in tokens (docs/method.md#concept-shift-vectors).
+    """
     from mmdiff.concept_study import run_concept_shift
 
     c = ctx.config.concepts
@@ -407,53 +371,64 @@ def stage_concepts(ctx: StageContext) -> dict[str, Any]:
     return {k: s[k] for k in ("mean_cosine", "mean_shifted_cosine", "steering_by_alpha") if k in s}
 
 
+def stage_report(ctx: StageContext) -> dict[str, Any]:
+    """The HTML report (report/index.html), rebuilt from whatever the run directory holds.
+
+    It runs on every `mmdiff run` that reaches it (it takes seconds), so it is never stale; a stage
+    that has not run gives a "not run" note. `mmdiff report RUN_DIR` rebuilds it alone.
+    """
+    from mmdiff.report.build import build_report
+
+    return {"path": str(build_report(ctx.run_dir, ctx.config).relative_to(ctx.run_dir))}
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
+    "capture": stage_capture,
+    "train": stage_train,
+    "stats": stage_stats,
+    "diff": stage_diff,
+    "detect": stage_detect,
+    "attribute": stage_attribute,
+    "interp": stage_interp,
+    "ablate": stage_ablate,
+    "concepts": stage_concepts,
+    "steer": stage_steer,
+    "report": stage_report,
+}
+"""Every stage a study can run, in order; `study_stages(cfg)` says which of them a config runs,
+what each reads and what it writes."""
+
+
 def study_stages(cfg: StudyConfig) -> list[Stage]:
     """The stages of a study, in the order they run."""
-    capture_outputs = [f"activations/{ds}/{side}" for ds in cfg.capture.datasets for side in cfg.capture.sides]
+
+    def stage(name: str, outputs: list[str], **kw: Any) -> Stage:
+        return Stage(name, STAGE_FUNCTIONS[name], outputs, **kw)
+
+    analysis = [cfg.stats.dataset] if isinstance(cfg.stats.dataset, str) else cfg.stats.dataset
     stages = [
-        Stage("capture", stage_capture, distributed=True, outputs=capture_outputs, config_key="capture", datasets=cfg.capture.datasets,
-              describe="residual-stream activations of the VLM and the base LM"),
-        Stage("train", stage_train, distributed=True,
-              outputs=[f"saes/{r}" for r in ["base", *cfg.train.regimes]] + ["stats/sae_heldout.parquet"],
-              datasets=[cfg.train.dataset, cfg.train.heldout],
-              needs=["capture"] if cfg.train.dataset in cfg.capture.datasets else [], config_key="train",
-              describe="SAEs: base LM, then the VLM under each masking regime (warm start)"),
-        Stage("stats", stage_stats, distributed=True, outputs=["stats/vision.parquet", "stats/text.parquet"],
-              needs=["train"], config_key="stats",
-              datasets=[cfg.stats.dataset] if isinstance(cfg.stats.dataset, str) else cfg.stats.dataset,
-              describe="per-feature statistics: VLM + adapted SAEs, base LM + base SAEs"),
-        Stage("diff", stage_diff, outputs=["features/adapted.parquet", "stats/diff.parquet"],
-              needs=["stats"], config_key="diff", describe="adapted features (variance gap, decoder cosine)"),
-        Stage("detect", stage_detect, outputs=[f"features/{t}.parquet" for t in cfg.stats.tasks],
-              needs=["stats", "diff"], config_key="detect",
-              describe="task features by contrastive firing and the lexical filter"),
-        Stage("attribute", stage_attribute, outputs=["attribution/heads.parquet"],
-              needs=["train", "stats", "detect"], config_key="attribution",
-              datasets=[cfg.stats.dataset] if isinstance(cfg.stats.dataset, str) else cfg.stats.dataset,
-              describe="attribution patching of task features to attention heads"),
-        Stage("interp", stage_interp, outputs=["interp/explanations.json", "interp/dashboards/index.html"],
-              needs=["train", "stats", "diff", "detect", "attribute"], config_key="interp",
-              datasets=[cfg.stats.dataset] if isinstance(cfg.stats.dataset, str) else cfg.stats.dataset,
-              describe="top examples, heatmaps, explanations and feature dashboards"),
-        Stage("ablate", stage_ablate, outputs=["eval/effects.parquet"], needs=["train", "stats", "detect"],
-              config_key="control", datasets=[cfg.control.test],
-              describe="remove each task set, beside matched random and mismatched controls"),
+        stage("capture", [f"activations/{ds}/{side}" for ds in cfg.capture.datasets for side in cfg.capture.sides],
+              distributed=True, config_key="capture", datasets=cfg.capture.datasets),
+        stage("train", [f"saes/{r}" for r in ["base", *cfg.train.regimes]] + ["stats/sae_heldout.parquet"],
+              distributed=True, datasets=[cfg.train.dataset, cfg.train.heldout],
+              needs=["capture"] if cfg.train.dataset in cfg.capture.datasets else [], config_key="train"),
+        stage("stats", ["stats/vision.parquet", "stats/text.parquet"], distributed=True, needs=["train"],
+              config_key="stats", datasets=analysis),
+        stage("diff", ["features/adapted.parquet", "stats/diff.parquet"], needs=["stats"], config_key="diff"),
+        stage("detect", [f"features/{t}.parquet" for t in cfg.stats.tasks], needs=["stats", "diff"],
+              config_key="detect"),
+        stage("attribute", ["attribution/heads.parquet"], needs=["train", "stats", "detect"],
+              config_key="attribution", datasets=analysis),
+        stage("interp", ["interp/explanations.json", "interp/dashboards/index.html"],
+              needs=["train", "stats", "diff", "detect", "attribute"], config_key="interp", datasets=analysis),
+        stage("ablate", ["eval/effects.parquet"], needs=["train", "stats", "detect"], config_key="control",
+              datasets=[cfg.control.test]),
     ]
     if cfg.concepts.enabled:
-        stages.append(
-            Stage("concepts", stage_concepts, outputs=["concepts/matching.parquet", "concepts/steering.parquet"],
-                  config_key="concepts", datasets=[cfg.concepts.dataset],
-                  describe="concept shift vectors: base LM on captions vs VLM on images"))
+        stages.append(stage("concepts", ["concepts/matching.parquet", "concepts/steering.parquet"],
+                            config_key="concepts", datasets=[cfg.concepts.dataset]))
     if cfg.control.validation is not None:
-        stages.append(
-            Stage("steer", stage_steer, outputs=["eval/steering.parquet"], needs=["train", "stats", "detect"],
-                  config_key="control", datasets=[cfg.control.test, cfg.control.validation],
-                  describe="steer each task set against the single-layer baseline"))
+        stages.append(stage("steer", ["eval/steering.parquet"], needs=["train", "stats", "detect"],
+                            config_key="control", datasets=[cfg.control.test, cfg.control.validation]))
+    stages.append(stage("report", ["report/index.html"], always=True))
     return stages
-
-
-def check_config(cfg: StudyConfig, *, full: bool = True) -> list[str]:
-    """Problems with the files and names a config refers to, found without loading weights."""
-    from mmdiff.checks import check_study
-
-    return check_study(cfg, read_records=full)

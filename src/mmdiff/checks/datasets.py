@@ -4,25 +4,15 @@ the loader itself, and the analysis dataset's task splits."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mmdiff.config import DatasetSpec, StudyConfig
+from mmdiff.data.selection import dataset_loader, load_records, task_splits
 from mmdiff.errors import MMDiffError
 
 SAMPLE_RECORDS = 3
 """Records each dataset check draws through its loader (their images must exist)."""
-
-
-def _loader(kind: str) -> Callable[..., Any] | None:
-    if kind == "shapes":
-        from mmdiff.data.shapes import shapes_records
-
-        return shapes_records
-    from mmdiff.data.loaders import LOADERS
-
-    return LOADERS.get(kind.lower().replace("-", "_"))
 
 
 def _is_path_param(p: inspect.Parameter) -> bool:
@@ -66,7 +56,7 @@ def check_dataset(
     records read through the loader itself, so the fields checked are exactly the ones a run
     needs. The loader parses its whole annotation file: about 16 s for VQAv2 val (157 MB)."""
     where = f"datasets.{name}"
-    fn = _loader(spec.kind)
+    fn = dataset_loader(spec.kind)
     if fn is None:
         from mmdiff.data.loaders import LOADERS
 
@@ -140,11 +130,9 @@ def check_analysis_splits(cfg: StudyConfig) -> list[str]:
     """The analysis dataset (stats.dataset) holds records of every task split the stats stage
     contrasts (stats.tasks and stats.base_split), found by reading it as the run will (images
     unchecked), so a study does not fail at the stats stage after hours of SAE training."""
-    from mmdiff.study import load_records, task_splits
-
     name = cfg.stats.dataset
     spec = cfg.datasets[name]
-    fn = _loader(spec.kind)
+    fn = dataset_loader(spec.kind)
     args = dict(spec.args)
     if fn is not None and "check_images" in inspect.signature(fn).parameters:
         args["check_images"] = False  # images were sampled by check_dataset
