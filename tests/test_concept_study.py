@@ -17,17 +17,16 @@ from mmdiff.concept_study import (
     SAMPLES_COLUMNS,
     STEERING_COLUMNS,
     STEERING_RECORD_COLUMNS,
-    RecordBatches,
     assign_concepts,
     holdout_split,
     kl_and_top1,
-    next_token_logits,
     run_concept_shift,
     steered_next_token_logits,
 )
 from mmdiff.concepts import ConceptDecomposition, kmeans
 from mmdiff.data.records import Record
 from mmdiff.errors import ConfigError, DataError, ModelError
+from mmdiff.models.forward import RecordBatches, next_token_logits
 from mmdiff.models.tiny import HIDDEN, load_tiny
 
 COLOURS = ["red", "blue", "green", "yellow"]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,17 @@ from mmdiff.concepts import (
     top_samples,
 )
 from mmdiff.data.records import Record
-from mmdiff.errors import ConfigError, DataError, ModelError
+from mmdiff.errors import ConfigError, DataError
 from mmdiff.evals.bootstrap import bootstrap_mean
+from mmdiff.models.base import Backbone, VLMAdapter
+from mmdiff.models.forward import (
+    RecordBatches,
+    decode_token,
+    next_token_logits,
+    shared_vocab_size,
+    side_tokenizer,
+)
 from mmdiff.progress import iterate
-from mmdiff.models.base import Backbone, Side, VLMAdapter
 
 METHODS = ("kmeans", "semi_nmf", "dictionary")
 METHOD_ALIASES = {"dictionary_learning": "dictionary"}
@@ -76,42 +83,6 @@ SHIFT_KINDS = ("concept", "mean")  # Delta_c(i) per record; the control: one mea
 
 
 # ----------------------------------------------------------------------------- inputs
-class RecordBatches:
-    """Re-iterable model-input batches of `records` for one side ("base" or "vlm"), built lazily.
-
-    Inputs are built per batch (images are processed when needed, not held for the whole set), and
-    must be left-padded: position -1 is every row's last prompt token.
-    """
-
-    def __init__(
-        self, adapter: VLMAdapter, records: Sequence[Record], side: Side, batch_size: int
-    ) -> None:
-        self.adapter, self.records, self.side, self.batch_size = adapter, records, side, batch_size
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.records) / self.batch_size)
-
-    def chunks(self) -> Iterator[Sequence[Record]]:
-        for start in range(0, len(self.records), self.batch_size):
-            yield self.records[start : start + self.batch_size]
-
-    def inputs(self, chunk: Sequence[Record]) -> dict[str, torch.Tensor]:
-        build = self.adapter.vlm_inputs if self.side == "vlm" else self.adapter.base_inputs
-        inputs = build(chunk)
-        mask = inputs.get("attention_mask")
-        if mask is not None and not bool(mask[:, -1].bool().all()):
-            raise ModelError(
-                f"the {self.side} inputs are right-padded (some rows end in padding); the concept "
-                "study reads the last prompt token at position -1 and needs left padding: set the "
-                "tokenizer's padding_side='left'"
-            )
-        return inputs
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for chunk in self.chunks():
-            yield self.inputs(chunk)
-
-
 def collect_sample_vectors(
     adapter: VLMAdapter,
     records: Sequence[Record],
@@ -140,18 +111,6 @@ def collect_sample_vectors(
 
 
 # ----------------------------------------------------------------------------- grounding
-def _tokenizer(adapter: VLMAdapter, side: Side) -> Any:
-    if side == "base":
-        return adapter.base_tokenizer
-    return getattr(adapter, "tokenizer", None) or getattr(adapter.processor, "tokenizer", None)
-
-
-def _decode(tokenizer: Any, token_id: int) -> str:
-    if tokenizer is None:
-        return ""
-    return str(tokenizer.decode([token_id]))
-
-
 def grounding_table(adapter: VLMAdapter, shift: ConceptShift, top_k: int = 10) -> pd.DataFrame:
     """Text grounding: each concept's top tokens through its model's final norm and unembedding.
 
@@ -167,7 +126,7 @@ def grounding_table(adapter: VLMAdapter, shift: ConceptShift, top_k: int = 10) -
     for model, side, concepts in sets:
         backbone = adapter.backbone(side)
         ids, scores = ground_in_tokens(backbone, concepts, top_k)  # [K, top_k] each
-        tokenizer = _tokenizer(adapter, side)
+        tokenizer = side_tokenizer(adapter, side)
         for c in range(ids.shape[0]):
             for r in range(ids.shape[1]):
                 token_id = int(ids[c, r])
@@ -177,7 +136,7 @@ def grounding_table(adapter: VLMAdapter, shift: ConceptShift, top_k: int = 10) -
                         "concept": c,
                         "rank": r,
                         "token_id": token_id,
-                        "token": _decode(tokenizer, token_id),
+                        "token": decode_token(tokenizer, token_id),
                         "score": float(scores[c, r]),
                     }
                 )
@@ -235,35 +194,6 @@ def matching_table(shift: ConceptShift) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- steering
-def shared_vocab_size(adapter: VLMAdapter, v_vlm: int, v_base: int) -> int:
-    """The number of leading token ids both models' next-token distributions are compared over.
-
-    min(V_vlm, V_base), after checking that the two tokenizers give those ids the same tokens.
-    """
-    v = min(v_vlm, v_base)
-    tok_vlm, tok_base = _tokenizer(adapter, "vlm"), _tokenizer(adapter, "base")
-    if tok_vlm is None or tok_base is None or tok_vlm is tok_base:
-        return v
-    inv_vlm = {i: t for t, i in tok_vlm.get_vocab().items() if i < v}
-    inv_base = {i: t for t, i in tok_base.get_vocab().items() if i < v}
-    differ = sorted(i for i in inv_vlm.keys() & inv_base.keys() if inv_vlm[i] != inv_base[i])
-    if differ:
-        i = differ[0]
-        raise ModelError(
-            f"the VLM and base-LM tokenizers disagree on {len(differ)} of the first {v} token ids "
-            f"(id {i}: {inv_vlm[i]!r} vs {inv_base[i]!r}), so their next-token distributions cannot "
-            "be compared: is the base LM the one this VLM was built from?"
-        )
-    return v
-
-
-def next_token_logits(backbone: Backbone, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[batch, vocab] float64 logits at the last position (left padding: the next token)."""
-    with torch.no_grad():
-        out = backbone.model(**inputs, use_cache=False, logits_to_keep=1)
-    return out.logits[:, -1, :].to("cpu", torch.float64)
-
-
 def kl_and_top1(
     vlm_logits: torch.Tensor, base_logits: torch.Tensor, vocab: int
 ) -> tuple[np.ndarray, np.ndarray]:

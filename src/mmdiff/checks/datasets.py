@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdiff.config import DatasetSpec, StudyConfig
+from mmdiff.data.loaders import LOADERS
 from mmdiff.data.selection import dataset_loader, load_records, task_splits
 from mmdiff.errors import MMDiffError
 
@@ -58,8 +59,6 @@ def check_dataset(
     where = f"datasets.{name}"
     fn = dataset_loader(spec.kind)
     if fn is None:
-        from mmdiff.data.loaders import LOADERS
-
         return [
             (
                 f"{where}.kind: unknown dataset kind {spec.kind!r}; expected one of "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mmdiff.checks.headers import TensorHeader, read_npz_header, read_safetensors_header
 from mmdiff.checks.hub_cache import cached_file, not_cached
-from mmdiff.errors import MMDiffError
+from mmdiff.errors import MMDiffError, SAEError
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,6 @@ class SAEFacts:
 def _expect_shapes(
     tensors: dict[str, TensorHeader], wanted: dict[str, tuple[int, ...]], path: Path
 ) -> None:
-    from mmdiff.errors import SAEError
-
     missing = [n for n in wanted if n not in tensors]
     if missing:
         raise SAEError(
@@ -42,8 +40,6 @@ def _expect_shapes(
 
 
 def _header(read: Callable[[Path], dict[str, TensorHeader]], path: Path) -> dict[str, TensorHeader]:
-    from mmdiff.errors import SAEError
-
     if not path.is_file():
         raise SAEError(f"SAE weights file {path} does not exist")
     try:
@@ -55,7 +51,6 @@ def _header(read: Callable[[Path], dict[str, TensorHeader]], path: Path) -> dict
 def probe_sae(path: str | Path) -> SAEFacts:
     """Format, d_in, d_sae and recorded layer of an SAE checkpoint, from its config and weight
     headers only (SAEError when the folder is not a recognised, whole checkpoint)."""
-    from mmdiff.errors import SAEError
     from mmdiff.sae.formats import detect_format, gemma_scope, llama_scope, mmdiff_ckpt, saelens, sparsify
     from mmdiff.sae.formats.common import layer_from_name, read_json
 
@@ -172,8 +167,6 @@ def check_base_saes(
     template: str, layers: list[int], d_model: int | None, *, offline: bool = False
 ) -> list[str]:
     """Every layer's pretrained base-LM SAE: found, a recognised format, whole, fitting the model."""
-    from mmdiff.errors import SAEError
-
     if "{layer}" not in template:
         return [
             (
