@@ -8,9 +8,10 @@ from typer.testing import CliRunner
 
 from mmdiff.cli import app
 from mmdiff.config import DatasetSpec, ModelSpec, StudyConfig, default_config
+from mmdiff.data.selection import load_records
 from mmdiff.models import load_adapter
 from mmdiff.plan import DEVICES, GIB, PLAN_COLUMNS, plan_rows, plan_study
-from mmdiff.study import load_records, resolve_model_paths
+from mmdiff.study import resolve_model_paths
 
 
 @pytest.fixture(scope="module")

@@ -195,8 +195,6 @@ def plan(
                                          "l40s or l4 (default: the config's device; cuda = h100)."),
 ) -> None:
     """Predict each stage's tokens, FLOPs, peak memory, disk and wall time, loading no weights."""
-    from mmdiff.config import load_config
-
     _print_plan(load_config(config), device)
 
 

@@ -323,7 +323,7 @@ def dataset_facts(name: str, spec: DatasetSpec, facts: ModelFacts, sample: int =
     """Record count and tokens per record, from the dataset's files when they can be read here."""
     from mmdiff.control.tasks import DEFAULT_MAX_NEW_TOKENS, YESNO_TASKS, task_of
     from mmdiff.data.loaders._common import subsample
-    from mmdiff.study import load_records
+    from mmdiff.data.selection import load_records
 
     try:
         records = load_records(spec)
