@@ -12,6 +12,7 @@ import inspect
 from typing import Any, Callable
 
 from mmdiff.data.loaders.coco_captions import load_coco_captions
+from mmdiff.data.loaders.coco_instances import load_coco_instances
 from mmdiff.data.loaders.easy_vqa import load_easy_vqa
 from mmdiff.data.loaders.figstep import FIGSTEP_PROMPT, load_figstep
 from mmdiff.data.loaders.jsonl import load_jsonl
@@ -85,6 +86,7 @@ __all__ = [
     "FIGSTEP_PROMPT",
     "LOADERS",
     "load_coco_captions",
+    "load_coco_instances",
     "load_dataset",
     "load_easy_vqa",
     "load_figstep",

@@ -1,0 +1,238 @@
+"""Grounded explanations: IoU / AUROC on hand-made maps, the organism's scene concepts, COCO boxes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mmdiff.data import shapes
+from mmdiff.data.loaders.coco_instances import coco_concepts, load_coco_instances
+from mmdiff.data.loaders.scene_concepts import record_concepts, scene_concepts
+from mmdiff.data.regions import box_cover, mask_cover, region, text_regions
+from mmdiff.errors import DataError
+from mmdiff.interp.grounded import (
+    NO_CONCEPT,
+    Observation,
+    active_region,
+    auroc,
+    ground_feature,
+    iou,
+    score_concept,
+)
+
+# -- scores on hand-made maps ---------------------------------------------------------------------
+
+
+def test_iou_and_active_region_on_a_non_square_map():
+    acts = np.zeros((2, 3))
+    acts[0, 0], acts[0, 1], acts[1, 2] = 4.0, 2.0, 1.0  # half of the max (2.0) is in, 1.0 is out
+    assert active_region(acts).tolist() == [[True, True, False], [False, False, False]]
+    concept = np.array([[True, False, False], [True, False, False]])
+    assert iou(active_region(acts), concept) == pytest.approx(1 / 3)  # 1 shared of 3 in the union
+    assert active_region(np.zeros((2, 3))).sum() == 0  # a feature that never fires has no region
+    assert math.isnan(iou(np.zeros(4, bool), np.zeros(4, bool)))
+    with pytest.raises(DataError, match="share one grid"):
+        iou(np.zeros((2, 3), bool), np.zeros((3, 2), bool))
+
+
+def test_auroc_known_values():
+    assert auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == pytest.approx(0.75)
+    assert auroc([1, 2, 3], [False, True, True]) == 1.0
+    assert auroc([3, 2, 1], [False, True, True]) == 0.0
+    assert auroc([1, 1, 1, 1], [False, True, False, True]) == 0.5  # ties count half
+    assert math.isnan(auroc([1, 2], [True, True]))
+
+
+def test_score_concept_counts_iou_only_where_the_concept_is_and_the_feature_fires():
+    here = np.array([[True, False], [False, False]])
+    obs = [
+        Observation(np.array([[3.0, 0.0], [0.0, 0.0]]), {"red": here}),  # IoU 1
+        Observation(np.array([[2.0, 2.0], [0.0, 0.0]]), {"red": here}),  # IoU 1/2
+        Observation(np.zeros((2, 2)), {"red": here}),  # present, silent: detection miss, no IoU
+        Observation(np.array([[0.0, 0.0], [0.0, 1.0]]), {}),  # absent, fires: a false alarm
+        Observation(np.zeros((2, 2)), {}),
+    ]
+    s = score_concept("red", "image", obs)
+    assert (s.n_present, s.n_absent, s.n_iou) == (3, 2, 2)
+    assert s.iou == pytest.approx(0.75)
+    # maxima present [3, 2, 0], absent [1, 0]: pairs won 2 + 2 + 0.5 of 6
+    assert s.auroc == pytest.approx(4.5 / 6)
+    assert s.balanced_accuracy == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert s.grounding_score == pytest.approx(min(0.75, 2 * 4.5 / 6 - 1))
+
+
+def test_region_shape_mismatch_is_named():
+    with pytest.raises(DataError, match="same patch grid"):
+        Observation(np.zeros((2, 3)), {"red": np.zeros((3, 2), bool)})
+
+
+def test_no_concept_above_threshold_says_so():
+    rng = np.random.default_rng(0)
+    obs = [Observation(rng.random((4, 4)), {"red": rng.random((4, 4)) > 0.7} if i % 2 else {})
+           for i in range(20)]
+    g = ground_feature({"image": obs})
+    assert not g.found and g.concepts == ()
+    assert g.text.startswith(NO_CONCEPT) and "red" in g.text  # the best candidate's scores stay
+    assert g.to_dict()["found"] is False
+    assert ground_feature({"image": []}).text == f"{NO_CONCEPT} (no concept could be scored)"
+
+
+def test_token_side_concepts_are_scored_on_text_positions():
+    records = [["is", "the", "red", "circle", "left", "of", "the", "blue", "square", "?"],
+               ["what", "colour", "is", "the", "cross", "?"],
+               ["is", "the", "green", "square", "above", "the", "red", "circle", "?"]]
+    obs = []
+    for toks in records:
+        regions = text_regions(toks, {"relation=left of": "left of", "relation=above": "above"})
+        acts = regions.get("relation=left of", np.zeros(len(toks), bool)).astype(float)
+        obs.append(Observation(acts, regions))
+    assert obs[0].regions["relation=left of"].nonzero()[0].tolist() == [4, 5]
+    g = ground_feature({"text": obs})
+    best = g.concepts[0]
+    assert (best.concept, best.side, best.iou, best.auroc) == ("relation=left of", "text", 1.0, 1.0)
+    assert [c.concept for c in g.concepts] == ["relation=left of"]
+
+
+# -- regions on patch grids -----------------------------------------------------------------------
+
+
+def test_box_and_mask_cover_are_exact_on_grids_that_do_not_divide_the_image():
+    cover = box_cover((0, 0, 320, 480), (640, 480), (17, 23))  # left half of the image, 11.5 columns
+    assert cover.shape == (17, 23)
+    assert cover[:, :11].min() == pytest.approx(1.0) and cover[:, 11] == pytest.approx(0.5)
+    assert cover[:, 12:].max() == 0.0
+    mask = np.zeros((6, 9), bool)
+    mask[:, :3] = True  # the left third
+    assert mask_cover(mask, (2, 2))[:, 0] == pytest.approx([2 / 3, 2 / 3])
+    assert mask_cover(mask, (2, 2))[:, 1] == pytest.approx([0, 0])
+    with pytest.raises(DataError, match="positive"):
+        box_cover((0, 0, 1, 1), (10, 10), (0, 3))
+
+
+def _organism_records(n: int = 40) -> list:
+    return [shapes.make_record("train", fam, i) for fam in ("colour", "shape") for i in range(n // 2)]
+
+
+def test_scene_concepts_cover_each_object_on_its_patches():
+    rec = next(r for r in _organism_records() if len(r.meta["scene"]["objects"]) >= 2)
+    regions = record_concepts(rec, (8, 8))  # the organism's 8-pixel patches on a 64-pixel image
+    for o in rec.meta["scene"]["objects"]:
+        block = regions[f"object={o['colour']} {o['shape']}"]
+        assert block.sum() == 4  # every object covers a 2x2 block of patches (shapes.OBJECT_CENTRES)
+        assert regions[f"colour={o['colour']}"][block].all()
+        assert regions[f"cell={shapes.ROWS[o['row']]} {shapes.COLS[o['col']]}"][block].all()
+    assert not any(k.startswith("word=") for k in regions)
+    word = shapes.make_record("train", "ocr", 0)
+    concepts = scene_concepts(word.meta["scene"], (8, 8))
+    assert set(concepts) == {f"word={word.answers[0]}", "text"} and concepts["text"].any()
+    with pytest.raises(DataError, match="no meta\\['scene'\\]"):
+        record_concepts(shapes.make_record("train", "safety_text", 0), (8, 8))
+
+
+def test_planted_red_feature_is_explained_as_red_with_iou_one():
+    """A feature that fires on the patches holding red pixels of the rendered image (not the
+    scene metadata) is grounded as colour=red with IoU 1 and AUROC 1."""
+    obs = []
+    for rec in _organism_records():
+        pixels = np.asarray(rec.load_image())  # [64, 64, 3]
+        red = (pixels == np.array(shapes.COLOURS["red"])).all(-1)
+        acts = region(mask_cover(red, (8, 8))).astype(float) * 5.0  # [8, 8]
+        obs.append(Observation(acts, record_concepts(rec, (8, 8))))
+    assert 0 < sum(o.acts.any() for o in obs) < len(obs)  # red and non-red scenes both held out
+    g = ground_feature({"image": obs})
+    best = g.concepts[0]
+    assert best.concept == "colour=red"
+    assert (best.iou, best.auroc, best.balanced_accuracy) == (1.0, 1.0, 1.0)
+    assert "colour=red (image: IoU 1.00, AUROC 1.00" in g.text
+
+
+# -- COCO instances ---------------------------------------------------------------------------------
+
+# Qwen2-VL's smart_resize (factor 28 = patch 14 x merge 2, default pixel bounds) maps 640x480 to
+# 644x476 and 500x375 to 504x364: patch grids of 17x23 and 13x18 after the 2x2 merge.
+QWEN_GRIDS = {1: (17, 23), 2: (13, 18)}
+
+
+def write_coco_instances(path, annotations=None) -> None:
+    data = {
+        "info": {"description": "COCO 2014 Dataset"},
+        "licenses": [],
+        "images": [
+            {"id": 1, "file_name": "COCO_val2014_000000000001.jpg", "width": 640, "height": 480,
+             "license": 3, "coco_url": "", "date_captured": "", "flickr_url": ""},
+            {"id": 2, "file_name": "COCO_val2014_000000000002.jpg", "width": 500, "height": 375},
+            {"id": 3, "file_name": "COCO_val2014_000000000003.jpg", "width": 427, "height": 640},
+        ],
+        "annotations": annotations if annotations is not None else [
+            {"id": 12, "image_id": 1, "category_id": 17, "bbox": [0.0, 0.0, 320.0, 480.0],
+             "area": 153600.0, "iscrowd": 0, "segmentation": [[0, 0, 320, 0, 320, 480]]},
+            {"id": 11, "image_id": 1, "category_id": 18, "bbox": [480.0, 240.0, 160.0, 240.0],
+             "area": 38400.0, "iscrowd": 0, "segmentation": []},
+            {"id": 13, "image_id": 2, "category_id": 17, "bbox": [250.0, 0.0, 250.0, 375.0],
+             "area": 93750.0, "iscrowd": 1, "segmentation": {"counts": [0], "size": [375, 500]}},
+        ],
+        "categories": [{"supercategory": "animal", "id": 17, "name": "cat"},
+                       {"supercategory": "animal", "id": 18, "name": "dog"}],
+    }
+    path.write_text(json.dumps(data))
+
+
+def test_coco_instances_boxes_on_qwen2vl_grids(tmp_path):
+    path = tmp_path / "annotations" / "instances_val2014.json"
+    path.parent.mkdir()
+    write_coco_instances(path)
+    images = load_coco_instances(path)
+    assert sorted(images) == [1, 2, 3] and images[3].instances == ()
+    one = images[1]
+    assert (one.width, one.height) == (640, 480)
+    assert [(i.category, i.bbox) for i in one.instances] == [
+        ("dog", (480.0, 240.0, 160.0, 240.0)), ("cat", (0.0, 0.0, 320.0, 480.0))]  # annotation-id order
+    cat = coco_concepts(one, QWEN_GRIDS[1])["category=cat"]
+    assert cat.shape == (17, 23) and cat[:, :12].all() and not cat[:, 12:].any()  # 11.5 columns, 0.5 >= 10%
+    dog = coco_concepts(one, QWEN_GRIDS[1])["category=dog"]
+    assert dog.nonzero()[0].min() == 8 and dog.nonzero()[1].min() == 17  # 8.5 rows down, 17.25 cols across
+    two = coco_concepts(images[2], QWEN_GRIDS[2])
+    assert set(two) == {"category=cat"} and two["category=cat"][:, 9:].all()  # right half of 18 columns
+    assert not two["category=cat"][:, :9].any()
+
+
+def test_coco_box_tracking_feature_is_grounded(tmp_path):
+    path = tmp_path / "instances_val2017.json"
+    write_coco_instances(path)
+    images = load_coco_instances(path)
+    obs = []
+    for image_id, grid in QWEN_GRIDS.items():
+        regions = coco_concepts(images[image_id], grid)
+        obs.append(Observation(regions.get("category=dog", np.zeros(grid, bool)) * 1.0, regions))
+    best = ground_feature({"image": obs}).concepts[0]
+    assert (best.concept, best.iou, best.auroc) == ("category=dog", 1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "annotations, message",
+    [
+        ([{"id": 1, "image_id": 9, "category_id": 17, "bbox": [0, 0, 1, 1]}], "image_id 9"),
+        ([{"id": 1, "image_id": 1, "category_id": 99, "bbox": [0, 0, 1, 1]}], "category_id 99"),
+        ([{"id": 1, "image_id": 1, "category_id": 17, "bbox": [0, 0, 1]}], "four numbers"),
+        ([{"id": 1, "image_id": 1, "category_id": 17, "bbox": [10, 10, 0, 5]}], "empty box"),
+        ([{"id": 1, "image_id": 1, "category_id": 17, "bbox": [400, 300, 700, 500]}], "x1, y1, x2, y2"),
+        ([{"id": 1, "image_id": 1, "category_id": 17}], "no field 'bbox'"),
+    ],
+)
+def test_coco_instances_errors_name_the_record(tmp_path, annotations, message):
+    path = tmp_path / "instances_train2014.json"
+    write_coco_instances(path, annotations)
+    with pytest.raises(DataError, match=message):
+        load_coco_instances(path)
+
+
+def test_coco_instances_missing_and_truncated_files(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_coco_instances(tmp_path / "instances_val2014.json")
+    bad = tmp_path / "instances_val2017.json"
+    bad.write_text('{"images": [')
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_coco_instances(bad)
