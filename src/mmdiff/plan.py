@@ -24,8 +24,9 @@ Formulas (per stage, summed over the datasets and sides it reads):
 - disk: activation stores, tokens x layers x d_model x capture dtype bytes; SAEs, 2 d d_sae x 4
   bytes per role and layer, and the same again with Adam state in the last checkpoint (x 4).
 - wall time: forward FLOPs / (peak x forward_efficiency) + SAE FLOPs / (peak x sae_efficiency) +
-  records x record_overhead_s (preprocessing, tokenisation, Python) + generated tokens x
-  (weights bytes / memory bandwidth) (decoding is bandwidth-bound).
+  record passes x record_overhead_s (preprocessing, tokenisation, Python) + SAE steps x
+  sae_step_overhead_s + token x layer x latent updates of the statistics pass x feature_stat_s +
+  generated tokens x (weights bytes / memory bandwidth) (decoding is bandwidth-bound).
 
 Judgment calls: the device table's peak is the dense bf16 rate of the named GPU; forward_efficiency
 0.35 is a typical share for HF forward passes at these batch sizes, sae_efficiency 0.25 is the
@@ -72,6 +73,8 @@ class Device:
     forward_efficiency: float = 0.35
     sae_efficiency: float = 0.25
     record_overhead_s: float = 0.002
+    sae_step_overhead_s: float = 0.005  # per SAE optimisation step (all layers): bookkeeping, Adam
+    feature_stat_s: float = 1e-11  # per token x layer x latent of the statistics pass's bookkeeping
     runtime_bytes: float = GIB  # CUDA context and allocator slack (CPU: the interpreter and libraries)
 
 
@@ -86,13 +89,19 @@ DEVICES: dict[str, Device] = {
 """Named GPUs: dense bf16 peak and HBM bandwidth from the vendors' data sheets."""
 
 # Measured on this project's 2-core CPU host from the organism study's run manifest (seconds per stage
-# against the FLOPs and record passes this module predicts for it): effective rates, not peaks.
+# against the FLOPs, record passes, SAE steps and statistics updates this module predicts for it):
+# effective rates, not peaks. Capture fixed the forward rate and the per-record cost, train the
+# per-step cost, stats the per-update cost; the host ran about ten other jobs at the time, so an idle
+# 2-core machine is several times faster on the last two.
 CPU_FORWARD_FLOPS = 27e9
 CPU_SAE_FLOPS = 20e9
 CPU_RECORD_OVERHEAD_S = 0.003
+CPU_SAE_STEP_S = 3.9
+CPU_FEATURE_STAT_S = 2.9e-6
 CPU = Device("the 2-core CPU host of the organism measurements", "cpu", CPU_FORWARD_FLOPS, None, 10e9,
              forward_efficiency=1.0, sae_efficiency=CPU_SAE_FLOPS / CPU_FORWARD_FLOPS,
-             record_overhead_s=CPU_RECORD_OVERHEAD_S, runtime_bytes=0.0)
+             record_overhead_s=CPU_RECORD_OVERHEAD_S, sae_step_overhead_s=CPU_SAE_STEP_S,
+             feature_stat_s=CPU_FEATURE_STAT_S, runtime_bytes=0.0)
 
 
 def cpu_device() -> Device:
@@ -370,6 +379,8 @@ class StagePlan:
     disk_bytes: float = 0.0
     seconds: float = 0.0
     records: float = 0.0  # record-passes (each pays the per-record overhead)
+    sae_steps: float = 0.0  # SAE optimisation steps
+    feature_stats: float = 0.0  # token x layer x latent updates of the feature statistics
     generated: float = 0.0  # tokens decoded one at a time
     notes: list[str] = field(default_factory=list)
 
@@ -438,6 +449,7 @@ class _Costs:
         t = self.cfg.train
         out = StagePlan("")
         out.sae_flops = 6 * self.facts.d_model * self.d_sae * tokens * n_layers
+        out.sae_steps = tokens / t.batch_size
         out.peak_bytes = self.facts.weights_bytes() + n_layers * (
             16 * self.sae_params() + 3 * t.batch_size * self.d_sae * 4)
         return out
@@ -452,6 +464,8 @@ def _merge(name: str, parts: Sequence[StagePlan], device: Device, facts: ModelFa
         out.disk_bytes += p.disk_bytes
         out.records += p.records
         out.generated += p.generated
+        out.sae_steps += p.sae_steps
+        out.feature_stats += p.feature_stats
         out.peak_bytes = max(out.peak_bytes, p.peak_bytes)
         out.notes += p.notes
     if out.peak_bytes:
@@ -459,6 +473,8 @@ def _merge(name: str, parts: Sequence[StagePlan], device: Device, facts: ModelFa
     out.seconds = (out.forward_flops / (device.peak_flops * device.forward_efficiency)
                    + out.sae_flops / (device.peak_flops * device.sae_efficiency)
                    + out.records * device.record_overhead_s
+                   + out.sae_steps * device.sae_step_overhead_s
+                   + out.feature_stats * device.feature_stat_s
                    + out.generated * facts.vlm_params * facts.bytes_per_param / device.bandwidth)
     return out
 
@@ -518,6 +534,7 @@ def _stage_parts(cfg: StudyConfig, c: _Costs) -> dict[str, list[StagePlan]]:
     for side in ("vlm", "base"):
         p = c.forward(names, side, layers=c.deepest, batch=s.batch_size)
         p.sae_flops = 2 * f.d_model * c.d_sae * p.tokens * L
+        p.feature_stats = p.tokens * L * c.d_sae
         p.peak_bytes += L * c.sae_params() * 4
         parts.append(p)
     if s.neutral_tasks:
