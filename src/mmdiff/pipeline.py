@@ -13,6 +13,7 @@ keep their own checkpoints inside their output folder and resume from them). A s
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import sys
 import time
@@ -20,8 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import torch
+
 from mmdiff import __version__
 from mmdiff.atomic import sha256_json, sha256_tree, write_json, write_text
+from mmdiff.distributed import broadcast_object, is_main, on_main
 from mmdiff.errors import ConfigError, MMDiffError
 
 MANIFEST = "manifest.json"
@@ -91,9 +95,7 @@ class PeakMemory:
         with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")
             self._reset = True
-        with contextlib.suppress(Exception):
-            import torch
-
+        with contextlib.suppress(Exception):  # a broken CUDA setup must not fail the stage
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
         return self
@@ -102,8 +104,6 @@ class PeakMemory:
         self.rss_mib = _peak_rss_mib()
         self.cuda_mib = None
         with contextlib.suppress(Exception):
-            import torch
-
             if torch.cuda.is_available():
                 self.cuda_mib = torch.cuda.max_memory_allocated() / 2**20
 
@@ -128,8 +128,6 @@ class RunDir:
         self.manifest = self._read_manifest()
 
     def _read_manifest(self) -> dict[str, Any]:
-        import json
-
         if not self.manifest_path.exists():
             return {"mmdiff_version": __version__, "stages": {}}
         try:
@@ -143,8 +141,6 @@ class RunDir:
         return data
 
     def save(self) -> None:
-        from mmdiff.distributed import is_main
-
         if is_main():  # one writer under torchrun; the other ranks follow rank 0's decisions
             write_json(self.manifest_path, self.manifest)
 
@@ -232,8 +228,6 @@ def run_stages(
     selected_names = {s.name for s in selected}
     results: list[StageResult] = []
     ctx_cache: dict[str, Any] = {}
-    from mmdiff.distributed import broadcast_object, on_main
-
     def tell(kind: str, step: int, stage: Stage, result: StageResult | None = None) -> None:
         if on_event:
             on_event(StageEvent(kind, stage, step, len(selected), result))

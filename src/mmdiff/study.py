@@ -6,7 +6,8 @@ every stage is also usable alone from Python. A stage function's docstring is it
 `mmdiff stages`, in the run's progress lines and in `mmdiff <stage> --help`.
 
 Each stage function imports the library module it calls when it runs, so the command line
-(`mmdiff --help`, `mmdiff stages`, the dry run) starts without loading torch. This module is at
+(`mmdiff --help`, `mmdiff stages`, the dry run) starts without loading transformers, scipy and
+the model code (about half of importing every stage's library). This module is at
 the top of the import graph (docs/design.md): nothing in the package imports it.
 """
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Collection, Iterable, Mapping, Sequence
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mmdiff.activations import ActivationBatch
 from mmdiff.errors import ConfigError, DataError, SAEError
@@ -285,8 +286,6 @@ def collect_feature_stats_by_split(
         for name in splits
     }
     targets = [(stats[name], None if members is None else set(members)) for name, members in splits.items()]
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     with Progress(
         TextColumn(f"statistics [{', '.join(splits)}]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         disable=not progress, transient=True,
