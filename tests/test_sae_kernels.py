@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 from mmdiff.sae import kernels
 from mmdiff.sae.base import SAEConfig
 from mmdiff.sae.kernels import TopKAutoencode, gather_dot, sparse_decode, topk_autoencode_dense
+from mmdiff.sae.selection import certified_topk
 from mmdiff.sae.topk import TopKSAE
 
 N, D, F, K = 13, 6, 40, 4
@@ -79,14 +82,16 @@ def test_gradcheck_float64() -> None:
     assert torch.autograd.gradcheck(fn, tuple(params), eps=1e-6, atol=1e-6)
 
 
-def test_low_precision_selection_gives_exact_values() -> None:
+def test_certified_selection_through_the_kernel() -> None:
+    # float64 working dtype, candidates from a float32 product: exact values, exact latents
     params = _params(7)
-    _, values, idx = TopKAutoencode.apply(*params, K, True, torch.float32)
+    select = partial(certified_topk, candidate_dtype=torch.float32)
+    _, values, idx = TopKAutoencode.apply(*params, K, True, select)
     x, W_enc, b_enc, _, b_dec = params
     pre = (x - b_dec) @ W_enc + b_enc
     torch.testing.assert_close(values, pre.gather(1, idx).relu(), rtol=0, atol=1e-12)
     ref_idx = pre.topk(K, dim=1).indices
-    assert (idx.sort(1).values == ref_idx.sort(1).values).all()  # no near-ties in this case
+    assert (idx == ref_idx.sort(1).values).all()
 
 
 def test_primitives_exact() -> None:

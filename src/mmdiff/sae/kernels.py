@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -100,22 +101,24 @@ class _LatentIncidence:
         return out.index_add_(0, self.flat, contrib)
 
 
+Select = Callable[[Tensor, Tensor, Tensor, int], tuple[Tensor, ...]]
+"""(x_in [N, D], W_enc, b_enc, k) -> (values [N, k] before ReLU, indices [N, k], ...): how the k
+latents are chosen (mmdiff.sae.selection.certified_topk); None takes torch.topk of the product."""
+
+
+def plain_topk(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk of the working-dtype product: exact up to ties within its rounding."""
+    return torch.addmm(b_enc, x_in, W_enc).topk(k, dim=-1, sorted=False)
+
+
 class TopKAutoencode(torch.autograd.Function):
     """(x, W_enc, b_enc, W_dec, b_dec) -> (x_hat, values, indices) with a k-sparse backward."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
-                k: int, subtract_b_dec: bool, select_dtype: torch.dtype | None) -> tuple:
+                k: int, subtract_b_dec: bool, select: Select | None) -> tuple:
         x_in = x - b_dec if subtract_b_dec else x  # [N, D]
-        if select_dtype is None or select_dtype == x_in.dtype:
-            pre = torch.addmm(b_enc, x_in, W_enc)  # [N, F]
-            values, indices = pre.topk(k, dim=-1, sorted=False)
-        else:
-            # Choose the k latents from a low-precision product, then compute their exact values.
-            pre = torch.addmm(b_enc.to(select_dtype), x_in.to(select_dtype), W_enc.to(select_dtype))
-            indices = pre.topk(k, dim=-1, sorted=False).indices
-            values = gather_dot(x_in, W_enc, indices) + b_enc[indices]
-        del pre
+        values, indices = (select or plain_topk)(x_in, W_enc, b_enc, k)[:2]
         values = values.relu()  # [N, k]
         x_hat = sparse_decode(indices, values, W_dec) + b_dec  # [N, D]
         ctx.save_for_backward(x_in, W_enc, W_dec, values, indices)
@@ -156,17 +159,17 @@ class TopKAutoencode(torch.autograd.Function):
 
 
 def topk_autoencode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int,
-                    *, subtract_b_dec: bool = True, select_dtype: torch.dtype | None = None,
+                    *, subtract_b_dec: bool = True, select: Select | None = None,
                     ) -> tuple[Tensor, Tensor, Tensor]:
     """TopK encode + decode of x [N, D] -> (x_hat [N, D], values [N, k], indices [N, k]).
 
-    `select_dtype` (e.g. torch.bfloat16) picks the k latents from a low-precision encoder product
-    and then computes their values exactly; None selects in the working dtype (exact TopK).
+    `select` chooses the k latents (None: torch.topk of the working-dtype product); the values'
+    gradient flows back through the k-sparse backward whichever chose them.
     """
     if KERNELS == "dense":
         return topk_autoencode_dense(x, W_enc, b_enc, W_dec, b_dec, k,
                                      subtract_b_dec=subtract_b_dec)
-    return TopKAutoencode.apply(x, W_enc, b_enc, W_dec, b_dec, k, subtract_b_dec, select_dtype)
+    return TopKAutoencode.apply(x, W_enc, b_enc, W_dec, b_dec, k, subtract_b_dec, select)
 
 
 def topk_autoencode_dense(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,

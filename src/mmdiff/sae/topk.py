@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from mmdiff.errors import SAEError
 from mmdiff.sae.base import SAE, SAEConfig, SAEOutput
+from mmdiff.sae.kernels import topk_autoencode
 from mmdiff.sae.registry import register_sae_class
+from mmdiff.sae.selection import CandidateDtype, certified_topk
 
 
 @register_sae_class("topk")
 class TopKSAE(SAE):
     """f = ReLU(TopK_k(pre)); with decoder_norm_gating the k latents are ranked by pre*||d_i||."""
 
-    select_dtype: torch.dtype | None = None
-    """Set to torch.bfloat16 to pick the k latents from a bf16 encoder product in the fast path
-    (their values are then computed exactly); None keeps exact TopK."""
+    candidate_dtype: CandidateDtype = "auto"
+    """Product the fast path draws its candidate latents from ("auto": bf16 on CUDA and on CPUs
+    with fast bf16, else the working dtype; a dtype; None: the working dtype). The selection is
+    the exact TopK whatever it is (mmdiff.sae.selection): it only decides the speed."""
+    selection_margin: int | None = None
+    """Candidates beyond k (None: k for low-precision candidates, min(k, 8) otherwise)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         if cfg.k is None:
@@ -45,8 +52,6 @@ class TopKSAE(SAE):
             values, indices = self._select(pre)
             return SAEOutput(self.decode_sparse(values, indices), hidden_pre=pre,
                              top_values=values, top_indices=indices, d_sae=self.cfg.d_sae)
-        from mmdiff.sae.kernels import topk_autoencode
-
         if x.shape[-1] != self.cfg.d_in:
             self.sae_in(x)  # raises the shape error
         lead = x.shape[:-1]
@@ -55,7 +60,9 @@ class TopKSAE(SAE):
             x2 = x2 * self.cfg.norm_scale
         x_hat, values, indices = topk_autoencode(
             x2, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.cfg.k,
-            subtract_b_dec=self.cfg.apply_b_dec_to_input, select_dtype=self.select_dtype)
+            subtract_b_dec=self.cfg.apply_b_dec_to_input,
+            select=partial(certified_topk, candidate_dtype=self.candidate_dtype,
+                           margin=self.selection_margin))
         if self.cfg.norm_scale != 1.0:
             x_hat = x_hat / self.cfg.norm_scale
         k = self.cfg.k
