@@ -18,6 +18,12 @@ no more than the one dense product an exact TopK cannot avoid).
     python benchmarks/sae_train.py                  # CPU: D=512, F=8192, k=32, 2 threads
     python benchmarks/sae_train.py --device cuda    # GPU: D=4096, F=32768, k=50, bf16
     python benchmarks/sae_train.py --profile        # where ours spends its time
+
+Then the same at each implementation's own recommended settings (RECOMMENDED), each table with the
+held-out FVU curve's first crossing of a target (the worst of the implementations' best FVUs):
+tokens and training seconds to reach it, and the ratio of those seconds; and an ablation of ours
+(one ingredient changed at a time) at equal tokens. Ours selects with the certified exact TopK
+(mmdiff.sae.selection): bf16 candidates on CUDA, working-dtype candidates on CPUs without fast bf16.
 """
 
 # ruff: noqa: B023  (the timed lambdas run at once, inside their loop iteration)
@@ -65,6 +71,14 @@ class Impl:
     name: str
     step: Callable[[torch.Tensor, int], None]  # one optimiser step on a batch
     reconstruct: Callable[[torch.Tensor], torch.Tensor]  # x -> x_hat (no grad)
+    settings: str = ""  # what differs from the equal settings, for the table
+
+
+RECOMMENDED = {  # each implementation's own documented defaults (warmups left out: see docs)
+    "ours": "Adam, lr 2e-4 / sqrt(F / 2^14) (mmdiff.sae.trainer.default_lr), FVU loss",
+    "sparsify": "SignSGD + ScheduleFree (momentum 0.95), lr 5e-3 / sqrt(F / 2^14), FVU loss",
+    "sae-lens": "Adam (0.9, 0.999), lr 3e-4, summed MSE, clip 1.0, TopKTrainingSAEConfig defaults",
+}
 
 
 def adam(params, lr: float, kind: str) -> torch.optim.Optimizer:
@@ -73,26 +87,40 @@ def adam(params, lr: float, kind: str) -> torch.optim.Optimizer:
         torch.optim.Adam(params, lr=lr)
 
 
-def make_ours(D: int, F: int, k: int, lr: float, device: str, bf16: bool, opt_kind: str) -> Impl:
+def make_ours(D: int, F: int, k: int, lr: float, device: str, bf16: bool, opt_kind: str,
+              recommended: bool = False, init: str = "tied", constrain: bool = True,
+              loss: str = "fvu") -> Impl:
+    """`init`: "tied" (ours: W_enc = W_dec^T, unit rows) or "sparsify" (an nn.Linear encoder,
+    decoder = its rows normalised); `constrain`: remove the decoder-parallel gradient; `loss`:
+    "fvu" or "mse_sum" (SAELens's). The last three exist for the ablation."""
     from mmdiff.sae.base import SAEConfig
     from mmdiff.sae.topk import TopKSAE
+    from mmdiff.sae.trainer import default_lr
 
     sae = TopKSAE(SAEConfig("topk", d_in=D, d_sae=F, k=k, device=device))
     sae.init_weights(seed=0)
+    if init == "sparsify":
+        torch.manual_seed(0)
+        enc = torch.nn.Linear(D, F, device=device)
+        with torch.no_grad():
+            sae.W_enc.copy_(enc.weight.T)
+            sae.W_dec.copy_(enc.weight)
+            sae.set_decoder_norm_to_unit_norm()
     if bf16:
-        sae.select_dtype = torch.bfloat16  # bf16 encoder product picks the k, values exact
-    opt = adam(sae.parameters(), lr, opt_kind)
+        sae.candidate_dtype = torch.bfloat16  # bf16 candidates, certified exact selection
+    opt = adam(sae.parameters(), default_lr(F) if recommended else lr, opt_kind)
 
     def step(x: torch.Tensor, i: int) -> None:
         if i == 0:
             with torch.no_grad():
                 sae.b_dec.copy_(x.mean(0))
         out = sae(x)
-        loss = (out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-        loss.backward()
-        with torch.no_grad():  # keep decoder rows on the unit sphere, as sparsify does
-            g = sae.W_dec.grad
-            g.sub_((g * sae.W_dec).sum(-1, keepdim=True) * sae.W_dec)
+        err = (out.x_hat - x).pow(2).sum()
+        (err / (x - x.mean(0)).pow(2).sum() if loss == "fvu" else err / len(x)).backward()
+        if constrain:
+            with torch.no_grad():  # keep decoder rows on the unit sphere, as sparsify does
+                g = sae.W_dec.grad
+                g.sub_((g * sae.W_dec).sum(-1, keepdim=True) * sae.W_dec)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sae.set_decoder_norm_to_unit_norm()
@@ -101,15 +129,24 @@ def make_ours(D: int, F: int, k: int, lr: float, device: str, bf16: bool, opt_ki
         with torch.no_grad():
             return sae(x).x_hat
 
-    return Impl("ours", step, rec)
+    return Impl("ours", step, rec, RECOMMENDED["ours"] if recommended else "")
 
 
-def make_sparsify(D: int, F: int, k: int, lr: float, device: str, bf16: bool, opt_kind: str) -> Impl:
+def make_sparsify(D: int, F: int, k: int, lr: float, device: str, bf16: bool, opt_kind: str,
+                  recommended: bool = False) -> Impl:
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(0)
     sae = SparseCoder(D, SparseCoderConfig(num_latents=F, k=k), device=device)
-    opt = adam(sae.parameters(), lr, opt_kind)
+    if recommended:  # sparsify's default optimizer ("signum") and its learning-rate rule
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify.sign_sgd import SignSGD
+
+        opt = ScheduleFreeWrapper(SignSGD(sae.parameters(), lr=5e-3 / (F / 2**14) ** 0.5),
+                                  momentum=0.95)
+        opt.train()
+    else:
+        opt = adam(sae.parameters(), lr, opt_kind)
 
     def step(x: torch.Tensor, i: int) -> None:
         if i == 0:
@@ -123,20 +160,26 @@ def make_sparsify(D: int, F: int, k: int, lr: float, device: str, bf16: bool, op
         opt.zero_grad(set_to_none=True)
 
     def rec(x: torch.Tensor) -> torch.Tensor:
+        if recommended:
+            opt.eval()  # ScheduleFree evaluates at its averaged weights
         with torch.no_grad():
             sae.set_decoder_norm_to_unit_norm()
-            return sae(x).sae_out.float()
+            x_hat = sae(x).sae_out.float()
+        if recommended:
+            opt.train()
+        return x_hat
 
-    return Impl("sparsify", step, rec)
+    return Impl("sparsify", step, rec, RECOMMENDED["sparsify"] if recommended else "")
 
 
-def make_saelens(D: int, F: int, k: int, lr: float, device: str, bf16: bool, opt_kind: str) -> Impl:
+def make_saelens(D: int, F: int, k: int, lr: float, device: str, bf16: bool, opt_kind: str,
+                 recommended: bool = False) -> Impl:
     from sae_lens.saes.sae import TrainStepInput
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     torch.manual_seed(0)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=F, k=k, device=device))
-    opt = adam(sae.parameters(), lr, opt_kind)
+    opt = adam(sae.parameters(), 3e-4 if recommended else lr, opt_kind)  # its runner's default
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device == "cuda")
 
     def step(x: torch.Tensor, i: int) -> None:
@@ -157,7 +200,7 @@ def make_saelens(D: int, F: int, k: int, lr: float, device: str, bf16: bool, opt
         with torch.no_grad():
             return sae(x).float()
 
-    return Impl("sae-lens", step, rec)
+    return Impl("sae-lens", step, rec, RECOMMENDED["sae-lens"] if recommended else "")
 
 
 MAKERS = {"ours": make_ours, "sparsify": make_sparsify, "sae-lens": make_saelens}
@@ -186,10 +229,13 @@ def matmul_rate(B: int, D: int, F: int, device: str, dtype: torch.dtype, reps: i
 
 
 def run_interleaved(impls: list[Impl], data: SyntheticActivations, steps: int, warmup: int, B: int,
-                    device: str, held_out: torch.Tensor) -> dict[str, dict[str, float]]:
+                    device: str, held_out: torch.Tensor, eval_every: int = 0,
+                    ) -> dict[str, dict]:
     """Each step, every implementation trains on the same batch in turn, so that load from
-    other processes on a shared machine falls on all of them alike."""
+    other processes on a shared machine falls on all of them alike. Every `eval_every` steps
+    (untimed) the held-out FVU joins each one's curve: (tokens, training seconds so far, FVU)."""
     times: dict[str, list[float]] = {impl.name: [] for impl in impls}
+    curves: dict[str, list[tuple[int, float, float]]] = {impl.name: [] for impl in impls}
     for i in range(warmup + steps):
         x = data.batch(i, B)
         for impl in impls:
@@ -197,16 +243,77 @@ def run_interleaved(impls: list[Impl], data: SyntheticActivations, steps: int, w
             t0 = time.perf_counter()
             impl.step(x, i)
             sync(device)
-            if i >= warmup:
-                times[impl.name].append(time.perf_counter() - t0)
+            times[impl.name].append(time.perf_counter() - t0)
+            if eval_every and ((i + 1) % eval_every == 0 or i + 1 == warmup + steps):
+                curves[impl.name].append(((i + 1) * B, sum(times[impl.name]),
+                                          fvu(held_out, impl.reconstruct(held_out))))
     out = {}
     for impl in impls:
-        t = times[impl.name]
+        t = times[impl.name][warmup:]
         out[impl.name] = {"tokens_per_s": steps * B / sum(t), "step_s": sum(t) / steps,
                           "median_step_s": sorted(t)[len(t) // 2],
                           "fvu": fvu(held_out, impl.reconstruct(held_out)),
-                          "tokens": (warmup + steps) * B}
+                          "tokens": (warmup + steps) * B, "curve": curves[impl.name],
+                          "settings": impl.settings}
     return out
+
+
+def time_to_target(results: dict[str, dict]) -> tuple[float, dict[str, tuple[int, float] | None]]:
+    """The target is the worst of the implementations' best held-out FVUs (so each reaches it);
+    -> (target, {name: (tokens, training seconds) at the first evaluation at or below it})."""
+    target = max(min(f for _, _, f in r["curve"]) for r in results.values())
+    reached = {}
+    for name, r in results.items():
+        hit = [(tok, sec) for tok, sec, f in r["curve"] if f <= target]
+        reached[name] = hit[0] if hit else None
+    return target, reached
+
+
+def print_table(title: str, results: dict[str, dict], roof_t: float) -> None:
+    target, reached = time_to_target(results)
+    print(f"\n{title}  (FVU target {target:.4f}: the worst of the best held-out FVUs)")
+    for name, r in results.items():
+        tok, sec = reached[name] or (float("nan"), float("nan"))
+        print(f"{name:9s} {r['tokens_per_s']:8.0f} tokens/s  median step "
+              f"{r['median_step_s'] * 1e3:7.1f} ms  roofline {roof_t / r['median_step_s']:.2f}  "
+              f"FVU {r['fvu']:.4f} after {r['tokens']} tokens  target at {tok:.0f} tokens "
+              f"{sec:6.1f} s" + (f"  [{r['settings']}]" if r["settings"] else ""))
+    if "ours" not in results:
+        return
+    for peer, (t_speed, t_time) in (("sparsify", (2.0, 3.0)), ("sae-lens", (6.0, None))):
+        if peer not in results:
+            continue
+        speed = results["ours"]["tokens_per_s"] / results[peer]["tokens_per_s"]
+        med = results[peer]["median_step_s"] / results["ours"]["median_step_s"]
+        line = (f"ours/{peer}: {speed:.2f}x tokens/s (by median step {med:.2f}x; target "
+                f">= {t_speed:g}x {'met' if speed >= t_speed else 'missed'})")
+        if reached["ours"] and reached[peer]:
+            ttt = reached[peer][1] / reached["ours"][1]
+            line += f", {ttt:.2f}x in time to the FVU target"
+            if t_time:
+                line += f" (target >= {t_time:g}x {'met' if ttt >= t_time else 'missed'})"
+        print(line)
+
+
+ABLATION = {  # name -> make_ours keyword arguments; each row changes one thing from "ours"
+    "ours (tied init, FVU loss, lr as given)": {},
+    "sparsify's init (nn.Linear encoder)": {"init": "sparsify"},
+    "summed-MSE loss (SAELens's lr scale)": {"loss": "mse_sum"},
+    "no decoder-parallel gradient removal": {"constrain": False},
+    "lr by mmdiff's rule (2e-4 / sqrt(F / 2^14))": {"recommended": True},
+}
+
+
+def ablation(D: int, F: int, k: int, lr: float, device: str, bf16: bool, opt_kind: str,
+             data: SyntheticActivations, steps: int, B: int, held_out: torch.Tensor) -> str:
+    """Held-out FVU of ours after `steps` steps with one ingredient changed at a time."""
+    lines = [f"{'ablation of ours (equal tokens: ' + str(steps * B) + ')':48s} held-out FVU"]
+    for name, kw in ABLATION.items():
+        impl = make_ours(D, F, k, lr, device, bf16, opt_kind, **kw)
+        for i in range(steps):
+            impl.step(data.batch(i, B), i)
+        lines.append(f"{name:48s} {fvu(held_out, impl.reconstruct(held_out)):.4f}")
+    return "\n".join(lines)
 
 
 def profile_ours(D: int, F: int, k: int, B: int, lr: float, device: str, bf16: bool,
@@ -214,14 +321,17 @@ def profile_ours(D: int, F: int, k: int, B: int, lr: float, device: str, bf16: b
     """Median milliseconds of each phase of ours: the forward's parts (encoder matmul, top-k,
     sparse decoder) timed alone on the same tensors, then the training step's phases."""
     from mmdiff.sae.base import SAEConfig
-    from mmdiff.sae.kernels import sparse_decode
+    from mmdiff.sae.kernels import plain_topk, sparse_decode
+    from mmdiff.sae.selection import certified_topk
     from mmdiff.sae.topk import TopKSAE
 
     sae = TopKSAE(SAEConfig("topk", d_in=D, d_sae=F, k=k, device=device))
     sae.init_weights(seed=0)
-    sae.select_dtype = torch.bfloat16 if bf16 else None
+    if bf16:
+        sae.candidate_dtype = torch.bfloat16
     opt = adam(sae.parameters(), lr, opt_kind)
     times: dict[str, list[float]] = {}
+    certified: list[float] = []
 
     def timed(name: str, fn: Callable[[], object]) -> object:
         sync(device)
@@ -231,15 +341,17 @@ def profile_ours(D: int, F: int, k: int, B: int, lr: float, device: str, bf16: b
         times.setdefault(name, []).append(time.perf_counter() - t0)
         return r
 
-    mm_dtype = torch.bfloat16 if bf16 else torch.float32
     for i in range(steps + 2):
         x = data.batch(i, B)
         with torch.no_grad():
-            x_in = (x - sae.b_dec).to(mm_dtype)
-            W, b = sae.W_enc.detach().to(mm_dtype), sae.b_enc.detach().to(mm_dtype)
-            pre = timed("encoder matmul (alone)", lambda: torch.addmm(b, x_in, W))
-            v, idx = timed("top-k (alone)", lambda: pre.topk(k, dim=-1, sorted=False))
-            timed("sparse decoder (alone)", lambda: sparse_decode(idx, v.float().relu(), sae.W_dec))
+            x_in = x - sae.b_dec
+            W, b = sae.W_enc.detach(), sae.b_enc.detach()
+            timed("encoder matmul fp32 (alone)", lambda: torch.addmm(b, x_in, W))
+            v, idx = timed("plain top-k incl. matmul (alone)", lambda: plain_topk(x_in, W, b, k))
+            sel = timed("certified top-k incl. matmul (alone)", lambda: certified_topk(
+                x_in, W, b, k, candidate_dtype=sae.candidate_dtype))
+            certified.append(float((sel.level == 0).float().mean()))
+            timed("sparse decoder (alone)", lambda: sparse_decode(idx, v.relu(), sae.W_dec))
         out = timed("step: forward", lambda: sae(x))
         loss = timed("step: FVU loss", lambda: (out.x_hat - x).pow(2).sum()
                      / (x - x.mean(0)).pow(2).sum())
@@ -257,6 +369,7 @@ def profile_ours(D: int, F: int, k: int, B: int, lr: float, device: str, bf16: b
     for name, ts in times.items():
         kept = sorted(ts[2:])  # first two are warm-up
         lines.append(f"{name:40s} {kept[len(kept) // 2] * 1e3:9.1f}")
+    lines.append(f"tokens certified from the first candidates: {min(certified):.4f} (worst batch)")
     return "\n".join(lines)
 
 
@@ -272,7 +385,13 @@ def main() -> None:
     p.add_argument("--adam", default="default", choices=["default", "fused"],
                    help="Adam kernel, the same for every implementation")
     p.add_argument("--bf16-select", action="store_true",
-                   help="ours: choose the k latents from a bf16 encoder product (CPU opt-in)")
+                   help="ours: bf16 candidates for the certified selection (the default on CUDA "
+                        "and CPUs with fast bf16; on others bf16 matmuls are slow)")
+    p.add_argument("--eval-every", type=int, default=3, help="held-out FVU every N steps")
+    p.add_argument("--no-recommended", dest="recommended", action="store_false",
+                   help="skip the run at each implementation's recommended settings")
+    p.add_argument("--no-ablation", dest="ablation", action="store_false",
+                   help="skip the ablation of ours")
     p.add_argument("--profile", action="store_true", help="print a profile of ours and exit")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
@@ -296,35 +415,31 @@ def main() -> None:
         print(profile_ours(D, F, k, B, a.lr, a.device, bf16, data, a.adam))
         return
 
-    gflops32, t32 = matmul_rate(B, D, F, a.device, torch.float32)
-    gflops16, t16 = matmul_rate(B, D, F, a.device, torch.bfloat16)
-    print(f"dense matmul [{B},{D}]@[{D},{F}]: fp32 {gflops32:.1f} GFLOP/s ({t32 * 1e3:.1f} ms), "
-          f"bf16 {gflops16:.1f} GFLOP/s ({t16 * 1e3:.1f} ms)")
-    roof_t = t16 if bf16 else t32
+    gflops, roof_t = matmul_rate(B, D, F, a.device, torch.bfloat16 if bf16 else torch.float32)
+    print(f"dense matmul [{B},{D}]@[{D},{F}] {'bf16' if bf16 else 'fp32'}: {gflops:.1f} GFLOP/s "
+          f"({roof_t * 1e3:.1f} ms)")
 
-    impls = []
-    for name in a.impls.split(","):
-        try:
-            impls.append(MAKERS[name](D, F, k, a.lr, a.device, bf16, a.adam))
-        except ImportError as e:
-            print(f"{name:9s} skipped: {e}")
-    results = run_interleaved(impls, data, a.steps, a.warmup, B, a.device, held_out)
-    for name, r in results.items():
-        print(f"{name:9s} {r['tokens_per_s']:10.0f} tokens/s  step {r['step_s'] * 1e3:8.1f} ms "
-              f"(median {r['median_step_s'] * 1e3:.1f})  roofline share "
-              f"{roof_t / r['median_step_s']:.2f}  held-out FVU {r['fvu']:.4f} "
-              f"after {r['tokens']} tokens")
-    if "ours" in results:
-        for peer, target in (("sparsify", 2.0), ("sae-lens", 5.0)):
-            if peer in results:
-                ratio = results["ours"]["tokens_per_s"] / results[peer]["tokens_per_s"]
-                med = results[peer]["median_step_s"] / results["ours"]["median_step_s"]
-                print(f"ours/{peer}: {ratio:.2f}x tokens/s, {med:.2f}x by median step "
-                      f"(target >= {target:g}x: {'met' if ratio >= target else 'missed'} by "
-                      f"tokens/s); FVU ours {results['ours']['fvu']:.4f} vs "
-                      f"{results[peer]['fvu']:.4f}")
-    if not math.isfinite(sum(r["fvu"] for r in results.values())):
-        raise SystemExit("a run diverged (non-finite FVU)")
+    for recommended in (False, True):
+        if recommended and not a.recommended:
+            continue
+        impls = []
+        for name in a.impls.split(","):
+            try:
+                impls.append(MAKERS[name](D, F, k, a.lr, a.device, bf16, a.adam,
+                                          recommended=recommended))
+            except ImportError as e:
+                print(f"{name:9s} skipped: {e}")
+        results = run_interleaved(impls, data, a.steps, a.warmup, B, a.device, held_out,
+                                  eval_every=a.eval_every)
+        title = ("each at its own recommended settings" if recommended
+                 else f"equal settings (Adam, lr {a.lr})")
+        print_table(title, results, roof_t)
+        if not math.isfinite(sum(r["fvu"] for r in results.values())):
+            raise SystemExit("a run diverged (non-finite FVU)")
+    if a.ablation:
+        print()
+        print(ablation(D, F, k, a.lr, a.device, bf16, a.adam, data, a.warmup + a.steps, B,
+                       held_out))
 
 
 if __name__ == "__main__":
