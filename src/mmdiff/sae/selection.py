@@ -263,7 +263,9 @@ def certified_topk(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *,
     if margin is None:  # working-dtype candidates only have to clear ties at its rounding
         margin = k if cand_dtype != work else min(k, 8)
     margin = int(margin)
-    with torch.no_grad():
+    # Autocast off: the bounds assume the dtypes written here (under CUDA bf16 autocast a
+    # "working-dtype" addmm would silently run in bf16).
+    with torch.no_grad(), torch.autocast(x_in.device.type, enabled=False):
         x_in, W_enc, b_enc = x_in.detach(), W_enc.detach(), b_enc.detach()
         bounds = _Bounds(x_in, W_enc, b_enc)
         level = torch.zeros(N, dtype=torch.uint8, device=x_in.device)
@@ -280,5 +282,5 @@ def certified_topk(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *,
             selected[rows] = topk_lower_index(keys, k)
             level[rows] = 2
         indices = selected.sort(dim=-1).values
-    values = gather_dot(x_in, W_enc, indices) + b_enc[indices]  # one call: same bits for all paths
+        values = gather_dot(x_in, W_enc, indices) + b_enc[indices]  # one call: same bits always
     return Selection(values, indices, level)
