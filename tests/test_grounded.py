@@ -236,3 +236,56 @@ def test_coco_instances_missing_and_truncated_files(tmp_path):
     bad.write_text('{"images": [')
     with pytest.raises(DataError, match="not valid JSON"):
         load_coco_instances(bad)
+
+
+# -- the interp stage: explanations carry grounded scores ----------------------------------------
+
+
+def test_write_interp_grounds_explanations_on_organism_records(tmp_path):
+    import pandas as pd
+    import torch
+
+    from mmdiff.data.loaders.scene_concepts import organism_concepts
+    from mmdiff.interp.dashboard import write_interp
+    from mmdiff.models import load_adapter
+    from mmdiff.models.tiny import BASE_SUBDIR, VLM_SUBDIR, build_tiny
+    from mmdiff.sae import SAEConfig, build_sae
+
+    root = build_tiny("llava", tmp_path / "llava")
+    adapter = load_adapter(root / VLM_SUBDIR, base_lm=root / BASE_SUBDIR, dtype=torch.float32)
+    sae = build_sae(SAEConfig(architecture="relu", d_in=adapter.vlm.d_model, d_sae=8))
+    sae.init_weights(seed=0)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.05)
+    records = [shapes.make_record("train", fam, i) for fam in ("colour", "spatial_yesno", "ocr") for i in range(2)]
+    features = pd.DataFrame({"layer": [1, 1], "feature": [0, 3]})
+    paths = write_interp(adapter, {1: sae}, features, {"organism": records[:3]}, tmp_path / "interp", k=2,
+                         grounding=organism_concepts, grounding_records=records, progress=False)
+    explanations = json.loads(paths["explanations"].read_text())["explanations"]
+    assert explanations
+    for e in explanations:
+        g = e["grounded"]
+        assert g["found"] == bool(g["concepts"]) and (g["found"] or g["text"].startswith(NO_CONCEPT))
+        sides = {c["side"] for c in g["candidates"]}
+        assert sides == {"image", "text"}  # patch maps on the tiny model's grid and question tokens
+        names = {c["concept"] for c in g["candidates"]}
+        assert any(n.startswith("shape=") for n in names) and any(n.startswith("word=") for n in names)
+    page = (tmp_path / "interp" / "dashboards" / f"L1_F{explanations[0]['feature_id'].split('F')[1]}.html")
+    assert "grounded: " in page.read_text()
+
+
+def test_grounding_source_reads_held_out_organism_records(tmp_path):
+    from mmdiff.config import default_config
+    from mmdiff.data.loaders.scene_concepts import organism_concepts
+    from mmdiff.pipeline import StageContext
+    from mmdiff.study import grounding_source, study_stages
+
+    cfg = default_config()
+    stage = next(s for s in study_stages(cfg) if s.name == "interp")
+    assert "validation" in stage.datasets  # the grounding records are part of the stage's inputs
+    concepts, records = grounding_source(StageContext(tmp_path, cfg, stage))
+    assert concepts is organism_concepts and 0 < len(records) <= cfg.interp.grounding_records
+    assert {r.meta["split"] for r in records} == {"validation"} and all("scene" in r.meta for r in records)
+    assert len({r.meta["family"] for r in records}) >= 8  # evenly spaced, not the first families only
+    off = cfg.model_copy(update={"interp": cfg.interp.model_copy(update={"grounding": None})})
+    assert grounding_source(StageContext(tmp_path, off, stage)) == (None, [])

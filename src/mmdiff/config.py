@@ -146,6 +146,10 @@ class InterpSpec(Section):
     max_adapted: int = Field(16, ge=0, description="Besides the task features, the most-changed adapted features.")
     llm: LLMSpec | None = Field(None, description="None = the offline explainer (no network).")
     batch_size: int = Field(8, ge=1)
+    grounding: str | None = Field(None, description=(
+        "Dataset of held-out records whose annotations (the organism's scenes and questions) ground every "
+        "explanation with IoU and detection AUROC (docs/method.md#grounded-explanations); None = no grounded scores."))
+    grounding_records: int = Field(96, ge=1, description="At most this many of its records, evenly spaced.")
 
 
 class ConceptsSpec(Section):
@@ -260,7 +264,7 @@ def default_config() -> StudyConfig:
                         dead_tokens_threshold=20_000, checkpoint_every=50),
         stats=StatsSpec(neutral_instruction="describe the image .", batch_size=32),
         attribution=AttributionSpec(top_k=4, n_calibration=64, exact=True, max_features=12),
-        interp=InterpSpec(k=6, max_adapted=8),
+        interp=InterpSpec(k=6, max_adapted=8, grounding="validation"),
         control=ControlSpec(test="eval", n_random=3, alphas=[-2.0, -1.0, 0.0, 1.0, 2.0], batch_size=128),
         concepts=ConceptsSpec(k=10),
     )

@@ -303,10 +303,26 @@ def stage_interp(ctx: StageContext) -> dict[str, Any]:
             tables[f"detect {t}"] = pd.read_parquet(p)
     heads_path = ctx.run_dir / "attribution" / "heads.parquet"
     heads = pd.read_parquet(heads_path) if heads_path.exists() else None
+    grounding, held_out = grounding_source(ctx)
     write_interp(get_adapter(ctx), saes, features, sources, ctx.run_dir / "interp", explainer=make_explainer(llm),
                  tables=tables, heads=heads, overlays_dir=ctx.run_dir / "attribution" / "overlays",
+                 grounding=grounding, grounding_records=held_out,
                  k=it.k, heatmaps=it.heatmaps, batch_size=it.batch_size, progress=ctx.progress)
-    return {"features": int(len(features)), "explainer": "llm" if llm else "offline"}
+    return {"features": int(len(features)), "explainer": "llm" if llm else "offline", "grounding_records": len(held_out)}
+
+
+def grounding_source(ctx: StageContext) -> tuple[Any, list[Record]]:
+    """(concept source, held-out records) grounding the explanations: the organism's scene and
+    question concepts on at most `interp.grounding_records` evenly spaced records of `interp.grounding`;
+    (None, []) when none is configured or its records carry no annotations the explainer reads."""
+    from mmdiff.data.loaders.scene_concepts import organism_concepts
+
+    it = ctx.config.interp
+    if it.grounding is None:
+        return None, []
+    records = [r for r in get_records(ctx, it.grounding) if "scene" in (r.meta or {})]
+    step = max(1, -(-len(records) // it.grounding_records))
+    return (organism_concepts, records[::step]) if records else (None, [])
 
 
 def _control_common(ctx: StageContext) -> tuple[Any, list[str], dict[str, Any]]:
@@ -421,7 +437,8 @@ def study_stages(cfg: StudyConfig) -> list[Stage]:
         stage("attribute", ["attribution/heads.parquet"], needs=["train", "stats", "detect"],
               config_key="attribution", datasets=analysis),
         stage("interp", ["interp/explanations.json", "interp/dashboards/index.html"],
-              needs=["train", "stats", "diff", "detect", "attribute"], config_key="interp", datasets=analysis),
+              needs=["train", "stats", "diff", "detect", "attribute"], config_key="interp",
+              datasets=[*analysis, *([cfg.interp.grounding] if cfg.interp.grounding else [])]),
         stage("ablate", ["eval/effects.parquet"], needs=["train", "stats", "detect"], config_key="control",
               datasets=[cfg.control.test]),
     ]

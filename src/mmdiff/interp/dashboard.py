@@ -255,6 +255,19 @@ def write_dashboards(cards: Sequence[FeatureCard], out_dir: str | Path, *, title
     return paths
 
 
+def _with_grounding(adapter: Any, saes: Mapping[int, Any], explanations: dict, grounding: Any,
+                    records: Sequence[Any], batch_size: int, progress: bool) -> dict:
+    """The explanations with their grounded concepts measured on `records` (one more re-run)."""
+    import dataclasses
+
+    from mmdiff.interp.examples import _tokenizer, token_activations
+    from mmdiff.interp.grounded import ground_features
+
+    rerun = token_activations(adapter, saes, records, list(explanations), batch_size=batch_size, progress=progress)
+    grounded = ground_features(rerun, list(explanations), grounding, _tokenizer(adapter))
+    return {key: dataclasses.replace(ex, grounded=grounded[key].to_dict()) for key, ex in explanations.items()}
+
+
 def write_interp(
     adapter: Any,
     saes: Mapping[int, Any],
@@ -267,6 +280,8 @@ def write_interp(
     heads: pd.DataFrame | None = None,
     overlays_dir: str | Path | None = None,
     detections: Mapping[str, Any] | None = None,
+    grounding: Any = None,
+    grounding_records: Sequence[Any] = (),
     k: int = 10,
     heatmaps: bool = True,
     batch_size: int = 8,
@@ -278,7 +293,10 @@ def write_interp(
     object with explain(evidence) (default: the offline explainer). tables: name -> a table with
     layer and feature columns shown on each page (the features table itself is always shown as
     "selection"). heads: attribution/heads.parquet; overlays_dir: attribution/overlays;
-    detections: feature id ("L12/F807") -> detection metrics (DetectionMetrics or a dict). Writes
+    detections: feature id ("L12/F807") -> detection metrics (DetectionMetrics or a dict).
+    grounding: a concept source (`interp.grounded.ConceptSource`, e.g. the organism's
+    `organism_concepts`) scored on `grounding_records` (held-out records) so each explanation carries
+    its grounded concepts and scores (docs/method.md#grounded-explanations). Writes
     under out_dir (the run's interp/): examples.parquet (per-record maxima of every source),
     explanations.json, dashboards/L{L}_F{f}.html and dashboards/index.html. Returns the paths.
     """
@@ -299,6 +317,8 @@ def write_interp(
     else:
         explained = [explainer.explain(ev) for ev in evidences]
     explanations = dict(zip(fired, explained))
+    if grounding is not None and grounding_records and fired:
+        explanations = _with_grounding(adapter, saes, explanations, grounding, grounding_records, batch_size, progress)
     all_tables = {"selection": features, **dict(tables or {})}
     by_id = {record.id: record for records in sources.values() for record in records}
     cards = []

@@ -52,6 +52,7 @@ class Explanation:
     coverage: float | None = None  # offline: share of the examples' activating mass its patterns carry
     detection: float | None = None  # balanced accuracy of detection on held-out examples
     detection_n: int | None = None  # how many held-out examples that score was measured on
+    grounded: dict[str, Any] | None = None  # interp.grounded.GroundedExplanation.to_dict(): concepts with IoU / AUROC
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,7 +61,7 @@ class Explanation:
     def from_dict(cls, d: dict[str, Any]) -> "Explanation":
         keys = (
             "description", "confidence", "patterns", "cue_counts", "source", "feature_id",
-            "coverage", "detection", "detection_n",
+            "coverage", "detection", "detection_n", "grounded",
         )  # fmt: skip
         return cls(**{k: d[k] for k in keys if k in d})
 

@@ -17,20 +17,26 @@ annotation loaders). Every concept gets two measured scores (docs/method.md#grou
 The grounding score is min(IoU, 2 * AUROC - 1): a concept must both localise (IoU) and detect
 (AUROC above chance, rescaled so chance is 0). A feature is explained by the concepts whose
 grounding score is at least `MIN_GROUNDING_SCORE`; with none, the answer is "no grounded concept
-found" with the best candidate's scores, never a guess. Pure functions on numpy arrays.
+found" with the best candidate's scores, never a guess. The scores are pure functions on numpy
+arrays; `ground_features` feeds them from records re-run by `interp.examples.token_activations`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from mmdiff.data.records import Record
+from mmdiff.data.regions import Grid
 from mmdiff.errors import DataError
+from mmdiff.interp.examples import FeatureKey, RecordActivations
+from mmdiff.interp.heatmap import Tile, patch_maps
 from mmdiff.interp.scoring import detection_metrics
+from mmdiff.models.base import TokenType
 
 ACTIVE_FRACTION = 0.5  # a position is in the feature's active region at >= this share of the record's max
 MIN_GROUNDING_SCORE = 0.5  # min(IoU, 2 * AUROC - 1) a concept needs to explain the feature
@@ -85,7 +91,9 @@ class ConceptScore:
                 f"{self.n_absent} absent)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "grounding_score": self.grounding_score}
+        """JSON-ready fields and the grounding score; undefined scores are None (JSON has no NaN)."""
+        d = {**asdict(self), "grounding_score": self.grounding_score}
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
 
 
 @dataclass(frozen=True)
@@ -214,3 +222,46 @@ def ground_feature(
     ranked = tuple(sorted(scores, key=_rank_key))
     chosen = tuple(c for c in ranked if c.grounding_score >= min_score)[:top]  # nan compares False
     return GroundedExplanation(concepts=chosen, candidates=ranked, min_score=min_score)
+
+
+# --------------------------------------------------------------------------------------------
+# from re-run records to observations
+
+
+ConceptSource = Callable[[Record, "Grid | None", Sequence[str]], Mapping[str, Mapping[str, np.ndarray]]]
+"""(record, its finest patch grid or None without image, its text tokens) -> side -> concept -> region."""
+
+
+def _finest(tiles: Sequence[Tile]) -> int:
+    """Index of the tile with the most patches (the first of equals): the map the concepts are drawn on."""
+    return max(range(len(tiles)), key=lambda i: (tiles[i][0] * tiles[i][1], -i))
+
+
+def ground_features(
+    record_acts: Sequence[RecordActivations],
+    keys: Sequence[FeatureKey],
+    concepts_of: ConceptSource,
+    tokenizer: Any,
+    **kwargs: Any,
+) -> dict[FeatureKey, GroundedExplanation]:
+    """`ground_feature` for each feature over held-out records re-run by `token_activations`: the image
+    side on each record's finest patch tile, the text side on its text tokens. kwargs go to
+    `ground_feature` (min_score, top, fraction)."""
+    per_record = []
+    for ra in record_acts:
+        text = ra.token_types == int(TokenType.TEXT)  # [T]
+        tokens = [tokenizer.decode([int(i)]) for i in ra.input_ids[text].tolist()]
+        tile = _finest(ra.tiles) if ra.tiles else None
+        grid = ra.tiles[tile][:2] if tile is not None else None
+        per_record.append((ra, text, tile, concepts_of(ra.record, grid, tokens)))
+    out = {}
+    for key in keys:
+        sides: dict[str, list[Observation]] = {"image": [], "text": []}
+        for ra, text, tile, concepts in per_record:
+            if tile is not None:
+                image_map = patch_maps(ra.image_values(key), ra.tiles)[tile].numpy()  # [rows, cols]
+                sides["image"].append(Observation(image_map, concepts.get("image", {})))
+            if bool(text.any()):
+                sides["text"].append(Observation(ra.activations[key][text].numpy(), concepts.get("text", {})))
+        out[key] = ground_feature({s: o for s, o in sides.items() if o}, **kwargs)
+    return out

@@ -9,19 +9,20 @@ mapped onto the model's patch grid (`data.regions`). Concepts, named "<kind>=<va
   (a position concept is "an object there", so its region is the object, not the empty cell);
 - word=apple: the pixels of that rendered word; text: every rendered word.
 
-Concepts a scene does not hold are left out (the grounded explainer reads them as absent).
+Concepts a scene does not hold are left out (the grounded explainer reads them as absent). The
+question's tokens give the text side's concepts (`question_concepts`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from mmdiff.data import shapes
 from mmdiff.data.records import Record
-from mmdiff.data.regions import MIN_COVER, Grid, mask_cover, region, union_regions
+from mmdiff.data.regions import MIN_COVER, Grid, mask_cover, region, text_regions, union_regions
 from mmdiff.errors import DataError
 
 
@@ -60,3 +61,23 @@ def record_concepts(record: Record, grid: Grid, min_cover: float = MIN_COVER) ->
             "of the organism's shapes world carry scene metadata (shapes.make_record)"
         )
     return scene_concepts(scene, grid, min_cover)
+
+
+def question_concepts(record: Record, tokens: Sequence[str]) -> dict[str, np.ndarray]:
+    """Token-side concepts of an organism question: concept -> bool mask [len(tokens)] of the text
+    positions spelling it. "relation=<r>" the relation a spatial question asks about, "subject=<o>"
+    and "related=<o>" its two objects, "said=<w>" every colour and shape word."""
+    meta = record.meta or {}
+    phrases = {f"said={w}": w for w in (*shapes.COLOURS, *shapes.SHAPES)}
+    for field, name in (("relation", "relation"), ("subject", "subject"), ("object", "related")):
+        if isinstance(meta.get(field), str):
+            phrases[f"{name}={meta[field]}"] = meta[field]
+    return text_regions(tokens, phrases)
+
+
+def organism_concepts(record: Record, grid: Grid | None, tokens: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Both sides' concepts of an organism record (the grounded explainer's concept source): "image"
+    from its scene on `grid` (none without an image or scene), "text" from its question tokens."""
+    scene = (record.meta or {}).get("scene")
+    image = scene_concepts(scene, grid) if grid is not None and scene is not None else {}
+    return {"image": image, "text": question_concepts(record, tokens)}
