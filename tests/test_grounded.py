@@ -289,3 +289,15 @@ def test_grounding_source_reads_held_out_organism_records(tmp_path):
     assert len({r.meta["family"] for r in records}) >= 8  # evenly spaced, not the first families only
     off = cfg.model_copy(update={"interp": cfg.interp.model_copy(update={"grounding": None})})
     assert grounding_source(StageContext(tmp_path, off, stage)) == (None, [])
+
+
+def test_match_share_counts_features_explained_by_their_tasks_concept():
+    def grounded(*concepts):
+        return {"concepts": [{"concept": c} for c in concepts]}
+
+    pairs = [("ocr", grounded("word=apple", "colour=red")), ("ocr", grounded("colour=red")), ("ocr", grounded()),
+             ("spatial", grounded("relation=left of")), ("adapted", grounded("word=apple"))]
+    from mmdiff.interp.grounded import match_share, matches_task
+
+    assert match_share(pairs) == {"ocr": (1, 3), "spatial": (1, 1)}
+    assert matches_task(grounded(), "ocr") is False and matches_task(grounded("text"), "adapted") is None

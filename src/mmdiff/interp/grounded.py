@@ -265,3 +265,44 @@ def ground_features(
                 sides["text"].append(Observation(ra.activations[key][text].numpy(), concepts.get("text", {})))
         out[key] = ground_feature({s: o for s, o in sides.items() if o}, **kwargs)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# the organism's ground-truth check
+
+# The concept kinds ("<kind>=<value>", or the bare "text") that match a task's features: an OCR or
+# safety (typographic) feature should track rendered words, a spatial one object positions or the
+# asked relation, colour and shape ones their attribute.
+TASK_CONCEPT_KINDS: dict[str, tuple[str, ...]] = {
+    "ocr": ("word", "text"),
+    "safety": ("word", "text"),
+    "spatial": ("cell", "row", "col", "relation", "subject", "related"),
+    "colour": ("colour", "object", "said"),
+    "shape": ("shape", "object", "said"),
+}
+
+
+def matches_task(grounded: GroundedExplanation | Mapping[str, Any], task: str) -> bool | None:
+    """Whether a feature's best grounded concept is of a kind its task predicts (TASK_CONCEPT_KINDS);
+    False when no concept was found, None for tasks without a prediction."""
+    kinds = TASK_CONCEPT_KINDS.get(task)
+    if kinds is None:
+        return None
+    concepts = grounded.concepts if isinstance(grounded, GroundedExplanation) else grounded.get("concepts", [])
+    if not concepts:
+        return False
+    best = concepts[0].concept if isinstance(concepts[0], ConceptScore) else concepts[0]["concept"]
+    return best.split("=", 1)[0] in kinds
+
+
+def match_share(features: Sequence[tuple[str, GroundedExplanation | Mapping[str, Any]]]) -> dict[str, tuple[int, int]]:
+    """task -> (features whose best grounded concept matches the task, features of the task) over
+    (task, grounded explanation) pairs; tasks without a prediction are left out."""
+    out: dict[str, tuple[int, int]] = {}
+    for task, grounded in features:
+        match = matches_task(grounded, task)
+        if match is None:
+            continue
+        hit, n = out.get(task, (0, 0))
+        out[task] = (hit + int(match), n + 1)
+    return out
