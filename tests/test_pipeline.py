@@ -160,3 +160,65 @@ def test_always_stage_runs_every_time_and_events_count_steps(tmp_path):
     assert stages[-1].describe == "Rebuilt from whatever the run holds."
     res = run_stages(stages, Cfg(), RunDir(tmp_path), only=["a"])
     assert [r.name for r in res] == ["a"]  # not selected: not run
+
+
+# ------------------------------------------------------------------- damaged outputs, config.yaml
+def _events(store):
+    return lambda event: store.append((event.kind, event.stage.name, event.note))
+
+
+def test_damaged_finished_output_is_redone_and_said(tmp_path):
+    """A finished output truncated afterwards used to be trusted (every stage skipped, rc 0)."""
+    calls, events = [], []
+    run_stages(make_stages(calls), Cfg(), RunDir(tmp_path))
+    (tmp_path / "a.txt").write_text("")  # damaged: size and content differ from what was recorded
+    calls.clear()
+    run_stages(make_stages(calls), Cfg(), RunDir(tmp_path), on_event=_events(events))
+    assert calls == ["a"] and (tmp_path / "a.txt").read_text() == "1"  # as before: b stays done
+    (note,) = [n for kind, name, n in events if kind == "start" and name == "a"]
+    assert note.startswith("its outputs changed since it finished (a.txt)")
+    # touched but unchanged: the size and time stamp moved, the content hash did not
+    os.utime(tmp_path / "b.txt", (1, 1))
+    calls.clear()
+    run_stages(make_stages(calls), Cfg(), RunDir(tmp_path))
+    assert calls == []
+
+
+def test_config_yaml_changes_only_when_a_stage_runs(tmp_path):
+    """A command that fails before any stage runs used to overwrite a finished run's config.yaml."""
+    run_stages(make_stages([]), Cfg(), RunDir(tmp_path), config_text="first\n")
+    assert (tmp_path / "config.yaml").read_text() == "first\n"
+    with pytest.raises(ConfigError):
+        run_stages(make_stages([]), Cfg(a=2), RunDir(tmp_path), only=["nosuchstage"], config_text="second\n")
+    run_stages(make_stages([]), Cfg(), RunDir(tmp_path), config_text="same inputs\n")  # all skipped
+    assert (tmp_path / "config.yaml").read_text() == "first\n"
+    report = Stage("report", lambda ctx: (ctx.run_dir / "r").write_text("r"), outputs=["r"], always=True)
+    run_stages([*make_stages([]), report], Cfg(), RunDir(tmp_path), config_text="report only\n")
+    assert (tmp_path / "config.yaml").read_text() == "first\n"
+    run_stages(make_stages([]), Cfg(b=3), RunDir(tmp_path), config_text="b changed\n")
+    assert (tmp_path / "config.yaml").read_text() == "b changed\n"
+
+
+def test_config_that_does_not_match_the_manifest_is_found(tmp_path):
+    from mmdiff.pipeline import config_mismatch
+
+    run_stages(make_stages([]), Cfg(), RunDir(tmp_path))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert config_mismatch(manifest, Cfg()) == []
+    assert config_mismatch(manifest, Cfg(b=2)) == ["b"]
+
+
+def test_resume_from_a_checkpoint_is_announced(tmp_path):
+    def killed(ctx):
+        step = ctx.run_dir / "out" / "checkpoint" / "rank_0" / "step_000000120"
+        step.mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    events = []
+    with pytest.raises(KeyboardInterrupt):
+        run_stages([Stage("train", killed, outputs=["out"])], Cfg(), RunDir(tmp_path))
+    RunDir(tmp_path).record("train", status="running")  # as a SIGKILL leaves it
+    run_stages([Stage("train", lambda ctx: None, outputs=["out"])], Cfg(), RunDir(tmp_path),
+               on_event=_events(events))
+    (note,) = [n for kind, _, n in events if kind == "start"]
+    assert note == "it was interrupted: resuming from its checkpoints (out at step 120); --force starts over"

@@ -147,5 +147,19 @@ def sha256_tree(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def tree_stat(path: str | os.PathLike) -> tuple[int, int, int]:
+    """(files, bytes, newest mtime in ns) of the files `sha256_tree` hashes: a cheap test of
+    whether a tree may have changed since it was hashed (0, 0, 0 when it is gone)."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    else:
+        return (0, 0, 0)
+    stats = [f.stat() for f in files]
+    return (len(stats), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0))
+
+
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()

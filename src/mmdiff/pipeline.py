@@ -4,7 +4,10 @@ A study is a list of stages. Each stage reads files in the run directory (or the
 named by the config), writes its own files there atomically, and is recorded in `manifest.json` with
 its status, the hash of its inputs (its config section, the hashes of its upstream stages' outputs,
 the mmdiff version), package versions, wall seconds and peak memory. A stage whose recorded inputs
-hash equals the current one and whose outputs are all present is skipped; `force` redoes it. A stage
+hash equals the current one and whose outputs are all present and unchanged is skipped; `force`
+redoes it. "Unchanged" is checked cheaply: each output's file count, bytes and newest mtime are
+recorded beside its content hash, and only when those moved is the content hashed again, so a
+truncated or edited output makes its stage run again (and the run says so). A stage
 killed mid-way stays "running" in the manifest and is redone on the next run (stages that run long
 keep their own checkpoints inside their output folder and resume from them). A stage marked
 `always` (the report, which reads whatever the run holds) runs whenever it is selected.
@@ -24,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from mmdiff import __version__
-from mmdiff.atomic import sha256_json, sha256_tree, write_json, write_text
+from mmdiff.atomic import sha256_json, sha256_tree, tree_stat, write_json, write_text
 from mmdiff.distributed import broadcast_object, is_main, on_main
 from mmdiff.errors import ConfigError, MMDiffError
 
@@ -161,16 +164,52 @@ class RunDir:
         return sha256_json({o: self.status(stage.name).get("outputs", {}).get(o) for o in stage.outputs})
 
 
-def inputs_hash(stage: Stage, config: Any, run_dir: RunDir, stages: dict[str, Stage]) -> str:
+def config_scope(config: Any, config_key: str | None, datasets: Sequence[str]) -> dict[str, Any]:
+    """The part of the config a stage's inputs hash covers: its section and the shared scope."""
     section = None
-    if stage.config_key:
-        section = getattr(config, stage.config_key)
+    if config_key:
+        section = getattr(config, config_key)
         section = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
+    shared = config.hash_scope(datasets) if hasattr(config, "hash_scope") else None
+    return {"config": section, "shared": shared}
+
+
+def inputs_hash(stage: Stage, config: Any, run_dir: RunDir, stages: dict[str, Stage]) -> str:
     upstream = {n: run_dir.outputs_hash(stages[n]) for n in stage.needs}
-    shared = config.hash_scope(stage.datasets) if hasattr(config, "hash_scope") else None
-    return sha256_json(
-        {"stage": stage.name, "config": section, "shared": shared, "upstream": upstream, "mmdiff": __version__}
-    )
+    return sha256_json({"stage": stage.name, **config_scope(config, stage.config_key, stage.datasets),
+                        "upstream": upstream, "mmdiff": __version__})
+
+
+def config_mismatch(manifest: dict[str, Any], config: Any) -> list[str]:
+    """Finished stages that ran with another config than `config` (the run's config.yaml): each
+    records the hash of the config scope it ran with, which is recomputed here. Stages recorded
+    before that hash existed are not judged."""
+    stale = []
+    for name, rec in (manifest.get("stages") or {}).items():
+        if rec.get("status") != "done" or "config_hash" not in rec:
+            continue
+        try:
+            scope = config_scope(config, rec.get("config_key"), rec.get("datasets") or [])
+        except AttributeError:  # a section this version's config does not have
+            scope = None
+        if sha256_json(scope) != rec["config_hash"]:
+            stale.append(name)
+    return stale
+
+
+def changed_outputs(stage: Stage, run_dir: RunDir) -> list[str]:
+    """Outputs of a finished stage that differ from what it recorded: a size or time stamp moved
+    (cheap, checked first) and then the content hash differs. Outputs recorded without sizes (an
+    older manifest) are not judged."""
+    rec = run_dir.status(stage.name)
+    stats, hashes = rec.get("output_stats") or {}, rec.get("outputs") or {}
+    changed = []
+    for o in stage.outputs:
+        if o not in stats:
+            continue
+        if list(tree_stat(run_dir.path / o)) != stats[o] and sha256_tree(run_dir.path / o) != hashes.get(o):
+            changed.append(o)
+    return changed
 
 
 def select_stages(
@@ -186,6 +225,21 @@ def select_stages(
     if start:
         return list(stages[names.index(start) :])
     return list(stages)
+
+
+def resume_note(stage: Stage, run_dir: RunDir) -> str:
+    """What an interrupted stage resumes from: the newest checkpoint under each of its outputs
+    (stages that run long keep them in folders named step_<n>, as the SAE trainer does)."""
+    found = []
+    for o in stage.outputs:
+        steps = [p for p in (run_dir.path / o).rglob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+        if steps:
+            newest = max(steps, key=lambda p: int(p.name[5:]))
+            found.append(f"{o} at step {int(newest.name[5:])}")
+    was = "interrupted" if run_dir.status(stage.name).get("status") == "running" else "failed"
+    if found:
+        return f"it was {was}: resuming from its checkpoints ({'; '.join(found)}); --force starts over"
+    return f"it was {was}: it runs again, reusing what it finished and checks (--force starts over)"
 
 
 @dataclass
@@ -205,6 +259,7 @@ class StageEvent:
     step: int  # 1-based position among the selected stages
     total: int  # number of selected stages
     result: StageResult | None = None  # with "skipped" and "done"
+    note: str | None = None  # with "start": why a finished stage runs again, or what it resumes
 
 
 def run_stages(
@@ -217,24 +272,32 @@ def run_stages(
     force: bool = False,
     progress: bool = True,
     on_event: Callable[[StageEvent], None] | None = None,
+    config_text: str | None = None,
 ) -> list[StageResult]:
-    """Run the selected stages in order; skip those done with unchanged inputs unless `force`.
+    """Run the selected stages in order; skip those done with unchanged inputs and outputs unless
+    `force`.
 
     `only`/`start` restrict which stages run; a selected stage whose upstream stage has never
-    finished gets a clear error instead of silently working on missing files.
+    finished gets a clear error instead of silently working on missing files. A finished stage
+    whose outputs changed since (a truncated file) runs again, and the start event says why.
+    `config_text` is written to config.yaml when the first stage other than an `always` one
+    starts (or when there is none yet), so a command that fails before, or that only rebuilds the
+    report, leaves a finished run's config.yaml as it was.
     """
     by_name = {s.name: s for s in stages}
     selected = select_stages(stages, only, start)
     selected_names = {s.name for s in selected}
     results: list[StageResult] = []
     ctx_cache: dict[str, Any] = {}
-    def tell(kind: str, step: int, stage: Stage, result: StageResult | None = None) -> None:
+    def tell(kind: str, step: int, stage: Stage, result: StageResult | None = None, note: str | None = None) -> None:
         if on_event:
-            on_event(StageEvent(kind, stage, step, len(selected), result))
+            on_event(StageEvent(kind, stage, step, len(selected), result, note))
+
+    config_written = config_text is None
 
     for step, stage in enumerate(selected, start=1):
 
-        def decide(stage: Stage = stage) -> tuple[str, str]:
+        def decide(stage: Stage = stage) -> tuple[str, str, str | None]:
             for up in stage.needs:
                 if up not in selected_names and run_dir.status(up).get("status") != "done":
                     raise MMDiffError(
@@ -245,16 +308,25 @@ def run_stages(
             prev = run_dir.status(stage.name)
             outputs_present = all((run_dir.path / o).exists() for o in stage.outputs)
             done = prev.get("status") == "done" and prev.get("inputs_hash") == h and outputs_present
-            return ("skip" if done and not (force or stage.always) else "run"), h
+            if not done or force or stage.always:
+                return "run", h, resume_note(stage, run_dir) if prev.get("status") in ("running", "failed") else None
+            changed = changed_outputs(stage, run_dir)
+            if changed:
+                return "run", h, (f"its outputs changed since it finished ({', '.join(changed)}): "
+                                  "they are not trusted, so the stage runs again")
+            return "skip", h, None
 
         # rank 0 decides from its manifest; every rank follows (one rank alone: a plain call)
-        decision, h = broadcast_object(on_main(decide))
+        decision, h, note = broadcast_object(on_main(decide))
         if decision == "skip":
             res = StageResult(stage.name, "skipped", 0.0, run_dir.status(stage.name).get("summary"))
             results.append(res)
             tell("skipped", step, stage, res)
             continue
-        tell("start", step, stage)
+        if not config_written and (not stage.always or not (run_dir.path / CONFIG_FILE).exists()):
+            on_main(run_dir.write_config, config_text)  # the config this stage runs with
+            config_written = True
+        tell("start", step, stage, note=note)
         run_dir.record(stage.name, status="running", inputs_hash=h, started=time.time())
         ctx = StageContext(run_dir.path, config, stage, progress=progress, cache=ctx_cache, force=force)
         t0 = time.perf_counter()
@@ -277,6 +349,10 @@ def run_stages(
                 status="done",
                 inputs_hash=h,
                 outputs={o: sha256_tree(run_dir.path / o) for o in stage.outputs},
+                output_stats={o: list(tree_stat(run_dir.path / o)) for o in stage.outputs},
+                config_key=stage.config_key,
+                datasets=list(stage.datasets),
+                config_hash=sha256_json(config_scope(config, stage.config_key, stage.datasets)),
                 versions=package_versions(),
                 seconds=round(seconds, 3),
                 peak_rss_mib=round(mem.rss_mib, 1),
