@@ -119,7 +119,7 @@ def test_dry_run_names_missing_things(tiny_study, tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump(cfg))
     res = CliRunner().invoke(app, ["run", "--config", str(p), "--dry-run"])
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # bad input (docs/bad_inputs.md), as every other command
     assert "'nope'" in res.output and "missing_model" in res.output
     res = CliRunner().invoke(app, ["run", "--config", str(tiny_study / "study.yaml"), "--dry-run"])
     assert res.exit_code == 0, res.output

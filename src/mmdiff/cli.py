@@ -1,20 +1,46 @@
-"""The `mmdiff` command line: `mmdiff run` for the whole study, and one command per stage."""
+"""The `mmdiff` command line: `mmdiff run` for the whole study, and one command per stage.
+
+Every command exits 0 when it did its work, 2 on bad input or config (the message says what was
+expected, what was found and what to do; nothing is left half-written), 130 when interrupted
+(finished stages are kept) and 1 on an error mmdiff did not expect (a bug: the traceback is shown).
+docs/bad_inputs.md lists each class of bad input with its exit code and message.
+"""
 
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mmdiff.checks import check_study
 from mmdiff.config import dump_config, load_config
 from mmdiff.distributed import init_distributed, is_main, on_main
-from mmdiff.errors import MMDiffError
-from mmdiff.pipeline import CONFIG_FILE, RunDir, StageEvent, StageResult, run_stages
+from mmdiff import __version__
+from mmdiff.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ConfigError,
+    MMDiffError,
+    os_error_message,
+)
+from mmdiff.pipeline import (
+    CONFIG_FILE,
+    MANIFEST,
+    RunDir,
+    StageEvent,
+    StageResult,
+    config_mismatch,
+    run_stages,
+    select_stages,
+)
 from mmdiff.study import STAGE_FUNCTIONS, study_stages
 
 app = typer.Typer(
@@ -33,32 +59,76 @@ console = Console(stderr=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Study config (YAML). Default: the organism study.")
 RunsOpt = typer.Option(Path("runs"), "--runs-dir", help="Parent folder of run directories.")
+NameOpt = typer.Option(None, "--name", help="Run name: the run directory is RUNS_DIR/NAME (default: the config's name).")
+ProgressOpt = typer.Option(True, "--progress/--no-progress",
+                           help="Show progress bars (model loading and downloads included); --no-progress for logs.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mmdiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Multimodal model diffing with sparse autoencoders."""
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def check_run_name(name: str, runs_dir: Path) -> str:
+    """A run name is one folder inside --runs-dir: letters, digits, '_', '-', '.', '+', not
+    starting with '.' (no '..', no '/'), so a run never writes outside the runs folder."""
+    if not _RUN_NAME.fullmatch(name):
+        safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("._") or "run"
+        raise ConfigError(
+            f"run name {name!r} is not a plain folder name: the run directory must sit inside "
+            f"--runs-dir ({runs_dir}); use letters, digits, '_', '-', '.' and '+', not starting with "
+            f"'.' (e.g. --name {safe}), and --runs-dir to choose where runs go"
+        )
+    return name
+
+
+def _quiet_model_loading() -> None:
+    """--no-progress: no bars from transformers (loading weights) or the hub (downloads) either."""
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 @app.command()
 def run(
     config: Optional[Path] = ConfigOpt,
     runs_dir: Path = RunsOpt,
-    name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the config's name)."),
+    name: Optional[str] = NameOpt,
     force: bool = typer.Option(False, "--force", help="Redo stages even when their inputs are unchanged."),
     only: Optional[List[str]] = typer.Option(None, "--only", help="Run only this stage (repeatable)."),
     start: Optional[str] = typer.Option(None, "--from", help="Run this stage and every later one."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and the files it names; load no weights."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool = ProgressOpt,
 ) -> None:
     """Run the whole study (or some stages) into runs/<name>/, skipping stages already done."""
     cfg = load_config(config)
     if name:
         cfg.name = name
+    check_run_name(cfg.name, runs_dir)
     stages = study_stages(cfg)
+    select_stages(stages, only, start)  # a misspelt --only / --from is bad input, dry run or not
     # the dry run reads a sample of every dataset; before a real run, names and file headers suffice
     problems = check_study(cfg, read_records=dry_run)
     if dry_run:
         for p in problems:
-            console.print(f"[red]x[/red] {p}")
+            console.print(f"[red]x[/red] {escape(p)}")
         if problems:
-            raise typer.Exit(1)
-        console.print(f"[green]config OK[/green]: {config or 'organism default'}; stages: "
+            raise typer.Exit(EXIT_BAD_INPUT)
+        console.print(f"[green]config OK[/green]: {escape(str(config or 'organism default'))}; stages: "
                       + ", ".join(s.name for s in stages))
         try:
             _print_plan(cfg, None)
@@ -67,20 +137,23 @@ def run(
         return
     if problems:
         raise MMDiffError("the config names things that are not there:\n  " + "\n  ".join(problems))
+    if not progress:
+        _quiet_model_loading()
     if config is None:
         console.print("[bold]mmdiff[/bold]: no --config given, running the organism study "
                       "(the bundled tiny LLaVA and its shapes world).")
     run_dir = RunDir(runs_dir / cfg.name)
-    on_main(run_dir.write_config, dump_config(cfg))
     results = run_stages(stages, cfg, run_dir, only=only, start=start, force=force, progress=progress,
-                         on_event=_print_event)
+                         on_event=_print_event, config_text=dump_config(cfg))
     _print_summary(results, run_dir.path)
 
 
 def _print_event(event: StageEvent) -> None:
     stage = event.stage
     if event.kind == "start":
-        console.rule(f"[bold]{event.step}/{event.total} {stage.name}[/bold] {stage.describe}")
+        console.rule(f"[bold]{event.step}/{event.total} {stage.name}[/bold] {escape(stage.describe)}")
+        if event.note:
+            console.print(f"[yellow]![/yellow] {stage.name}: {escape(event.note)}")
     elif event.kind == "skipped":
         console.print(f"[dim]- {stage.name}: done earlier with the same inputs, skipped (--force redoes it)[/dim]")
     elif event.kind == "done" and event.result is not None:
@@ -98,19 +171,21 @@ def _print_summary(results: list[StageResult], run_dir: Path) -> None:
             console.print(f"report: {(run_dir / r.summary['path']).resolve()}")
 
 
-def _stage_command(stage: str, doc: str) -> None:
+def _stage_command(stage: str, doc: str, writes: list[str]) -> None:
     def command(
         config: Optional[Path] = ConfigOpt,
         runs_dir: Path = RunsOpt,
+        name: Optional[str] = NameOpt,
         force: bool = typer.Option(False, "--force", help="Redo the stage even when its inputs are unchanged."),
-        progress: bool = typer.Option(True, "--progress/--no-progress"),
+        progress: bool = ProgressOpt,
     ) -> None:
-        run(config=config, runs_dir=runs_dir, name=None, force=force, only=[stage], start=None,
+        run(config=config, runs_dir=runs_dir, name=name, force=force, only=[stage], start=None,
             dry_run=False, progress=progress)
 
     command.__doc__ = doc + (
         f"\n\nRuns the `{stage}` stage of the study config into runs/<name>/ (the stages it reads must "
         f"have finished there). Same as `mmdiff run --only {stage}`."
+        f"\n\nWrites (for the organism study; `mmdiff stages -c CONFIG` for yours): {', '.join(writes)}."
     )
     app.command(stage)(command)
 
@@ -120,9 +195,10 @@ def _help_text(fn: object) -> str:
     return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(fn.__doc__ or "").split("\n\n"))
 
 
+_ORGANISM_OUTPUTS = {s.name: list(s.outputs) for s in study_stages(load_config(None))}
 for _name, _fn in STAGE_FUNCTIONS.items():
     if _name != "report":  # `mmdiff report RUN_DIR` rebuilds it from any run directory
-        _stage_command(_name, _help_text(_fn))
+        _stage_command(_name, _help_text(_fn), _ORGANISM_OUTPUTS.get(_name, []))
 
 
 organism_app = typer.Typer(help="The bundled model organism: a tiny Llama base LM and its LLaVA VLM, "
@@ -181,10 +257,25 @@ def organism_eval(
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/organism.")) -> None:
     """Rebuild the study's HTML report (report/index.html) from what a run directory holds."""
+    import json
+
     from mmdiff.report.build import build_report
 
+    if not run_dir.exists():
+        raise ConfigError(f"{run_dir} does not exist: expected a run directory, e.g. runs/organism")
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file: expected a run directory (a folder `mmdiff run` wrote, "
+                          "holding manifest.json), e.g. runs/organism")
+    if not (run_dir / MANIFEST).is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: it has no {MANIFEST}, which `mmdiff run` "
+                          "writes first; give the folder of one run, e.g. runs/organism")
     cfg_path = run_dir / CONFIG_FILE
     cfg = load_config(cfg_path) if cfg_path.exists() else None
+    if cfg is not None:
+        stale = config_mismatch(json.loads((run_dir / MANIFEST).read_text()), cfg)
+        if stale:
+            console.print(f"[yellow]warning[/yellow]: {escape(str(cfg_path))} is not the config that "
+                          f"stages {', '.join(stale)} ran with; the report marks it")
     typer.echo(str(build_report(run_dir, cfg).resolve()))
 
 
@@ -221,19 +312,42 @@ def show_config(config: Optional[Path] = ConfigOpt) -> None:
     typer.echo(dump_config(load_config(config)))
 
 
+def run_cli(argv: list[str] | None = None) -> int:
+    """Run one command (argv after `mmdiff`; default sys.argv) and return its exit code, printing
+    bad input as one message and only bugs as tracebacks."""
+    try:
+        # standalone: usage errors print themselves and exit 2, Ctrl-C exits 130, --help / --version 0
+        app(args=argv, prog_name="mmdiff")
+        code: object = EXIT_OK
+    except SystemExit as exc:
+        code = exc.code
+    except MMDiffError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        message = os_error_message(exc)
+        if message is None:
+            raise
+        console.print(f"[red]error:[/red] {escape(message)}")
+        return EXIT_BAD_INPUT
+    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into exit code 130
+        console.print("[yellow]interrupted[/yellow]: finished stages are kept; run again to resume")
+    return code if isinstance(code, int) else EXIT_BUG if code else EXIT_OK
+
+
 def main() -> None:
     # under torchrun: join the process group; ranks other than 0 print nothing. The long timeout
     # lets ranks wait while rank 0 runs a stage alone (torchrun stops every rank if one dies).
     init_distributed(timeout_s=7 * 24 * 3600)
     console.quiet = not is_main()
     try:
-        app()
-    except MMDiffError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: finished stages are kept; run again to resume")
-        sys.exit(130)
+        code = run_cli()
+    except Exception:
+        console.print_exception()
+        console.print(f"[red]internal error[/red]: mmdiff {__version__} did not expect this; please report "
+                      "it with the traceback above")
+        code = EXIT_BUG
+    sys.exit(code)
 
 
 if __name__ == "__main__":

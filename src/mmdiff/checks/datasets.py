@@ -4,6 +4,7 @@ the loader itself, and the analysis dataset's task splits."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 

@@ -41,6 +41,22 @@ def _config_text(run_dir: Path, config: Any, section: Section) -> str | None:
     return None
 
 
+def _stale_stages(run_dir: Path, manifest: dict[str, Any], text: str | None) -> list[str]:
+    """Finished stages that ran with another config than the run directory's config.yaml."""
+    from mmdiff.config import StudyConfig
+    from mmdiff.pipeline import config_mismatch
+
+    if text is None or not (run_dir / "config.yaml").is_file():
+        return []
+    try:
+        import yaml
+
+        config = StudyConfig.model_validate(yaml.safe_load(text))
+    except Exception:  # noqa: BLE001  an unreadable config.yaml is shown as text, not judged
+        return []
+    return config_mismatch(manifest, config)
+
+
 def provenance_section(run_dir: Path, config: Any = None) -> Section:
     """The resolved config as text, and one row per stage of manifest.json."""
     section = Section("provenance", "Configuration and provenance")
@@ -89,6 +105,13 @@ def provenance_section(run_dir: Path, config: Any = None) -> Section:
         )
         for pkg, ver in (st.get("versions") or {}).items():
             versions.setdefault(str(pkg), {}).setdefault(str(ver), []).append(str(name))
+    stale = _stale_stages(run_dir, manifest, text)
+    if stale:
+        section.warn(
+            f"config.yaml is not the config that stages {', '.join(stale)} ran with (their recorded "
+            "config hashes differ): their results come from another config. Run the study with "
+            "config.yaml (mmdiff run -c config.yaml) to redo them, or restore the config they ran with."
+        )
     block = Block("Stages (manifest.json)")
     if manifest.get("mmdiff_version"):
         block.notes.append(f"Run directory created by mmdiff {manifest['mmdiff_version']}.")
