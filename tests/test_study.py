@@ -164,6 +164,7 @@ def test_kill_during_training_then_resume(tiny_study, tmp_path):
     stages = json.loads(manifest.read_text())["stages"]
     assert all(s["status"] == "done" for s in stages.values()), {k: s["status"] for k, s in stages.items()}
     assert re.search(r"capture\s+skipped", res.stdout + res.stderr)
+    assert "train: it was interrupted" in " ".join((res.stdout + res.stderr).split())  # the resume is announced
 
 
 def test_stages_lists_the_report_last_and_each_description_once(tiny_study):
