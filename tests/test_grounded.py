@@ -90,7 +90,8 @@ def test_token_side_concepts_are_scored_on_text_positions():
         acts = regions.get("relation=left of", np.zeros(len(toks), bool)).astype(float)
         obs.append(Observation(acts, regions))
     assert obs[0].regions["relation=left of"].nonzero()[0].tolist() == [4, 5]
-    g = ground_feature({"text": obs})
+    assert not ground_feature({"text": obs}).found  # one record holding it is too few by default (MIN_RECORDS)
+    g = ground_feature({"text": obs}, min_records=1)
     best = g.concepts[0]
     assert (best.concept, best.side, best.iou, best.auroc) == ("relation=left of", "text", 1.0, 1.0)
     assert [c.concept for c in g.concepts] == ["relation=left of"]
@@ -207,7 +208,7 @@ def test_coco_box_tracking_feature_is_grounded(tmp_path):
     for image_id, grid in QWEN_GRIDS.items():
         regions = coco_concepts(images[image_id], grid)
         obs.append(Observation(regions.get("category=dog", np.zeros(grid, bool)) * 1.0, regions))
-    best = ground_feature({"image": obs}).concepts[0]
+    best = ground_feature({"image": obs}, min_records=1).concepts[0]  # two images: one with a dog
     assert (best.concept, best.iou, best.auroc) == ("category=dog", 1.0, 1.0)
 
 

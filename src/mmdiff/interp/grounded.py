@@ -16,7 +16,8 @@ annotation loaders). Every concept gets two measured scores (docs/method.md#grou
 
 The grounding score is min(IoU, 2 * AUROC - 1): a concept must both localise (IoU) and detect
 (AUROC above chance, rescaled so chance is 0). A feature is explained by the concepts whose
-grounding score is at least `MIN_GROUNDING_SCORE`; with none, the answer is "no grounded concept
+grounding score is at least `MIN_GROUNDING_SCORE` (and that is present in, and absent from, at
+least `MIN_RECORDS` records); with none, the answer is "no grounded concept
 found" with the best candidate's scores, never a guess. The scores are pure functions on numpy
 arrays; `ground_features` feeds them from records re-run by `interp.examples.token_activations`.
 """
@@ -40,6 +41,10 @@ from mmdiff.models.base import TokenType
 
 ACTIVE_FRACTION = 0.5  # a position is in the feature's active region at >= this share of the record's max
 MIN_GROUNDING_SCORE = 0.5  # min(IoU, 2 * AUROC - 1) a concept needs to explain the feature
+# Records a concept must be present in, and absent from, to explain a feature: with one present
+# record a random feature's IoU and AUROC are luck (12 of 20 random SAE latents on the organism's
+# validation records were "grounded" by a concept seen once).
+MIN_RECORDS = 5
 NO_CONCEPT = "no grounded concept found"
 
 
@@ -171,15 +176,24 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
 def score_concept(concept: str, side: str, observations: Sequence[Observation],
                   fraction: float = ACTIVE_FRACTION) -> ConceptScore:
     """IoU, AUROC and balanced accuracy of one concept for one feature on one side's held-out records."""
-    maxima, present, ious = [], [], []
-    for obs in observations:
+    return _score(concept, side, observations, *_peaks(observations, fraction))
+
+
+def _peaks(observations: Sequence[Observation], fraction: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Each record's max activation [n_records] and active region (computed once per feature)."""
+    maxima = np.array([float(o.acts.max()) if o.acts.size else 0.0 for o in observations])
+    return maxima, [active_region(o.acts, fraction) for o in observations]
+
+
+def _score(concept: str, side: str, observations: Sequence[Observation], maxima: np.ndarray,
+           actives: Sequence[np.ndarray]) -> ConceptScore:
+    present, ious = [], []
+    for obs, top, active in zip(observations, maxima, actives):
         region = obs.regions.get(concept)
         has = region is not None and bool(region.any())
-        top = float(obs.acts.max()) if obs.acts.size else 0.0
-        maxima.append(top)
         present.append(has)
         if has and top > 0.0:
-            ious.append(iou(active_region(obs.acts, fraction), region))
+            ious.append(iou(active, region))
     n_present = sum(present)
     n_absent = len(present) - n_present
     if n_present and n_absent:
@@ -205,6 +219,7 @@ def ground_feature(
     observations: Mapping[str, Sequence[Observation]],
     *,
     min_score: float = MIN_GROUNDING_SCORE,
+    min_records: int = MIN_RECORDS,
     top: int = 3,
     fraction: float = ACTIVE_FRACTION,
 ) -> GroundedExplanation:
@@ -218,9 +233,11 @@ def ground_feature(
     scores = []
     for side, obs in observations.items():
         names = sorted({name for o in obs for name in o.regions})
-        scores.extend(score_concept(name, side, obs, fraction) for name in names)
+        peaks = _peaks(obs, fraction)
+        scores.extend(_score(name, side, obs, *peaks) for name in names)
     ranked = tuple(sorted(scores, key=_rank_key))
-    chosen = tuple(c for c in ranked if c.grounding_score >= min_score)[:top]  # nan compares False
+    chosen = tuple(c for c in ranked  # nan compares False
+                   if c.grounding_score >= min_score and min(c.n_present, c.n_absent) >= min_records)[:top]
     return GroundedExplanation(concepts=chosen, candidates=ranked, min_score=min_score)
 
 
