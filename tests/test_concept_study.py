@@ -12,11 +12,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mmdiff.concept_study import (
-    GROUNDING_COLUMNS,
-    MATCHING_COLUMNS,
-    SAMPLES_COLUMNS,
-    STEERING_COLUMNS,
-    STEERING_RECORD_COLUMNS,
+    CONCEPT_GROUNDING,
+    CONCEPT_MATCHING,
+    CONCEPT_SAMPLES,
+    CONCEPT_STEERING,
+    CONCEPT_STEERING_RECORDS,
     assign_concepts,
     holdout_split,
     kl_and_top1,
@@ -98,7 +98,7 @@ def test_files_and_schemas(study):
     assert not list(folder.glob("*.tmp*"))  # atomic writes leave no temporaries
 
     matching = pd.read_parquet(paths["matching"])
-    assert tuple(matching.columns) == MATCHING_COLUMNS and len(matching) == K
+    assert tuple(matching.columns) == CONCEPT_MATCHING.names and len(matching) == K
     assert sorted(matching["orig"]) == list(range(K)) == sorted(matching["ft"])  # a 1:1 pairing
     assert matching["count"].sum() == N
     assert (
@@ -106,7 +106,7 @@ def test_files_and_schemas(study):
     )
 
     grounding = pd.read_parquet(paths["grounding"])
-    assert tuple(grounding.columns) == GROUNDING_COLUMNS
+    assert tuple(grounding.columns) == CONCEPT_GROUNDING.names
     assert len(grounding) == 3 * K * TOP_K
     assert set(grounding["model"]) == {"orig", "ft", "shifted"}
     # ranks are in descending score order within each concept
@@ -114,14 +114,14 @@ def test_files_and_schemas(study):
         assert list(g["rank"]) == list(range(TOP_K)) and g["score"].is_monotonic_decreasing
 
     samples = pd.read_parquet(paths["samples"])
-    assert tuple(samples.columns) == SAMPLES_COLUMNS and len(samples) == 2 * K * TOP_K
+    assert tuple(samples.columns) == CONCEPT_SAMPLES.names and len(samples) == 2 * K * TOP_K
     by_id = {r.id: r for r in _records()}
     for row in samples.itertuples():
         assert row.question == by_id[row.record_id].question
         assert row.caption == by_id[row.record_id].caption
 
     steering = pd.read_parquet(paths["steering"])
-    assert tuple(steering.columns) == STEERING_COLUMNS
+    assert tuple(steering.columns) == CONCEPT_STEERING.names
     assert (steering["split"] == "fit").all()
     assert list(zip(steering["shift"], steering["alpha"])) == [
         ("concept", 0.0), ("concept", 0.5), ("concept", 1.0), ("mean", 0.0), ("mean", 0.5), ("mean", 1.0),
@@ -133,7 +133,7 @@ def test_files_and_schemas(study):
     ).all()
 
     per_record = pd.read_parquet(paths["steering_records"])
-    assert tuple(per_record.columns) == STEERING_RECORD_COLUMNS and len(per_record) == 2 * 3 * N
+    assert tuple(per_record.columns) == CONCEPT_STEERING_RECORDS.names and len(per_record) == 2 * 3 * N
     summary = json.loads(paths["summary"].read_text())
     assert summary["layer"] == LAYER and summary["k"] == K and summary["n_records"] == N
     assert summary["method"] == "kmeans" and summary["d_model"] == HIDDEN
@@ -317,3 +317,26 @@ def test_clear_errors(adapter, tmp_path):
     with pytest.raises(DataError, match="unique"):
         run_concept_shift(adapter, duplicate, LAYER, tmp_path, k=K, progress=False)
     assert not (tmp_path / "concepts").exists()  # nothing written on bad input
+
+
+def test_report_section_shows_the_stage_honestly(study):
+    """The report's concepts section: every concept pair, every (split, shift, alpha) with its
+    interval, the concept-minus-mean difference paired over records, and the in-sample warning."""
+    from mmdiff.report.sections.concepts import concepts_section
+
+    out, paths = study
+    section = concepts_section(out)
+    assert section.status == "ok" and not section.warnings
+    matching, steering = section.blocks
+    assert len(matching.tables[0].rows) == K
+    table = pd.read_parquet(paths["steering"])
+    rows = steering.tables[0].rows
+    assert len(rows) == len(table) == 2 * 3
+    r = table.iloc[-1]
+    assert rows[-1][3] == f"{r.kl:.3f} [{r.kl_ci_lo:.3f}, {r.kl_ci_hi:.3f}]"
+    assert any("every number below is in-sample" in n for n in steering.notes)
+    per_record = pd.read_parquet(paths["steering_records"])
+    at1 = per_record[per_record["alpha"] == 1.0].pivot(index="record_id", columns="shift", values="kl")
+    paired = steering.tables[1].rows
+    assert [p[1] for p in paired] == ["0.5", "1"]  # alpha 0: both shifts are the unsteered base LM
+    assert paired[-1][2].startswith(f"{(at1['concept'] - at1['mean']).mean():+.3f} [")

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from mmdiff.control import (
-    EFFECT_COLUMNS,
-    STEERING_COLUMNS,
+    EFFECTS,
+    STEERING,
     AnswerFloor,
     answer_floor,
     firing_frequencies,
@@ -319,7 +319,7 @@ def test_removing_an_empty_set_is_an_exact_no_op_and_the_table_has_its_schema(pl
     df = removal_experiment(
         adapter, saes, sets, tasks, stats, n_random=2, n_bins=4, batch_size=4, progress=False
     )
-    assert list(df.columns) == list(EFFECT_COLUMNS)
+    assert list(df.columns) == list(EFFECTS.names)
     # one row per (set, eval task), then the mismatched-control rows (ocr for spatial and back)
     assert list(zip(df["intervention"], df["eval_task"])) == [
         (i, t)
@@ -331,6 +331,7 @@ def test_removing_an_empty_set_is_an_exact_no_op_and_the_table_has_its_schema(pl
         )
         for t in ("ocr", "spatial")
     ]
+    assert df["kind"].tolist() == ["removal"] * 4 + ["control_mismatched"] * 4
     empty = df[df["intervention"] == "remove spatial"]
     assert (
         (
@@ -409,7 +410,7 @@ def test_steering_sweep_rows_selection_and_alpha_zero_equals_clean(planted):
         batch_size=8,
         progress=False,
     )
-    assert list(df.columns) == list(STEERING_COLUMNS)
+    assert list(df.columns) == list(STEERING.names)
     on_test = df[df["split"] == "test"]
     assert on_test.groupby("method")["alpha"].apply(list).to_dict() == {
         "feature": list(alphas),
@@ -458,7 +459,7 @@ def test_runners_read_a_run_directory_and_write_eval_files(planted, tmp_path):
     )
     table = pd.read_parquet(paths["parquet"])
     # 2 sets + 2 mismatched rows, each on ocr, spatial and its two relation subsets
-    assert list(table.columns) == list(EFFECT_COLUMNS) and len(table) == 16
+    assert list(table.columns) == list(EFFECTS.names) and len(table) == 16
     assert set(table["eval_task"]) == {
         "ocr",
         "spatial",
@@ -482,7 +483,7 @@ def test_runners_read_a_run_directory_and_write_eval_files(planted, tmp_path):
         progress=False,
     )
     steering = pd.read_parquet(paths["parquet"])
-    assert list(steering.columns) == list(STEERING_COLUMNS)
+    assert list(steering.columns) == list(STEERING.names)
     assert set(steering["split"]) == {"validation", "test"} and set(steering["task"]) == {"spatial"}
     assert json.loads(paths["json"].read_text())["summary"]["spatial"]["baseline_layer"] == LAYER
     with pytest.raises(Exception, match="splits present"):

@@ -21,7 +21,7 @@ from PIL import Image
 from mmdiff.atomic import write_json, write_parquet, write_text
 from mmdiff.attribution import FeatureAttribution, HeadAttribution, heads_frame, layers_frame
 from mmdiff.config import DatasetSpec, ModelSpec, StudyConfig, dump_config
-from mmdiff.control import write_effects, write_steering
+from mmdiff.control import EFFECTS, write_effects, write_steering
 from mmdiff.detect import write_task_features
 from mmdiff.diff import write_adapted_features
 from mmdiff.interp.dashboard import FeatureCard, write_dashboards
@@ -294,7 +294,8 @@ def effects_frame(rows: list[tuple]) -> pd.DataFrame:
     cols = ["intervention", "target_task", "eval_task", "metric", "baseline", "effect", "ci_lo", "ci_hi",
             "control", "control_effect", "control_ci_lo", "control_ci_hi"]  # fmt: skip
     df = pd.DataFrame(rows, columns=cols)
-    df.insert(5, "treated", df["baseline"] + df["effect"])
+    df.insert(1, "kind", EFFECTS.legacy_kind(df))  # what the writer records: a removal, a control, ...
+    df.insert(6, "treated", df["baseline"] + df["effect"])
     df["n"] = 200
     df["baseline_ci_lo"] = df["baseline"] - 0.05
     df["floor"] = np.nan  # no floor: every clean score counts
@@ -609,7 +610,7 @@ def test_steering_needs_both_methods(tmp_path):
 
 def test_empty_run_directory(tmp_path):
     html = build_report(tmp_path).read_text()
-    for sid in ("provenance", "sae", "adapted", "tasks", "attribution", "control"):
+    for sid in ("provenance", "sae", "adapted", "tasks", "attribution", "control", "concepts"):
         assert 'badge not-run">not run' in section_html(html, sid), sid
     assert 'class="warning"' not in html
     assert section_html(html, "findings").count("not measured") >= 8

@@ -65,21 +65,52 @@ from mmdiff.models.forward import (
     side_tokenizer,
 )
 from mmdiff.progress import iterate
+from mmdiff.schema import Artifact, Column
 
 METHODS = ("kmeans", "semi_nmf", "dictionary")
 METHOD_ALIASES = {"dictionary_learning": "dictionary"}
 
-MATCHING_COLUMNS = ("orig", "ft", "cosine", "shifted_cosine", "count", "shift_norm")
-GROUNDING_COLUMNS = ("model", "concept", "rank", "token_id", "token", "score")
-SAMPLES_COLUMNS = (
-    "model", "concept", "rank", "record_id", "question", "caption", "activation", "assigned",
-)  # fmt: skip
-STEERING_COLUMNS = (
-    "split", "shift", "alpha", "kl", "kl_ci_lo", "kl_ci_hi",
-    "top1_agreement", "top1_ci_lo", "top1_ci_hi", "n",
-)  # fmt: skip
-STEERING_RECORD_COLUMNS = ("split", "shift", "alpha", "record_id", "concept", "kl", "top1_match")
-SHIFT_KINDS = ("concept", "mean")  # Delta_c(i) per record; the control: one mean shift for all
+# fmt: off
+_SPLIT = Column("split", str, "'fit': the records the concepts were fitted on (in-sample); 'heldout'")
+_SHIFT = Column("shift", str, "what steered", kinds={
+    "concept": "alpha * Delta_c(i), c(i) the record's concept in the original model",
+    "mean": "the control: alpha * the mean shift over the fitted records, the same for every record",
+})
+_MODEL = {"orig": "the base LM's concepts u_c", "ft": "the VLM's concepts"}
+CONCEPT_MATCHING = Artifact("concepts/matching.parquet", "matching_table", columns=(
+    Column("orig", int, "original concept"),
+    Column("ft", int, "its Hungarian match among the fine-tuned concepts"),
+    Column("cosine", float, "cos(u_c, v_c')"),
+    Column("shifted_cosine", float, "cos(u_c + Delta_c, v_c')"),
+    Column("count", int, "|A_c|: fitted records assigned to the original concept"),
+    Column("shift_norm", float, "||Delta_c||"),
+))
+CONCEPT_GROUNDING = Artifact("concepts/grounding.parquet", "grounding_table", columns=(
+    Column("model", str, "whose concepts", kinds={
+        **_MODEL, "shifted": "u_c + Delta_c, read through the VLM's unembedding"}),
+    Column("concept", int), Column("rank", int), Column("token_id", int), Column("token", str),
+    Column("score", float, "logit through the model's final norm and unembedding"),
+))
+CONCEPT_SAMPLES = Artifact("concepts/samples.parquet", "samples_table", columns=(
+    Column("model", str, "whose concepts", kinds=_MODEL),
+    Column("concept", int), Column("rank", int), Column("record_id", str), Column("question", str),
+    Column("caption", str), Column("activation", float),
+    Column("assigned", bool, "the record belongs to the concept (its label), not merely expresses it"),
+))
+CONCEPT_STEERING = Artifact("concepts/steering.parquet", "steering_table", columns=(
+    _SPLIT, _SHIFT, Column("alpha", float),
+    Column("kl", float, "mean over records of KL(VLM || steered base LM), next token"),
+    Column("kl_ci_lo", float, "95% bootstrap interval"), Column("kl_ci_hi", float),
+    Column("top1_agreement", float, "share of records whose top-1 next tokens agree"),
+    Column("top1_ci_lo", float), Column("top1_ci_hi", float), Column("n", int, "records"),
+))
+CONCEPT_STEERING_RECORDS = Artifact("concepts/steering_records.parquet", "concept_steering", columns=(
+    _SPLIT, _SHIFT, Column("alpha", float), Column("record_id", str), Column("concept", int),
+    Column("kl", float), Column("top1_match", bool),
+))
+CONCEPT_VECTORS, CONCEPT_SUMMARY = "concepts/vectors.safetensors", "concepts/summary.json"
+SHIFT_KINDS = tuple(_SHIFT.kinds or {})  # Delta_c(i) per record; the control: one mean shift for all
+# fmt: on
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -140,7 +171,7 @@ def grounding_table(adapter: VLMAdapter, shift: ConceptShift, top_k: int = 10) -
                         "score": float(scores[c, r]),
                     }
                 )
-    return pd.DataFrame(rows, columns=list(GROUNDING_COLUMNS))
+    return pd.DataFrame(rows, columns=list(CONCEPT_GROUNDING.names))
 
 
 def samples_table(records: Sequence[Record], shift: ConceptShift, top_k: int = 10) -> pd.DataFrame:
@@ -172,7 +203,7 @@ def samples_table(records: Sequence[Record], shift: ConceptShift, top_k: int = 1
                         "assigned": bool(int(dec.labels[i]) == c),
                     }
                 )
-    return pd.DataFrame(rows, columns=list(SAMPLES_COLUMNS))
+    return pd.DataFrame(rows, columns=list(CONCEPT_SAMPLES.names))
 
 
 def matching_table(shift: ConceptShift) -> pd.DataFrame:
@@ -188,7 +219,7 @@ def matching_table(shift: ConceptShift) -> pd.DataFrame:
             "count": shift.counts[m.rows].numpy().astype(np.int64),
             "shift_norm": shift.deltas[m.rows].norm(dim=1).numpy().astype(np.float64),
         },
-        columns=list(MATCHING_COLUMNS),
+        columns=list(CONCEPT_MATCHING.names),
     )
     return df.sort_values("orig", kind="stable").reset_index(drop=True)
 
@@ -301,7 +332,7 @@ def concept_steering(
                     )
         start += n
     rows.sort(key=lambda row: row["_order"])  # shift kind, then alpha, then record order
-    return pd.DataFrame(rows, columns=list(STEERING_RECORD_COLUMNS))
+    return pd.DataFrame(rows, columns=list(CONCEPT_STEERING_RECORDS.names))
 
 
 def steering_table(per_record: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
@@ -325,7 +356,7 @@ def steering_table(per_record: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
                 "n": len(group),
             }
         )
-    return pd.DataFrame(rows, columns=list(STEERING_COLUMNS))
+    return pd.DataFrame(rows, columns=list(CONCEPT_STEERING.names))
 
 
 # ----------------------------------------------------------------------------- held-out records
@@ -495,22 +526,18 @@ def run_concept_shift(
     steering_records = pd.concat(per_record, ignore_index=True)
     steering = steering_table(steering_records, seed=seed)
 
-    folder = Path(out_dir) / "concepts"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "matching": folder / "matching.parquet",
-        "grounding": folder / "grounding.parquet",
-        "samples": folder / "samples.parquet",
-        "steering": folder / "steering.parquet",
-        "steering_records": folder / "steering_records.parquet",
-        "vectors": folder / "vectors.safetensors",
-        "summary": folder / "summary.json",
+    tables = {
+        "matching": (CONCEPT_MATCHING, matching),
+        "grounding": (CONCEPT_GROUNDING, grounding),
+        "samples": (CONCEPT_SAMPLES, samples),
+        "steering": (CONCEPT_STEERING, steering),
+        "steering_records": (CONCEPT_STEERING_RECORDS, steering_records),
     }
-    write_parquet(paths["matching"], matching)
-    write_parquet(paths["grounding"], grounding)
-    write_parquet(paths["samples"], samples)
-    write_parquet(paths["steering"], steering)
-    write_parquet(paths["steering_records"], steering_records)
+    paths = {name: artifact.path_in(out_dir) for name, (artifact, _) in tables.items()}
+    paths["vectors"] = Path(out_dir) / CONCEPT_VECTORS
+    paths["summary"] = Path(out_dir) / CONCEPT_SUMMARY
+    for name, (artifact, table) in tables.items():
+        write_parquet(paths[name], artifact.validate(table))
     save_safetensors(
         paths["vectors"],
         {

@@ -35,6 +35,7 @@ from scipy.stats import hypergeom
 
 from mmdiff.atomic import write_parquet
 from mmdiff.errors import ConfigError
+from mmdiff.schema import Artifact, Column
 from mmdiff.stats import FeatureStats
 
 NEUTRAL_INSTRUCTION = "Describe the positions of all objects in the image."
@@ -46,6 +47,38 @@ REASON_NOT_ADAPTED = "not_adapted"
 REASON_INACTIVE = "inactive_in_neutral_run"
 REASON_TEXT_DOMINATED = "not_image_dominated_in_neutral_run"
 REASON_KEPT = "kept"
+
+_COLUMNS = (
+    Column("task", str),
+    Column("layer", int),
+    Column("feature", int),
+    Column("fires_task", int, "tokens of the task split on which the feature fired"),
+    Column("tokens_task", int),
+    Column("fires_base", int),
+    Column("tokens_base", int),
+    Column("p_task", float, "firing frequency on the task split"),
+    Column("p_base", float),
+    Column("delta_p", float, "p_task - p_base"),
+    Column("odds_ratio", float, "+0.5-smoothed"),
+    Column("p_value", float, "Fisher's exact test"),
+    Column("q_value", float, "Benjamini-Hochberg across all features of all layers"),
+    Column("candidate", bool, "delta_p, odds ratio and q-value pass"),
+    Column("in_adapted_set", bool, "NA when the adapted set was not given"),
+    Column("neutral_firing_frequency", float, "NaN without the lexical filter"),
+    Column("neutral_image_share", float),
+    Column("neutral_active", bool, "NA without the lexical filter"),
+    Column("neutral_image_dominated", bool),
+    Column("kept", bool, "a task feature"),
+    Column("reason", str, "the first criterion it fails, 'kept' otherwise"),
+)
+DETECT = Artifact(
+    "stats/detect_{task}.parquet", "task_features", _COLUMNS, doc="Every feature's scores for one task.",
+    required=("layer", "feature", "p_task", "p_base", "delta_p", "odds_ratio", "candidate", "kept"),
+)
+TASK_FEATURES = Artifact(
+    "features/{task}.parquet", "task_features", _COLUMNS, required=("layer", "feature"),
+    doc="The task features: the `kept` rows of DETECT.",
+)
 
 
 def firing_frequency(fires: np.ndarray, n_tokens: np.ndarray | int) -> np.ndarray:
@@ -298,8 +331,8 @@ def write_task_features(
         df = task_features(
             stats, base, adapted=adapted_keys, neutral=(neutral or {}).get(name), task_name=name, **kwargs
         )
-        paths = {"scores": run_dir / "stats" / f"detect_{name}.parquet", "features": run_dir / "features" / f"{name}.parquet"}
-        write_parquet(paths["scores"], df)
-        write_parquet(paths["features"], df[df["kept"]].reset_index(drop=True))
+        paths = {"scores": DETECT.path_in(run_dir, task=name), "features": TASK_FEATURES.path_in(run_dir, task=name)}
+        write_parquet(paths["scores"], DETECT.validate(df))
+        write_parquet(paths["features"], TASK_FEATURES.validate(df[df["kept"]].reset_index(drop=True)))
         out[name] = paths
     return out

@@ -32,10 +32,49 @@ import torch
 
 from mmdiff.atomic import write_parquet
 from mmdiff.errors import ConfigError, SAEError
+from mmdiff.schema import Artifact, Column
 from mmdiff.stats import FeatureStats
 
 REJECTED_GAP = "variance_gap"
 REJECTED_COSINE = "decoder_cosine"
+
+_FEATURE_COLUMNS = (
+    Column("layer", int),
+    Column("feature", int),
+    Column("mean_sq_vision", float, "E_vision[h_f^2]"),
+    Column("mean_sq_text", float, "E_text[h_f^2]"),
+    Column("variance_gap", float, "Delta_f = mean_sq_vision - mean_sq_text"),
+    Column("decoder_cosine", float, "c_f = cos(W_dec_f base, W_dec_f adapted); NaN for a zero row"),
+    Column("decoder_norm_base", float),
+    Column("decoder_norm_adapted", float),
+    Column("relative_decoder_norm", float, "||d_adapted|| / (||d_base|| + ||d_adapted||)"),
+    Column("firing_frequency_vision", float),
+    Column("firing_frequency_text", float),
+    Column("gap_rank", int, "1 = the largest gap of all layers"),
+    Column("passed_gap", bool, "kept by stage 1 (top p_gap by gap)"),
+    Column("selected", bool, "in the adapted set (stage 2: bottom p_cos of those by cosine)"),
+    Column("rejected_at", str, f"{REJECTED_GAP!r}, {REJECTED_COSINE!r}, or None when selected"),
+    Column("stability", float, "share of bootstrap resamples selecting it; NaN without bootstrap"),
+)
+_READ_NEEDS = ("layer", "feature", "variance_gap", "decoder_cosine", "selected")
+DIFF = Artifact("stats/diff.parquet", "adapted_features", _FEATURE_COLUMNS, required=_READ_NEEDS,
+                doc="Every feature of every layer; the thresholds used are in its attrs.")
+ADAPTED = Artifact("features/adapted.parquet", "adapted_features", _FEATURE_COLUMNS,
+                   required=("layer", "feature"), doc="The adapted set: the `selected` rows of DIFF.")
+ADAPTED_PER_LAYER = Artifact(
+    "stats/adapted_per_layer.parquet", "adapted_counts_per_layer", doc="Seed Fig. 8: counts per layer.",
+    required=("layer", "n_features", "n_adapted", "mean_cosine_adapted", "mean_cosine_all"),
+    columns=(
+        Column("layer", int),
+        Column("n_features", int),
+        Column("n_passed_gap", int),
+        Column("n_adapted", int),
+        Column("share_adapted", float),
+        Column("mean_cosine_all", float),
+        Column("mean_cosine_adapted", float, "NaN when the layer has no adapted feature"),
+        Column("mean_gap_adapted", float),
+    ),
+)  # fmt: skip
 
 
 def _decoder(sae_or_matrix: Any, layer: int, role: str) -> torch.Tensor:
@@ -316,7 +355,7 @@ def adapted_counts_per_layer(df: pd.DataFrame) -> pd.DataFrame:
                 "mean_gap_adapted": float(sel["variance_gap"].mean()) if len(sel) else math.nan,
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(ADAPTED_PER_LAYER.names))
 
 
 def write_adapted_features(
@@ -331,12 +370,9 @@ def write_adapted_features(
     features/adapted.parquet, per-layer counts to stats/adapted_per_layer.parquet."""
     run_dir = Path(run_dir)
     df = adapted_features(vision, text, base_saes, adapted_saes, **kwargs)
-    paths = {
-        "diff": run_dir / "stats" / "diff.parquet",
-        "adapted": run_dir / "features" / "adapted.parquet",
-        "per_layer": run_dir / "stats" / "adapted_per_layer.parquet",
-    }
-    write_parquet(paths["diff"], df)
-    write_parquet(paths["adapted"], df[df["selected"]].reset_index(drop=True))
-    write_parquet(paths["per_layer"], adapted_counts_per_layer(df))
+    paths = {"diff": DIFF.path_in(run_dir), "adapted": ADAPTED.path_in(run_dir),
+             "per_layer": ADAPTED_PER_LAYER.path_in(run_dir)}  # fmt: skip
+    write_parquet(paths["diff"], DIFF.validate(df))
+    write_parquet(paths["adapted"], ADAPTED.validate(df[df["selected"]].reset_index(drop=True)))
+    write_parquet(paths["per_layer"], ADAPTED_PER_LAYER.validate(adapted_counts_per_layer(df)))
     return paths

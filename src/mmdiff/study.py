@@ -228,13 +228,14 @@ def stage_detect(ctx: StageContext) -> dict[str, Any]:
     Fisher/BH significance; the neutral re-runs drop those the question's words alone explain.
     """
     from mmdiff.detect import write_task_features
+    from mmdiff.diff import DIFF
     from mmdiff.stats import load_feature_stats
 
     d, s = ctx.config.detect, ctx.config.stats
     stats = ctx.run_dir / "stats"
     tasks = {t: load_feature_stats(stats, t) for t in s.tasks}
     neutral = {t: load_feature_stats(stats, f"{t}_neutral") for t in s.neutral_tasks}
-    adapted = pd.read_parquet(stats / "diff.parquet") if d.restrict_to_adapted else None
+    adapted = pd.read_parquet(DIFF.path_in(ctx.run_dir)) if d.restrict_to_adapted else None
     write_task_features(tasks, load_feature_stats(stats, s.base_split), ctx.run_dir,
                         adapted=adapted, neutral=neutral or None, min_delta_p=d.min_delta_p,
                         alpha=d.alpha, min_neutral_firing=d.min_neutral_firing,
@@ -276,12 +277,13 @@ def stage_interp(ctx: StageContext) -> dict[str, Any]:
     The top activating examples get image-patch heatmaps; explanations come offline or from an
     OpenAI-compatible LLM, with detection scores.
     """
+    from mmdiff.diff import DIFF
     from mmdiff.interp.dashboard import write_interp
     from mmdiff.interp.explain import make_explainer
 
     it, s = ctx.config.interp, ctx.config.stats
     features = task_feature_table(ctx.run_dir, s.tasks)
-    diff = pd.read_parquet(ctx.run_dir / "stats" / "diff.parquet")
+    diff = pd.read_parquet(DIFF.path_in(ctx.run_dir))
     adapted = diff[diff["selected"]].sort_values("variance_gap", ascending=False).head(it.max_adapted)
     features = pd.concat([features, adapted.assign(task="adapted")], ignore_index=True)
     features = features.drop_duplicates(["layer", "feature"])[["layer", "feature", "task"]]

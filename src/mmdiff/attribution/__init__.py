@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from mmdiff.attribution.corrupt import VisualMean, visual_embedding_mean
 from mmdiff.attribution.exact import Direction, ExactPatching, exact_patching, spearman
-from mmdiff.attribution.frames import HEAD_COLUMNS, LAYER_COLUMNS, heads_frame, layers_frame
+from mmdiff.attribution.frames import HEADS, LAYERS, heads_frame, layers_frame
 from mmdiff.attribution.objective import Objective, Positions, feature_values, objective_positions
 from mmdiff.attribution.overlays import (
     attention_overlays,
@@ -47,8 +47,8 @@ from mmdiff.attribution.patching import HeadAttribution, Method, attribution_pat
 from mmdiff.attribution.stage import FeatureAttribution, attribute_features, select_samples
 
 __all__ = [
-    "HEAD_COLUMNS",
-    "LAYER_COLUMNS",
+    "HEADS",
+    "LAYERS",
     "Direction",
     "ExactPatching",
     "FeatureAttribution",

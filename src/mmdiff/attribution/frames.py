@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import torch
 
 from mmdiff.attribution.exact import ExactPatching
 from mmdiff.attribution.patching import HeadAttribution
+from mmdiff.schema import Artifact, Column
 
-HEAD_COLUMNS = [
-    "feature_layer", "feature", "layer", "head", "score_a", "score_b", "exact", "exact_denoising", "n_samples",
-]
-LAYER_COLUMNS = ["feature_layer", "feature", "layer", "score_a", "score_b", "exact", "exact_denoising", "n_samples"]
+_KEY = (
+    Column("feature_layer", int, "the attributed feature's layer"),
+    Column("feature", int, "the attributed feature"),
+    Column("layer", int, "the layer of the head (or of the layer's heads together)"),
+)
+_SCORES = (
+    Column("score_a", float, "Method A (noising) attribution; NaN when not computed"),
+    Column("score_b", float, "Method B (denoising) attribution; NaN when not computed"),
+    Column("exact", float, "exact patching (noising); NaN when not run", default=math.nan),
+    Column("exact_denoising", float, "exact patching (denoising); NaN when not run", default=math.nan),
+    Column("n_samples", int, "records the scores average over", default=pd.NA),
+)
+HEADS = Artifact(
+    "attribution/heads.parquet", "attribute_features", doc="One row per (feature, layer, head).",
+    columns=(*_KEY, Column("head", int, "the head within its layer"), *_SCORES),
+)
+LAYERS = Artifact(
+    "attribution/layers.parquet", "attribute_features",
+    doc="One row per (feature, layer): the sums of the layer's head scores, and exact patching of all its heads.",
+    columns=(*_KEY, *_SCORES),
+)
 
 
 def heads_frame(attribution: HeadAttribution, exact: ExactPatching | None = None) -> pd.DataFrame:

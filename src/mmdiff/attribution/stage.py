@@ -12,7 +12,7 @@ import pandas as pd
 from mmdiff.progress import progress_bar
 from mmdiff.attribution.corrupt import visual_embedding_mean
 from mmdiff.attribution.exact import ExactPatching, exact_patching, spearman
-from mmdiff.attribution.frames import HEAD_COLUMNS, LAYER_COLUMNS, heads_frame, layers_frame
+from mmdiff.attribution.frames import HEADS, LAYERS, heads_frame, layers_frame
 from mmdiff.attribution.objective import Objective, Positions
 from mmdiff.attribution.overlays import attention_overlays
 from mmdiff.attribution.patching import HeadAttribution, attribution_patching
@@ -170,10 +170,10 @@ def attribute_features(
         "summary": out / "summary.json",
     }
     # features that fired on none of the records get no rows; they are listed in the summary
-    heads = [heads_frame(r.attribution, r.exact) for r in results] or [pd.DataFrame(columns=HEAD_COLUMNS)]
-    layers = [layers_frame(r.attribution, r.exact) for r in results] or [pd.DataFrame(columns=LAYER_COLUMNS)]
-    write_parquet(paths["heads"], pd.concat(heads, ignore_index=True))
-    write_parquet(paths["layers"], pd.concat(layers, ignore_index=True))
+    heads = [heads_frame(r.attribution, r.exact) for r in results] or [HEADS.empty()]
+    layers = [layers_frame(r.attribution, r.exact) for r in results] or [LAYERS.empty()]
+    write_parquet(paths["heads"], HEADS.validate(pd.concat(heads, ignore_index=True)))
+    write_parquet(paths["layers"], LAYERS.validate(pd.concat(layers, ignore_index=True)))
     write_json(
         paths["summary"],
         {

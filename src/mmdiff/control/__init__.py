@@ -15,10 +15,10 @@ from mmdiff.control.controls import (
     matched_random_features,
     mismatched_pairs,
 )
-from mmdiff.control.removal import EFFECT_COLUMNS, removal_experiment, run_removal, write_effects
+from mmdiff.control.removal import EFFECTS, removal_experiment, run_removal, write_effects
 from mmdiff.control.steering import (
     DEFAULT_ALPHAS,
-    STEERING_COLUMNS,
+    STEERING,
     feature_steering_terms,
     run_steering,
     steering_experiment,
@@ -37,8 +37,8 @@ from mmdiff.control.tasks import (
 __all__ = [
     "DEFAULT_ALPHAS",
     "DEFAULT_MISMATCH",
-    "EFFECT_COLUMNS",
-    "STEERING_COLUMNS",
+    "EFFECTS",
+    "STEERING",
     "AnswerFloor",
     "answer_floor",
     "feature_steering_terms",

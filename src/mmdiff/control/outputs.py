@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,26 +10,22 @@ import numpy as np
 import pandas as pd
 
 from mmdiff.atomic import write_json, write_parquet
-from mmdiff.errors import DataError
+from mmdiff.schema import Artifact
 
 
 def write_table(
     df: pd.DataFrame,
-    columns: Sequence[str],
+    artifact: Artifact,
     out: str | Path,
-    name: str,
     *,
-    builder: str,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """out/<name>.parquet (exactly `columns`) and out/<name>.json ({name: rows, **extra}, with NaN
-    and NA written as null). `builder` names the function that makes such a table, for the error."""
+    """out/<name>.parquet (exactly the artifact's columns, validated against it) and out/<name>.json
+    ({name: rows, **extra}, with NaN and NA written as null); <name> is the artifact's file stem."""
     out = Path(out)
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise DataError(f"the {name} table lacks columns {missing}; build it with {builder}")
-    table = df[list(columns)].copy()
+    table = artifact.validate(df).copy()
     table.attrs = {}
+    name = Path(artifact.path).stem
     paths = {"parquet": out / f"{name}.parquet", "json": out / f"{name}.json"}
     write_parquet(paths["parquet"], table)
     rows = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,57 @@ from mmdiff.errors import ConfigError, DataError
 from mmdiff.evals.bootstrap import bootstrap_mean, paired_effect
 from mmdiff.evals.harness import EvalTask
 from mmdiff.interventions import ablate_features, decoder_directions
+from mmdiff.schema import Artifact, Column
 
-EFFECT_COLUMNS: tuple[str, ...] = (
-    "intervention", "target_task", "eval_task", "metric", "baseline", "treated", "effect", "ci_lo",
-    "ci_hi", "control", "control_effect", "control_ci_lo", "control_ci_hi", "n", "baseline_ci_lo", "floor",
+REMOVAL, CONTROL_MISMATCHED, OTHER = "removal", "control_mismatched", "other"
+
+
+def _legacy_kind(df: pd.DataFrame) -> np.ndarray:
+    """The kind of a row of a table written before the `kind` column, read off its label once: a
+    removal says "remov" or "ablat" but not "head"; one that also says "mismatch" or "control"
+    removes a control set."""
+    label = df["intervention"].astype(str).str.lower()
+    removal = label.str.contains("remov|ablat") & ~label.str.contains("head")
+    control = label.str.contains("mismatch|control")
+    return np.where(removal & control, CONTROL_MISMATCHED, np.where(removal, REMOVAL, OTHER))
+
+
+EFFECTS = Artifact(
+    "eval/effects.parquet",
+    "removal_experiment",
+    doc="One row per (intervention, eval task): the effect of removing a feature set, with the "
+    "random control's effect beside it.",
+    legacy_kind=_legacy_kind,
+    columns=(
+        Column("intervention", str, "the row's label for people, e.g. 'remove spatial'"),
+        Column("kind", str, "what the row is", default=None, kinds={
+            REMOVAL: "the target task's own feature set removed",
+            CONTROL_MISMATCHED: "another task's set removed, as a control of the target task's rows",
+            OTHER: "another intervention (e.g. a head ablation in a hand-made table): shown, not judged",
+        }),
+        Column("target_task", str, "the task whose features (or whose control) were removed"),
+        Column("eval_task", str, "the task evaluated"),
+        Column("metric", str, "the eval task's metric"),
+        Column("baseline", float, "clean score"),
+        Column("treated", float, "score with the set removed"),
+        Column("effect", float, "mean per-record treated - clean"),
+        Column("ci_lo", float, "95% paired bootstrap interval of the effect"),
+        Column("ci_hi", float),
+        Column("control", str, "the random control's description, 'none' without one"),
+        Column("control_effect", float, "the same for the random control (mean over its draws)"),
+        Column("control_ci_lo", float),
+        Column("control_ci_hi", float),
+        Column("n", int, "records"),
+        Column("baseline_ci_lo", float, "lower end of the clean score's 95% bootstrap interval",
+               default=math.nan),
+        Column("floor", float, "what one constant answer scores on the same records "
+               "(control.tasks.answer_floor; NaN for the attack success rate)", default=math.nan),
+    ),
 )  # fmt: skip
-"""`baseline_ci_lo`: lower end of the clean score's 95% bootstrap interval; `floor`: what one
-constant answer scores on the same records (`control.tasks.answer_floor`; NaN for the attack
-success rate). A clean score whose interval does not clear the floor means the model does not do
-the task, so no removal can show that the features carried it (report.findings: "not testable")."""
+"""A clean score whose interval (`baseline_ci_lo`) does not clear the `floor` means the model does
+not do the task, so no removal can show that the features carried it (report.findings: "not
+testable"). Tables written before `kind`, `baseline_ci_lo` and `floor` are read with the kind
+derived from the label and NaN for the other two."""
 
 
 @dataclass
@@ -127,7 +170,7 @@ def removal_experiment(
     mismatched: {target: control set} pairs, None for the default (spatial <-> ocr), False for none.
     Random controls never draw a feature of the task set, nor of any other given set when
     `exclude_all_sets`. yesno_metric: "accuracy" or "p_correct" for yes/no tasks.
-    Columns: EFFECT_COLUMNS; effects are treated - clean, CIs are 95% paired bootstrap intervals.
+    Columns: EFFECTS; effects are treated - clean, CIs are 95% paired bootstrap intervals.
     """
     check_positions(positions)
     check_yesno_metric(yesno_metric)
@@ -213,7 +256,7 @@ def removal_experiment(
         tname: bootstrap_mean(clean.by_task[tname], n_boot=n_boot, seed=seed).lo for tname in eval_tasks
     }
 
-    def rows_for(intervention: str, target: str, set_name: str) -> list[dict[str, Any]]:
+    def rows_for(intervention: str, kind: str, target: str, set_name: str) -> list[dict[str, Any]]:
         out = []
         for tname, task in eval_tasks.items():
             base = clean.by_task[tname]
@@ -221,6 +264,7 @@ def removal_experiment(
             eff = paired_effect(tr, base, n_boot=n_boot, seed=seed)
             row: dict[str, Any] = {
                 "intervention": intervention,
+                "kind": kind,
                 "target_task": target,
                 "eval_task": tname,
                 "metric": metric_name(task, yesno_metric),
@@ -256,10 +300,10 @@ def removal_experiment(
 
     rows = []
     for name in sets:
-        rows += rows_for(f"remove {name}", name, name)
+        rows += rows_for(f"remove {name}", REMOVAL, name, name)
     for target, other in pairs_map.items():
-        rows += rows_for(f"remove {other} (mismatched control for {target})", target, other)
-    df = pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
+        rows += rows_for(f"remove {other} (mismatched control for {target})", CONTROL_MISMATCHED, target, other)
+    df = pd.DataFrame(rows, columns=list(EFFECTS.names))
     df.attrs["removal"] = {
         "positions": positions,
         "n_random": n_random,
@@ -291,8 +335,7 @@ def removal_experiment(
 def write_effects(effects: pd.DataFrame, out: str | Path) -> dict[str, Path]:
     """out/effects.parquet (the table) and out/effects.json (the same rows, plus the settings and
     each control draw's features and effects from `effects.attrs`)."""
-    return write_table(effects, EFFECT_COLUMNS, out, "effects", builder="removal_experiment",
-                       extra=dict(effects.attrs))
+    return write_table(effects, EFFECTS, out, extra=dict(effects.attrs))
 
 
 def run_removal(

@@ -38,10 +38,30 @@ from mmdiff.errors import ConfigError, DataError
 from mmdiff.evals.bootstrap import bootstrap_mean, paired_effect
 from mmdiff.evals.harness import EvalTask
 from mmdiff.interventions import difference_of_means, steer_features, steer_vector
+from mmdiff.schema import Artifact, Column
 from mmdiff.stats import top_examples
 
-STEERING_COLUMNS: tuple[str, ...] = (
-    "method", "task", "alpha", "score", "ci_lo", "ci_hi", "layer", "split", "metric", "selected", "n",
+FEATURE, SINGLE_LAYER = "feature", "single_layer"
+STEERING = Artifact(
+    "eval/steering.parquet",
+    "steering_experiment",
+    doc="One row per (method, layer, alpha, split) tried; the validation choices marked `selected`.",
+    columns=(
+        Column("method", str, "what steered", kinds={
+            FEATURE: "feature steering: alpha * s * v at each feature's own layer",
+            SINGLE_LAYER: "the single-layer baseline (CAA): alpha * difference of means at one layer",
+        }),
+        Column("task", str, "the task steered and scored"),
+        Column("alpha", float, "steering strength"),
+        Column("score", float, "mean task score"),
+        Column("ci_lo", float, "95% bootstrap interval of the score"),
+        Column("ci_hi", float),
+        Column("layer", int, "the baseline's layer; NA for feature steering", default=pd.NA),
+        Column("split", str, "validation or test (older tables: every row a test row)", default="test"),
+        Column("metric", str, "the task's metric", default=None),
+        Column("selected", bool, "the validation-chosen setting of its method", default=False),
+        Column("n", int, "records", default=pd.NA),
+    ),
 )  # fmt: skip
 DEFAULT_ALPHAS: tuple[float, ...] = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 SELECTION_NOTE = (
@@ -181,7 +201,7 @@ def steering_experiment(
     (default: the layers of `saes`). baseline_alphas: the baseline's grid (default: `alphas`); its
     vector is the raw difference of means (residual units, like s * v), whose norm can differ from
     the features' scales, so widen its grid when the attrs' caa_vector_norms are small.
-    Columns STEERING_COLUMNS: validation rows for every (method,
+    Columns STEERING: validation rows for every (method,
     layer, alpha) tried, test rows for the feature sweep and for the baseline at its chosen layer;
     `layer` is empty (NA) for feature steering, whose features sit at their own layers.
     `df.attrs["steering"]` holds the choices and the paired test difference feature - baseline.
@@ -254,7 +274,7 @@ def steering_experiment(
 
         feat_val = [
             add(
-                "feature",
+                FEATURE,
                 a,
                 None,
                 "validation",
@@ -277,7 +297,7 @@ def steering_experiment(
             bar.advance(overall, 2)
         base_val = [
             add(
-                "single_layer",
+                SINGLE_LAYER,
                 a,
                 L,
                 "validation",
@@ -295,7 +315,7 @@ def steering_experiment(
         chosen_layer = int(best_base["layer"])
         for a in alphas:
             row = add(
-                "feature",
+                FEATURE,
                 a,
                 None,
                 "test",
@@ -304,7 +324,7 @@ def steering_experiment(
             row["selected"] = a == best_feat["alpha"]
         for a in b_alphas:
             row = add(
-                "single_layer",
+                SINGLE_LAYER,
                 a,
                 chosen_layer,
                 "test",
@@ -316,7 +336,7 @@ def steering_experiment(
                 ),
             )
             row["selected"] = a == best_base["alpha"]
-    df = pd.DataFrame(rows, columns=list(STEERING_COLUMNS))
+    df = pd.DataFrame(rows, columns=list(STEERING.names))
     df["layer"] = df["layer"].astype("Int64")
     diff = paired_effect(
         per_record[("feature", best_feat["alpha"], "test")],
@@ -348,8 +368,7 @@ def steering_experiment(
 def write_steering(steering: pd.DataFrame, out: str | Path) -> dict[str, Path]:
     """out/steering.parquet and out/steering.json (the rows, the selection and the paired differences)."""
     extra = {"selection": SELECTION_NOTE, "summary": steering.attrs.get("steering", {})}
-    return write_table(steering, STEERING_COLUMNS, out, "steering", builder="steering_experiment",
-                       extra=extra)
+    return write_table(steering, STEERING, out, extra=extra)
 
 
 def run_steering(

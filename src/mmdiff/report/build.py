@@ -2,7 +2,7 @@
 
 `build_report(run_dir)` discovers what the earlier stages wrote into the run directory and renders
 one section per stage: configuration and provenance, SAE adaptation, adapted features, task
-features, attribution, control, and the seed paper's findings (`mmdiff.report.findings`). A stage
+features, attribution, control, concept shift, and the seed paper's findings (`mmdiff.report.findings`). A stage
 that did not run gives a short "not run" note; a malformed file gives a visible warning. Plots are
 embedded as base64 PNG data URIs (the PNG files stay beside the report), there is no script, font
 or stylesheet from outside, and Jinja2 autoescape is on with nothing from data marked safe, so
@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from mmdiff.errors import ConfigError
 from mmdiff.report.findings import STATUSES, Finding, findings
-from mmdiff.report.sections._common import Link, Section
+from mmdiff.report.sections._common import Link, Section, guarded
 from mmdiff.report.sections.adapted import adapted_section
 from mmdiff.report.sections.attribution import attribution_section
+from mmdiff.report.sections.concepts import concepts_section
 from mmdiff.report.sections.control import control_section
 from mmdiff.report.sections.provenance import provenance_section
 from mmdiff.report.sections.sae import sae_section
@@ -92,19 +93,20 @@ def model_depth(run_dir: Path, config: StudyConfig | None) -> int | None:
 
 def _guarded(section_id: str, title: str, build: Callable[[], Section]) -> Section:
     """Build a section; a failure anywhere inside it becomes a warning in the report, not a crash."""
-    try:
-        return build()
-    except Exception as exc:  # noqa: BLE001
+
+    def failed(why: str) -> Section:
         section = Section(section_id, title)
         section.warn(
-            f"this section could not be built ({type(exc).__name__}: {exc}); the files it reads may be "
-            "malformed: re-run the stage that writes them"
+            f"this section could not be built ({why}); the files it reads may be malformed: "
+            "re-run the stage that writes them"
         )
         return section
 
+    return guarded(build, failed)
+
 
 def report_sections(run_dir: Path, config: StudyConfig | None = None) -> list[Section]:
-    """Sections 1-6 of the report, as data."""
+    """Sections 1-7 of the report, as data."""
     interp_notes = Section("tasks", "Task features")
     explanations = load_explanations(run_dir, interp_notes)
     sections = [
@@ -120,6 +122,7 @@ def report_sections(run_dir: Path, config: StudyConfig | None = None) -> list[Se
             "attribution", "Attribution to attention heads", lambda: attribution_section(run_dir)
         ),
         _guarded("control", "Control: removal and steering", lambda: control_section(run_dir)),
+        _guarded("concepts", "Concept shift", lambda: concepts_section(run_dir)),
     ]
     sections[3].warnings[:0] = interp_notes.warnings
     return sections

@@ -15,6 +15,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from mmdiff.atomic import atomic_path
+from mmdiff.detect import DETECT
+from mmdiff.diff import ADAPTED_PER_LAYER, DIFF
 from mmdiff.errors import DataError
 
 GREY, PINK = "#b0b0b0", "#e7298a"
@@ -182,14 +184,13 @@ def write_feature_plots(run_dir: str | Path, out_dir: str | Path | None = None) 
     """
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
-    stats = run_dir / "stats"
-    tasks = {p.stem.removeprefix("detect_"): pd.read_parquet(p) for p in sorted(stats.glob("detect_*.parquet"))}
+    tasks = {t: pd.read_parquet(DETECT.path_in(run_dir, task=t)) for t in DETECT.found(run_dir)}
     written: dict[str, Path] = {}
-    if (stats / "diff.parquet").is_file():
-        diff = pd.read_parquet(stats / "diff.parquet")
+    if DIFF.path_in(run_dir).is_file():
+        diff = pd.read_parquet(DIFF.path_in(run_dir))
         written["gap_vs_cosine"] = plot_gap_vs_cosine(diff, out / "gap_vs_cosine.png", tasks)
-    if (stats / "adapted_per_layer.parquet").is_file():
-        per_layer = pd.read_parquet(stats / "adapted_per_layer.parquet")
+    if ADAPTED_PER_LAYER.path_in(run_dir).is_file():
+        per_layer = pd.read_parquet(ADAPTED_PER_LAYER.path_in(run_dir))
         written["adapted_per_layer"] = plot_adapted_per_layer(per_layer, out / "adapted_per_layer.png")
     for name, table in tasks.items():
         written[f"{name}_firing"] = plot_firing_distributions(table, out / f"{name}_firing.png")
@@ -197,5 +198,5 @@ def write_feature_plots(run_dir: str | Path, out_dir: str | Path | None = None) 
         if not table["in_adapted_set"].isna().all():
             written[f"{name}_adapted_firing"] = plot_adapted_firing(table, out / f"{name}_adapted_firing.png")
     if not written:
-        raise DataError(f"no diff or detection tables under {stats}; run the diff and detect stages first")
+        raise DataError(f"no diff or detection tables under {run_dir / 'stats'}; run the diff and detect stages first")
     return written

@@ -7,10 +7,12 @@ cannot speak to the claim: the clean model scores no better on the task than one
 so removing features cannot show that they carried it). The criterion of each state is written
 into the finding, so the report shows how it was decided.
 
-How the tables of `mmdiff.control` (eval/effects.parquet, eval/steering.parquet and .json) are read:
-- a feature-removal row has an `intervention` containing "remov" or "ablat" and not "head"
-  ("remove spatial"); one that also says "mismatch" or "control" removes a control set ("remove
-  ocr (mismatched control for spatial)") and serves as a control of its target task's rows;
+How the tables of `mmdiff.control` (eval/effects.parquet, eval/steering.parquet and .json) are read,
+each through its one schema (`control.removal.EFFECTS`, `control.steering.STEERING`):
+- rows are told apart by their `kind`, never by their label: "removal" rows remove the target
+  task's own set; "control_mismatched" rows remove another task's set and serve as a control of
+  their target task's rows; any other kind is shown in the report but not judged (tables written
+  before the `kind` column get it derived once, by the schema's reader);
 - a task's own behaviour is the eval_task equal to the task ("spatial", "ocr", "safety"), else its
   variants ("spatial_open", "spatial (relation-matched)"); general VQA is any eval_task starting
   with "vqa"; accuracy-like metrics are preferred, the safety task's is the attack success rate;
@@ -29,6 +31,13 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+
+from mmdiff.attribution.frames import HEADS
+from mmdiff.control.removal import CONTROL_MISMATCHED, EFFECTS, REMOVAL
+from mmdiff.control.steering import FEATURE, SINGLE_LAYER, STEERING
+from mmdiff.diff import ADAPTED_PER_LAYER, DIFF
+from mmdiff.report.sections._common import guarded
+from mmdiff.report.sections.control import at_floor, chosen_per_method
 
 Status = Literal["reproduced", "not reproduced", "not measured", "not testable"]
 REPRODUCED: Status = "reproduced"
@@ -64,24 +73,6 @@ class Finding:
         return asdict(self)
 
 
-def _read(path: Path) -> tuple[pd.DataFrame | None, str]:
-    """(table, "") or (None, why not)."""
-    if not path.is_file():
-        return None, f"{path.parent.name}/{path.name} does not exist (stage not run)"
-    try:
-        return pd.read_parquet(path), ""
-    except Exception as exc:  # noqa: BLE001 - an unreadable file means "not measured", never a crash
-        return (
-            None,
-            f"{path.parent.name}/{path.name} could not be read ({type(exc).__name__}: {exc})",
-        )
-
-
-def _need(df: pd.DataFrame, columns: list[str], name: str) -> str:
-    missing = [c for c in columns if c not in df.columns]
-    return f"{name} lacks columns {missing}" if missing else ""
-
-
 def _pct_points(x: float) -> str:
     return f"{100 * x:+.1f} pts"
 
@@ -96,27 +87,23 @@ def adapted_share(run_dir: Path) -> Finding:
     )
     base = {"key": "adapted_share", "claim": claim, "seed": "< 5% of features", "criterion": crit}
     n = n_sel = None
-    source, why, attrs = "", "", {}
-    diff, why = _read(run_dir / "stats" / "diff.parquet")
-    if diff is not None and not _need(diff, ["selected"], "stats/diff.parquet") and len(diff):
+    source, attrs = "", {}
+    diff, why = DIFF.read(run_dir)[:2]
+    if diff is not None and len(diff):
         n, n_sel, source, attrs = (
             len(diff),
             int(diff["selected"].astype(bool).sum()),
-            "stats/diff.parquet",
+            DIFF.rel(),
             diff.attrs,
         )
     else:
-        why = why or "stats/diff.parquet has no `selected` column or no rows"
-        per_layer, why2 = _read(run_dir / "stats" / "adapted_per_layer.parquet")
-        if (
-            per_layer is not None
-            and not _need(per_layer, ["n_features", "n_adapted"], "")
-            and len(per_layer)
-        ):
+        why = why or f"{DIFF.rel()} has no rows"
+        per_layer, why2 = ADAPTED_PER_LAYER.read(run_dir)[:2]
+        if per_layer is not None and len(per_layer):
             n, n_sel = int(per_layer["n_features"].sum()), int(per_layer["n_adapted"].sum())
-            source = "stats/adapted_per_layer.parquet"
+            source = ADAPTED_PER_LAYER.rel()
         else:
-            why = f"{why}; {why2 or 'stats/adapted_per_layer.parquet lacks n_features / n_adapted'}"
+            why = f"{why}; {why2 or ADAPTED_PER_LAYER.rel() + ' has no rows'}"
     if not n:
         return Finding(measured="–", status=NOT_MEASURED, detail=why, **base)
     share = n_sel / n
@@ -141,30 +128,6 @@ def adapted_share(run_dir: Path) -> Finding:
 
 ACCURACY_METRICS = ("accuracy", "ocr_accuracy", "vqa_accuracy", "soft_accuracy")
 ASR_METRICS = ("attack_success_rate", "asr")
-
-
-def is_removal(intervention: Any) -> bool:
-    """A feature-removal row ("remove spatial", "ablate", ...), not a head mean-ablation."""
-    s = str(intervention).lower()
-    return ("ablat" in s or "remov" in s) and "head" not in s
-
-
-def is_control_row(intervention: Any) -> bool:
-    """A row whose removed set is itself a control ("remove ocr (mismatched control for spatial)")."""
-    s = str(intervention).lower()
-    return "mismatch" in s or "control" in s
-
-
-def _effects(run_dir: Path) -> tuple[pd.DataFrame | None, str]:
-    from mmdiff.report.sections.control import EFFECT_COLUMNS
-
-    df, why = _read(run_dir / "eval" / "effects.parquet")
-    if df is None:
-        return None, why
-    missing = _need(df, EFFECT_COLUMNS, "eval/effects.parquet")
-    if missing:
-        return None, missing
-    return df[df["intervention"].map(is_removal).astype(bool)], ""
 
 
 def _prefer_metric(rows: pd.DataFrame, preferred: tuple[str, ...]) -> pd.DataFrame:
@@ -194,9 +157,7 @@ def _floats(row: Any, *names: str) -> list[float]:
 
 
 def _at_floor(row: pd.Series) -> bool:
-    from mmdiff.report.sections.control import at_floor
-
-    return at_floor(row.get("baseline_ci_lo"), row.get("floor"))
+    return at_floor(row["baseline_ci_lo"], row["floor"])
 
 
 def removal_drop(
@@ -222,13 +183,13 @@ def removal_drop(
         "claim": claim,
         "seed": seed,
         "criterion": crit,
-        "source": "eval/effects.parquet",
+        "source": EFFECTS.rel(),
     }
-    df, why = _effects(run_dir)
+    df, why = EFFECTS.read(run_dir)[:2]
     if df is None:
         return Finding(measured="–", status=NOT_MEASURED, detail=why, **base)
     mine = df[df["target_task"].astype(str).str.lower() == task]
-    primary = mine[~mine["intervention"].map(is_control_row).astype(bool)]
+    primary = mine[mine["kind"] == REMOVAL]
     rows = _prefer_metric(_eval_rows(primary, task), metrics)
     if rows.empty:
         return Finding(
@@ -252,7 +213,7 @@ def removal_drop(
             "cannot show that they carried it.",
             **base,
         )
-    mismatched = mine[mine["intervention"].map(is_control_row).astype(bool)]
+    mismatched = mine[mine["kind"] == CONTROL_MISMATCHED]
     ok, parts, rel = True, [], []
     for r in rows.itertuples():
         eff, lo, hi, base_v, c_eff, c_lo = _floats(
@@ -305,14 +266,13 @@ def removal_spares_vqa(run_dir: Path) -> Finding:
         "claim": claim,
         "seed": "no VQA impact",
         "criterion": crit,
-        "source": "eval/effects.parquet",
+        "source": EFFECTS.rel(),
     }
-    df, why = _effects(run_dir)
+    df, why = EFFECTS.read(run_dir)[:2]
     if df is None:
         return Finding(measured="–", status=NOT_MEASURED, detail=why, **base)
     rows = df[
-        df["eval_task"].astype(str).str.lower().str.startswith("vqa")
-        & ~df["intervention"].map(is_control_row).astype(bool)
+        df["eval_task"].astype(str).str.lower().str.startswith("vqa") & (df["kind"] == REMOVAL)
     ]
     rows = _prefer_metric(rows, ACCURACY_METRICS)
     if rows.empty:
@@ -343,7 +303,7 @@ def removal_spares_vqa(run_dir: Path) -> Finding:
 
 def _paired_difference(run_dir: Path, task: str) -> dict[str, float] | None:
     """eval/steering.json's test-split paired difference (feature - baseline) of a task, if any."""
-    path = run_dir / "eval" / "steering.json"
+    path = STEERING.path_in(run_dir).with_suffix(".json")
     try:
         summary = json.loads(path.read_text(encoding="utf-8")).get("summary", {})
         d = summary[task]["feature_minus_baseline_test"]
@@ -353,8 +313,6 @@ def _paired_difference(run_dir: Path, task: str) -> dict[str, float] | None:
 
 
 def steering_gain(run_dir: Path, task: str, seed: str) -> Finding:
-    from mmdiff.report.sections.control import STEERING_COLUMNS, chosen_per_method
-
     claim = f"Feature steering beats single-layer steering on {task} (seed: {seed})."
     crit = (
         "reproduced when the paired test-split difference (feature steering at its validation-chosen α "
@@ -367,32 +325,27 @@ def steering_gain(run_dir: Path, task: str, seed: str) -> Finding:
         "claim": claim,
         "seed": seed,
         "criterion": crit,
-        "source": "eval/steering.parquet",
+        "source": STEERING.rel(),
     }
-    df, why = _read(run_dir / "eval" / "steering.parquet")
-    if df is None or _need(df, STEERING_COLUMNS, ""):
-        return Finding(
-            measured="–",
-            status=NOT_MEASURED,
-            detail=why or _need(df, STEERING_COLUMNS, "eval/steering.parquet"),
-            **base,
-        )
+    df, why = STEERING.read(run_dir)[:2]
+    if df is None:
+        return Finding(measured="–", status=NOT_MEASURED, detail=why, **base)
     df = df[df["task"].astype(str).str.lower() == task]
     chosen = chosen_per_method(df) if not df.empty else df
     by = {str(r.method): r for r in chosen.itertuples()}
-    if "feature" not in by or "single_layer" not in by:
+    if FEATURE not in by or SINGLE_LAYER not in by:
         return Finding(
             measured="–",
             status=NOT_MEASURED,
             detail=f"eval/steering.parquet has no feature and single_layer rows for task {task!r}",
             **base,
         )
-    f, s = by["feature"], by["single_layer"]
+    f, s = by[FEATURE], by[SINGLE_LAYER]
     detail = (
         f"feature steering {float(f.score):.3f} [{float(f.ci_lo):.3f}, {float(f.ci_hi):.3f}] at "
         f"α = {float(f.alpha):g}; single-layer {float(s.score):.3f} [{float(s.ci_lo):.3f}, "
         f"{float(s.ci_hi):.3f}] at α = {float(s.alpha):g}"
-        + (f", layer {int(s.layer)}" if "layer" in df and not pd.isna(s.layer) else "")
+        + (f", layer {int(s.layer)}" if not pd.isna(s.layer) else "")
         + "."
     )
     paired = _paired_difference(run_dir, task)
@@ -433,18 +386,12 @@ def head_concentration(run_dir: Path, n_layers: int | None = None) -> Finding:
         "claim": claim,
         "seed": "a few mid-to-deep heads (e.g. L13H1 in a 32-layer model)",
         "criterion": crit,
-        "source": "attribution/heads.parquet",
+        "source": HEADS.rel(),
     }
-    heads, why = _read(run_dir / "attribution" / "heads.parquet")
-    need = ["feature_layer", "feature", "layer", "head", "score_a", "score_b"]
-    if heads is None or _need(heads, need, "") or heads.empty:
+    heads, why = HEADS.read(run_dir)[:2]
+    if heads is None or heads.empty:
         return Finding(
-            measured="–",
-            status=NOT_MEASURED,
-            detail=why
-            or _need(heads, need, "attribution/heads.parquet")
-            or "attribution/heads.parquet is empty",
-            **base,
+            measured="–", status=NOT_MEASURED, detail=why or f"{HEADS.rel()} is empty", **base
         )
     col = "score_a" if heads["score_a"].notna().any() else "score_b"
     depth_of = n_layers or int(heads["feature_layer"].max()) + 1
@@ -478,20 +425,17 @@ def head_concentration(run_dir: Path, n_layers: int | None = None) -> Finding:
     )
 
 
-def _guarded(key: str, claim: str, seed: str, compute: Callable[[], Finding]) -> Finding:
-    """A finding, or "not measured" with the reason when its artifacts break the computation."""
-    try:
-        return compute()
-    except Exception as exc:  # noqa: BLE001 - one malformed artifact must not hide the other findings
-        return Finding(
-            key=key,
-            claim=claim,
-            seed=seed,
-            measured="–",
-            status=NOT_MEASURED,
-            criterion="",
-            detail=f"could not be computed ({type(exc).__name__}: {exc}); the artifacts may be malformed",
-        )
+def _not_computed(key: str, claim: str, seed: str) -> Callable[[str], Finding]:
+    """The finding of a computation its artifacts broke: "not measured", with the reason."""
+    return lambda why: Finding(
+        key=key,
+        claim=claim,
+        seed=seed,
+        measured="–",
+        status=NOT_MEASURED,
+        criterion="",
+        detail=f"could not be computed ({why}); the artifacts may be malformed",
+    )
 
 
 def findings(run_dir: str | Path, *, n_layers: int | None = None) -> list[Finding]:
@@ -521,4 +465,4 @@ def findings(run_dir: str | Path, *, n_layers: int | None = None) -> list[Findin
          lambda: head_concentration(run_dir, n_layers)),
     ]
     # fmt: on
-    return [_guarded(*item) for item in todo]
+    return [guarded(compute, _not_computed(key, claim, seed)) for key, claim, seed, compute in todo]

@@ -15,6 +15,7 @@ import pandas as pd
 
 from mmdiff.atomic import atomic_path, write_parquet
 from mmdiff.errors import DataError
+from mmdiff.schema import Artifact, Column
 
 REGIME_ORDER = ("base", "full", "image", "text", "random")
 REGIME_COLOURS = {
@@ -24,7 +25,34 @@ REGIME_COLOURS = {
     "text": "#2ca02c",
     "random": "#d62728",
 }
-CURVE_COLUMNS = ["regime", "layer", "step", "tokens", "fvu", "l0", "dead_fraction"]
+_REGIME, _LAYER = Column("regime", str, "base, full, image, text or random"), Column("layer", int)
+FVU_CURVES = Artifact(
+    "stats/sae_fvu_curves.parquet", "fvu_curves", required=("regime", "layer", "tokens", "fvu"),
+    columns=(_REGIME, _LAYER, Column("step", int), Column("tokens", int), Column("fvu", float, "training batch"),
+             Column("l0", float), Column("dead_fraction", float)),
+)
+HELDOUT = Artifact(
+    "stats/sae_heldout.parquet", "heldout_table", open=True,
+    doc="One row per (regime, side, layer); the other columns are SAEEvaluation.row()'s fields.",
+    required=("regime", "layer", "fvu", "fvu_image", "fvu_text"),
+    columns=(_REGIME, Column("side", str, "vlm or base"), _LAYER, Column("fvu", float),
+             Column("fvu_image", float), Column("fvu_text", float)),
+)
+DECODER_COSINE = Artifact(
+    "stats/sae_decoder_cosine.parquet", "decoder_cosine_tables",
+    columns=(_REGIME, _LAYER, Column("latent", int), Column("cosine", float, "to the warm start")),
+)
+DECODER_COSINE_BY_LAYER = Artifact(
+    "stats/sae_decoder_cosine_by_layer.parquet", "decoder_cosine_tables",
+    required=("regime", "layer", "mean_cosine"),
+    columns=(_REGIME, _LAYER, Column("mean_cosine", float), Column("median_cosine", float),
+             Column("n_latents", int)),
+)
+SPLICED_LOSS = Artifact(
+    "stats/sae_spliced_loss.parquet", "spliced_loss", open=True, required=("regime", "layer"),
+    doc="Language-model loss with the SAE's reconstruction spliced in, per (regime, side, layer).",
+    columns=(_REGIME, Column("side", str), _LAYER),
+)  # fmt: skip
 
 
 def _order(regimes: Iterable[str]) -> list[str]:
@@ -55,9 +83,9 @@ def fvu_curves(
         for col in ("l0", "dead_fraction"):
             if col not in df:
                 df[col] = float("nan")
-        frames.append(df[CURVE_COLUMNS])
+        frames.append(df[list(FVU_CURVES.names)])
     if not frames:
-        return pd.DataFrame(columns=CURVE_COLUMNS)
+        return FVU_CURVES.empty()
     return pd.concat(frames, ignore_index=True).sort_values(
         ["regime", "layer", "step"], ignore_index=True
     )
@@ -102,10 +130,7 @@ def decoder_cosine_tables(
                 )
             )
     if not per_latent:
-        empty = pd.DataFrame(columns=["regime", "layer", "latent", "cosine"])
-        return empty, pd.DataFrame(
-            columns=["regime", "layer", "mean_cosine", "median_cosine", "n_latents"]
-        )
+        return DECODER_COSINE.empty(), DECODER_COSINE_BY_LAYER.empty()
     latents = pd.concat(per_latent, ignore_index=True)
     per_layer = (
         latents.groupby(["regime", "layer"], sort=True)["cosine"]
@@ -208,30 +233,30 @@ def write_training_report(
     """Write the Parquet tables and (with `plots`) PNG plots of SAE training; returns {name: path}."""
     tables_dir, plots_dir = Path(tables_dir), Path(plots_dir)
     written: dict[str, Path] = {}
-    write_parquet(tables_dir / "sae_fvu_curves.parquet", curves)
-    written["fvu_curves"] = tables_dir / "sae_fvu_curves.parquet"
+
+    def write(name: str, artifact: Artifact, df: pd.DataFrame) -> None:
+        written[name] = tables_dir / Path(artifact.path).name
+        write_parquet(written[name], artifact.validate(df))
+
+    write("fvu_curves", FVU_CURVES, curves)
     if plots:
         written["fvu_curves_png"] = save_figure(
             plot_fvu_curves(curves), plots_dir / "sae_fvu_curves.png"
         )
     if heldout is not None and not heldout.empty:
-        write_parquet(tables_dir / "sae_heldout.parquet", heldout)
-        written["heldout"] = tables_dir / "sae_heldout.parquet"
+        write("heldout", HELDOUT, heldout)
         if plots:
             written["fvu_by_token_type_png"] = save_figure(
                 plot_fvu_by_token_type(heldout), plots_dir / "sae_fvu_by_token_type.png"
             )
     if cosines:
         latents, per_layer = decoder_cosine_tables(cosines)
-        write_parquet(tables_dir / "sae_decoder_cosine.parquet", latents)
-        write_parquet(tables_dir / "sae_decoder_cosine_by_layer.parquet", per_layer)
-        written["decoder_cosine"] = tables_dir / "sae_decoder_cosine.parquet"
-        written["decoder_cosine_by_layer"] = tables_dir / "sae_decoder_cosine_by_layer.parquet"
+        write("decoder_cosine", DECODER_COSINE, latents)
+        write("decoder_cosine_by_layer", DECODER_COSINE_BY_LAYER, per_layer)
         if plots:
             written["decoder_cosine_png"] = save_figure(
                 plot_decoder_cosine(per_layer), plots_dir / "sae_decoder_cosine.png"
             )
     if spliced is not None and not spliced.empty:
-        write_parquet(tables_dir / "sae_spliced_loss.parquet", spliced)
-        written["spliced_loss"] = tables_dir / "sae_spliced_loss.parquet"
+        write("spliced_loss", SPLICED_LOSS, spliced)
     return written

@@ -1,4 +1,4 @@
-"""The pieces every report section is made of, and the tolerant readers that build them.
+"""The pieces every report section is made of, the reader that builds them and the guard around them.
 
 A section never crashes the report: a stage that did not run gives `status="not run"` and a note,
 a file that cannot be read or lacks columns gives a visible warning. Figures are embedded as base64
@@ -10,12 +10,14 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
+
+from mmdiff.schema import Artifact
 
 NOT_RUN = "not run"
 OK = "ok"
@@ -84,29 +86,26 @@ def rel(path: Path, run_dir: Path) -> str:
         return str(path)
 
 
-def read_table(
-    path: Path, run_dir: Path, section: Section, required: Iterable[str] = ()
-) -> pd.DataFrame | None:
-    """The Parquet table at `path`, or None with a warning on `section` when it is unreadable or
-    lacks `required` columns. A missing file gives None without a warning (the caller decides)."""
-    if not path.is_file():
-        return None
+def read(artifact: Artifact, run_dir: Path, section: Section, **fields: Any) -> pd.DataFrame | None:
+    """The artifact's table in `run_dir` (through its schema's one tolerant reader), or None: with
+    a warning on `section` when the file exists but cannot be used, silently when it is missing
+    (the caller decides what a stage that did not run means)."""
+    loaded = artifact.read(run_dir, **fields)
+    if loaded.table is None and loaded.exists:
+        section.warn(loaded.why)
+    return loaded.table
+
+
+T = TypeVar("T")
+
+
+def guarded(compute: Callable[[], T], fallback: Callable[[str], T]) -> T:
+    """`compute()`, or `fallback(why)` when it raises: one malformed artifact costs only the part of
+    the report built from it, with the reason shown, never the whole report."""
     try:
-        df = pd.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is reported, never raised
-        section.warn(
-            f"{rel(path, run_dir)} could not be read ({type(exc).__name__}: {exc}); "
-            "re-run the stage that writes it"
-        )
-        return None
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        section.warn(
-            f"{rel(path, run_dir)} lacks columns {missing} (it has {list(df.columns)}); it was written "
-            "by another version of mmdiff or edited by hand: re-run the stage that writes it"
-        )
-        return None
-    return df
+        return compute()
+    except Exception as exc:  # noqa: BLE001 - any failure becomes a visible note
+        return fallback(f"{type(exc).__name__}: {exc}")
 
 
 def read_json(path: Path, run_dir: Path, section: Section) -> Any | None:

@@ -9,6 +9,8 @@ from typing import Any
 
 import pandas as pd
 
+from mmdiff.detect import DETECT
+from mmdiff.diff import ADAPTED, ADAPTED_PER_LAYER, DIFF
 from mmdiff.report.sections._common import (
     NOT_RUN,
     Block,
@@ -17,20 +19,19 @@ from mmdiff.report.sections._common import (
     ensure_plot,
     fmt,
     frame_table,
-    read_table,
+    read,
 )
 
 TOP_ADAPTED = 30  # rows of the top-adapted table; the full set is in features/adapted.parquet
-DIFF_COLUMNS = ["layer", "feature", "variance_gap", "decoder_cosine", "selected"]
 
 
 def task_tables(run_dir: Path, section: Section) -> dict[str, pd.DataFrame]:
-    """Each task's detection table (stats/detect_{task}.parquet), by task name."""
+    """Each task's detection table (`detect.DETECT`), by task name."""
     out = {}
-    for path in sorted((run_dir / "stats").glob("detect_*.parquet")):
-        df = read_table(path, run_dir, section, ["layer", "feature", "kept"])
+    for task in DETECT.found(run_dir):
+        df = read(DETECT, run_dir, section, task=task)
         if df is not None:
-            out[path.stem.removeprefix("detect_")] = df
+            out[task] = df
     return out
 
 
@@ -45,24 +46,17 @@ def adapted_section(run_dir: Path, explanations: Mapping[str, Any]) -> Section:
         "W_dec_f adapted). All features of all layers are pooled; the top p_gap by Δ_f are kept, then "
         "the bottom p_cos of those by c_f: the adapted set.",
     )
-    stats, plots = run_dir / "stats", run_dir / "report"
-    diff = read_table(stats / "diff.parquet", run_dir, section, DIFF_COLUMNS)
-    per_layer = read_table(
-        stats / "adapted_per_layer.parquet",
-        run_dir,
-        section,
-        ["layer", "n_features", "n_adapted", "mean_cosine_adapted", "mean_cosine_all"],
-    )
-    adapted = read_table(
-        run_dir / "features" / "adapted.parquet", run_dir, section, ["layer", "feature"]
-    )
+    plots = run_dir / "report"
+    diff = read(DIFF, run_dir, section)
+    per_layer = read(ADAPTED_PER_LAYER, run_dir, section)
+    adapted = read(ADAPTED, run_dir, section)
     if adapted is None and diff is not None:
         adapted = diff[diff["selected"].astype(bool)]
     if diff is None and per_layer is None and adapted is None:
         if not section.warnings:
             section.status = NOT_RUN
             section.notes.append(
-                "The diff stage has not run (no stats/diff.parquet, features/adapted.parquet)."
+                f"The diff stage has not run (no {DIFF.rel()}, {ADAPTED.rel()})."
             )
         return section
 
@@ -93,12 +87,12 @@ def adapted_section(run_dir: Path, explanations: Mapping[str, Any]) -> Section:
             "Every feature of every layer (grey), the adapted set (pink), task features circled.",
             section,
             run_dir,
-            [stats / "diff.parquet", *sorted(stats.glob("detect_*.parquet"))],
+            [DIFF.path_in(run_dir), *(DETECT.path_in(run_dir, task=t) for t in tasks)],
         )
         block.figures += [fig] if fig else []
     else:
         block.notes.append(
-            "stats/diff.parquet is missing: the scatter of all features cannot be drawn."
+            f"{DIFF.rel()} is missing: the scatter of all features cannot be drawn."
         )
     section.blocks.append(block)
 
@@ -111,7 +105,7 @@ def adapted_section(run_dir: Path, explanations: Mapping[str, Any]) -> Section:
             "Count per layer and mean decoder cosine of the adapted set vs all features.",
             section,
             run_dir,
-            [stats / "adapted_per_layer.parquet"],
+            [ADAPTED_PER_LAYER.path_in(run_dir)],
         )
         block.figures += [fig] if fig else []
         block.tables.append(

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmdiff.attribution.frames import HEADS, LAYERS
 from mmdiff.report.sections._common import (
     NOT_RUN,
     Block,
@@ -19,14 +20,13 @@ from mmdiff.report.sections._common import (
     fmt,
     frame_table,
     png_figure,
+    read,
     read_json,
-    read_table,
     save_png,
 )
 
 MAX_PLOTTED = 6  # features drawn in the curves and heatmaps (largest total |score| first)
 MAX_OVERLAY_FEATURES = 4
-HEAD_COLUMNS = ["feature_layer", "feature", "layer", "head", "score_a", "score_b"]
 OVERLAY_NAME = re.compile(r"^L(\d+)F(\d+)_(.+)\.png$")
 
 
@@ -122,17 +122,15 @@ def attribution_section(run_dir: Path) -> Section:
         "clean run; Method B = (o_clean − o_corr)·∇m at the corrupt run. Dotted lines: exact patching.",
     )
     out, plots = run_dir / "attribution", run_dir / "report"
-    heads = read_table(out / "heads.parquet", run_dir, section, HEAD_COLUMNS)
-    layers = read_table(
-        out / "layers.parquet", run_dir, section, HEAD_COLUMNS[:3] + ["score_a", "score_b"]
-    )
+    heads = read(HEADS, run_dir, section)
+    layers = read(LAYERS, run_dir, section)
     summary = read_json(out / "summary.json", run_dir, section)
     overlays = sorted((out / "overlays").glob("*.png")) if (out / "overlays").is_dir() else []
     if heads is None and layers is None and summary is None and not overlays:
         if not section.warnings:
             section.status = NOT_RUN
             section.notes.append(
-                "The attribution stage has not run (no attribution/heads.parquet)."
+                f"The attribution stage has not run (no {HEADS.rel()})."
             )
         return section
 
@@ -149,7 +147,7 @@ def attribution_section(run_dir: Path) -> Section:
                 "Sum of each layer's head scores, per feature.",
                 section,
                 run_dir,
-                [out / "layers.parquet"],
+                [LAYERS.path_in(run_dir)],
             )
             block.figures += [fig] if fig else []
         fig = ensure_plot(
@@ -159,7 +157,7 @@ def attribution_section(run_dir: Path) -> Section:
             "Red = the head raises the feature's objective under the method, blue = lowers it.",
             section,
             run_dir,
-            [out / "heads.parquet"],
+            [HEADS.path_in(run_dir)],
         )
         block.figures += [fig] if fig else []
         section.blocks.append(block)

@@ -1,8 +1,8 @@
 """Section 6: control: the effects table (each intervention x each task, effect with its 95% CI and
 the control's effect beside it) and the steering sweeps (alpha vs score, feature vs single-layer).
 
-Files: eval/effects.parquet (EFFECT_COLUMNS) and eval/steering.parquet (STEERING_COLUMNS), written
-by the control stage.
+Files: eval/effects.parquet (`control.removal.EFFECTS`) and eval/steering.parquet with its JSON
+mirror (`control.steering.STEERING`), written by the control stage.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from mmdiff.control.removal import EFFECTS
+from mmdiff.control.steering import FEATURE, SINGLE_LAYER, STEERING
 from mmdiff.report.sections._common import (
     NOT_RUN,
     Block,
@@ -20,31 +22,14 @@ from mmdiff.report.sections._common import (
     Table,
     ensure_plot,
     fmt,
+    read,
     read_json,
-    read_table,
     save_png,
 )
 
-EFFECT_COLUMNS = [
-    "intervention",
-    "target_task",
-    "eval_task",
-    "metric",
-    "baseline",
-    "treated",
-    "effect",
-    "ci_lo",
-    "ci_hi",
-    "control",
-    "control_effect",
-    "control_ci_lo",
-    "control_ci_hi",
-    "n",
-]
-STEERING_COLUMNS = ["method", "task", "alpha", "score", "ci_lo", "ci_hi"]
 METHOD_STYLE = {
-    "feature": ("#e7298a", "feature steering"),
-    "single_layer": ("#555555", "single-layer (CAA)"),
+    FEATURE: ("#e7298a", "feature steering"),
+    SINGLE_LAYER: ("#555555", "single-layer (CAA)"),
 }
 
 
@@ -97,7 +82,7 @@ def effects_table(effects: pd.DataFrame) -> Table:
                 fmt(r.baseline)
                 + (
                     f" (at floor {fmt(r.floor)})"
-                    if at_floor(getattr(r, "baseline_ci_lo", None), getattr(r, "floor", None))
+                    if at_floor(r.baseline_ci_lo, r.floor)
                     else ""
                 ),
                 fmt(r.treated),
@@ -159,9 +144,7 @@ def effects_matrix(effects: pd.DataFrame) -> Table:
 
 
 def rows_on_test_split(steering: pd.DataFrame) -> pd.DataFrame:
-    """The rows scored on the test split (all rows when the table has no `split`)."""
-    if "split" not in steering:
-        return steering
+    """The rows scored on the test split (every row of a table written before `split` existed)."""
     return steering[steering["split"].astype(str) == "test"]
 
 
@@ -188,11 +171,10 @@ def plot_steering(steering: pd.DataFrame):
                 alpha=0.15,
                 lw=0,
             )
-            if "selected" in r:
-                chosen = r[r["selected"].fillna(False).astype(bool)]
-                ax.plot(chosen["alpha"], chosen["score"], "*", ms=11, color=line.get_color())
+            chosen = r[r["selected"].fillna(False).astype(bool)]
+            ax.plot(chosen["alpha"], chosen["score"], "*", ms=11, color=line.get_color())
         ax.set_xlabel("steering strength α")
-        metric = sub["metric"].dropna().astype(str) if "metric" in sub else pd.Series(dtype=str)
+        metric = sub["metric"].dropna().astype(str)
         ax.set_ylabel(metric.iloc[0] if len(metric) else "score")
         ax.set_title(task)
         ax.legend(fontsize=8)
@@ -205,7 +187,7 @@ def chosen_per_method(steering: pd.DataFrame) -> pd.DataFrame:
     rows = rows_on_test_split(steering)
     out = []
     for _, g in rows.groupby(["task", "method"], sort=True):
-        sel = g[g["selected"].fillna(False).astype(bool)] if "selected" in g else g.iloc[:0]
+        sel = g[g["selected"].fillna(False).astype(bool)]
         out.append(sel.iloc[:1] if len(sel) else g.loc[[g["score"].astype(float).idxmax()]])
     return pd.concat(out, ignore_index=True) if out else rows.iloc[:0]
 
@@ -217,20 +199,19 @@ def control_section(run_dir: Path) -> Section:
         intro="Removal projects the features' decoder directions out of the residual stream at their layer; "
         "steering adds α·s·v. Every effect is shown with its 95% bootstrap interval and the control's effect.",
     )
-    ev = run_dir / "eval"
-    effects = read_table(ev / "effects.parquet", run_dir, section, EFFECT_COLUMNS)
-    steering = read_table(ev / "steering.parquet", run_dir, section, STEERING_COLUMNS)
+    effects = read(EFFECTS, run_dir, section)
+    steering = read(STEERING, run_dir, section)
     if effects is None and steering is None:
         if not section.warnings:
             section.status = NOT_RUN
             section.notes.append(
-                "The control stage has not run (no eval/effects.parquet, eval/steering.parquet)."
+                f"The control stage has not run (no {EFFECTS.rel()}, {STEERING.rel()})."
             )
         return section
     if effects is not None:
         block = Block("Effects")
         if effects.empty:
-            block.notes.append("eval/effects.parquet has no rows.")
+            block.notes.append(f"{EFFECTS.rel()} has no rows.")
         else:
             block.tables.append(effects_matrix(effects))
             block.tables.append(effects_table(effects))
@@ -244,18 +225,19 @@ def control_section(run_dir: Path) -> Section:
             "Test split; shaded: 95% intervals; stars: the validation-chosen α.",
             section,
             run_dir,
-            [ev / "steering.parquet"],
+            [STEERING.path_in(run_dir)],
         )
         block.figures += [fig] if fig else []
         chosen = chosen_per_method(steering)
-        summary = (read_json(ev / "steering.json", run_dir, section) or {}).get("summary", {})
+        mirror = STEERING.path_in(run_dir).with_suffix(".json")
+        summary = (read_json(mirror, run_dir, section) or {}).get("summary", {})
         rows = []
         for r in chosen.itertuples():
             rows.append(
                 [
                     str(r.task),
                     METHOD_STYLE.get(str(r.method), (None, str(r.method)))[1],
-                    fmt(getattr(r, "layer", None)),
+                    fmt(r.layer),
                     fmt(r.alpha),
                     interval(r.score, r.ci_lo, r.ci_hi, signed=False),
                 ]

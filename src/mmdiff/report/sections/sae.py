@@ -11,7 +11,7 @@ from mmdiff.report.sections._common import (
     Section,
     ensure_plot,
     frame_table,
-    read_table,
+    read,
 )
 
 REGIME_NOTE = (
@@ -26,23 +26,11 @@ def sae_section(run_dir: Path) -> Section:
     from mmdiff.sae import training_report as tr
 
     section = Section("sae", "SAE adaptation", intro=REGIME_NOTE)
-    stats, plots = run_dir / "stats", run_dir / "report"
-    curves = read_table(
-        stats / "sae_fvu_curves.parquet", run_dir, section, ["regime", "layer", "tokens", "fvu"]
-    )
-    heldout = read_table(
-        stats / "sae_heldout.parquet",
-        run_dir,
-        section,
-        ["regime", "layer", "fvu", "fvu_image", "fvu_text"],
-    )
-    cos_layer = read_table(
-        stats / "sae_decoder_cosine_by_layer.parquet",
-        run_dir,
-        section,
-        ["regime", "layer", "mean_cosine"],
-    )
-    spliced = read_table(stats / "sae_spliced_loss.parquet", run_dir, section, ["regime", "layer"])
+    plots = run_dir / "report"
+    curves = read(tr.FVU_CURVES, run_dir, section)
+    heldout = read(tr.HELDOUT, run_dir, section)
+    cos_layer = read(tr.DECODER_COSINE_BY_LAYER, run_dir, section)
+    spliced = read(tr.SPLICED_LOSS, run_dir, section)
     if all(t is None for t in (curves, heldout, cos_layer, spliced)):
         if not section.warnings:
             section.status = NOT_RUN
@@ -58,7 +46,7 @@ def sae_section(run_dir: Path) -> Section:
             "Training-batch FVU against tokens seen, one panel per layer, one line per regime (log scale).",
             section,
             run_dir,
-            [stats / "sae_fvu_curves.parquet"],
+            [tr.FVU_CURVES.path_in(run_dir)],
         )
         block.figures += [fig] if fig else []
         last = (
@@ -84,7 +72,7 @@ def sae_section(run_dir: Path) -> Section:
             "FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 on held-out VLM activations, per layer and regime.",
             section,
             run_dir,
-            [stats / "sae_heldout.parquet"],
+            [tr.HELDOUT.path_in(run_dir)],
         )
         block.figures += [fig] if fig else []
         block.tables.append(
@@ -118,7 +106,7 @@ def sae_section(run_dir: Path) -> Section:
             "cos(W_dec_f base, W_dec_f regime), averaged over latents; 1 = the dictionary did not move.",
             section,
             run_dir,
-            [stats / "sae_decoder_cosine_by_layer.parquet"],
+            [tr.DECODER_COSINE_BY_LAYER.path_in(run_dir)],
         )
         block.figures += [fig] if fig else []
         block.tables.append(

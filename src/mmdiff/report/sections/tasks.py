@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mmdiff.detect import DETECT, TASK_FEATURES
+from mmdiff.diff import ADAPTED
 from mmdiff.report.sections._common import (
     NOT_RUN,
     Block,
@@ -20,7 +22,7 @@ from mmdiff.report.sections._common import (
     fmt,
     fmt_p,
     frame_table,
-    read_table,
+    read,
 )
 
 MAX_FEATURES = 100  # rows per task list; the full list is in features/{task}.parquet
@@ -31,15 +33,14 @@ FILTER_NOTES = {
 
 
 def _task_names(run_dir: Path, section: Section) -> list[str]:
-    names = [
-        p.stem.removeprefix("detect_") for p in sorted((run_dir / "stats").glob("detect_*.parquet"))
-    ]
-    for p in sorted((run_dir / "features").glob("*.parquet")):
-        if p.stem == "adapted" or p.stem in names:
+    names = DETECT.found(run_dir)
+    adapted = Path(ADAPTED.path).stem
+    for name in TASK_FEATURES.found(run_dir):
+        if name == adapted or name in names:
             continue
-        df = read_table(p, run_dir, section)
+        df = read(TASK_FEATURES, run_dir, section, task=name)
         if df is not None and "task" in df.columns:
-            names.append(p.stem)
+            names.append(name)
     return names
 
 
@@ -78,15 +79,8 @@ def _task_block(
     from mmdiff.report import feature_plots as fp
 
     block = Block(f"Task: {name}")
-    detect = read_table(
-        run_dir / "stats" / f"detect_{name}.parquet",
-        run_dir,
-        section,
-        ["layer", "feature", "p_task", "p_base", "delta_p", "odds_ratio", "candidate", "kept"],
-    )
-    kept = read_table(
-        run_dir / "features" / f"{name}.parquet", run_dir, section, ["layer", "feature"]
-    )
+    detect = read(DETECT, run_dir, section, task=name)
+    kept = read(TASK_FEATURES, run_dir, section, task=name)
     if kept is None and detect is not None:
         kept = detect[detect["kept"].astype(bool)]
     if detect is not None:
@@ -141,7 +135,7 @@ def _task_block(
                 "",
                 section,
                 run_dir,
-                [run_dir / "stats" / f"detect_{name}.parquet"],
+                [DETECT.path_in(run_dir, task=name)],
             )
             block.figures += [fig] if fig else []
     if kept is None:
