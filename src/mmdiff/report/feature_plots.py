@@ -178,9 +178,9 @@ def plot_adapted_per_layer(per_layer: pd.DataFrame, path: str | Path) -> Path:
 def write_feature_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Report stage: every plot above from a run directory's tables, into `out_dir` (default run/report).
 
-    Reads stats/diff.parquet and stats/adapted_per_layer.parquet (from `mmdiff.diff.write_adapted_features`)
-    and each stats/detect_{task}.parquet (from `mmdiff.detect.write_task_features`); tables that do not
-    exist are skipped, so the report can be drawn after the diff alone.
+    Reads `diff.DIFF` and `diff.ADAPTED_PER_LAYER` (stats/diff.parquet, stats/adapted_per_layer.parquet)
+    and each `detect.DETECT` (stats/detect_{task}.parquet); tables that do not exist are skipped, so
+    the report can be drawn after the diff alone.
     """
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
