@@ -21,6 +21,14 @@ from PIL import Image
 from mmdiff.atomic import write_json, write_parquet, write_text
 from mmdiff.attribution import FeatureAttribution, HeadAttribution, heads_frame, layers_frame
 from mmdiff.config import DatasetSpec, ModelSpec, StudyConfig, dump_config
+from mmdiff.concept_study import (
+    CONCEPT_GROUNDING,
+    CONCEPT_MATCHING,
+    CONCEPT_STEERING,
+    CONCEPT_STEERING_RECORDS,
+    CONCEPT_SUMMARY,
+    steering_table,
+)
 from mmdiff.control import EFFECTS, write_effects, write_steering
 from mmdiff.detect import write_task_features
 from mmdiff.diff import write_adapted_features
@@ -287,6 +295,25 @@ def make_run(run: Path) -> dict:
         "role": "text",
     }
     write_steering(steering, run / "eval")
+
+    # fmt: off
+    # concepts: two concept pairs, steered in-sample on three records (tables in the stage's schemas)
+    records = pd.DataFrame({
+        "split": "fit", "shift": np.repeat(["concept", "mean"], 6), "alpha": np.tile(np.repeat([0.0, 1.0], 3), 2),
+        "record_id": [f"r{i}" for i in range(3)] * 4, "concept": [0, 1, 1] * 4,
+        "kl": [2.0, 2.2, 1.8, 0.5, 0.7, 0.6, 2.0, 2.2, 1.8, 1.5, 1.4, 1.3], "top1_match": [False, True] * 6,
+    })
+    write_parquet(CONCEPT_STEERING_RECORDS.path_in(run), CONCEPT_STEERING_RECORDS.validate(records))
+    write_parquet(CONCEPT_STEERING.path_in(run), CONCEPT_STEERING.validate(steering_table(records)))
+    write_parquet(CONCEPT_MATCHING.path_in(run), CONCEPT_MATCHING.validate(pd.DataFrame({
+        "orig": [0, 1], "ft": [1, 0], "cosine": [0.4, 0.5], "shifted_cosine": [0.9, 0.8], "count": [1, 2],
+        "shift_norm": [3.0, 2.0]})))
+    write_parquet(CONCEPT_GROUNDING.path_in(run), CONCEPT_GROUNDING.validate(pd.DataFrame({
+        "model": ["orig", "ft", "shifted"] * 2, "concept": [0, 0, 0, 1, 1, 1], "rank": 0,
+        "token_id": [5, 6, 7, 8, 9, 10], "token": [SCRIPT, "left", "right", "a", "b", "c"], "score": 1.0})))
+    write_json(run / CONCEPT_SUMMARY, {"layer": 1, "k": 2, "method": "kmeans", "n_fit": 3, "n_heldout": 0,
+                                       "mean_cosine": 0.45, "mean_shifted_cosine": 0.85, "concepts_used": 2})
+    # fmt: on
     return {"diff": diff, "keys": keys, "n_selected": len(sel)}
 
 
@@ -340,7 +367,7 @@ def section_html(html: str, section_id: str) -> str:
 def test_every_section_renders(full_run):
     run, planted, html = full_run
     assert (run / "report" / "index.html").is_file()
-    for sid in ("provenance", "sae", "adapted", "tasks", "attribution", "control", "findings"):
+    for sid in ("provenance", "sae", "adapted", "tasks", "attribution", "control", "concepts", "findings"):
         assert f'<section id="{sid}">' in html
     assert 'class="warning"' not in html, re.findall(r'<div class="warning">.*?</div>', html)
     assert "not run" not in html
@@ -432,6 +459,16 @@ def test_self_contained(full_run):
         assert not re.match(r"^(https?:)?//", ref, flags=re.IGNORECASE), ref
         assert ref.startswith(("data:image/png;base64,", "#", "../interp/dashboards/")), ref
     assert "<link" not in html.lower() and "@import" not in html and "url(" not in html
+
+
+def test_concept_shift_section(full_run):
+    concepts = section_html(full_run[2], "concepts")
+    assert "every number below is in-sample" in concepts  # no held-out records
+    # per (split, shift, alpha): mean KL over the 3 records with its interval; alpha 1 concept: 0.6
+    assert "<td>0.600 [0.500, 0.700]</td>" in concepts and "<td>1.400 [1.300, 1.500]</td>" in concepts
+    # concept minus mean shift at alpha 1, paired over the records: 0.6 - 1.4 = -0.8
+    assert "<td>-0.800 [" in concepts
+    assert SCRIPT not in concepts and "&lt;script&gt;" in concepts  # token text escaped
 
 
 def test_control_table_and_steering(full_run):
