@@ -37,8 +37,8 @@ from mmdiff.distributed import (
 from mmdiff.errors import ConfigError, DataError
 from mmdiff.models.base import TokenType
 from mmdiff.parallel.prefetch import Prefetcher, PrefetchingStore
-from mmdiff.parallel.train import layer_owners, rank_stream, shard_source
-from mmdiff.sae.trainer import TrainConfig, train_saes
+from mmdiff.parallel.train import layer_owners, shard_source
+from mmdiff.sae.trainer import TrainConfig, token_stream, train_saes
 from mmdiff.store import ActivationStore, ActivationStoreWriter
 
 WORLD = 2
@@ -351,7 +351,7 @@ def _train(
 def reference_run(store: ActivationStore, out: Path, warm: bool) -> dict[str, torch.Tensor]:
     """One process, one SAE per layer, on the same effective batches: the ranks' local batches
     concatenated step by step (what every distributed step trains on)."""
-    streams = [rank_stream(shard_source(store, r, WORLD), LAYERS, CFG, WORLD) for r in range(WORLD)]
+    streams = [token_stream(shard_source(store, r, WORLD), LAYERS, CFG, WORLD) for r in range(WORLD)]
     batches = []
     for _ in range(CFG.total_steps):
         parts = [next(s)[0] for s in streams]

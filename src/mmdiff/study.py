@@ -126,6 +126,7 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     """Base-LM SAEs (trained here when none are given), then each masking regime on the VLM."""
     import dataclasses
 
+    from mmdiff.parallel import training_strategy
     from mmdiff.sae.study_saes import train_study_saes
     from mmdiff.sae.trainer import TrainConfig
     from mmdiff.store import ActivationStore
@@ -154,7 +155,7 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
         adapter, get_records(ctx, t.dataset), get_records(ctx, t.heldout), cfg.layers, tc, ctx.run_dir,
         regimes=t.regimes, base_cfg=base_cfg, capture_batch_size=cfg.capture.batch_size,
         spliced=t.spliced_loss, progress=ctx.progress, data=stores(t.dataset), heldout=stores(t.heldout),
-        base_saes=base_saes, resume=not ctx.force,
+        base_saes=base_saes, resume=not ctx.force, strategy=training_strategy(),
     )
     held = result.tables.get("heldout") if hasattr(result, "tables") else None
     summary: dict[str, Any] = {"roles": sorted(result.saes)}

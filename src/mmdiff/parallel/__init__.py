@@ -5,16 +5,25 @@ parallel, and a pinned-memory prefetcher for the GPU fast path. See docs/distrib
 from mmdiff.parallel.capture import capture_store_distributed, merge_rank_stores
 from mmdiff.parallel.prefetch import Prefetcher
 from mmdiff.parallel.stats import collect_feature_stats_distributed, write_feature_stats_distributed
-from mmdiff.parallel.train import layer_owners, rank_stream, shard_source, train_saes_distributed
+from mmdiff.parallel.train import (
+    DataParallel,
+    LayerSharded,
+    layer_owners,
+    shard_source,
+    train_saes_distributed,
+    training_strategy,
+)
 
 __all__ = [
+    "DataParallel",
+    "LayerSharded",
     "Prefetcher",
     "capture_store_distributed",
     "collect_feature_stats_distributed",
     "layer_owners",
     "merge_rank_stores",
-    "rank_stream",
     "shard_source",
     "train_saes_distributed",
+    "training_strategy",
     "write_feature_stats_distributed",
 ]

@@ -1,7 +1,9 @@
 """SAE training over torch.distributed ranks: layers sharded across ranks, or plain data parallel.
 
-Both modes run the same data-parallel input: rank r draws its own stream of
-batch_size / world_size tokens per step from its slice of the data (`shard_source`, `rank_stream`),
+The loop is `sae/trainer.py:train_saes`, the same one a single process runs; this module holds its
+two torchrun strategies (`LayerSharded`, `DataParallel`: how a step is distributed) and the
+collectives they use. Both modes run the same data-parallel input: rank r draws its own stream of
+batch_size / world_size tokens per step from its slice of the data (`shard_source`, `token_stream`),
 so the effective batch of a step is the concatenation of every rank's local batch (rank order).
 
 - mode="layers": layer L's SAE lives on rank `layer_owners(layers, world)[L]` (round robin). Each
@@ -26,7 +28,6 @@ with the same arguments resumes all ranks from the newest shared step.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -43,43 +44,21 @@ from mmdiff.distributed import (
     all_reduce_sum,
     barrier,
     context,
-    on_main,
     shard_records,
 )
 from mmdiff.errors import ConfigError, DataError
-from mmdiff.sae.checkpoint import (
-    CHECKPOINT_DIR,
-    checkpoint_dims,
-    data_fingerprint,
-    init_fingerprint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from mmdiff.sae.checkpoint import CHECKPOINT_DIR
 from mmdiff.sae.loss import DeadLatents, constrain_decoder_grad, topk_loss
-from mmdiff.sae.stream import (
-    CapturedActivations,
-    StreamPosition,
-    TokenBatch,
-    is_store,
-    shuffled_batches,
-)
+from mmdiff.sae.stream import CapturedActivations, TokenBatch, is_store
 from mmdiff.sae.trainer import (
-    METRICS_COLUMNS,
-    METRICS_FILE,
+    Local,
     TrainConfig,
     TrainResult,
-    _autocast,
-    _lr_at,
-    default_lr,
-    init_decoder_bias_,
-    make_optimizer,
-    regime_token_types,
-    stamp_training_metadata,
+    bf16_autocast,
+    gather_trained_saes,
+    lr_at,
     train_saes,
-    train_step,
-    training_progress,
 )
-from mmdiff.sae.warm_start import build_saes
 
 Mode = Literal["layers", "ddp"]
 MODES: tuple[str, ...] = ("layers", "ddp")
@@ -150,30 +129,6 @@ def shard_source(data: Any, rank: int, world_size: int) -> Any:
         f"cannot split a {type(data).__name__} across ranks: pass an ActivationStore, "
         "CapturedActivations or a list of batches, or give each rank its own data with presharded=True"
     )
-
-
-def rank_stream(
-    local_data: Any,
-    layers: Sequence[int],
-    cfg: TrainConfig,
-    world_size: int,
-    start: StreamPosition | None = None,
-) -> Iterator[tuple[TokenBatch, StreamPosition]]:
-    """A rank's token stream: batches of cfg.batch_size / world_size tokens from its slice.
-
-    The shuffle is seeded with cfg.seed on every rank (the ranks hold different tokens; a common
-    seed keeps a store's shard order, and so its partition into ranks, the same everywhere). With
-    world_size 1 this is exactly `train_saes`'s stream.
-    """
-    if cfg.batch_size % world_size:
-        raise ConfigError(
-            f"batch_size={cfg.batch_size} must be divisible by the {world_size} ranks: each rank "
-            "draws batch_size / world_size tokens per step"
-        )
-    local_batch = cfg.batch_size // world_size
-    buffer = max(cfg.buffer_tokens // world_size, local_batch)
-    types = regime_token_types(cfg.regime, cfg.exclude_special, cfg.random_tokens)
-    return shuffled_batches(local_data, layers, types, local_batch, buffer, cfg.seed, start)
 
 
 # =============================================================================================
@@ -263,9 +218,9 @@ def ddp_train_step(
     scale = local_tv / global_tv  # [m]
     handles, fired, parts = [], {}, []
     for i, (group, L) in enumerate(zip(optimizer.param_groups, order)):
-        group["lr"] = _lr_at(step, base_lrs[L], cfg.lr_warmup_steps)
+        group["lr"] = lr_at(step, base_lrs[L], cfg.lr_warmup_steps)
         sae = saes[L]
-        with _autocast(device, cfg.bf16):
+        with bf16_autocast(device, cfg.bf16):
             out = topk_loss(sae, xs[i], dead.mask(L), cfg.auxk_alpha)
         (out.loss * scale[i]).backward()
         for p in sae.parameters():
@@ -362,8 +317,132 @@ def _resume_step(ckpt_root: Path, rank_dir: Path, layout: str) -> int | None:
 
 
 # =============================================================================================
-# the loop
+# the strategies: how `train_saes` distributes a step over the ranks
 # =============================================================================================
+
+
+class _Ranks(Local):
+    """What both torchrun strategies share: this rank's slice of the data, per-rank checkpoints that
+    resume from the newest step every rank holds, and a one-shot source that ends on all ranks."""
+
+    mode: str = ""
+
+    def __init__(self, presharded: bool = False) -> None:
+        self.ctx = context()
+        if not self.ctx.distributed:
+            raise ConfigError(
+                f"{type(self).__name__} trains over the ranks of torchrun, but this process is not "
+                "one of them: call init_distributed() under torchrun, or use the local strategy"
+            )
+        self.world_size, self.rank, self.is_main = self.ctx.world_size, self.ctx.rank, self.ctx.is_main
+        self.presharded = presharded
+        self.comm_device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if self.ctx.backend == "nccl"
+            else torch.device("cpu")
+        )
+
+    @property
+    def layout(self) -> str:
+        return f"{self.mode}_world{self.world_size}"
+
+    def describe(self) -> str:
+        return f" ({self.mode}, rank {self.rank}/{self.world_size})"
+
+    def metadata(self) -> dict[str, Any]:
+        return {"distributed": {"mode": self.mode, "world_size": self.world_size}}
+
+    def configure(self, cfg: TrainConfig, layers: Sequence[int]) -> TrainConfig:
+        if cfg.device is None:  # this rank's device
+            cfg = dataclasses.replace(cfg, device=str(self.ctx.device))
+        return cfg
+
+    def local_data(self, data: Any) -> Any:
+        return data if self.presharded else shard_source(data, self.rank, self.world_size)
+
+    def _rank_dir(self, out_dir: Path) -> Path:
+        return out_dir / CHECKPOINT_DIR / self.layout / f"rank_{self.rank}"
+
+    def resume_point(self, out_dir: Path) -> Path | None:
+        rank_dir = self._rank_dir(out_dir)
+        step = _resume_step(rank_dir.parent, rank_dir, self.layout)
+        return None if step is None else rank_dir / f"step_{step:09d}"
+
+    def save_checkpoint(self, out_dir: Path, step: int, write: Callable[[Path], None]) -> None:
+        rank_dir = self._rank_dir(out_dir)
+        write(rank_dir / f"step_{step:09d}")
+        barrier()  # every rank holds `step` now: older checkpoints can go
+        _prune(rank_dir, step)
+
+    def data_ended(self, ended: bool, one_shot: bool) -> bool:
+        if one_shot:  # a one-shot source may end on one rank only: all ranks stop together
+            flag = torch.tensor([float(ended)], device=self.comm_device)
+            return bool(all_reduce_max(flag).item())
+        if ended:
+            raise DataError(f"rank {self.rank}'s re-iterable data ended; this should not happen")
+        return False
+
+    def barrier(self) -> None:
+        barrier()
+
+
+class LayerSharded(_Ranks):
+    """Layer L's SAE trains on rank `layer_owners(layers, world)[L]`; each step gathers every rank's
+    tokens of L to its owner, which takes one ordinary `train_step` on the effective batch."""
+
+    mode = "layers"
+
+    def owned_layers(self, layers: Sequence[int]) -> list[int]:
+        if self.world_size > len(layers):
+            raise ConfigError(
+                f"mode='layers' gives each rank at least one layer's SAE, but {self.world_size} ranks "
+                f"share {len(layers)} layers: use mode='ddp', or train more layers / on fewer ranks"
+            )
+        self.owners = layer_owners(layers, self.world_size)
+        return [L for L in layers if self.owners[L] == self.rank]
+
+    def effective_batch(self, batch: TokenBatch) -> TokenBatch:
+        return gather_to_owners(batch, self.owners, self.ctx, self.comm_device)
+
+    def all_metrics(self, metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return sorted(
+            (row for part in all_gather_object(metrics) for row in part),
+            key=lambda r: (r["step"], r["layer"]),
+        )
+
+
+class DataParallel(_Ranks):
+    """Every rank trains every layer's SAE on its local tokens; gradients are all-reduced so a step
+    is the effective batch's step (`ddp_train_step`). Rank 0 writes the SAEs."""
+
+    mode = "ddp"
+
+    def init_decoder_bias_(self, saes: Mapping[int, Any], batch: TokenBatch, device: torch.device) -> None:
+        n_global = batch.n * self.world_size
+        ddp_init_decoder_bias_(saes, batch, device, n_global)
+
+    def step(
+        self, saes: Mapping[int, Any], optimizer: torch.optim.Optimizer, dead: DeadLatents,
+        batch: TokenBatch, cfg: TrainConfig, step: int, base_lrs: Mapping[int, float],
+        device: torch.device, log: bool,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        return ddp_train_step(
+            saes, optimizer, dead, batch, cfg, step, base_lrs, device, cfg.batch_size, log
+        )
+
+    def writes_saes(self) -> bool:
+        return self.is_main
+
+
+STRATEGIES: dict[str, type[_Ranks]] = {"layers": LayerSharded, "ddp": DataParallel}
+
+
+def training_strategy(mode: Mode = "layers", presharded: bool = False) -> Local:
+    """How `train_saes` distributes a step in this process: `Local()` outside torchrun, else the
+    strategy of `mode` ("layers": `LayerSharded`; "ddp": `DataParallel`)."""
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, found {mode!r}")
+    return STRATEGIES[mode](presharded) if context().distributed else Local()
 
 
 def train_saes_distributed(
@@ -379,186 +458,14 @@ def train_saes_distributed(
     on_step: Callable[[int], None] | None = None,
     gather_saes: bool = False,
 ) -> TrainResult:
-    """`train_saes` over the ranks of torchrun: one TopK SAE per layer, written to out_dir/layer_<L>/.
+    """`train_saes` over the ranks of torchrun with the strategy of `mode` (see `training_strategy`).
 
     Every rank calls it with the same arguments. `data` is the whole source (split here with
-    `shard_source`), or this rank's slice with presharded=True. mode="layers" trains each layer's
-    SAE on one rank (see `layer_owners`); mode="ddp" trains every SAE on every rank with all-reduced
-    gradients. cfg.batch_size is the effective batch (all ranks together) and must be divisible by
-    the world size; cfg.device None = this rank's device. `on_step(step)` runs after every step.
-
-    Returns this rank's TrainResult: `saes` holds the SAEs it trained (mode layers: its own layers;
-    ddp: all), or every layer's with gather_saes=True (the others loaded from the folders their
-    ranks wrote, onto this rank's device: what a study needs for its held-out evaluation);
-    `metrics` and `sae_dirs` cover every layer. In a single process this is `train_saes`.
+    `shard_source`), or this rank's slice with presharded=True. cfg.batch_size is the effective
+    batch (all ranks together) and must be divisible by the world size; cfg.device None = this
+    rank's device. With gather_saes=True the result holds every layer's SAE (and warm start), the
+    others loaded from the folders their ranks wrote: what a study needs for its evaluation.
     """
-    ctx = context()
-    layers = sorted({int(L) for L in layers})
-    if mode not in MODES:
-        raise ConfigError(f"mode must be one of {MODES}, found {mode!r}")
-    if not layers:
-        raise ConfigError("train_saes_distributed needs at least one layer")
-    if not ctx.distributed:
-        return train_saes(init, data, layers, cfg, out_dir, progress)
-    world, rank = ctx.world_size, ctx.rank
-    if mode == "layers" and world > len(layers):
-        raise ConfigError(
-            f"mode='layers' gives each rank at least one layer's SAE, but {world} ranks share "
-            f"{len(layers)} layers: use mode='ddp', or train more layers / on fewer ranks"
-        )
-    if cfg.device is None:
-        cfg = dataclasses.replace(cfg, device=str(ctx.device))
-    out_dir = Path(out_dir)
-    local = data if presharded else shard_source(data, rank, world)
-    owners = layer_owners(layers, world)
-    mine = layers if mode == "ddp" else [L for L in layers if owners[L] == rank]
-    layout = f"{mode}_world{world}"
-    ckpt_root = out_dir / CHECKPOINT_DIR / layout
-    rank_dir = ckpt_root / f"rank_{rank}"
-    resume_at = _resume_step(ckpt_root, rank_dir, layout)
-    sources = {"data": data_fingerprint(local), "init": init_fingerprint(init)}
-    random_init = init is None or cfg.regime == "random"
-    one_shot = not is_store(local) and iter(local) is local
-
-    first: list[tuple[TokenBatch, StreamPosition]] = []
-    stream = None
-    if resume_at is not None:
-        dims = checkpoint_dims(rank_dir / f"step_{resume_at:09d}", mine)
-    elif init is None:  # the width comes from the data: peek at the first local batch
-        stream = rank_stream(local, layers, cfg, world)
-        first = [nxt] if (nxt := next(stream, None)) is not None else []
-        if not first:
-            raise DataError(
-                f"rank {rank}'s data yields fewer than {cfg.batch_size // world} tokens"
-            )
-        dims = {L: int(first[0][0].acts[L].shape[-1]) for L in layers}
-    else:
-        dims = None
-    init_mine = {L: init[L] for L in mine if L in init} if init is not None else None
-    if init is not None and len(init_mine) < len(mine):
-        raise ConfigError(f"no warm-start SAE for layers {sorted(set(mine) - set(init))}")
-    saes, warm = build_saes(init_mine, dims, mine, cfg)
-    device = next(iter(saes.values())).W_dec.device
-    comm_device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if ctx.backend == "nccl"
-        else torch.device("cpu")
-    )
-    base_lrs = {L: cfg.lr or default_lr(saes[L].cfg.d_sae) for L in mine}
-    optimizer = make_optimizer(saes, mine, base_lrs)
-    dead = DeadLatents(
-        {L: torch.zeros(saes[L].cfg.d_sae, dtype=torch.long, device=device) for L in mine},
-        cfg.dead_tokens_threshold,
-    )
-    step, tokens, position, metrics = 0, 0, StreamPosition(), []
-    if resume_at is not None:
-        state, dead, position = load_checkpoint(
-            rank_dir / f"step_{resume_at:09d}", saes, optimizer, cfg, sources
-        )
-        step, tokens, metrics = int(state["step"]), int(state["tokens"]), list(state["metrics"])
-    if stream is None:
-        stream = rank_stream(local, layers, cfg, world, position)
-    batches = itertools.chain(first, stream)
-    resumed_from, total_steps, data_ran_out = step, cfg.total_steps, False
-
-    with training_progress(f"{cfg.regime} ({mode}, rank {rank}/{world})", mine, total_steps, step,
-                           progress and ctx.is_main) as (bar, task):  # fmt: skip
-        while step < total_steps:
-            nxt = next(batches, None)
-            if one_shot:  # a one-shot source may end on one rank only: all ranks stop together
-                ended = all_reduce_max(torch.tensor([float(nxt is None)], device=comm_device))
-                if bool(ended.item()):
-                    data_ran_out = True
-                    break
-            elif nxt is None:
-                raise DataError(f"rank {rank}'s re-iterable data ended; this should not happen")
-            batch, position = nxt
-            log = (step + 1) % cfg.log_every == 0 or step + 1 == total_steps
-            if mode == "layers":
-                full = gather_to_owners(batch, owners, ctx, comm_device)
-                if step == 0 and random_init:
-                    init_decoder_bias_(saes, full, device)
-                rows = train_step(saes, optimizer, dead, full, cfg, step, base_lrs, device, log)
-            else:
-                if step == 0 and random_init:
-                    ddp_init_decoder_bias_(saes, batch, device, cfg.batch_size)
-                rows = ddp_train_step(
-                    saes, optimizer, dead, batch, cfg, step, base_lrs, device, cfg.batch_size, log
-                )
-            step, tokens = step + 1, tokens + cfg.batch_size
-            if log:
-                metrics.extend({"step": step, "tokens": tokens, **r} for r in rows)
-            bar.update(task, completed=step)
-            if on_step is not None:
-                on_step(step)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(rank_dir / f"step_{step:09d}", saes, optimizer, dead, position,
-                                step, tokens, metrics, cfg, sources)  # fmt: skip
-                barrier()  # every rank holds `step` now: older checkpoints can go
-                _prune(rank_dir, step)
-    if cfg.keep_checkpoint:
-        save_checkpoint(rank_dir / f"step_{step:09d}", saes, optimizer, dead, position, step,
-                        tokens, metrics, cfg, sources)  # fmt: skip
-        barrier()
-        _prune(rank_dir, step)
-    result = _finish(saes, warm, metrics, out_dir, step, tokens, resumed_from, data_ran_out, cfg,
-                     mode, layers, ctx)  # fmt: skip
-    others = [L for L in layers if L not in result.saes]
-    if gather_saes and others:
-        from mmdiff.sae import load_sae
-
-        for L in others:
-            result.saes[L] = load_sae(out_dir / f"layer_{L}", layer=L, device=device)
-        if init is not None:  # the warm starts of the other layers too (decoder cosines)
-            result.init.update(build_saes({L: init[L] for L in others}, None, others, cfg)[1])
-    return result
-
-
-def _finish(
-    saes: dict[int, Any],
-    warm: dict[int, Any],
-    metrics: list[dict[str, Any]],
-    out_dir: Path,
-    step: int,
-    tokens: int,
-    resumed_from: int,
-    data_ran_out: bool,
-    cfg: TrainConfig,
-    mode: str,
-    layers: list[int],
-    ctx: DistContext,
-) -> TrainResult:
-    """Each layer's SAE written by the rank that trained it (ddp: rank 0); rank 0 writes the metrics
-    table of all layers and drops the checkpoints (unless cfg.keep_checkpoint)."""
-    import pandas as pd
-
-    from mmdiff.atomic import write_parquet
-
-    stamp_training_metadata(saes, warm, cfg, step, tokens,
-                            distributed={"mode": mode, "world_size": ctx.world_size})
-    if mode == "layers" or ctx.is_main:
-        for L, sae in saes.items():
-            sae.save(out_dir / f"layer_{L}")
-    if mode == "layers":
-        metrics = sorted(
-            (row for part in all_gather_object(metrics) for row in part),
-            key=lambda r: (r["step"], r["layer"]),
-        )
-    def write() -> None:
-        write_parquet(out_dir / METRICS_FILE, pd.DataFrame(metrics, columns=list(METRICS_COLUMNS)))
-        if not cfg.keep_checkpoint:
-            shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
-
-    barrier()  # every SAE folder is written before rank 0 reports the run finished
-    on_main(write)
-    return TrainResult(
-        dict(saes),
-        metrics,
-        out_dir,
-        {L: out_dir / f"layer_{L}" for L in layers},
-        step,
-        tokens,
-        resumed_from,
-        data_ran_out,
-        init=warm,
-    )
+    strategy = training_strategy(mode, presharded)
+    result = train_saes(init, data, layers, cfg, out_dir, progress, strategy=strategy, on_step=on_step)
+    return gather_trained_saes(result, init, cfg) if gather_saes else result

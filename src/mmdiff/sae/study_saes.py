@@ -1,25 +1,31 @@
 """The `train` stage of a study (the organism's recipe): base-LM SAEs first (trained, or pretrained
-ones imported), then the masking regimes on the VLM warm-started from them, then the held-out tables
-(FVU by token type, L0, dead fraction, spliced-in loss, decoder cosine). Finished roles are reused
-only when their settings, data and warm start are unchanged."""
+ones imported: `sae/pretrained.py`), then the masking regimes on the VLM warm-started from them, then
+the held-out evaluation (`sae/evaluation.py`) written as tables and plots (`sae/training_report.py`).
+Finished roles are reused only when their settings, data and warm start are unchanged."""
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from mmdiff.distributed import on_main
-from mmdiff.errors import ConfigError, SAEError
+from mmdiff.errors import ConfigError
 from mmdiff.sae.checkpoint import data_fingerprint, init_fingerprint
+from mmdiff.sae.pretrained import import_base_saes
 from mmdiff.sae.stream import CapturedActivations
-from mmdiff.sae.trainer import METRICS_FILE, REGIMES, TrainConfig, TrainResult
+from mmdiff.sae.trainer import (
+    METRICS_FILE,
+    REGIMES,
+    Local,
+    TrainConfig,
+    TrainResult,
+    gather_trained_saes,
+    train_saes,
+)
 from mmdiff.sae.warm_start import warm_start_sae
 
 ROLES: tuple[str, ...] = ("base", "full", "image", "text", "random")
@@ -39,7 +45,7 @@ class StudySAEs:
     ]  # name -> Parquet / PNG path (see training_report.write_training_report)
 
 
-def _role_settings(
+def role_settings(
     cfg: TrainConfig, layers: Sequence[int], data: Any, init: Mapping[int, Any] | None
 ) -> dict[str, Any]:
     """What a finished role's SAEs depend on: settings, data and warm start (not where they
@@ -52,26 +58,55 @@ def _role_settings(
     }
 
 
-def _finished_role(role_dir: Path, settings: dict[str, Any]) -> bool:
-    """True when role_dir holds SAEs trained with these settings; stale ones clear the folder."""
+def role_is_finished(role_dir: Path, settings: dict[str, Any]) -> bool:
+    """True when role_dir holds every layer's SAEs trained with these settings."""
     import json
 
     marker = role_dir / TRAIN_CONFIG_FILE
-    if not marker.is_file():
-        if role_dir.exists():  # no marker: a folder of unknown provenance, never resumed
-            shutil.rmtree(role_dir)
-        return False
-    if json.loads(marker.read_text()) != json.loads(json.dumps(settings)):
-        shutil.rmtree(role_dir)  # trained on other data / settings / warm start: start over
-        return False
-    layers = settings["layers"]
-    return (role_dir / METRICS_FILE).is_file() and all(
-        (role_dir / f"layer_{L}").is_dir() for L in layers
+    return (
+        marker.is_file()
+        and json.loads(marker.read_text()) == json.loads(json.dumps(settings))
+        and (role_dir / METRICS_FILE).is_file()
+        and all((role_dir / f"layer_{L}").is_dir() for L in settings["layers"])
     )
 
 
-def train_role(
-    role: str,
+def clear_stale_role(role_dir: Path, settings: dict[str, Any]) -> None:
+    """Delete role_dir unless it was trained (or is being trained) with these settings: a folder of
+    unknown provenance, or one trained on other data / settings / warm start, is never resumed."""
+    import json
+
+    marker = role_dir / TRAIN_CONFIG_FILE
+    if role_dir.exists() and (
+        not marker.is_file() or json.loads(marker.read_text()) != json.loads(json.dumps(settings))
+    ):
+        shutil.rmtree(role_dir)
+
+
+def reload_role(
+    role_dir: Path, layers: Sequence[int], init: Mapping[int, Any] | None, k: int
+) -> TrainResult:
+    """A finished role's SAEs, metrics and warm starts, read back from role_dir."""
+    import pandas as pd
+
+    from mmdiff.sae import load_sae
+
+    saes = {L: load_sae(role_dir / f"layer_{L}", layer=L) for L in layers}
+    metrics = pd.read_parquet(role_dir / METRICS_FILE).to_dict("records")
+    warm = {L: warm_start_sae(init[L], L, k) for L in layers} if init is not None else {}
+    return TrainResult(
+        saes,
+        metrics,
+        role_dir,
+        {L: role_dir / f"layer_{L}" for L in layers},
+        steps=int(metrics[-1]["step"]) if metrics else 0,
+        tokens=int(metrics[-1]["tokens"]) if metrics else 0,
+        init=warm,
+        reloaded=True,
+    )
+
+
+def train_or_reload(
     init: Mapping[int, Any] | None,
     data: Any,
     layers: Sequence[int],
@@ -79,109 +114,31 @@ def train_role(
     role_dir: Path,
     progress: bool,
     resume: bool = True,
+    strategy: Local | None = None,
 ) -> TrainResult:
-    """Train (or resume, or reload when already done with the same settings) one role's SAEs.
+    """One role's SAEs in role_dir: reloaded when finished with the same settings, else trained (a
+    checkpoint of the same settings is resumed). Every process gets every layer's SAE back.
 
     resume=False trains from scratch whatever the folder holds (the pipeline's --force).
     """
     from mmdiff.atomic import write_json
     from mmdiff.distributed import broadcast_object, on_main
-    from mmdiff.parallel import train_saes_distributed
 
-    if not resume and role_dir.exists():
-        on_main(shutil.rmtree, role_dir)
-    settings = _role_settings(cfg, layers, data, init)
-    if broadcast_object(on_main(_finished_role, role_dir, settings)):  # rank 0 may clear the folder
-        import pandas as pd
+    settings = role_settings(cfg, layers, data, init)
 
-        from mmdiff.sae import load_sae
+    def finished() -> bool:  # on the main process only: it may delete the folder
+        if not resume and role_dir.exists():
+            shutil.rmtree(role_dir)
+        if role_is_finished(role_dir, settings):
+            return True
+        clear_stale_role(role_dir, settings)
+        return False
 
-        saes = {L: load_sae(role_dir / f"layer_{L}", layer=L) for L in layers}
-        metrics = pd.read_parquet(role_dir / METRICS_FILE).to_dict("records")
-        warm = {L: warm_start_sae(init[L], L, cfg.k) for L in layers} if init is not None else {}
-        return TrainResult(
-            saes,
-            metrics,
-            role_dir,
-            {L: role_dir / f"layer_{L}" for L in layers},
-            steps=int(metrics[-1]["step"]) if metrics else 0,
-            tokens=int(metrics[-1]["tokens"]) if metrics else 0,
-            init=warm,
-            reloaded=True,
-        )
+    if broadcast_object(on_main(finished)):
+        return reload_role(role_dir, layers, init, cfg.k)
     on_main(write_json, role_dir / TRAIN_CONFIG_FILE, settings)
-    # under torchrun: layers sharded across ranks; every rank gets every SAE back for the evaluation
-    return train_saes_distributed(init, data, layers, cfg, role_dir, progress=progress, gather_saes=True)
-
-
-def import_base_saes(
-    base_saes: Mapping[int, Any], layers: Sequence[int], role_dir: Path, d_in: int | None = None
-) -> TrainResult:
-    """Pretrained base-LM SAEs as the `base` role: checked, then saved natively to role_dir/layer_<L>/."""
-    from mmdiff.sae import load_sae
-    from mmdiff.sae.base import SAE
-
-    missing = [L for L in layers if L not in base_saes]
-    if missing:
-        raise SAEError(
-            f"no pretrained base SAE for layers {missing} (given: {sorted(base_saes)}); "
-            "give one per study layer or leave base_saes unset to train them"
-        )
-    saes, dirs = {}, {}
-    for L in layers:
-        given = base_saes[L]
-        sae = given if isinstance(given, SAE) else load_sae(given, d_in=d_in, layer=L)
-        if d_in is not None and sae.cfg.d_in != d_in:
-            raise SAEError(
-                f"the base SAE for layer {L} expects d_in={sae.cfg.d_in}, the base LM's hidden size "
-                f"is {d_in}: is this SAE for another model?"
-            )
-        sae.check_finite(f"base SAE for layer {L}")
-        saes[L], dirs[L] = sae, Path(sae.save(role_dir / f"layer_{L}"))
-    return TrainResult(saes, [], role_dir, dirs, steps=0, tokens=0)
-
-
-def _to_device(inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-
-
-def spliced_loss_rows(
-    adapter: Any,
-    side: str,
-    records: Sequence[Any],
-    saes: Mapping[str, Mapping[int, Any]],
-    batch_size: int,
-    exclude_special: bool = True,
-    progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Spliced-in CE (clean / SAE / zero, fraction recovered) of every role's SAE on one model side,
-    in one pass over the records, scored where the side was trained to predict (TRAINED_TARGETS:
-    the VLM on the answers, the base LM on all text; the `targets` column says which)."""
-    from mmdiff.sae.metrics import TRAINED_TARGETS, spliced_losses
-
-    backbone = adapter.backbone(side)
-    device = next(backbone.model.parameters()).device
-    make = adapter.vlm_inputs if side == "vlm" else adapter.base_inputs
-    answered = all(r.answers for r in records)  # else no answer to append: score the text tokens
-    targets = TRAINED_TARGETS[side] if answered else "text"
-
-    starts = range(0, len(records), batch_size)
-
-    def batches(bar: Any, task: Any) -> Iterator[tuple[dict[str, Any], Tensor]]:
-        for s in starts:
-            inputs = make(records[s : s + batch_size], with_answer=answered)
-            yield _to_device(inputs, device), adapter.token_types(inputs, side=side).to(device)
-            bar.update(task, advance=1)
-
-    keyed = {(role, L): (sae, L) for role, by_layer in saes.items() for L, sae in by_layer.items()}
-    from rich.progress import Progress
-
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"spliced-in loss ({side})", total=len(starts))
-        results = spliced_losses(
-            backbone, keyed, batches(bar, task), exclude_special=exclude_special, targets=targets
-        )
-    return [{"regime": role, "side": side, **r.row()} for (role, _), r in results.items()]
+    result = train_saes(init, data, layers, cfg, role_dir, progress, strategy=strategy)
+    return gather_trained_saes(result, init, cfg)
 
 
 def _record_model_names(adapter: Any, results: Mapping[str, TrainResult]) -> None:
@@ -217,6 +174,7 @@ def train_study_saes(
     heldout: Mapping[str, Any] | None = None,
     base_saes: Mapping[int, Any] | None = None,
     resume: bool = True,
+    strategy: Local | None = None,
 ) -> StudySAEs:
     """The `train` stage of a study without pretrained SAEs (the organism).
 
@@ -236,9 +194,10 @@ def train_study_saes(
     resume=True a role is reloaded only when its settings, data and warm start are unchanged.
     `base_saes` ({layer: SAE or `load_sae`-readable path}, e.g. Llama Scope folders) replaces step 1:
     they are copied to out_dir/saes/base/ in their own architecture and the regimes warm-start from
-    them (JumpReLU through `to_topk`).
+    them (JumpReLU through `to_topk`). `strategy`: how each training step is distributed (None =
+    one process; under torchrun `mmdiff.parallel.training_strategy()`).
     """
-    from mmdiff.sae.metrics import decoder_cosine, evaluate_saes
+    from mmdiff.sae.evaluation import evaluate_study_saes
     from mmdiff.sae.training_report import fvu_curves, heldout_table, write_training_report
 
     bad = [r for r in regimes if r not in REGIMES]
@@ -267,12 +226,11 @@ def train_study_saes(
         results["base"] = import_base_saes(base_saes, layers, out_dir / "saes" / "base", d_in)
     else:
         bcfg = base_cfg or dataclasses.replace(cfg, regime="full")
-        results["base"] = train_role(
-            "base", None, src["base"], layers, bcfg, out_dir / "saes" / "base", progress, resume
+        results["base"] = train_or_reload(
+            None, src["base"], layers, bcfg, out_dir / "saes" / "base", progress, resume, strategy
         )
     for regime in regimes:
-        results[regime] = train_role(
-            regime,
+        results[regime] = train_or_reload(
             results["base"].saes,
             src["vlm"],
             layers,
@@ -280,43 +238,27 @@ def train_study_saes(
             out_dir / "saes" / regime,
             progress,
             resume,
+            strategy,
         )
     saes = {role: r.saes for role, r in results.items()}
     if adapter is not None:
         _record_model_names(adapter, results)
-
-    rows = []
-    for side, roles in (("base", ["base"]), ("vlm", list(saes))):
-        evals = evaluate_saes(
-            {(role, L): (saes[role][L], L) for role in roles for L in layers},
-            held[side],
-            exclude_special=cfg.exclude_special,
-        )
-        rows += [{"regime": role, "side": side, **ev.row()} for (role, _), ev in evals.items()]
-    cosines = {
-        role: {L: decoder_cosine(r.saes[L], r.init[L]) for L in layers}
-        for role, r in results.items()
-        if r.init
-    }
+    held_out = evaluate_study_saes(
+        saes, {role: r.init for role, r in results.items()}, layers, held, adapter=adapter,
+        records=list(records_heldout), batch_size=capture_batch_size,
+        exclude_special=cfg.exclude_special, spliced=spliced, progress=progress,
+    )  # fmt: skip
     spliced_df = None
-    if spliced:
+    if held_out.spliced is not None:
         import pandas as pd
 
-        held_records = list(records_heldout)
-        spliced_rows = spliced_loss_rows(
-            adapter, "base", held_records, {"base": saes["base"]}, capture_batch_size,
-            cfg.exclude_special, progress,
-        )  # fmt: skip
-        spliced_rows += spliced_loss_rows(
-            adapter, "vlm", held_records, saes, capture_batch_size, cfg.exclude_special, progress
-        )
-        spliced_df = pd.DataFrame(spliced_rows)
+        spliced_df = pd.DataFrame(held_out.spliced)
     tables = write_training_report(
         out_dir / "stats",
         out_dir / "report",
         fvu_curves({role: r.metrics for role, r in results.items() if r.metrics}),
-        heldout_table(rows),
-        cosines,
+        heldout_table(held_out.rows),
+        held_out.cosines,
         spliced_df,
         plots=plots,
     )

@@ -25,7 +25,7 @@ import dataclasses
 import itertools
 import math
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,13 +45,7 @@ from mmdiff.sae.checkpoint import (
     save_checkpoint,
 )
 from mmdiff.sae.loss import DeadLatents, constrain_decoder_grad, topk_loss
-from mmdiff.sae.stream import (
-    CapturedActivations,  # noqa: F401  (re-exported: mmdiff.parallel.train imports it from here)
-    StreamPosition,
-    TokenBatch,
-    shuffled_batches,
-)
-from mmdiff.sae.stream import is_store as _is_store  # noqa: F401  (re-exported, as above)
+from mmdiff.sae.stream import StreamPosition, TokenBatch, is_store, shuffled_batches
 from mmdiff.sae.warm_start import build_saes
 
 Regime = Literal["full", "image", "text", "random"]
@@ -177,12 +171,14 @@ class TrainResult:
     init: dict[int, Any] = field(default_factory=dict, repr=False)  # warm-start SAEs (for cosines)
 
 
-def _autocast(device: torch.device, enabled: bool):
+def bf16_autocast(device: torch.device, enabled: bool):
+    """bf16 autocast where the device has it (CUDA with bf16), a no-op context elsewhere."""
     use = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
-def _lr_at(step: int, base: float, warmup: int) -> float:
+def lr_at(step: int, base: float, warmup: int) -> float:
+    """The learning rate of `step` under a linear warmup (a function of the step: resume-exact)."""
     return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
 
 
@@ -199,6 +195,78 @@ def make_optimizer(saes: Mapping[int, Any], layers: Sequence[int], lrs: Mapping[
         return torch.optim.Adam([{**g, "params": list(g["params"])} for g in groups])
 
 
+class Local:
+    """How a training step is distributed: here, not at all. One process trains every layer's SAE.
+
+    `train_saes` is the one training loop; a strategy answers its few questions about ranks (which
+    data this process reads, which layers it trains, the effective batch of a step, the step itself,
+    where checkpoints go, who writes what). `mmdiff.parallel.train` holds the strategies for the
+    ranks of torchrun (`LayerSharded`, `DataParallel`), subclasses of this one.
+    """
+
+    world_size, rank, is_main = 1, 0, True
+
+    def describe(self) -> str:
+        """What the progress bar says about the distribution ('' here)."""
+        return ""
+
+    def metadata(self) -> dict[str, Any]:
+        """Extra entries of each trained SAE's metadata."""
+        return {}
+
+    def configure(self, cfg: TrainConfig, layers: Sequence[int]) -> TrainConfig:
+        """The config the loop runs with (a strategy may set the device or check the world size)."""
+        return cfg
+
+    def local_data(self, data: Any) -> Any:
+        """The part of the training source this process reads."""
+        return data
+
+    def owned_layers(self, layers: Sequence[int]) -> list[int]:
+        """The layers whose SAEs this process trains (and holds optimizer state for)."""
+        return list(layers)
+
+    def resume_point(self, out_dir: Path) -> Path | None:
+        """The checkpoint folder to resume from, or None to start from scratch."""
+        ckpt = out_dir / CHECKPOINT_DIR
+        recover_checkpoint(ckpt)
+        return ckpt if (ckpt / "state.pt").is_file() else None
+
+    def save_checkpoint(self, out_dir: Path, step: int, write: Callable[[Path], None]) -> None:
+        """Write this process's checkpoint of `step` with write(folder)."""
+        write(out_dir / CHECKPOINT_DIR)
+
+    def data_ended(self, ended: bool, one_shot: bool) -> bool:
+        """Whether the loop stops because the data ran out (ranks agree on it)."""
+        return ended
+
+    def effective_batch(self, batch: TokenBatch) -> TokenBatch:
+        """The tokens this process's SAEs train on in one step."""
+        return batch
+
+    def init_decoder_bias_(self, saes: Mapping[int, Any], batch: TokenBatch, device: torch.device) -> None:
+        init_decoder_bias_(saes, batch, device)
+
+    def step(
+        self, saes: Mapping[int, Any], optimizer: torch.optim.Optimizer, dead: DeadLatents,
+        batch: TokenBatch, cfg: TrainConfig, step: int, base_lrs: Mapping[int, float],
+        device: torch.device, log: bool,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """One optimisation step of this process's SAEs; metrics rows of the logged steps."""
+        return train_step(saes, optimizer, dead, batch, cfg, step, base_lrs, device, log)
+
+    def writes_saes(self) -> bool:
+        """Whether this process writes the SAE folders of the layers it trained."""
+        return True
+
+    def all_metrics(self, metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every layer's metrics rows, from this process's (here: all of them)."""
+        return metrics
+
+    def barrier(self) -> None:
+        """Wait for every process (here: nothing to wait for)."""
+
+
 def train_saes(
     init: Mapping[int, Any] | None,
     data: Iterable[Any] | Any,
@@ -206,6 +274,9 @@ def train_saes(
     cfg: TrainConfig,
     out_dir: str | Path,
     progress: bool = True,
+    *,
+    strategy: Local | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train one TopK SAE per layer on one stream of activations; write them to out_dir/layer_<L>/.
 
@@ -215,73 +286,125 @@ def train_saes(
     a re-iterable yields the same items in the same order each time. A checkpoint in
     out_dir/checkpoint/ (written every cfg.checkpoint_every steps) is resumed automatically.
     Writes out_dir/layer_<L>/ (native SAE folders) and out_dir/train_metrics.parquet.
+    strategy: how a step is distributed; None = `Local()` (one process). Under torchrun pass one of
+    `mmdiff.parallel.train`'s, on every rank with the same arguments. `on_step(step)` runs after
+    every step. The result's `saes` holds the SAEs this process trained; `metrics` and `sae_dirs`
+    cover every layer.
     """
+    strategy = strategy or Local()
     layers = sorted({int(L) for L in layers})
     if not layers:
         raise ConfigError("train_saes needs at least one layer")
-    out_dir, ckpt = Path(out_dir), Path(out_dir) / CHECKPOINT_DIR
-    token_types = regime_token_types(cfg.regime, cfg.exclude_special, cfg.random_tokens)
-    recover_checkpoint(ckpt)
-    resuming = (ckpt / "state.pt").is_file()
-    sources = {"data": data_fingerprint(data), "init": init_fingerprint(init)}
+    cfg, out_dir = strategy.configure(cfg, layers), Path(out_dir)
+    local, mine = strategy.local_data(data), strategy.owned_layers(layers)
+    resume_dir = strategy.resume_point(out_dir)
+    sources = {"data": data_fingerprint(local), "init": init_fingerprint(init)}
     random_init = init is None or cfg.regime == "random"
+    one_shot = not is_store(local) and iter(local) is local
     first: list[tuple[TokenBatch, StreamPosition]] = []
-    dims = checkpoint_dims(ckpt, layers) if resuming else None
     stream: Iterator[tuple[TokenBatch, StreamPosition]] | None = None
+    dims = checkpoint_dims(resume_dir, mine) if resume_dir is not None else None
     if init is None and dims is None:  # the width comes from the data: peek at the first batch
-        stream = shuffled_batches(
-            data, layers, token_types, cfg.batch_size, cfg.buffer_tokens, cfg.seed
-        )
+        stream = token_stream(local, layers, cfg, strategy.world_size)
         first = [nxt] if (nxt := next(stream, None)) is not None else []
         if not first:
             raise DataError(
-                f"the data yields fewer than batch_size={cfg.batch_size} tokens of types {token_types}"
+                f"the data yields fewer than {cfg.batch_size // strategy.world_size} tokens of "
+                f"types {regime_token_types(cfg.regime, cfg.exclude_special, cfg.random_tokens)}"
+                + (f" on rank {strategy.rank}" if strategy.world_size > 1 else "")
             )
         dims = {L: int(first[0][0].acts[L].shape[-1]) for L in layers}
-    saes, warm = build_saes(init, dims, layers, cfg)
+    saes, warm = build_saes({L: init[L] for L in mine if L in init} if init is not None else None,
+                            dims, mine, cfg)  # fmt: skip
     device = next(iter(saes.values())).W_dec.device
-    base_lrs = {L: cfg.lr or default_lr(saes[L].cfg.d_sae) for L in layers}
-    optimizer = make_optimizer(saes, layers, base_lrs)
+    base_lrs = {L: cfg.lr or default_lr(saes[L].cfg.d_sae) for L in mine}
+    optimizer = make_optimizer(saes, mine, base_lrs)
     dead = DeadLatents(
-        {L: torch.zeros(saes[L].cfg.d_sae, dtype=torch.long, device=device) for L in layers},
+        {L: torch.zeros(saes[L].cfg.d_sae, dtype=torch.long, device=device) for L in mine},
         cfg.dead_tokens_threshold,
     )
     step, tokens, position, metrics = 0, 0, StreamPosition(), []
-    if resuming:
-        state, dead, position = load_checkpoint(ckpt, saes, optimizer, cfg, sources)
+    if resume_dir is not None:
+        state, dead, position = load_checkpoint(resume_dir, saes, optimizer, cfg, sources)
         step, tokens, metrics = int(state["step"]), int(state["tokens"]), list(state["metrics"])
     if stream is None:
-        stream = shuffled_batches(
-            data, layers, token_types, cfg.batch_size, cfg.buffer_tokens, cfg.seed, position
-        )
+        stream = token_stream(local, layers, cfg, strategy.world_size, position)
     batches = itertools.chain(first, stream)
     resumed_from, total_steps, data_ran_out = step, cfg.total_steps, False
 
-    with training_progress(cfg.regime, layers, total_steps, step, progress) as (bar, task):
+    def checkpoint() -> None:
+        strategy.save_checkpoint(out_dir, step, lambda folder: save_checkpoint(
+            folder, saes, optimizer, dead, position, step, tokens, metrics, cfg, sources))  # fmt: skip
+
+    label = cfg.regime + strategy.describe()
+    with training_progress(label, mine, total_steps, step, progress and strategy.is_main) as (bar, task):
         while step < total_steps:
             nxt = next(batches, None)
-            if nxt is None:
+            if strategy.data_ended(nxt is None, one_shot):
                 data_ran_out = True
                 break
             batch, position = nxt
+            batch = strategy.effective_batch(batch)
             if step == 0 and random_init:
-                init_decoder_bias_(saes, batch, device)
+                strategy.init_decoder_bias_(saes, batch, device)
             log = (step + 1) % cfg.log_every == 0 or step + 1 == total_steps
-            rows = train_step(saes, optimizer, dead, batch, cfg, step, base_lrs, device, log)
-            step, tokens = step + 1, tokens + batch.n
+            rows = strategy.step(saes, optimizer, dead, batch, cfg, step, base_lrs, device, log)
+            step, tokens = step + 1, tokens + cfg.batch_size
             if log:
                 metrics.extend({"step": step, "tokens": tokens, **r} for r in rows)
                 bar.update(task, info=" ".join(f"L{r['layer']} fvu={r['fvu']:.3f}" for r in rows))
             bar.update(task, completed=step)
+            if on_step is not None:
+                on_step(step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(
-                    ckpt, saes, optimizer, dead, position, step, tokens, metrics, cfg, sources
-                )
+                checkpoint()
     if cfg.keep_checkpoint:
-        save_checkpoint(ckpt, saes, optimizer, dead, position, step, tokens, metrics, cfg, sources)
+        checkpoint()
     return finish_training(
-        saes, warm, metrics, out_dir, step, tokens, resumed_from, data_ran_out, cfg
+        saes, warm, metrics, out_dir, step, tokens, resumed_from, data_ran_out, cfg, layers, strategy
     )
+
+
+def token_stream(
+    data: Any,
+    layers: Sequence[int],
+    cfg: TrainConfig,
+    world_size: int = 1,
+    start: StreamPosition | None = None,
+) -> Iterator[tuple[TokenBatch, StreamPosition]]:
+    """The shuffled training batches of one process: cfg.batch_size / world_size loss tokens each.
+
+    Every rank seeds its shuffle with cfg.seed (the ranks hold different tokens; a common seed keeps
+    a store's shard order, and so its partition into ranks, the same everywhere).
+    """
+    if cfg.batch_size % world_size:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} must be divisible by the {world_size} ranks: each rank "
+            "draws batch_size / world_size tokens per step"
+        )
+    local_batch = cfg.batch_size // world_size
+    buffer = max(cfg.buffer_tokens // world_size, local_batch)
+    types = regime_token_types(cfg.regime, cfg.exclude_special, cfg.random_tokens)
+    return shuffled_batches(data, layers, types, local_batch, buffer, cfg.seed, start)
+
+
+def gather_trained_saes(
+    result: TrainResult, init: Mapping[int, Any] | None, cfg: TrainConfig
+) -> TrainResult:
+    """The result with every layer's SAE (and warm start): the layers another rank trained are
+    loaded from the folders it wrote, onto this process's device. A no-op in one process."""
+    others = [L for L in result.sae_dirs if L not in result.saes]
+    if not others:
+        return result
+    from mmdiff.sae import load_sae
+
+    device = next(iter(result.saes.values())).W_dec.device
+    for L in others:
+        result.saes[L] = load_sae(result.sae_dirs[L], layer=L, device=device)
+    if init is not None:  # the warm starts of the other layers too (decoder cosines)
+        cfg = dataclasses.replace(cfg, device=str(device))
+        result.init.update(build_saes({L: init[L] for L in others}, None, others, cfg)[1])
+    return result
 
 
 @contextlib.contextmanager
@@ -330,10 +453,10 @@ def train_step(
     rows = []
     optimizer.zero_grad(set_to_none=True)
     for group, L in zip(optimizer.param_groups, sorted(saes)):
-        group["lr"] = _lr_at(step, base_lrs[L], cfg.lr_warmup_steps)
+        group["lr"] = lr_at(step, base_lrs[L], cfg.lr_warmup_steps)
         sae = saes[L]
         x = batch.acts[L].to(device=device, dtype=torch.float32)  # [batch_size, d_in]
-        with _autocast(device, cfg.bf16):
+        with bf16_autocast(device, cfg.bf16):
             out = topk_loss(sae, x, dead.mask(L), cfg.auxk_alpha)
         out.loss.backward()
         constrain_decoder_grad(sae)
@@ -386,17 +509,24 @@ def finish_training(
     resumed_from: int,
     data_ran_out: bool,
     cfg: TrainConfig,
+    layers: Sequence[int],
+    strategy: Local,
 ) -> TrainResult:
-    """Write the SAE folders and the metrics table; drop the checkpoint unless asked to keep it."""
+    """Write the SAE folders and (main process) the metrics table of every layer; drop the
+    checkpoints unless asked to keep them."""
     import pandas as pd
 
-    stamp_training_metadata(saes, warm, cfg, step, tokens)
-    sae_dirs = {L: Path(sae.save(out_dir / f"layer_{L}")) for L, sae in saes.items()}
-    write_parquet(out_dir / METRICS_FILE, pd.DataFrame(metrics, columns=list(METRICS_COLUMNS)))
-    ckpt = out_dir / CHECKPOINT_DIR
-    if not cfg.keep_checkpoint and ckpt.exists():
-        shutil.rmtree(ckpt)
+    stamp_training_metadata(saes, warm, cfg, step, tokens, **strategy.metadata())
+    if strategy.writes_saes():
+        for L, sae in saes.items():
+            sae.save(out_dir / f"layer_{L}")
+    metrics = strategy.all_metrics(metrics)
+    strategy.barrier()  # every SAE folder is written before the run is reported finished
+    if strategy.is_main:
+        write_parquet(out_dir / METRICS_FILE, pd.DataFrame(metrics, columns=list(METRICS_COLUMNS)))
+        if not cfg.keep_checkpoint:
+            shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
     return TrainResult(
-        dict(saes), metrics, out_dir, sae_dirs, steps=step, tokens=tokens,
-        resumed_from_step=resumed_from, data_ran_out=data_ran_out, init=warm,
+        dict(saes), metrics, out_dir, {L: out_dir / f"layer_{L}" for L in layers}, steps=step,
+        tokens=tokens, resumed_from_step=resumed_from, data_ran_out=data_ran_out, init=warm,
     )  # fmt: skip
