@@ -14,9 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "mmdiff"
 DESIGN = ROOT / "docs" / "design.md"
 
-KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("sae", "parallel"): "issue 20 item 1: sae.study_saes.train_role calls parallel.train_saes_distributed",
-}
+KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}
 """Imports against the table that a named change is removing; the test fails once one is gone, so
 the exception is deleted with it."""
 

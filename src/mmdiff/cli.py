@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from mmdiff.checks import check_study
-from mmdiff.config import dump_config, load_config
+from mmdiff.config import describe_keys, dump_config, load_config
 from mmdiff.distributed import init_distributed, is_main, on_main
 from mmdiff import __version__
 from mmdiff.errors import (
@@ -307,9 +307,12 @@ def stages(config: Optional[Path] = ConfigOpt) -> None:
 
 
 @app.command("config")
-def show_config(config: Optional[Path] = ConfigOpt) -> None:
+def show_config(
+    config: Optional[Path] = ConfigOpt,
+    keys: bool = typer.Option(False, "--keys", help="List every config key: type, default, description."),
+) -> None:
     """Print the resolved study config as YAML (the organism study when no file is given)."""
-    typer.echo(dump_config(load_config(config)))
+    typer.echo(describe_keys() if keys else dump_config(load_config(config)))
 
 
 def run_cli(argv: list[str] | None = None) -> int:

@@ -6,21 +6,75 @@ With no config file, `default_config()` describes the organism study. Every sect
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import os
 import re
+import textwrap
+import typing
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from mmdiff.errors import ConfigError
+from mmdiff.interp.client import LLMConfig
+from mmdiff.sae.train_config import TrainConfig
 
 ORGANISM = "organism"
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def attribute_docstrings(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a class (the sparsify / simple_parsing habit),
+    joined into one line per field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for field, doc in zip(body, body[1:]):
+        if (
+            isinstance(field, ast.AnnAssign)
+            and isinstance(field.target, ast.Name)
+            and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant)
+            and isinstance(doc.value.value, str)
+        ):
+            docs[field.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
+def dataclass_fields(cls: type, names: Iterable[str]) -> dict[str, Any]:
+    """Pydantic fields copied from a settings dataclass: each field's type, default and docstring.
+
+    How a library's settings (declared once, where the library reads them) become keys of a config
+    section without a second declaration that could drift.
+    """
+    hints, docs = typing.get_type_hints(cls), attribute_docstrings(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for name in names:
+        f = fields[name]
+        if f.default is not dataclasses.MISSING:
+            info = Field(f.default, description=docs.get(name))
+        elif f.default_factory is not dataclasses.MISSING:
+            info = Field(default_factory=f.default_factory, description=docs.get(name))
+        else:
+            info = Field(description=docs.get(name))
+        out[name] = (hints[name], info)
+    return out
 
 
 class ModelSpec(Section):
@@ -55,28 +109,48 @@ class CaptureSpec(Section):
     shard_tokens: int = Field(65536, ge=1024, description="Tokens per shard file.")
 
 
-class TrainSpec(Section):
-    """Multimodal SAEs by warm start (docs/method.md#sae-architectures-and-training): base-LM SAEs, then each masking regime on the VLM."""
+class _TrainStudy(Section):
+    """Multimodal SAEs by warm start (docs/method.md#sae-architectures-and-training): base-LM SAEs, then each masking regime on the VLM.
+
+    The study's own keys are declared here; every other key is a field of the trainer's
+    `TrainConfig` (sae/train_config.py), copied with its type, default and description.
+    """
 
     dataset: str = Field("train", description="Dataset the SAEs train on (its captured activations).")
     heldout: str = Field("test", description="Dataset for held-out FVU, L0, dead fraction, spliced-in loss.")
     regimes: list[Literal["full", "image", "text", "random"]] = Field(
-        default_factory=lambda: ["full", "image", "text", "random"])
+        default_factory=lambda: ["full", "image", "text", "random"],
+        description="Masking regimes trained on the VLM, each warm-started from the base SAEs.")
     base_saes: str | dict[int, str] | None = Field(None, description=(
         "Pretrained base-LM SAEs: a folder template with {layer}, e.g. '/sae/L{layer}R-8x', or a "
         "{layer: folder} map (Llama Scope, Gemma Scope, SAELens or mmdiff folders, or hub ids). "
         "None = train them on the base LM first."))
-    k: int = Field(32, ge=1, description="Active latents per token (TopK).")
-    expansion_factor: int = Field(8, ge=1, description="d_sae = expansion_factor * d_model for base SAEs trained here.")
-    batch_size: int = Field(1024, ge=1, description="Tokens per optimisation step.")
-    total_tokens: int = Field(200_000, ge=1, description="Training tokens per regime.")
-    base_total_tokens: int | None = Field(None, description="Training tokens of the base-LM SAEs (default: total_tokens).")
-    lr: float | None = Field(None, description="Adam learning rate; None = layer-scaled default.")
-    checkpoint_every: int = Field(200, ge=0)
-    dead_tokens_threshold: int = Field(10_000_000, ge=1, description=(
-        "A latent is dead (and AuxK trains it) after this many tokens without firing; scale it to the run."))
-    auxk_alpha: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss on dead latents.")
+    base_total_tokens: int | None = Field(None, ge=1, description="Training tokens of the base-LM SAEs (default: total_tokens).")
     spliced_loss: bool = Field(True, description="Measure the spliced-in next-token loss on the held-out set.")
+
+    @model_validator(mode="after")
+    def _valid_for_the_trainer(self) -> "_TrainStudy":
+        self.train_config()  # the trainer's own checks (ConfigError -> a validation error)
+        return self
+
+    def train_config(self, **study: Any) -> TrainConfig:
+        """The trainer's settings: this section's training keys, plus what the study sets (seed,
+        regime, total_tokens of the base SAEs, device)."""
+        own = {name: getattr(self, name) for name in TRAIN_KEYS}
+        try:
+            return TrainConfig(**{**own, **study})
+        except ConfigError as exc:
+            raise ValueError(str(exc).replace("TrainConfig.", "")) from None
+
+
+# Set per role or by the study, never in the train section: the regime (from `regimes`), the seed
+# (the study's `seed`) and the device (where the model runs).
+TRAIN_KEYS = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("regime", "seed", "device")]
+
+TrainSpec = create_model(
+    "TrainSpec", __base__=_TrainStudy, __doc__=_TrainStudy.__doc__, __module__=__name__,
+    **dataclass_fields(TrainConfig, TRAIN_KEYS),
+)  # fmt: skip
 
 
 class StatsSpec(Section):
@@ -127,15 +201,31 @@ class AttributionSpec(Section):
     batch_size: int = Field(8, ge=1)
 
 
-class LLMSpec(Section):
-    """An OpenAI-compatible chat endpoint (OpenAI, vLLM, sglang, ollama) for explanations and scoring."""
+class _LLMSection(Section):
+    """An OpenAI-compatible chat endpoint (OpenAI, vLLM, sglang, ollama) for explanations and scoring.
 
-    base_url: str = Field(description="e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
-    model: str
-    api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the key.")
-    supports_images: bool = True
-    max_concurrency: int = Field(8, ge=1)
-    timeout_s: float = Field(60.0, gt=0)
+    Every key is a field of `interp/client.py:LLMConfig`; the reply cache lives in the run folder.
+    """
+
+    @model_validator(mode="after")
+    def _valid_for_the_client(self) -> "_LLMSection":
+        self.llm_config()
+        return self
+
+    def llm_config(self, cache_dir: Path | None = None) -> LLMConfig:
+        """The client's settings: this section's keys and the study's cache folder."""
+        try:
+            return LLMConfig(**{name: getattr(self, name) for name in LLM_KEYS}, cache_dir=cache_dir)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+
+LLM_KEYS = [f.name for f in dataclasses.fields(LLMConfig) if f.name != "cache_dir"]
+
+LLMSpec = create_model(
+    "LLMSpec", __base__=_LLMSection, __doc__=_LLMSection.__doc__, __module__=__name__,
+    **dataclass_fields(LLMConfig, LLM_KEYS),
+)  # fmt: skip
 
 
 class InterpSpec(Section):
@@ -270,14 +360,93 @@ def default_config() -> StudyConfig:
     )
 
 
+def _sections_in(annotation: Any) -> tuple[type[Section] | None, bool]:
+    """(the config section inside a field's type, whether it sits in a dict keyed by name)."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation, False
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is dict and args:
+        return _sections_in(args[-1])[0], True
+    for arg in args:  # X | None
+        found, keyed = _sections_in(arg)
+        if found is not None:
+            return found, keyed
+    return None, False
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return re.sub(r"\b(typing|pathlib|mmdiff\.config)\.", "", str(annotation))
+
+
+def config_keys(section: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every key of the study config (or of one section): (key, type, default, description).
+
+    Keys inside a section are dotted (`train.k`); a section keyed by a name the user chooses is
+    written `datasets.<name>.kind`. The default is the section's own, not the organism study's.
+    """
+    rows = []
+    for name, field in (section or StudyConfig).model_fields.items():
+        key = prefix + name
+        inner, keyed = _sections_in(field.annotation)
+        if field.is_required():
+            default = "required"
+        else:
+            value = field.get_default(call_default_factory=True)
+            default = "{}" if keyed else ("(section)" if isinstance(value, Section) else repr(value))
+        doc = field.description
+        if not doc and inner is not None:  # a section: the first line of its docstring
+            doc = (inner.__doc__ or "").strip().split("\n")[0]
+        rows.append((key, _type_name(field.annotation), default, doc or ""))
+        if inner is not None:
+            rows += config_keys(inner, f"{key}.<name>." if keyed else f"{key}.")
+    return rows
+
+
+def describe_keys(section: type[BaseModel] | None = None, prefix: str = "") -> str:
+    """The config keys as text, one per line with its type and default, then its description:
+    what `mmdiff config --keys` prints and what an unknown key's error shows for its section."""
+    lines = []
+    for key, kind, default, doc in config_keys(section, prefix):
+        lines.append(f"{key}: {kind} = {default}")
+        if doc:
+            lines.append(textwrap.indent(textwrap.fill(doc, 96), "    "))
+    return "\n".join(lines)
+
+
+def _section_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel], str]:
+    """The config section a validation error's location points into, and its key prefix."""
+    section: type[BaseModel] = StudyConfig
+    parts = list(loc[:-1])
+    while parts:
+        field = section.model_fields.get(str(parts.pop(0)))
+        inner, keyed = _sections_in(field.annotation) if field is not None else (None, False)
+        if inner is None:
+            break
+        section = inner
+        if keyed and parts:
+            parts.pop(0)
+    return section, ".".join(str(p) for p in loc[:-1])
+
+
 def _format_validation_error(exc: ValidationError, source: str) -> str:
+    import difflib
+
     lines = [f"invalid config {source}:"]
+    unknown_in: dict[str, type[BaseModel]] = {}
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (misspelt? see `mmdiff config --help` or the example configs)"
+            section, where = _section_at(tuple(err["loc"]))
+            close = difflib.get_close_matches(str(err["loc"][-1]), list(section.model_fields), n=1)
+            msg = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+            unknown_in[where] = section
         lines.append(f"  {loc}: {msg}")
+    for where, section in unknown_in.items():
+        lines.append(f"\nthe keys of {where or 'the top level'} (all keys: `mmdiff config --keys`):")
+        lines.append(textwrap.indent(describe_keys(section, f"{where}." if where else ""), "  "))
     return "\n".join(lines)
 
 

@@ -128,16 +128,13 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
 
     from mmdiff.parallel import training_strategy
     from mmdiff.sae.study_saes import train_study_saes
-    from mmdiff.sae.trainer import TrainConfig
     from mmdiff.store import ActivationStore
 
     cfg, t = ctx.config, ctx.config.train
     adapter = get_adapter(ctx)
-    tc = TrainConfig(k=t.k, lr=t.lr, batch_size=t.batch_size, total_tokens=t.total_tokens,
-                     expansion_factor=t.expansion_factor, checkpoint_every=t.checkpoint_every,
-                     dead_tokens_threshold=t.dead_tokens_threshold, auxk_alpha=t.auxk_alpha,
-                     seed=cfg.seed, buffer_tokens=max(1 << 16, t.batch_size))
+    tc = t.train_config(seed=cfg.seed)
     base_cfg = dataclasses.replace(tc, regime="full", total_tokens=t.base_total_tokens or t.total_tokens)
+
     def stores(dataset: str) -> dict[str, Any]:
         found = {}
         for side in ("base", "vlm"):

@@ -18,7 +18,7 @@ from mmdiff.sae.loss import DeadLatents
 from mmdiff.sae.stream import CapturedActivations, StreamPosition, is_store
 
 if TYPE_CHECKING:
-    from mmdiff.sae.trainer import TrainConfig
+    from mmdiff.sae.train_config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoint"
 

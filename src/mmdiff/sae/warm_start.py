@@ -12,7 +12,7 @@ from mmdiff.errors import ConfigError, SAEError
 from mmdiff.sae.stream import derived_seed
 
 if TYPE_CHECKING:
-    from mmdiff.sae.trainer import TrainConfig
+    from mmdiff.sae.train_config import TrainConfig
 
 
 def warm_start_sae(init: Any, layer: int, k: int, device: str | None = None) -> Any:
