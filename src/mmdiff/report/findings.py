@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from mmdiff.attribution.frames import HEADS
-from mmdiff.control.removal import CONTROL_MISMATCHED, EFFECTS, REMOVAL
+from mmdiff.control.removal import CONTROL_MISMATCHED, EFFECTS, LOW_MASS, REMOVAL
 from mmdiff.control.steering import FEATURE, SINGLE_LAYER, STEERING
 from mmdiff.diff import ADAPTED_PER_LAYER, DIFF
 from mmdiff.report.sections._common import guarded
@@ -176,7 +176,8 @@ def removal_drop(
         "with its 95% CI below 0, the effect lies below the random control's interval (below its effect "
         "when it has no interval), and below the effect of removing a mismatched set on the same task "
         "when that row exists; measured = the mean effect over those rows; not testable when the clean "
-        "score's 95% interval does not clear the constant-answer floor (e.g. 0.5 for always 'yes')"
+        "score's 95% interval does not clear the constant-answer floor (e.g. 0.5 for always 'yes'), or "
+        f"when the removal positions hold under {100 * LOW_MASS:g}% of the set's activation mass"
     )
     base = {
         "key": key,
@@ -211,6 +212,18 @@ def removal_drop(
             status=NOT_TESTABLE,
             detail="; ".join(floored) + f": the model does not do the {task} task, so removing features "
             "cannot show that they carried it.",
+            **base,
+        )
+    untouched = rows["mass_at_positions"].astype(float) < LOW_MASS
+    if untouched.all():
+        share = float(rows["mass_at_positions"].astype(float).max())
+        return Finding(
+            measured="–",
+            status=NOT_TESTABLE,
+            detail=f"the removal positions hold {100 * share:.1f}% of the {task} features' activation "
+            f"mass (under {100 * LOW_MASS:g}%): the removal touched (almost) none of their activation, so "
+            "its effect cannot show whether they carry the task; remove them where they fire "
+            "(control.positions).",
             **base,
         )
     mismatched = mine[mine["kind"] == CONTROL_MISMATCHED]
@@ -312,13 +325,39 @@ def _paired_difference(run_dir: Path, task: str) -> dict[str, float] | None:
         return None
 
 
+SCORE_BOUNDS = (0.0, 1.0)  # every steered metric (accuracies, attack success rate) is a share
+
+
+def no_room(steering: pd.DataFrame) -> str | None:
+    """Why steering cannot show a gain on a task, or None when it can: the clean test score (α = 0)
+    has its 95% interval at the bound steering must move it away from: the ceiling 1 for a score
+    to raise, 0 for the attack success rate (to lower). Rows of one task."""
+    clean = steering[
+        (steering["split"].astype(str) == "test") & (steering["alpha"].astype(float) == 0.0)
+    ]
+    if clean.empty:
+        return None
+    r = clean.iloc[0]
+    lo, hi = float(r["ci_lo"]), float(r["ci_hi"])
+    lower = str(r.get("metric", "")) in ASR_METRICS
+    bound = SCORE_BOUNDS[0] if lower else SCORE_BOUNDS[1]
+    reaches = lo <= bound + 1e-9 if lower else hi >= bound - 1e-9
+    if not reaches:
+        return None
+    return (
+        f"the clean test score {float(r['score']):.3f} [{lo:.3f}, {hi:.3f}] reaches "
+        f"{bound:g}, so no steering can {'lower' if lower else 'raise'} it beyond a baseline"
+    )
+
+
 def steering_gain(run_dir: Path, task: str, seed: str) -> Finding:
     claim = f"Feature steering beats single-layer steering on {task} (seed: {seed})."
     crit = (
         "reproduced when the paired test-split difference (feature steering at its validation-chosen α "
         "minus single-layer steering at its validation-chosen layer and α, eval/steering.json) has its "
         "95% CI above 0; without that file, when the chosen feature-steering score's CI lower bound lies "
-        "above the chosen single-layer score"
+        "above the chosen single-layer score; not testable when the clean score's 95% interval (α = 0 "
+        "on test) reaches the ceiling 1 (0 for the attack success rate): there is no room to steer into"
     )
     base = {
         "key": f"steering_{task}",
@@ -331,6 +370,9 @@ def steering_gain(run_dir: Path, task: str, seed: str) -> Finding:
     if df is None:
         return Finding(measured="–", status=NOT_MEASURED, detail=why, **base)
     df = df[df["task"].astype(str).str.lower() == task]
+    ceiling = no_room(df) if not df.empty else None
+    if ceiling is not None:
+        return Finding(measured="–", status=NOT_TESTABLE, detail=ceiling + ".", **base)
     chosen = chosen_per_method(df) if not df.empty else df
     by = {str(r.method): r for r in chosen.itertuples()}
     if FEATURE not in by or SINGLE_LAYER not in by:
