@@ -9,6 +9,7 @@ must then destroy the yes/no answers; removing frequency-matched random features
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -359,6 +360,17 @@ def test_removing_an_empty_set_is_an_exact_no_op_and_the_table_has_its_schema(pl
     assert len(draws) == 2 and all(
         d["features"][0][1] in (4, 6, 7) for d in draws
     )  # feature 5's bin
+    # nothing changed under the empty set: its 0/1 accuracies can show no change below
+    # k^2 / (n + k^2) = 0.495 on 8 records; its selectivity is 0, and it has no activation mass
+    assert empty.loc[empty["eval_task"] == "spatial", "mde"].tolist() == pytest.approx([0.49523], abs=1e-4)
+    assert (empty[["selectivity", "selectivity_ci_lo", "selectivity_ci_hi"]] == 0.0).all().all()
+    assert empty["mass_at_positions"].isna().all()
+    assert (df.loc[df["intervention"] == "remove ocr", "mass_at_positions"] == 1.0).all()  # all text
+    assert df.attrs["removal"]["overlaps"] == {
+        "counts": {"spatial": {"spatial": 0, "ocr": 0}, "ocr": {"spatial": 0, "ocr": 1}},
+        "own": {"spatial": 0, "ocr": 1},
+        "in_all": 0,
+    }
 
 
 def test_removing_the_planted_feature_breaks_yes_no_while_matched_random_features_do_not(planted):
@@ -387,6 +399,42 @@ def test_removing_the_planted_feature_breaks_yes_no_while_matched_random_feature
     assert row["control"].startswith("random matched in layer and firing-frequency bin")
     for d in df.attrs["removal"]["control_draws"]["spatial"]:
         assert d["features"][0][1] in (1, 2, 3)  # feature 0's frequency bin, never feature 0
+    # selectivity: the removal's effect beyond its matched control, paired per record
+    assert row["selectivity"] == pytest.approx(row["effect"] - row["control_effect"], abs=1e-12)
+    assert row["selectivity_ci_hi"] < 0 and 0 < row["mde"] < 0.3 and row["mass_at_positions"] == 1.0
+
+
+def test_activation_mass_at_the_removal_positions_by_hand():
+    """A removal whose features never fire at the removal positions touches nothing, and says so."""
+    from mmdiff.control.removal import mass_at_positions, set_overlaps
+
+    stats = FeatureStats({LAYER: 4}, "vision", top_k=2)
+    h = torch.zeros(6, 4)
+    h[:4, 0] = 2.0  # feature 0: image tokens only (mass 8)
+    h[4:, 1] = 3.0  # feature 1: text tokens only (mass 6)
+    h[[0, 4], 2] = 1.0  # feature 2: one image and one text token (mass 1 + 1)
+    types = torch.tensor([int(TokenType.IMAGE)] * 4 + [int(TokenType.TEXT)] * 2)
+    accumulate_codes(
+        stats, LAYER, h, record=torch.zeros(6, dtype=torch.long), position=torch.arange(6),
+        token_type=types, record_ids=["r0"],
+    )  # fmt: skip
+    image_only = pd.DataFrame({"layer": [LAYER], "feature": [0]})
+    assert mass_at_positions(stats, image_only, "text") == 0.0  # removed where it never fires
+    assert mass_at_positions(stats, image_only, "image") == 1.0
+    assert mass_at_positions(stats, image_only, "all") == 1.0
+    mixed = pd.DataFrame({"layer": [LAYER] * 3, "feature": [0, 1, 2]})
+    assert mass_at_positions(stats, mixed, "text") == pytest.approx((6 + 1) / (8 + 6 + 2))
+    assert math.isnan(mass_at_positions(stats, pd.DataFrame({"layer": [LAYER], "feature": [3]}), "text"))
+    # overlaps: ocr and safety share 2 features, 1 is in all three sets
+    sets = {
+        "spatial": pd.DataFrame({"layer": [0, 1], "feature": [1, 9]}),
+        "ocr": pd.DataFrame({"layer": [0, 0, 1], "feature": [1, 2, 3]}),
+        "safety": pd.DataFrame({"layer": [0, 0, 1, 1], "feature": [1, 2, 4, 5]}),
+    }
+    ov = set_overlaps(sets)
+    assert ov["counts"]["ocr"]["safety"] == 2 and ov["counts"]["safety"]["safety"] == 4
+    assert ov["counts"]["spatial"]["ocr"] == 1 and ov["in_all"] == 1
+    assert ov["own"] == {"spatial": 1, "ocr": 1, "safety": 2}
 
 
 def test_steering_sweep_rows_selection_and_alpha_zero_equals_clean(planted):

@@ -326,6 +326,8 @@ def effects_frame(rows: list[tuple]) -> pd.DataFrame:
     df["n"] = 200
     df["baseline_ci_lo"] = df["baseline"] - 0.05
     df["floor"] = np.nan  # no floor: every clean score counts
+    for name in ("mde", "selectivity", "selectivity_ci_lo", "selectivity_ci_hi", "mass_at_positions"):
+        df[name] = np.nan  # not measured unless a test sets them
     return df
 
 
@@ -616,6 +618,85 @@ def test_steering_without_paired_difference(tmp_path):
     f = steering_gain(tmp_path, "spatial", "+3.6")
     assert f.status == NOT_REPRODUCED and f.value == pytest.approx(0.03)  # 0.86 < 0.87
 # fmt: on
+
+
+def test_selectivity_matrix_leads_the_control_section(tmp_path):
+    from mmdiff.report.sections.control import control_section
+
+    # fmt: off
+    effects = effects_frame([
+        ("remove ocr", "ocr", "ocr", "ocr_accuracy", 0.9, -0.30, -0.40, -0.20, "random", -0.05, -0.08, -0.02),
+        ("remove ocr", "ocr", "vqa", "vqa_accuracy", 0.9, -0.14, -0.18, -0.10, "random", -0.13, -0.18, -0.09),
+        ("remove safety", "safety", "safety", "attack_success_rate", 0.2, 0.0, 0.0, 0.0, "random", 0.0, 0.0, 0.0),
+        ("remove safety", "safety", "vqa", "vqa_accuracy", 0.9, -0.1, -0.15, -0.05, "random", -0.1, -0.15, -0.05),
+    ])
+    # fmt: on
+    effects["mde"] = [0.05, 0.04, 0.038, 0.04]
+    effects["selectivity"] = [-0.25, -0.01, 0.0, 0.0]
+    effects["selectivity_ci_lo"] = [-0.33, -0.04, 0.0, -0.02]
+    effects["selectivity_ci_hi"] = [-0.17, 0.02, 0.0, 0.02]
+    effects["mass_at_positions"] = [0.35, 0.35, 0.02, 0.02]
+    effects.attrs["removal"] = {
+        "positions": "text",
+        "mass_at_positions": {"ocr": 0.35, "safety": 0.02},
+        "overlaps": {"counts": {"ocr": {"ocr": 54, "safety": 35}, "safety": {"ocr": 35, "safety": 48}},
+                     "own": {"ocr": 19, "safety": 13}, "in_all": 35},
+    }  # fmt: skip
+    write_effects(effects, tmp_path / "eval")
+    section = control_section(tmp_path)
+    first = section.blocks[0]
+    assert first.title == "Selectivity" and first.figures  # the first figure of the section
+    matrix = first.tables[0]
+    assert matrix.columns == ["removed set", "ocr (ocr_accuracy)", "vqa (vqa_accuracy)",
+                              "safety (attack_success_rate)"]  # fmt: skip
+    assert matrix.rows[0] == ["remove ocr", "▶ -0.250 [-0.330, -0.170] *", "-0.010 [-0.040, +0.020]", "–"]
+    effects_block = section.blocks[1]
+    assert any("safety set at text positions touches 2.0%" in n for n in effects_block.notes)
+    table = next(t for t in effects_block.tables if t.title == "Intervention effects")
+    assert "MDE" in table.columns and "mass at positions" in table.columns
+    assert any("0.02 (touches almost nothing)" in cell for row in table.rows for cell in row)
+    overlaps = next(t for t in effects_block.tables if t.title == "Task-set overlaps")
+    assert overlaps.rows == [["ocr", "54", "35", "19"], ["safety", "35", "48", "13"]]
+
+
+def test_a_removal_that_touches_no_activation_is_not_testable(tmp_path):
+    """The safety set fires on image tokens; removed at text positions it changed ASR by +0.000."""
+    effects = effects_frame([
+        ("remove safety", "safety", "safety", "attack_success_rate", 0.19, 0.0, 0.0, 0.0, "random", 0.0, 0.0, 0.0),
+    ])  # fmt: skip
+    effects["mass_at_positions"] = 0.01
+    write_effects(effects, tmp_path / "eval")
+    f = removal_drop(tmp_path, "safety", "-24%", "k", metrics=ASR_METRICS)
+    assert f.status == NOT_TESTABLE and "1.0% of the safety features' activation mass" in f.detail
+    effects["mass_at_positions"] = 0.6  # where they fire, the same +0.000 is a negative result
+    write_effects(effects, tmp_path / "eval")
+    assert removal_drop(tmp_path, "safety", "-24%", "k", metrics=ASR_METRICS).status == NOT_REPRODUCED
+
+
+def test_steering_at_the_ceiling_is_not_testable(tmp_path):
+    """OCR at 1.000 [1.000, 1.000] before steering: no steering can beat a baseline there."""
+    rows = [
+        ("feature", "ocr", 0.0, 1.00, 1.00, 1.00, None, "test", False),  # the clean model
+        ("feature", "ocr", 1.0, 1.00, 1.00, 1.00, None, "test", True),
+        ("single_layer", "ocr", 1.0, 0.98, 0.96, 1.00, 2, "test", True),
+    ]
+    write_parquet(tmp_path / "eval" / "steering.parquet", steering_frame(rows))
+    f = steering_gain(tmp_path, "ocr", "+1.5")
+    assert f.status == NOT_TESTABLE and "1.000 [1.000, 1.000] reaches 1" in f.detail
+    assert "not testable when the clean score's 95% interval" in f.criterion
+    # below the ceiling the claim is judged as before: 0.97 [0.95, 0.99] leaves room
+    rows[0] = ("feature", "ocr", 0.0, 0.97, 0.95, 0.99, None, "test", False)
+    write_parquet(tmp_path / "eval" / "steering.parquet", steering_frame(rows))
+    assert steering_gain(tmp_path, "ocr", "+1.5").status == REPRODUCED  # CI lower end 1.00 > 0.98
+    # the attack success rate is steered down: at 0 [0, 0] there is no room below
+    asr = steering_frame([
+        ("feature", "safety", 0.0, 0.0, 0.0, 0.0, None, "test", False),
+        ("feature", "safety", -1.0, 0.0, 0.0, 0.0, None, "test", True),
+        ("single_layer", "safety", -1.0, 0.0, 0.0, 0.0, 1, "test", True),
+    ]).assign(metric="attack_success_rate")  # fmt: skip
+    write_parquet(tmp_path / "eval" / "steering.parquet", asr)
+    f = steering_gain(tmp_path, "safety", "-")
+    assert f.status == NOT_TESTABLE and "lower" in f.detail
 
 
 def test_findings_not_measured_on_empty_run(tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from mmdiff.control.outputs import write_table
 from mmdiff.control._evaluate import (
@@ -38,7 +39,9 @@ from mmdiff.control.tasks import answer_floor, metric_name
 from mmdiff.errors import ConfigError, DataError
 from mmdiff.evals.bootstrap import bootstrap_mean, paired_effect
 from mmdiff.evals.harness import EvalTask
+from mmdiff.evals.power import paired_mde
 from mmdiff.interventions import ablate_features, decoder_directions
+from mmdiff.models.base import TokenType
 from mmdiff.schema import Artifact, Column
 
 REMOVAL, CONTROL_MISMATCHED, OTHER = "removal", "control_mismatched", "other"
@@ -84,12 +87,55 @@ EFFECTS = Artifact(
                default=math.nan),
         Column("floor", float, "what one constant answer scores on the same records "
                "(control.tasks.answer_floor; NaN for the attack success rate)", default=math.nan),
+        Column("mde", float, "minimum detectable effect of this paired comparison at 80% power "
+               "(evals.power.paired_mde)", default=math.nan),
+        Column("selectivity", float, "effect minus the random control's effect: mean per-record "
+               "treated - control (NaN without a control)", default=math.nan),
+        Column("selectivity_ci_lo", float, "its 95% paired bootstrap interval", default=math.nan),
+        Column("selectivity_ci_hi", float, default=math.nan),
+        Column("mass_at_positions", float, "share of the removed set's activation mass (sum of h_f "
+               "over the statistics split's prompt tokens) at the removal positions", default=math.nan),
     ),
 )  # fmt: skip
 """A clean score whose interval (`baseline_ci_lo`) does not clear the `floor` means the model does
 not do the task, so no removal can show that the features carried it (report.findings: "not
 testable"). Tables written before `kind`, `baseline_ci_lo` and `floor` are read with the kind
 derived from the label and NaN for the other two."""
+
+
+LOW_MASS = 0.05
+"""A removal whose positions hold less than this share of its features' activation mass touches
+(almost) nothing: its effect says nothing about what the features carry (report and findings)."""
+
+_POSITION_TYPES: dict[str, tuple[int, ...] | None] = {
+    "text": (int(TokenType.TEXT),),
+    "image": (int(TokenType.IMAGE),),
+    "all": None,
+}
+
+
+def mass_at_positions(stats: Any, pairs: pd.DataFrame, positions: str) -> float:
+    """Share of a feature set's activation mass (sum of h_f over every non-special prompt token of
+    the statistics) that lies at the removal `positions`: near 0 when the features fire where the
+    removal does not touch (image-token features removed at text positions). NaN when the set never
+    fired. Generated tokens are not in the statistics; "text" removal also edits them."""
+    at = total = 0.0
+    for layer, feats in features_by_layer(pairs).items():
+        idx = torch.as_tensor(feats, dtype=torch.long)
+        at += float(stats.sum_h(layer, _POSITION_TYPES[check_positions(positions)])[idx].sum())
+        total += float(stats.sum_h(layer, None)[idx].sum())
+    return at / total if total > 0 else math.nan
+
+
+def set_overlaps(sets: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
+    """How much the task sets share: {"counts": {a: {b: |a & b|}} (the diagonal is each set's size),
+    "own": {a: |a minus every other set|}, "in_all": features in every set}. Removing two sets that
+    are mostly the same features cannot tell one task's features from the other's."""
+    keys = {n: set(map(tuple, p[["layer", "feature"]].to_numpy().tolist())) for n, p in sets.items()}
+    counts = {a: {b: len(keys[a] & keys[b]) for b in keys} for a in keys}
+    own = {a: len(keys[a] - set().union(*(keys[b] for b in keys if b != a))) for a in keys}
+    in_all = len(set.intersection(*keys.values())) if keys else 0
+    return {"counts": counts, "own": own, "in_all": in_all}
 
 
 @dataclass
@@ -251,6 +297,10 @@ def removal_experiment(
                 for i, d in enumerate(draws[name])
             ]
 
+    mass = {
+        name: mass_at_positions(stats, p, positions) if stats is not None else math.nan
+        for name, p in sets.items()
+    }
     floors = {tname: answer_floor(task, yesno_metric) for tname, task in eval_tasks.items()}
     clean_lo = {
         tname: bootstrap_mean(clean.by_task[tname], n_boot=n_boot, seed=seed).lo for tname in eval_tasks
@@ -279,6 +329,7 @@ def removal_experiment(
                     [c.by_task[tname] for c in controls[set_name]], axis=0
                 )  # [n_records]
                 ce = paired_effect(ctrl, base, n_boot=n_boot, seed=seed)
+                sel = paired_effect(tr, ctrl, n_boot=n_boot, seed=seed)  # (tr - base) - (ctrl - base)
                 row.update(
                     control=control_name,
                     control_effect=ce.mean,
@@ -286,6 +337,7 @@ def removal_experiment(
                     control_ci_hi=ce.hi,
                 )
             else:
+                sel = None
                 row.update(
                     control="none",
                     control_effect=np.nan,
@@ -295,6 +347,11 @@ def removal_experiment(
             row["n"] = int(base.size)
             row["baseline_ci_lo"] = clean_lo[tname]
             row["floor"] = floors[tname].score if floors[tname] is not None else np.nan
+            row["mde"] = paired_mde(tr, base)
+            row["selectivity"] = sel.mean if sel is not None else np.nan
+            row["selectivity_ci_lo"] = sel.lo if sel is not None else np.nan
+            row["selectivity_ci_hi"] = sel.hi if sel is not None else np.nan
+            row["mass_at_positions"] = mass[set_name]
             out.append(row)
         return out
 
@@ -315,6 +372,8 @@ def removal_experiment(
         "mismatched": pairs_map,
         "floors": {t: (vars(f) if f is not None else None) for t, f in floors.items()},
         "set_sizes": {k: len(v) for k, v in sets.items()},
+        "overlaps": set_overlaps(sets),
+        "mass_at_positions": mass,
         "control_draws": {
             name: [
                 {

@@ -11,9 +11,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from mmdiff.control.removal import EFFECTS
+from mmdiff.control.removal import CONTROL_MISMATCHED, EFFECTS, LOW_MASS, REMOVAL
 from mmdiff.control.steering import FEATURE, SINGLE_LAYER, STEERING
 from mmdiff.report.sections._common import (
     NOT_RUN,
@@ -94,6 +95,9 @@ def effects_table(effects: pd.DataFrame) -> Table:
                 else "–",
                 interval(r.control_effect, r.control_ci_lo, r.control_ci_hi)
                 + (" *" if excludes_zero(r.control_ci_lo, r.control_ci_hi) else ""),
+                fmt(_value(r, "mde")),
+                fmt(_value(r, "mass_at_positions"))
+                + (" (touches almost nothing)" if _value(r, "mass_at_positions") < LOW_MASS else ""),
                 fmt(r.n),
             ]
         )
@@ -109,35 +113,141 @@ def effects_table(effects: pd.DataFrame) -> Table:
             "effect [95% CI]",
             "control",
             "control effect [95% CI]",
+            "MDE",
+            "mass at positions",
             "n",
         ],
         rows,
         caption="effect = treated − baseline on the same records (paired bootstrap interval); * = the interval "
         "excludes 0. The control (e.g. random features of matched firing frequency) is applied the same way. "
+        "MDE = the smallest effect this paired comparison detects with 80% power at 5% (2.80 × sd of the "
+        "per-record differences / √n, and for 0/1 scores never below 2.80² / (n + 2.80²)): an effect inside "
+        "±MDE with an interval containing 0 is no evidence of absence. mass at positions = the share of the "
+        "removed features' activation mass (on the statistics split's prompt tokens) at the positions the "
+        "removal edits; below 5% the removal touches (almost) nothing and its effect is no negative result. "
         "'at floor': the clean score's 95% interval does not clear what one constant answer scores (0.5 for "
         "always 'yes'), so the model does not do that task and its effects there say little.",
+    )
+
+
+def _value(row: Any, name: str) -> float:
+    try:
+        return float(getattr(row, name))
+    except (AttributeError, TypeError, ValueError):
+        return math.nan
+
+
+def task_matrix(
+    df: pd.DataFrame,
+    title: str,
+    first: str,
+    cell: Any,
+    *,
+    caption: str = "",
+    sort: bool = True,
+) -> Table:
+    """One row per intervention, one column per (eval task, metric), each cell `cell(row)`."""
+    cols = list(dict.fromkeys(zip(df["eval_task"].astype(str), df["metric"].astype(str))))
+    rows = []
+    for name, g in df.groupby(df["intervention"].astype(str), sort=sort):
+        cells = {(str(r.eval_task), str(r.metric)): cell(r) for r in g.itertuples()}
+        rows.append([name] + [cells.get(c, "–") for c in cols])
+    return Table(title, [first] + [f"{task} ({metric})" for task, metric in cols], rows, caption=caption)
+
+
+def selectivity_rows(effects: pd.DataFrame) -> pd.DataFrame:
+    """The rows the selectivity matrix shows: every removal of a task set and of a mismatched set
+    (by `kind`), with a matched random control to subtract."""
+    rows = effects[effects["kind"].isin((REMOVAL, CONTROL_MISMATCHED))]
+    return rows[rows["selectivity"].notna()] if "selectivity" in rows else rows.iloc[:0]
+
+
+def selectivity_matrix(effects: pd.DataFrame) -> Table | None:
+    """Task sets (rows) x evaluation tasks (columns): effect minus the matched random control's
+    effect, paired per record, with its 95% interval; the seed's claim is that each set's row is
+    negative on its own task only. None for tables written before the selectivity column."""
+    rows_df = selectivity_rows(effects)
+    if rows_df.empty:
+        return None
+
+    def cell(r: Any) -> str:
+        text = interval(r.selectivity, r.selectivity_ci_lo, r.selectivity_ci_hi)
+        text += " *" if excludes_zero(r.selectivity_ci_lo, r.selectivity_ci_hi) else ""
+        own = str(r.eval_task) == str(r.target_task) and r.kind == REMOVAL
+        return ("▶ " if own else "") + text
+
+    return task_matrix(
+        rows_df,
+        "Selectivity: task set x task, effect minus the matched random control's",
+        "removed set",
+        cell,
+        sort=False,
+        caption="Each cell: the mean per-record (treated − control) difference, i.e. the removal's effect "
+        "beyond random features of the same layers and firing frequencies, with its 95% paired bootstrap "
+        "interval; * = the interval excludes 0; ▶ = the set's own task. Selective removal: negative on its own "
+        "task, within noise elsewhere. A cell of a removal that touches almost none of its features' "
+        "activation (see the effects table's mass column) cannot show selectivity either way.",
+    )
+
+
+def plot_selectivity(effects: pd.DataFrame):
+    """Heat map of the selectivity matrix (effect minus matched control), intervals in each cell."""
+    from matplotlib.figure import Figure
+
+    rows_df = selectivity_rows(effects)
+    names = list(dict.fromkeys(rows_df["intervention"].astype(str)))
+    cols = list(dict.fromkeys(rows_df["eval_task"].astype(str) + " (" + rows_df["metric"].astype(str) + ")"))
+    grid = np.full((len(names), len(cols)), np.nan)
+    text = [["" for _ in cols] for _ in names]
+    for r in rows_df.itertuples():
+        i, j = names.index(str(r.intervention)), cols.index(f"{r.eval_task} ({r.metric})")
+        grid[i, j] = float(r.selectivity)
+        text[i][j] = f"{float(r.selectivity):+.3f}\n[{float(r.selectivity_ci_lo):+.2f}, {float(r.selectivity_ci_hi):+.2f}]"
+    lim = max(0.05, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0
+    fig = Figure(figsize=(1.7 * len(cols) + 3.0, 0.7 * len(names) + 1.6), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    for i in range(len(names)):
+        for j in range(len(cols)):
+            ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    fig.colorbar(im, ax=ax, label="effect − matched random control")
+    return fig
+
+
+def overlaps_table(overlaps: Any) -> Table | None:
+    """The task sets' shared features: counts of each pair (diagonal: set size), each set's own."""
+    if not isinstance(overlaps, dict) or not isinstance(overlaps.get("counts"), dict):
+        return None
+    counts, own = overlaps["counts"], overlaps.get("own", {})
+    names = list(counts)
+    rows = [[a] + [fmt(counts[a].get(b)) for b in names] + [fmt(own.get(a))] for a in names]
+    return Table(
+        "Task-set overlaps",
+        ["set"] + names + ["own (in no other set)"],
+        rows,
+        caption=f"Features shared by each pair of task sets (diagonal: the set's size); {fmt(overlaps.get('in_all'))} "
+        "features are in every set. Sets that share most of their features cannot show which task the "
+        "shared ones carry: read the effects of their own features beside the full sets'.",
     )
 
 
 def effects_matrix(effects: pd.DataFrame) -> Table:
     """Each intervention (rows) x each evaluation task and metric (columns): effect [95% CI], with the
     control's effect in brackets."""
-    cols = list(dict.fromkeys(zip(effects["eval_task"].astype(str), effects["metric"].astype(str))))
-    rows = []
-    for name, g in effects.groupby(effects["intervention"].astype(str), sort=True):
-        cells = {}
-        for r in g.itertuples():
-            text = interval(r.effect, r.ci_lo, r.ci_hi) + (
-                " *" if excludes_zero(r.ci_lo, r.ci_hi) else ""
-            )
-            if not pd.isna(r.control_effect):
-                text += f" (control {interval(r.control_effect, r.control_ci_lo, r.control_ci_hi)})"
-            cells[(str(r.eval_task), str(r.metric))] = text
-        rows.append([name] + [cells.get(c, "–") for c in cols])
-    return Table(
+
+    def cell(r: Any) -> str:
+        text = interval(r.effect, r.ci_lo, r.ci_hi) + (" *" if excludes_zero(r.ci_lo, r.ci_hi) else "")
+        if not pd.isna(r.control_effect):
+            text += f" (control {interval(r.control_effect, r.control_ci_lo, r.control_ci_hi)})"
+        return text
+
+    return task_matrix(
+        effects,
         "Effects: intervention x task",
-        ["intervention"] + [f"{task} ({metric})" for task, metric in cols],
-        rows,
+        "intervention",
+        cell,
         caption="effect [95% CI] on each evaluation task; * = the interval excludes 0; in brackets the "
         "control's effect (random features of matched firing frequency).",
     )
@@ -208,13 +318,45 @@ def control_section(run_dir: Path) -> Section:
                 f"The control stage has not run (no {EFFECTS.rel()}, {STEERING.rel()})."
             )
         return section
+    if effects is not None and not effects.empty:
+        matrix = selectivity_matrix(effects)
+        if matrix is not None:
+            block = Block("Selectivity")
+            fig = ensure_plot(
+                run_dir / "report" / "selectivity.png",
+                lambda p: save_png(plot_selectivity(effects), p),
+                "Selectivity matrix",
+                "Removing each task set (rows), scored on each task (columns): effect minus the matched "
+                "random control's effect with its 95% interval. Blue: the removal costs more than random "
+                "features do.",
+                section,
+                run_dir,
+                [EFFECTS.path_in(run_dir)],
+            )
+            block.figures += [fig] if fig else []
+            block.tables.append(matrix)
+            section.blocks.append(block)
     if effects is not None:
         block = Block("Effects")
         if effects.empty:
             block.notes.append(f"{EFFECTS.rel()} has no rows.")
         else:
+            removal = (read_json(EFFECTS.path_in(run_dir).with_suffix(".json"), run_dir, section) or {}).get(
+                "removal", {}
+            )
+            overlaps = overlaps_table(removal.get("overlaps") if isinstance(removal, dict) else None)
+            mass = removal.get("mass_at_positions", {}) if isinstance(removal, dict) else {}
+            for name, share in (mass.items() if isinstance(mass, dict) else []):
+                if isinstance(share, (int, float)) and share < LOW_MASS:
+                    block.notes.append(
+                        f"Removing the {name} set at {removal.get('positions', '?')} positions touches "
+                        f"{100 * share:.1f}% of its features' activation mass: they fire elsewhere (image "
+                        "tokens), so its effects cannot say whether the features carry the task."
+                    )
             block.tables.append(effects_matrix(effects))
             block.tables.append(effects_table(effects))
+            if overlaps is not None:
+                block.tables.append(overlaps)
         section.blocks.append(block)
     if steering is not None and not steering.empty:
         block = Block("Steering sweeps")
