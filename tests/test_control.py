@@ -356,6 +356,7 @@ def test_removing_an_empty_set_is_an_exact_no_op_and_the_table_has_its_schema(pl
     assert (
         mismatch["effect"].tolist() == df.loc[df["intervention"] == "remove ocr", "effect"].tolist()
     )
+    assert df.attrs["removal"]["control_records"] == "split"  # record i under draw i mod 2
     draws = df.attrs["removal"]["control_draws"]["ocr"]
     assert len(draws) == 2 and all(
         d["features"][0][1] in (4, 6, 7) for d in draws

@@ -11,6 +11,7 @@ their own, the mismatched task set (the OCR set for spatial and vice versa).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 import math
 from pathlib import Path
@@ -204,6 +205,7 @@ def removal_experiment(
     yesno_metric: str = "accuracy",
     n_boot: int = 2000,
     batch_size: int = 16,
+    control_records: str = "split",
     progress: bool = True,
 ) -> pd.DataFrame:
     """The effects table: one row per (task set, eval task), plus mismatched-control rows.
@@ -216,6 +218,9 @@ def removal_experiment(
     mismatched: {target: control set} pairs, None for the default (spatial <-> ocr), False for none.
     Random controls never draw a feature of the task set, nor of any other given set when
     `exclude_all_sets`. yesno_metric: "accuracy" or "p_correct" for yes/no tasks.
+    control_records: "split" scores record i of each task under random draw i mod n_random (the
+    draws' mean effect, unbiased, for the cost of one evaluation); "every" scores every draw on
+    every record (the per-record mean over draws, n_random evaluations).
     Columns: EFFECTS; effects are treated - clean, CIs are 95% paired bootstrap intervals.
     """
     check_positions(positions)
@@ -223,6 +228,9 @@ def removal_experiment(
     sets = _check_inputs(saes, task_sets, eval_tasks)
     if n_random < 0:
         raise ConfigError(f"n_random must be >= 0, got {n_random}")
+    if control_records not in ("split", "every"):
+        raise ConfigError(f"control_records must be 'split' or 'every', got {control_records!r}")
+    split = control_records == "split" and n_random > 1
     pairs_map = (
         {}
         if mismatched is False
@@ -250,26 +258,34 @@ def removal_experiment(
         for name, pairs in sets.items()
     }
     cache: dict[tuple, _Scores] = {}
-    n_runs = 1 + len(sets) * (1 + n_random)
+    n_runs = 1 + len(sets) * (2 if split else 1 + n_random)
     with progress_bar(progress) as bar:
         overall = bar.add_task("removal experiments", total=n_runs)
 
-        def run(key: tuple | None, build, label: str) -> _Scores:
+        def run(key: tuple | None, build, label: str, builds: Sequence[Any] = ()) -> _Scores:
+            """Every task under `build`; or, with `builds`, record i under builds[i mod len]."""
             if key in cache:
                 bar.advance(overall)
                 return cache[key]
+            parts = list(builds) or [build]
             by_task = {}
             for tname, task in eval_tasks.items():
-                res = evaluate_under(
-                    adapter,
-                    task,
-                    build,
-                    "all" if build is None else positions,  # type: ignore[arg-type]
-                    batch_size=batch_size,
-                    bar=bar,
-                    description=f"{label}: {tname}",
-                )
-                by_task[tname] = np.asarray(record_scores(res, yesno_metric), dtype=np.float64)
+                scores = np.empty(len(task.records), dtype=np.float64)
+                for d, b in enumerate(parts):
+                    sub = list(task.records[d :: len(parts)])
+                    if not sub:
+                        continue
+                    res = evaluate_under(
+                        adapter,
+                        dataclasses.replace(task, records=sub),
+                        b,
+                        "all" if b is None else positions,  # type: ignore[arg-type]
+                        batch_size=batch_size,
+                        bar=bar,
+                        description=f"{label}: {tname}",
+                    )
+                    scores[d :: len(parts)] = record_scores(res, yesno_metric)
+                by_task[tname] = scores
             cache[key] = _Scores(by_task)
             bar.advance(overall)
             return cache[key]
@@ -288,6 +304,11 @@ def removal_experiment(
         }
         controls: dict[str, list[_Scores]] = {}
         for name in sets:
+            if split and draws[name]:
+                key = ("split",) + tuple(key_of(feature_pairs(d)) for d in draws[name])
+                builds = [_ablation(saes, d, positions) for d in draws[name]]
+                controls[name] = [run(key, None, f"random controls for {name}", builds)]
+                continue
             controls[name] = [
                 run(
                     key_of(feature_pairs(d)),
@@ -374,21 +395,32 @@ def removal_experiment(
         "set_sizes": {k: len(v) for k, v in sets.items()},
         "overlaps": set_overlaps(sets),
         "mass_at_positions": mass,
+        "control_records": control_records if split else "every",
         "control_draws": {
             name: [
                 {
                     "features": d[["layer", "feature"]].to_numpy().tolist(),
                     "max_bin_distance": int(d["bin_distance"].max()) if len(d) else 0,
-                    "effects": {
-                        t: float((c.by_task[t] - clean.by_task[t]).mean()) for t in eval_tasks
-                    },
+                    "effects": _draw_effects(
+                        controls[name][0 if split else i], clean, i if split else 0,
+                        len(draws[name]) if split else 1,
+                    ),
                 }
-                for d, c in zip(draws[name], controls[name])
+                for i, d in enumerate(draws[name])
             ]
             for name in sets
         },
     }
     return df
+
+
+def _draw_effects(control: _Scores, clean: _Scores, first: int, step: int) -> dict[str, float]:
+    """One draw's mean effect per task, over the records it scored (every `step`-th from `first`)."""
+    out = {}
+    for t, scores in control.by_task.items():
+        d = scores[first::step] - clean.by_task[t][first::step]
+        out[t] = float(d.mean()) if d.size else math.nan
+    return out
 
 
 def write_effects(effects: pd.DataFrame, out: str | Path) -> dict[str, Path]:
