@@ -403,6 +403,17 @@ def test_removing_the_planted_feature_breaks_yes_no_while_matched_random_feature
     # selectivity: the removal's effect beyond its matched control, paired per record
     assert row["selectivity"] == pytest.approx(row["effect"] - row["control_effect"], abs=1e-12)
     assert row["selectivity_ci_hi"] < 0 and 0 < row["mde"] < 0.3 and row["mass_at_positions"] == 1.0
+    # record by record (what the report's qualitative examples are chosen from), and the examples:
+    # the records whose P(correct) drops most under the removal, largest drop first
+    per = pd.DataFrame(df.attrs["records"])
+    assert len(per) == 16 and set(per["set"]) == {"spatial"}
+    drop = per["treated_p_correct"] - per["clean_p_correct"]
+    assert drop.mean() == pytest.approx(row["effect"]) and per["clean_answer"].isin(["yes", "no"]).all()
+    first, second = df.attrs["removal"]["examples"]["spatial"]
+    assert first["record"] == per.loc[drop.idxmin(), "record_id"]
+    assert drop.min() == pytest.approx(first["treated_p_correct"] - first["clean_p_correct"])
+    assert drop.min() <= second["treated_p_correct"] - second["clean_p_correct"] <= drop.nsmallest(2).iloc[1] + 1e-12
+    assert first["rule"] == "largest drop in p correct" and first["question"]
 
 
 def test_activation_mass_at_the_removal_positions_by_hand():

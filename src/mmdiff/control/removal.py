@@ -141,9 +141,34 @@ def set_overlaps(sets: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
 
 @dataclass
 class _Scores:
-    """Per-record scores of one feature set on every eval task: {task: [n_records]}."""
+    """Per-record scores of one feature set on every eval task: {task: [n_records]}, with the
+    model's answers and (yes/no tasks) its probability of the correct answer, record by record."""
 
     by_task: dict[str, np.ndarray]
+    predictions: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    p_correct: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+RECORDS = Artifact(
+    "eval/removal_records.parquet",
+    "removal_experiment",
+    doc="One row per (task set, eval task, record): the clean and the treated model's answer, score "
+    "and probability of the correct answer; what the report's qualitative examples are chosen from.",
+    columns=(
+        Column("set", str, "the removed task set"),
+        Column("eval_task", str, "the task evaluated"),
+        Column("record_id", str, "the record"),
+        Column("clean_score", float, "the clean model's score on the record"),
+        Column("treated_score", float, "the score with the set removed"),
+        Column("clean_p_correct", float, "P(correct answer), clean (yes/no tasks; NaN otherwise)"),
+        Column("treated_p_correct", float, "P(correct answer) with the set removed"),
+        Column("clean_answer", str, "the clean model's answer"),
+        Column("treated_answer", str, "the answer with the set removed"),
+    ),
+)  # fmt: skip
+
+N_EXAMPLES = 2
+"""Qualitative examples per task set (effects.json "examples"), chosen by `choose_examples`."""
 
 
 def _ablation(saes: Mapping[int, Any], pairs: pd.DataFrame, positions: str):
@@ -268,9 +293,11 @@ def removal_experiment(
                 bar.advance(overall)
                 return cache[key]
             parts = list(builds) or [build]
-            by_task = {}
+            by_task, answers, p_right = {}, {}, {}
             for tname, task in eval_tasks.items():
                 scores = np.empty(len(task.records), dtype=np.float64)
+                preds: list[str] = [""] * len(task.records)
+                p_corr = np.full(len(task.records), np.nan)
                 for d, b in enumerate(parts):
                     sub = list(task.records[d :: len(parts)])
                     if not sub:
@@ -285,8 +312,11 @@ def removal_experiment(
                         description=f"{label}: {tname}",
                     )
                     scores[d :: len(parts)] = record_scores(res, yesno_metric)
-                by_task[tname] = scores
-            cache[key] = _Scores(by_task)
+                    preds[d :: len(parts)] = [str(p) for p in res.predictions] or [""] * len(sub)
+                    if res.p_correct:
+                        p_corr[d :: len(parts)] = res.p_correct
+                by_task[tname], answers[tname], p_right[tname] = scores, preds, p_corr
+            cache[key] = _Scores(by_task, answers, p_right)
             bar.advance(overall)
             return cache[key]
 
@@ -382,6 +412,7 @@ def removal_experiment(
     for target, other in pairs_map.items():
         rows += rows_for(f"remove {other} (mismatched control for {target})", CONTROL_MISMATCHED, target, other)
     df = pd.DataFrame(rows, columns=list(EFFECTS.names))
+    per_record = record_frame(clean, treated, eval_tasks)
     df.attrs["removal"] = {
         "positions": positions,
         "n_random": n_random,
@@ -410,8 +441,81 @@ def removal_experiment(
             ]
             for name in sets
         },
+        "examples": choose_examples(per_record, eval_tasks),
     }
+    df.attrs["records"] = per_record.to_dict("list")  # plain lists: attrs are compared and copied
     return df
+
+
+def record_frame(clean: _Scores, treated: Mapping[str, _Scores], eval_tasks: Mapping[str, EvalTask]) -> pd.DataFrame:
+    """`RECORDS`: every task set's removal, record by record, beside the clean run."""
+    parts = []
+    for name, tr in treated.items():
+        for tname, task in eval_tasks.items():
+            n = len(task.records)
+            parts.append(pd.DataFrame({
+                "set": name, "eval_task": tname, "record_id": [str(r.id) for r in task.records],
+                "clean_score": clean.by_task[tname], "treated_score": tr.by_task[tname],
+                "clean_p_correct": clean.p_correct.get(tname, np.full(n, np.nan)),
+                "treated_p_correct": tr.p_correct.get(tname, np.full(n, np.nan)),
+                "clean_answer": clean.predictions.get(tname, [""] * n),
+                "treated_answer": tr.predictions.get(tname, [""] * n),
+            }))  # fmt: skip
+    return RECORDS.validate(pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(RECORDS.names)))
+
+
+def choose_examples(
+    per_record: pd.DataFrame, eval_tasks: Mapping[str, EvalTask], n: int = N_EXAMPLES
+) -> dict[str, list[dict[str, Any]]]:
+    """The qualitative examples of each task set, chosen by rule, not by hand: on the set's own task
+    (the eval task of the same name), the `n` records whose probability of the correct answer drops
+    most when the set is removed (yes/no tasks; the score for others), ties broken by record id.
+    Each: record, question, gold answers, clean and treated answer, P(correct) and score, and a
+    small PNG thumbnail (base64) of the image."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, g in per_record.groupby("set", sort=True):
+        own = g[g["eval_task"] == name]
+        if own.empty or name not in eval_tasks:
+            continue
+        yesno = own["clean_p_correct"].notna().all()
+        col = "p_correct" if yesno else "score"
+        own = own.assign(change=own[f"treated_{col}"] - own[f"clean_{col}"])
+        own = own.sort_values(["change", "record_id"], kind="stable").head(n)
+        records = {str(r.id): r for r in eval_tasks[name].records}
+        items = []
+        for r in own.itertuples():
+            rec = records.get(str(r.record_id))
+            items.append({
+                "record": str(r.record_id), "eval_task": name, "rule": f"largest drop in {col.replace('_', ' ')}",
+                "question": str(getattr(rec, "question", "")), "answers": [str(a) for a in getattr(rec, "answers", [])][:3],
+                "clean_answer": r.clean_answer, "treated_answer": r.treated_answer,
+                "clean_p_correct": _none(r.clean_p_correct), "treated_p_correct": _none(r.treated_p_correct),
+                "clean_score": _none(r.clean_score), "treated_score": _none(r.treated_score),
+                "image": _thumbnail(rec),
+            })  # fmt: skip
+        out[str(name)] = items
+    return out
+
+
+def _none(x: Any) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def _thumbnail(record: Any, side: int = 160) -> str | None:
+    """The record's image as a base64 PNG at most `side` pixels wide and high; None without one."""
+    import base64
+    import io
+
+    if record is None or getattr(record, "image", None) is None:
+        return None
+    try:
+        image = record.load_image()
+    except Exception:  # noqa: BLE001 - an example without its picture is still an example
+        return None
+    image.thumbnail((side, side))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _draw_effects(control: _Scores, clean: _Scores, first: int, step: int) -> dict[str, float]:
@@ -424,9 +528,18 @@ def _draw_effects(control: _Scores, clean: _Scores, first: int, step: int) -> di
 
 
 def write_effects(effects: pd.DataFrame, out: str | Path) -> dict[str, Path]:
-    """out/effects.parquet (the table) and out/effects.json (the same rows, plus the settings and
-    each control draw's features and effects from `effects.attrs`)."""
-    return write_table(effects, EFFECTS, out, extra=dict(effects.attrs))
+    """out/effects.parquet (the table) and out/effects.json (the same rows, plus the settings, each
+    control draw's features and effects and the qualitative examples from `effects.attrs`), and
+    out/removal_records.parquet (`RECORDS`) when the attrs carry the per-record results."""
+    from mmdiff.atomic import write_parquet
+
+    attrs = dict(effects.attrs)
+    per_record = attrs.pop("records", None)
+    paths = write_table(effects, EFFECTS, out, extra=attrs)
+    if isinstance(per_record, Mapping):
+        paths["records"] = Path(out) / Path(RECORDS.path).name
+        write_parquet(paths["records"], RECORDS.validate(pd.DataFrame(per_record)))
+    return paths
 
 
 def run_removal(

@@ -298,9 +298,11 @@ def write_interp(
     `organism_concepts`) scored on `grounding_records` (held-out records) so each explanation carries
     its grounded concepts and scores (docs/method.md#grounded-explanations). Writes
     under out_dir (the run's interp/): examples.parquet (per-record maxima of every source),
-    explanations.json, dashboards/L{L}_F{f}.html and dashboards/index.html. Returns the paths.
+    explanations.json, dashboards/L{L}_F{f}.html, dashboards/index.html and cards.json (compact cards for
+    the report, `interp.cards`). Returns the paths.
     """
     from mmdiff.atomic import write_parquet
+    from mmdiff.interp.cards import CARDS_FILE, write_cards
     from mmdiff.interp.examples import collect_evidence, feature_keys
     from mmdiff.interp.explain import OfflineExplainer, write_explanations
 
@@ -351,4 +353,5 @@ def write_interp(
     write_explanations(paths["explanations"], list(explanations.values()))
     dashboards = write_dashboards(cards, out / "dashboards")
     paths["dashboards"] = dashboards["index"]
+    paths["cards"] = write_cards(cards, out / CARDS_FILE)  # what the report's feature browser shows
     return paths
