@@ -4,6 +4,7 @@ seed findings are computed exactly from hand-made tables."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -33,7 +34,8 @@ from mmdiff.control import EFFECTS, write_effects, write_steering
 from mmdiff.detect import write_task_features
 from mmdiff.diff import write_adapted_features
 from mmdiff.interp.dashboard import FeatureCard, write_dashboards
-from mmdiff.interp.explain import Explanation, write_explanations
+from mmdiff.interp.cards import CARDS_FILE, write_cards
+from mmdiff.interp.explain import ActivatingExample, Explanation, FeatureEvidence, write_explanations
 from mmdiff.models.base import TokenType
 from mmdiff.pipeline import RunDir, package_versions
 from mmdiff.report.build import build_report
@@ -239,6 +241,18 @@ def make_run(run: Path) -> dict:
     write_dashboards(
         [FeatureCard(layer=L, feature=f) for L, f in keys], run / "interp" / "dashboards"
     )
+    # the compact card of the first spatial feature: a hostile token, an image run, a heatmap
+    special = int(TokenType.SPECIAL)
+    example = ActivatingExample(
+        tokens=["<s>", "is", "the", SCRIPT, "left"] + ["<im>"] * 4,
+        activations=[9.0, 0.0, 0.5, 2.0, 1.0, 0.1, 3.0, 0.2, 0.0],
+        token_types=[special, TEXT, TEXT, TEXT, TEXT] + [IMAGE] * 4,
+        heatmap_png=_png((0, 90, 200)),
+        record_id="r1",
+        source="spatial",
+    )
+    evidence = FeatureEvidence(f"L{keys[0][0]}/F{keys[0][1]}", [example])
+    write_cards([FeatureCard(layer=keys[0][0], feature=keys[0][1], evidence=evidence)], run / "interp" / CARDS_FILE)
 
     # attribution: two features, both concentrated on a few heads
     results = [_attribution(3, 5, {(2, 1): 1.0, (2, 3): 1.0}), _attribution(1, 7, {(1, 0): 1.0})]
@@ -266,7 +280,7 @@ def make_run(run: Path) -> dict:
 
     # control: the tables of mmdiff.control, written by its writers
     # fmt: off
-    write_effects(effects_frame([
+    effects = effects_frame([
         # intervention, target, eval task, metric, baseline, effect, ci, control, its effect and ci
         ("remove spatial", "spatial", "spatial", "accuracy", 0.8, -0.1, -0.15, -0.05, SCRIPT, -0.01, -0.03, 0.01),
         ("remove spatial", "spatial", "spatial", "p_correct", 0.7, -0.2, -0.3, -0.1, SCRIPT, 0.0, -0.02, 0.02),
@@ -275,7 +289,14 @@ def make_run(run: Path) -> dict:
          "random", 0.0, -0.02, 0.02),
         ("remove ocr", "ocr", "ocr", "ocr_accuracy", 0.5, -0.02, -0.06, 0.02, "random", 0.0, -0.02, 0.02),
         ("mean_ablate_heads", "spatial", "spatial", "accuracy", 0.8, -0.3, -0.4, -0.2, "random", 0.0, -0.02, 0.02),
-    ]), run / "eval")
+    ])
+    effects.attrs["removal"] = {"examples": {"spatial": [{
+        "record": "r3", "eval_task": "spatial", "rule": "largest drop in p correct", "question": f"Is it left of {SCRIPT}?",
+        "answers": ["yes"], "clean_answer": "yes", "treated_answer": "no", "clean_p_correct": 0.91,
+        "treated_p_correct": 0.12, "clean_score": 1.0, "treated_score": 0.0,
+        "image": base64.b64encode(_png((20, 160, 20))).decode("ascii"),
+    }]}}
+    write_effects(effects, run / "eval")
     steering = steering_frame([
         # method, task, alpha, score, ci, layer, split, selected
         ("feature", "spatial", 2.0, 0.95, 0.90, 1.00, None, "validation", False),  # never a test score
@@ -401,19 +422,74 @@ def test_every_section_renders(full_run):
     assert "<td>detect</td>" in prov and "<td>report</td>" not in prov
 
 
-def test_task_features_link_to_dashboards(full_run):
+def feature_data(html: str) -> dict:
+    """The feature browser's JSON, as the page's script reads it."""
+    raw = re.search(r'<script type="application/json" id="feature-data">(.*?)</script>', html, re.S).group(1)
+    return json.loads(raw)
+
+
+def test_task_features_open_their_cards(full_run):
     run, planted, html = full_run
     tasks = section_html(html, "tasks")
     assert planted["keys"], "the fake run must keep some spatial features"
+    cards = {f["id"]: f for f in feature_data(html)["features"]}
     for layer, feature in planted["keys"]:
-        href = f"../interp/dashboards/L{layer}_F{feature}.html"
-        assert f'<a href="{href}">L{layer}/F{feature}</a>' in tasks
-        assert (run / "report" / href).resolve().is_file()
+        # a feature id opens its card in the report's browser; the card links the old dashboard
+        assert f'<a href="#f-L{layer}-F{feature}">L{layer}/F{feature}</a>' in tasks
+        card = cards[f"L{layer}/F{feature}"]
+        assert "spatial" in card["tasks"] and card["explanation"]["description"] == f"objects left of {SCRIPT}"
+        assert (run / "report" / card["dashboard"]).resolve().is_file()
+        assert {"p_task", "odds_ratio", "q_value"} <= {k for s in card["scores"] for k, _ in s["rows"]}
+        # removing the spatial set: its rows of the effects table, with the interval
+        assert ["spatial", "spatial", "-0.10 [-0.15, -0.05]", "–"] in card["effects"]
+    first = cards["L{}/F{}".format(*planted["keys"][0])]
+    (example,) = first["examples"]
+    assert example["tokens"][3] == [SCRIPT, 2.0, "t"] and example["tokens"][-1] == ["<image x4>", 3.0, "i"]
+    assert example["tokens"][0][2] == "s" and example["heatmap"] and first["image_share"] == pytest.approx(0.5, abs=0.02)
+    assert "No stored examples" in cards["L{}/F{}".format(*planted["keys"][1])]["no_examples"]
     assert "objects left of &lt;script&gt;alert(1)&lt;/script&gt;" in tasks
     assert "Task: safety" in tasks and "No feature of safety passed every criterion." in tasks
     # the explanations' confidence (0.75) was never measured on held-out data: not printed
     assert "confidence" not in html and "<th>detection</th>" not in tasks
     assert "q-values below 1e-6 print as &lt; 1e-6" in tasks
+
+
+def test_answers_first_then_evidence_then_provenance(full_run):
+    _, planted, html = full_run
+    order = [html.index(f'<section id="{s}">') for s in (
+        "summary", "adapted", "tasks", "attribution", "control", "examples", "browser", "concepts", "sae",
+        "findings", "provenance")]  # fmt: skip
+    assert order == sorted(order)
+    summary = section_html(html, "summary")
+    answers = re.findall(r'<li><a class="q" href="(#\w+)">([^<]+)</a> <span class="a">([^<]+)</span>', summary)
+    assert [a[0] for a in answers] == ["#adapted", "#tasks", "#attribution", "#control", "#browser"]
+    assert answers[0][2].startswith(f"{planted['n_selected']} of 100 SAE features (4.0%) adapted")
+    assert "spatial 4 (Δp median" in answers[1][2] and "safety 0" in answers[1][2]
+    assert "74% of |score| in top 10% heads" in answers[2][2]
+    assert "Feature minus single-layer steering: spatial +0.08 [+0.03, +0.13]" in answers[3][2]
+    assert "<table class=\"findings\">" in summary and summary.count('class="badge') >= 8
+    # provenance is collapsed; its tables are there once opened
+    prov = section_html(html, "provenance")
+    assert prov.index("<details><summary>Show the configuration") < prov.index("<td>detect</td>")
+    # the qualitative example chosen by the removal stage: both answers, P(correct), its picture
+    ex = section_html(html, "examples")
+    assert "Removing the spatial set" in ex and "largest drop in p correct" in ex
+    assert "<td>0.91</td>" in ex and "<td>0.12</td>" in ex and 'src="data:image/png;base64,' in ex
+    assert "Is it left of &lt;script&gt;" in ex
+
+
+def test_constant_columns_are_named_once_and_intervals_rounded():
+    from mmdiff.report.sections._common import Table, drop_constant
+    from mmdiff.report.sections.control import interval, interval_decimals
+
+    t = drop_constant(Table("t", ["layer", "step", "fvu", "l0"], [[0, "234", "0.2", "16"], [1, "234", "0.3", "16"],
+                                                                  [2, "234", "0.1", "16"]]))  # fmt: skip
+    assert t.columns == ["layer", "fvu"] and t.rows[0] == [0, "0.2"] and t.constant == [("step", "234"), ("l0", "16")]
+    short = Table("t", ["a", "b"], [[1, 2], [1, 2]])
+    assert drop_constant(short) is short  # two rows: nothing to say once
+    assert [interval_decimals(0, w) for w in (0.069, 0.3, 0.004, 2.0, 0.0)] == [3, 2, 4, 1, 3]
+    assert interval(0.0834, 0.051, 0.12) == "+0.083 [+0.051, +0.120]"
+    assert interval(-0.1, -0.25, 0.05) == "-0.10 [-0.25, +0.05]"
 
 
 def test_relative_decoder_norm_only_where_it_can_vary(full_run, tmp_path):
@@ -447,7 +523,16 @@ def test_p_values_are_floored_at_a_stated_bound():
 def test_hostile_text_is_escaped(full_run):
     _, _, html = full_run
     assert SCRIPT not in html
-    assert "<script" not in html.lower()
+    # the page's only scripts: the feature data (JSON, with < > & escaped) and the report's own code
+    scripts = re.findall(r"<script[^>]*>", html, flags=re.IGNORECASE)
+    assert scripts == ['<script type="application/json" id="feature-data">', "<script>"]
+    data = re.search(r'id="feature-data">(.*?)</script>', html, re.S).group(1)
+    assert "<" not in data and ">" not in data and "\\u003cscript\\u003ealert(1)" in data
+    code = html[html.rindex("<script>") + len("<script>") : html.rindex("</script>")]
+    from mmdiff.report.build import TEMPLATES
+
+    assert code == (TEMPLATES / "report.js").read_text(encoding="utf-8")
+    assert "innerHTML" not in code and "fetch(" not in code and "XMLHttpRequest" not in code
     assert (
         html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 4
     )  # config, manifest error, explanations, control
@@ -467,28 +552,28 @@ def test_concept_shift_section(full_run):
     concepts = section_html(full_run[2], "concepts")
     assert "every number below is in-sample" in concepts  # no held-out records
     # per (split, shift, alpha): mean KL over the 3 records with its interval; alpha 1 concept: 0.6
-    assert "<td>0.600 [0.500, 0.700]</td>" in concepts and "<td>1.400 [1.300, 1.500]</td>" in concepts
+    assert "<td>0.60 [0.50, 0.70]</td>" in concepts and "<td>1.40 [1.30, 1.50]</td>" in concepts  # two digits of the width
     # concept minus mean shift at alpha 1, paired over the records: 0.6 - 1.4 = -0.8
-    assert "<td>-0.800 [" in concepts
+    assert "<td>-0.80 [-1.00, -0.70]</td>" in concepts
     assert SCRIPT not in concepts and "&lt;script&gt;" in concepts  # token text escaped
 
 
 def test_control_table_and_steering(full_run):
     run, _, html = full_run
     control = section_html(html, "control")
-    assert "-0.100 [-0.150, -0.050] *" in control  # significant
+    assert "-0.10 [-0.15, -0.05] *" in control  # significant; rounded to two digits of its width
     assert "+0.005 [-0.020, +0.030]" in control and "+0.005 [-0.020, +0.030] *" not in control
     assert "mean_ablate_heads" in control and "mismatched control for spatial" in control
     # the validation-chosen alpha's test score, never the validation score
-    assert "0.800 [0.750, 0.850]" in control and "0.950" not in control
-    assert "+0.080 [+0.030, +0.130]" in control  # the paired difference of steering.json
+    assert "0.80 [0.75, 0.85]" in control and "0.950" not in control and "0.95 " not in control
+    assert "+0.08 [+0.03, +0.13]" in control  # the paired difference of steering.json
     assert (run / "eval" / "effects.json").is_file()
     # the matrix: one row per intervention, one column per (eval task, metric)
     assert (
         "<th>spatial (accuracy)</th><th>spatial (p_correct)</th><th>vqa_yesno (accuracy)</th>"
         in control
     )
-    assert "-0.100 [-0.150, -0.050] * (control -0.010 [-0.030, +0.010])" in control
+    assert "-0.10 [-0.15, -0.05] * (control -0.010 [-0.030, +0.010])" in control
 
 
 # ----------------------------------------------------------------------------------- findings
@@ -649,7 +734,7 @@ def test_selectivity_matrix_leads_the_control_section(tmp_path):
     matrix = first.tables[0]
     assert matrix.columns == ["removed set", "ocr (ocr_accuracy)", "vqa (vqa_accuracy)",
                               "safety (attack_success_rate)"]  # fmt: skip
-    assert matrix.rows[0] == ["remove ocr", "▶ -0.250 [-0.330, -0.170] *", "-0.010 [-0.040, +0.020]", "–"]
+    assert matrix.rows[0] == ["remove ocr", "▶ -0.25 [-0.33, -0.17] *", "-0.010 [-0.040, +0.020]", "–"]
     effects_block = section.blocks[1]
     assert any("safety set at text positions touches 2.0%" in n for n in effects_block.notes)
     table = next(t for t in effects_block.tables if t.title == "Intervention effects")

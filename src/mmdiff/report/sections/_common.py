@@ -49,6 +49,31 @@ class Table:
     rows: list[list[Any]]
     caption: str = ""
     total_rows: int | None = None  # rows in the source, when only the first ones are shown
+    constant: list[tuple[str, str]] = field(default_factory=list)  # dropped columns, one value each
+
+
+COLLAPSE_ROWS = 8  # a table with more rows starts collapsed (<details>), with a filter box
+
+
+def drop_constant(table: Table, min_rows: int = 3) -> Table:
+    """The table without the columns (but the first) that hold one value in every row, each named
+    once in `constant`: printing "step 234" in 20 rows says nothing the caption cannot."""
+    if len(table.rows) < min_rows or len(table.columns) <= 2:
+        return table
+    keep = [0] + [
+        j for j in range(1, len(table.columns)) if len({str(r[j]) for r in table.rows}) > 1
+    ]
+    if len(keep) == len(table.columns) or len(keep) < 2:
+        return table
+    dropped = [(table.columns[j], str(table.rows[0][j])) for j in range(len(table.columns)) if j not in keep]
+    return Table(
+        table.title,
+        [table.columns[j] for j in keep],
+        [[r[j] for j in keep] for r in table.rows],
+        table.caption,
+        table.total_rows,
+        table.constant + dropped,
+    )
 
 
 @dataclass
@@ -70,6 +95,8 @@ class Section:
     title: str
     status: str = OK  # OK or NOT_RUN
     intro: str = ""
+    reading: str = ""  # the two-line reading under the title: the answer, and how to read the figure
+    short: str = ""  # the title in the top bar
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
@@ -238,9 +265,6 @@ def feature_label(layer: int, feature: int) -> str:
     return f"L{int(layer)}/F{int(feature)}"
 
 
-def dashboard_link(run_dir: Path, layer: int, feature: int) -> Link | str:
-    """A link to the feature's dashboard relative to report/index.html, or the plain id without one."""
-    name = f"L{int(layer)}_F{int(feature)}.html"
-    if (run_dir / "interp" / "dashboards" / name).is_file():
-        return Link(feature_label(layer, feature), f"../interp/dashboards/{name}")
-    return feature_label(layer, feature)
+def dashboard_link(run_dir: Path, layer: int, feature: int) -> Link:
+    """A link that opens the feature's card in the report's feature browser ("#f-L3-F5")."""
+    return Link(feature_label(layer, feature), f"#f-L{int(layer)}-F{int(feature)}")

@@ -34,15 +34,29 @@ METHOD_STYLE = {
 }
 
 
+def interval_decimals(lo: Any, hi: Any, default: int = 3) -> int:
+    """Decimals an interval justifies: two significant digits of its width (0.069 -> 3, 0.3 -> 2),
+    between 1 and 4; `default` for a missing or zero-width interval."""
+    try:
+        width = abs(float(hi) - float(lo))
+    except (TypeError, ValueError):
+        return default
+    if not math.isfinite(width) or width == 0:
+        return default
+    return min(4, max(1, 1 - math.floor(math.log10(width))))
+
+
 def interval(mean: Any, lo: Any, hi: Any, *, signed: bool = True) -> str:
-    """'+0.083 [+0.051, +0.120]', or the mean alone when the interval is missing."""
+    """'+0.083 [+0.051, +0.120]' (rounded to what the interval's width justifies,
+    `interval_decimals`), or the mean alone when the interval is missing."""
+    digits = interval_decimals(lo, hi)
 
     def f(v: Any) -> str:
         try:
             x = float(v)
         except (TypeError, ValueError):
             return "–"
-        return "–" if math.isnan(x) else (f"{x:+.3f}" if signed else f"{x:.3f}")
+        return "–" if math.isnan(x) else (f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}")
 
     if f(lo) == "–" or f(hi) == "–":
         return f(mean)
