@@ -7,6 +7,8 @@ built with `matplotlib.figure.Figure`, never pyplot, so no global backend or sta
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -62,12 +64,39 @@ def plot_gap_vs_cosine(
         ax.axhline(diff.attrs["gap_threshold"], color="k", ls=":", lw=0.8)
     if "cosine_threshold" in diff.attrs:
         ax.axvline(diff.attrs["cosine_threshold"], color="k", ls=":", lw=0.8)
-    ax.set_yscale("symlog", linthresh=_linthresh(diff["variance_gap"]))
+    linthresh = _linthresh(diff["variance_gap"])
+    ax.set_yscale("symlog", linthresh=linthresh)
+    _symlog_ticks(ax, linthresh)
     ax.set_xlabel("decoder cosine $c_f$ (base vs adapted)")
     ax.set_ylabel(r"variance gap $\Delta_f = E_{vision}[h_f^2] - E_{text}[h_f^2]$")
     ax.set_title("Adapted features: variance gap vs decoder cosine")
     ax.legend(loc="best", fontsize=8, markerscale=2)
     return _save(fig, path)
+
+
+def _symlog_ticks(ax, linthresh: float) -> None:
+    """Major ticks at 0 and at the powers of ten at least ten times `linthresh`, no minor labels:
+    matplotlib's default symlog ticks put +-linthresh and 0 on top of one another."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    lo, hi = ax.get_ylim()
+    first = math.ceil(math.log10(10 * linthresh))
+    top = max(abs(lo), abs(hi))
+    ticks = [0.0]
+    for k in range(first, first + 40):
+        t = 10.0**k
+        if t > top:
+            break
+        ticks += [v for v in (t, -t) if lo <= v <= hi]
+    ax.yaxis.set_major_locator(FixedLocator(sorted(ticks)))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
+def _no_minor_labels(ax) -> None:
+    """Log axes spanning under two decades label their minor ticks too, and the labels collide."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _linthresh(values: pd.Series) -> float:
@@ -92,6 +121,7 @@ def plot_firing_distributions(detect: pd.DataFrame, path: str | Path) -> Path:
         ax.hist(p[p > 0], bins=bins, histtype="stepfilled" if col == "p_base" else "step", color=colour,
                 lw=1.5, label=f"{label} (silent features: {int((p == 0).sum())})")
     ax.set_xscale("log")
+    _no_minor_labels(ax)
     ax.set_yscale("log")
     ax.set_xlabel("firing frequency $p_f$")
     ax.set_ylabel("features")
@@ -115,6 +145,7 @@ def plot_adapted_firing(detect: pd.DataFrame, path: str | Path) -> Path:
     lo, hi = eps, max(1.0, float(np.nanmax(ad[["p_base", "p_task"]].to_numpy(), initial=eps)))
     ax.plot([lo, hi], [lo, hi], "k:", lw=0.8)
     ax.set_xscale("log")
+    _no_minor_labels(ax)
     ax.set_yscale("log")
     ax.set_xlabel("$p_f$ on base split")
     ax.set_ylabel("$p_f$ on task split")

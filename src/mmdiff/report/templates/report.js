@@ -99,7 +99,7 @@
       b.appendChild(el("strong", null, f.id));
       b.appendChild(el("span", "muted", " " + (f.tasks || []).join(", ")));
       if (f.explanation) b.appendChild(el("span", "desc", " " + f.explanation.description));
-      b.addEventListener("click", function () { location.hash = "f-" + f.id.replace("/", "-"); });
+      b.addEventListener("click", function () { open(f); });
       list.appendChild(b);
     });
     var more = hits.length - Math.min(hits.length, MAX_LIST);
@@ -220,6 +220,12 @@
       xs.appendChild(a);
     }
     right.appendChild(xs);
+  }
+
+  function open(f) {  // drawn at once; the address names the card, so it can be linked
+    history.pushState(null, "", "#f-" + f.id.replace("/", "-"));
+    render(f);
+    browser.scrollIntoView();
   }
 
   function fromHash() {
