@@ -904,3 +904,23 @@ def test_model_depth_from_the_vlm_config(tmp_path):
     assert model_depth(tmp_path, cfg) == 6
     assert model_depth(tmp_path, StudyConfig(model=ModelSpec(vlm="owner/model"))) is None
     assert model_depth(tmp_path / "empty", None) is None  # no config.yaml
+
+
+def test_feature_cards_are_compact():
+    """interp.cards: examples strongest first, image runs collapsed, heatmap thumbnails on the top two only."""
+    from mmdiff.interp.cards import MAX_HEATMAPS, THUMB_SIDE, card_record
+
+    big = io.BytesIO()
+    Image.new("RGB", (400, 300), (10, 200, 30)).save(big, format="PNG")
+    examples = [
+        ActivatingExample(tokens=["a", "<im>", "<im>", "b"], activations=[0.0, peak, peak / 2, 1.23456],
+                          token_types=[TEXT, IMAGE, IMAGE, TEXT], heatmap_png=big.getvalue(), record_id=f"r{i}")
+        for i, peak in enumerate([1.0, 5.0, 3.0, 4.0])
+    ]  # fmt: skip
+    card = card_record(FeatureCard(layer=2, feature=9, evidence=FeatureEvidence("L2/F9", examples)))
+    assert card["id"] == "L2/F9" and [e["record"] for e in card["examples"]] == ["r1", "r3", "r2", "r0"]
+    assert card["examples"][0]["tokens"] == [["a", 0.0, "t"], ["<image x2>", 5.0, "i"], ["b", 1.23, "t"]]
+    with_heat = [e for e in card["examples"] if "heatmap" in e]
+    assert len(with_heat) == MAX_HEATMAPS and with_heat == card["examples"][:MAX_HEATMAPS]
+    thumb = Image.open(io.BytesIO(base64.b64decode(with_heat[0]["heatmap"])))
+    assert max(thumb.size) == THUMB_SIDE and len(with_heat[0]["heatmap"]) < 4000

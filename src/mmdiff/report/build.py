@@ -152,10 +152,14 @@ EVIDENCE = (
 )  # fmt: skip
 
 
-def report_sections(run_dir: Path, config: StudyConfig | None = None) -> list[Section]:
-    """The evidence sections, in the order of the study's questions, then provenance, as data."""
+def report_sections(
+    run_dir: Path, config: StudyConfig | None = None, explanations: dict[str, Any] | None = None
+) -> list[Section]:
+    """The evidence sections, in the order of the study's questions, then provenance, as data.
+    `explanations`: interp/explanations.json as `load_explanations` reads it (read here when None)."""
     interp_notes = Section("tasks", "Task features")
-    explanations = load_explanations(run_dir, interp_notes)
+    if explanations is None:
+        explanations = load_explanations(run_dir, interp_notes)
     builders: dict[str, Callable[[], Section]] = {
         "adapted": lambda: adapted_section(run_dir, explanations),
         "tasks": lambda: tasks_section(run_dir, explanations),
@@ -193,8 +197,32 @@ def summary_figure(sections: list[Section]) -> Figure | None:
     for s in ordered:
         for b in s.blocks:
             if b.figures:
-                return b.figures[0]
+                f = b.figures[0]
+                return Figure(f.title, _smaller(f.uri), f.caption)
     return None
+
+
+def _smaller(uri: str, width: int = 720) -> str:
+    """The figure again for the first screen, where it shows at most `width` px wide: resampled and
+    palette-quantised, so the second copy costs a fraction of the first (the original when that fails)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from mmdiff.report.sections._common import png_uri
+
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
+            im = im.convert("RGB")
+            if im.width > width:
+                im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
+            buf = io.BytesIO()
+            im.quantize(colors=128).save(buf, format="PNG", optimize=True)
+    except Exception:  # noqa: BLE001 - the full-size copy still shows
+        return uri
+    small = png_uri(buf.getvalue())
+    return small if len(small) < len(uri) else uri
 
 
 def removal_examples(run_dir: Path, section: Section) -> dict[str, list[dict[str, Any]]]:
@@ -295,15 +323,17 @@ def build_report(run_dir: str | Path, config: StudyConfig | None = None) -> Path
     from mmdiff.report.browser import feature_records
     from mmdiff.report.summary import answers
 
-    sections = report_sections(run_dir, config)
+    interp_notes = Section("tasks", "")
+    explanations = load_explanations(run_dir, interp_notes)
+    sections = report_sections(run_dir, config, explanations)
     by_id = {s.id: s for s in sections}
+    by_id["tasks"].warnings[:0] = interp_notes.warnings
     try:
         found = findings(run_dir, n_layers=model_depth(run_dir, config))
     except Exception as exc:  # noqa: BLE001 - findings must not take the report down
         by_id["findings"].warn(f"the findings could not be computed ({type(exc).__name__}: {exc})")
         found = []
     browser = by_id["browser"]
-    explanations = load_explanations(run_dir, Section("browser", ""))
     features = guarded(lambda: feature_records(run_dir, explanations, browser), lambda why: _warn(browser, why, []))
     if not features:
         browser.status = NOT_RUN if not browser.warnings else browser.status
