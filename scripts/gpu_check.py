@@ -14,6 +14,12 @@ Writes one file, gpu-check/summary.json (GPU, per step: status, seconds, limit, 
 lines; the organism's measured and predicted seconds per stage), and prints it. A step that runs
 past its limit is stopped and recorded as "timeout"; the others still run. Exits 1 when any step
 did not pass, and at once, saying so, on a machine without CUDA.
+
+`make gpu-check` builds the pinned venv first, which needs the package index. On a GPU machine with
+no network, run `python3 scripts/gpu_check.py` under a Python whose torch has CUDA and which can
+import mmdiff's dependencies and the peers (e.g. wheels installed with `pip install --no-index
+--target DIR` and DIR on PYTHONPATH); the script puts this checkout's `src/` first on the path.
+The first run (H200, 2026-12-04) took 276 s of the budget; its figures are in mmdiff/plan.py.
 """
 
 from __future__ import annotations
@@ -38,9 +44,9 @@ def steps(python: str, config: Path) -> list[tuple[str, list[str], int]]:
                    "tests/test_cuda.py"], 90),
         ("sae_train", [python, "benchmarks/sae_train.py", "--device", "cuda", "--steps", "15"], 90),
         ("scale", [python, "benchmarks/scale.py", "--repeats", "2", "--steps", "5",
-                   "--skip", "capacity", "--json", str(OUT / "scale.json")], 150),
+                   "--skip", "capacity", "--json", str(OUT / "scale.json")], 90),
         ("organism", [python, "-m", "mmdiff", "run", "--config", str(config),
-                      "--runs-dir", str(OUT / "runs"), "--force", "--no-progress"], 150),
+                      "--runs-dir", str(OUT / "runs"), "--force", "--no-progress"], 300),
     ]
 
 
@@ -77,24 +83,21 @@ def organism_config() -> Path:
 
 
 def plan_against_run(config: Path, gpu_name: str) -> dict:
-    """`mmdiff plan`'s seconds per stage for the organism on this GPU beside the run's manifest."""
+    """`mmdiff plan`'s seconds and peak memory per stage for the organism on this GPU beside the
+    run's manifest (`mmdiff.plan.check_against_run`, as `mmdiff plan --against` prints it)."""
     from mmdiff.config import load_config
-    from mmdiff.plan import DEVICES, plan_study
+    from mmdiff.plan import DEVICES, check_against_run, check_text, plan_study
 
     key = next((k for k in DEVICES if k.split("-")[0] in gpu_name.lower()), "h100")
     plan = plan_study(load_config(config), DEVICES[key])
     manifest = OUT / "runs" / "organism_cuda" / "manifest.json"
-    measured = json.loads(manifest.read_text())["stages"] if manifest.is_file() else {}
-    return {
-        "device_table_entry": key,
-        "stages": {
-            s.stage: {"predicted_s": round(s.seconds, 1),
-                      "measured_s": measured.get(s.stage, {}).get("seconds"),
-                      "predicted_peak_mib": round(s.peak_bytes / 2**20),
-                      "measured_peak_cuda_mib": measured.get(s.stage, {}).get("peak_cuda_mib")}
-            for s in plan.stages
-        },
-    }
+    checks = check_against_run(plan, json.loads(manifest.read_text()) if manifest.is_file() else {})
+    return {"device_table_entry": key, "table": check_text(plan, checks),
+            "stages": {c.stage: {"predicted_s": round(c.predicted_s, 2), "measured_s": c.measured_s,
+                                 "predicted_peak_mib": round(c.predicted_peak_bytes / 2**20, 1),
+                                 "measured_peak_mib": None if c.measured_peak_bytes is None
+                                 else round(c.measured_peak_bytes / 2**20, 1)}
+                       for c in checks}}
 
 
 def main() -> int:

@@ -90,3 +90,40 @@ def test_cli_plan_and_dry_run_print_the_table():
         assert stage in result.output
     bad = runner.invoke(app, ["plan", "--device", "tpu"])
     assert bad.exit_code != 0 and "unknown device 'tpu'" in str(bad.exception)
+
+
+def test_plan_against_a_run_divides_measured_by_predicted(organism_plan, tmp_path):
+    """Hand-made manifest: ratios are measured / predicted; on CUDA the runtime allowance is taken
+    off the prediction (the allocator's peak holds no CUDA context); unfinished stages are '-'."""
+    from mmdiff.config import dump_config
+    from mmdiff.plan import check_against_run, check_text
+
+    by = {s.stage: s for s in organism_plan.stages}
+    runtime = organism_plan.device.runtime_bytes
+    manifest = {"stages": {
+        "capture": {"status": "done", "seconds": 2 * by["capture"].seconds,
+                    "peak_cuda_mib": (by["capture"].peak_bytes - runtime) / 2**20},
+        "train": {"status": "failed", "seconds": 1.0, "peak_cuda_mib": 1.0},
+    }}
+    checks = {c.stage: c for c in check_against_run(organism_plan, manifest)}
+    assert checks["capture"].time_ratio == pytest.approx(2.0)
+    assert checks["capture"].peak_ratio == pytest.approx(1.0)
+    assert checks["capture"].peak_kind == "cuda allocated"
+    assert checks["train"].time_ratio is None and checks["train"].peak_ratio is None
+    assert checks["steer"].measured_s is None
+    text = check_text(organism_plan, list(checks.values()))
+    assert any(line.startswith("time: measured / predicted from 2.00x to 2.00x over 1 stages") for line in text)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    import json
+
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    cfg = default_config()
+    cfg.model.device = "cuda"
+    (run / "config.yaml").write_text(dump_config(cfg))
+    result = CliRunner().invoke(app, ["plan", "--against", str(run), "--device", "h100"])
+    assert result.exit_code == 0, result.output
+    assert "against the run" in result.output and "2.00x" in result.output
+    missing = CliRunner().invoke(app, ["plan", "--against", str(tmp_path / "nope")])
+    assert missing.exit_code != 0 and "does not exist" in str(missing.exception)

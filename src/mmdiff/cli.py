@@ -261,18 +261,11 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
 
     from mmdiff.report.build import build_report
 
-    if not run_dir.exists():
-        raise ConfigError(f"{run_dir} does not exist: expected a run directory, e.g. runs/organism")
-    if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is a file: expected a run directory (a folder `mmdiff run` wrote, "
-                          "holding manifest.json), e.g. runs/organism")
-    if not (run_dir / MANIFEST).is_file():
-        raise ConfigError(f"{run_dir} is not a run directory: it has no {MANIFEST}, which `mmdiff run` "
-                          "writes first; give the folder of one run, e.g. runs/organism")
+    manifest = _run_manifest(run_dir)
     cfg_path = run_dir / CONFIG_FILE
     cfg = load_config(cfg_path) if cfg_path.exists() else None
     if cfg is not None:
-        stale = config_mismatch(json.loads((run_dir / MANIFEST).read_text()), cfg)
+        stale = config_mismatch(json.loads(manifest.read_text()), cfg)
         if stale:
             console.print(f"[yellow]warning[/yellow]: {escape(str(cfg_path))} is not the config that "
                           f"stages {', '.join(stale)} ran with; the report marks it")
@@ -284,9 +277,37 @@ def plan(
     config: Optional[Path] = ConfigOpt,
     device: Optional[str] = typer.Option(None, "--device", help="cpu, h100, h200, a100, a100-40gb, "
                                          "l40s or l4 (default: the config's device; cuda = h100)."),
+    against: Optional[Path] = typer.Option(
+        None, "--against", help="A finished run directory: print the plan of its config beside the seconds "
+        "and peak memory its manifest measured, with the ratios."),
 ) -> None:
     """Predict each stage's tokens, FLOPs, peak memory, disk and wall time, loading no weights."""
-    _print_plan(load_config(config), device)
+    if against is None:
+        _print_plan(load_config(config), device)
+        return
+    import json
+
+    from mmdiff.plan import check_against_run, check_text, device_for, plan_study
+
+    manifest = _run_manifest(against)
+    cfg_path = against / CONFIG_FILE
+    cfg = load_config(config if config is not None else (cfg_path if cfg_path.is_file() else None))
+    found, _ = device_for(cfg, device)
+    result = plan_study(cfg, found)
+    typer.echo("\n".join(check_text(result, check_against_run(result, json.loads(manifest.read_text())))))
+
+
+def _run_manifest(run_dir: Path) -> Path:
+    """run_dir's manifest, or a ConfigError saying what a run directory is."""
+    if not run_dir.exists():
+        raise ConfigError(f"{run_dir} does not exist: expected a run directory, e.g. runs/organism")
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file: expected a run directory (a folder `mmdiff run` wrote, "
+                          "holding manifest.json), e.g. runs/organism")
+    if not (run_dir / MANIFEST).is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: it has no {MANIFEST}, which `mmdiff run` "
+                          "writes first; give the folder of one run, e.g. runs/organism")
+    return run_dir / MANIFEST
 
 
 def _print_plan(cfg, device: Optional[str]) -> None:  # type: ignore[no-untyped-def]

@@ -24,16 +24,16 @@ Formulas (per stage, summed over the datasets and sides it reads):
 - disk: activation stores, tokens x layers x d_model x capture dtype bytes; SAEs, 2 d d_sae x 4
   bytes per role and layer, and the same again with Adam state in the last checkpoint (x 4).
 - wall time: forward FLOPs / (peak x forward_efficiency) + SAE FLOPs / (peak x sae_efficiency) +
-  record passes x record_overhead_s (preprocessing, tokenisation, Python) + SAE steps x
-  sae_step_overhead_s + token x layer x latent updates of the statistics pass x feature_stat_s +
-  generated tokens x (weights bytes / memory bandwidth) (decoding is bandwidth-bound).
+  record passes x record_overhead_s (preprocessing, tokenisation, Python) + batched passes x
+  batch_overhead_s (launches, hooks) + figures x figure_s + SAE steps x sae_step_overhead_s +
+  token x layer x latent updates of the statistics pass x feature_stat_s + generated tokens x
+  (weights bytes / memory bandwidth + decoder layers x decode_layer_s).
 
-Judgment calls: the device table's peak is the dense bf16 rate of the named GPU; forward_efficiency
-0.35 is a typical share for HF forward passes at these batch sizes, sae_efficiency 0.25 is the
-order of the roofline share `benchmarks/sae_train.py --device cuda` reports (replace both with
-`make gpu-check`'s figures once measured). On CPU the rates are effective ones measured with the
-organism study on this project's 2-core host (`CPU_*`), and the runtime's own memory is this
-process's resident set.
+Judgment calls: the device table's peak is the dense bf16 rate of the named GPU; its efficiencies
+and overheads were measured on one H200 by `make gpu-check` (the comment under `DEVICES` says how)
+and are reused for the other GPUs. On CPU the rates are effective ones measured with the organism
+study on this project's 2-core host (`CPU_*`), and the runtime's own memory is this process's
+resident set. `mmdiff plan --against RUN_DIR` prints a plan beside what a finished run measured.
 Stages that only read tables (diff, detect) are costed at `TABLE_STAGE_S` seconds.
 """
 
@@ -55,7 +55,7 @@ from mmdiff.errors import MMDiffError, ModelError
 TEMPLATE_TOKENS = 16  # BOS, role markers and separators around the question
 CHARS_PER_TOKEN = 4.0  # when no tokenizer is at hand
 DEFAULT_IMAGE_SIZE = (480, 640)  # (height, width) assumed when no image can be read: COCO's median
-TABLE_STAGE_S = 5.0
+TABLE_STAGE_S = 1.0  # measured 0.2-0.7 s on the organism (GPU host), 4-15 s on a loaded 2-core CPU
 TABLE_STAGES = ("diff", "detect")  # read tables only, no model pass
 SAMPLE = 64  # records sampled per dataset for token lengths and image sizes
 GIB = 1024**3
@@ -70,11 +70,16 @@ class Device:
     peak_flops: float  # dense bf16 (GPU) or a timed fp32 matmul (CPU), FLOP/s
     memory_bytes: float | None  # None: host memory, not checked
     bandwidth: float  # bytes/s of weight reads while decoding
-    forward_efficiency: float = 0.35
-    sae_efficiency: float = 0.25
-    record_overhead_s: float = 0.002
-    sae_step_overhead_s: float = 0.005  # per SAE optimisation step (all layers): bookkeeping, Adam
-    feature_stat_s: float = 1e-11  # per token x layer x latent of the statistics pass's bookkeeping
+    # Defaults: the GPU figures of `make gpu-check` on an H200 (torch 2.11, CUDA 13.0, 2026-12-04,
+    # mmdiff fac72d3); where they come from is said below the table.
+    forward_efficiency: float = 0.53
+    sae_efficiency: float = 0.0033
+    record_overhead_s: float = 5e-4  # per record pass: preprocessing, tokenisation, collation
+    batch_overhead_s: float = 0.03  # per batched model pass: kernel launches, hooks, Python
+    decode_layer_s: float = 3e-4  # per generated step and decoder layer: one decode step's launches
+    figure_s: float = 0.11  # per figure rendered (attention overlays): matplotlib, PNG encoding
+    sae_step_overhead_s: float = 0.025  # per SAE optimisation step (all layers): bookkeeping, Adam
+    feature_stat_s: float = 1.4e-9  # per token x layer x latent of the statistics pass's bookkeeping
     runtime_bytes: float = GIB  # CUDA context and allocator slack (CPU: the interpreter and libraries)
 
 
@@ -87,6 +92,19 @@ DEVICES: dict[str, Device] = {
     "l4": Device("L4 24 GB", "cuda", 121e12, 24e9, 0.3e12),
 }
 """Named GPUs: dense bf16 peak and HBM bandwidth from the vendors' data sheets."""
+
+# Where the GPU constants come from (one H200, `make gpu-check`, 2026-12-04, mmdiff fac72d3):
+# - forward_efficiency 0.53: benchmarks/scale.py's LLaVA-MORE-shaped 8.35B VLM in bf16, batch 8 x 641
+#   tokens, 31,277 tokens/s = 2 x 8.35e9 x 31,277 FLOP/s = 0.53 of the 989 TFLOP/s peak.
+# - sae_efficiency 0.0033: the same benchmark's SAE training at D=4096, F=32768, k=50, batch 4,096:
+#   mmdiff 4,105 tokens/s = 6 x 4096 x 32768 x 4,105 FLOP/s (eai-sparsify: 157,881 tokens/s, 0.13).
+#   That is mmdiff's certified TopK falling back to exact keys on CUDA (issue 23); re-measure when
+#   it is fixed.
+# - record, batch, figure, SAE-step and statistics overheads: least squares (relative error) over the
+#   organism study's stages on that GPU; in-sample, measured / predicted is 0.80-1.52x per stage.
+# - decode_layer_s 3e-4: an estimate (about ten kernel launches and their Python per layer and
+#   generated token), not fitted: the organism's decoding is too short to separate it.
+# Not yet checked on a second config or GPU model: the other entries reuse these factors.
 
 # Measured on this project's 2-core CPU host from the organism study's run manifest (seconds per stage
 # against the FLOPs, record passes, SAE steps and statistics updates this module predicts for it):
@@ -101,7 +119,10 @@ CPU_FEATURE_STAT_S = 2.9e-6
 CPU = Device("the 2-core CPU host of the organism measurements", "cpu", CPU_FORWARD_FLOPS, None, 10e9,
              forward_efficiency=1.0, sae_efficiency=CPU_SAE_FLOPS / CPU_FORWARD_FLOPS,
              record_overhead_s=CPU_RECORD_OVERHEAD_S, sae_step_overhead_s=CPU_SAE_STEP_S,
-             feature_stat_s=CPU_FEATURE_STAT_S, runtime_bytes=0.0)
+             feature_stat_s=CPU_FEATURE_STAT_S, runtime_bytes=0.0,
+             # not fitted on this host (too loaded while measured): per-batch launch costs are
+             # inside the per-record and FLOP rates above; figures and decode steps as on the GPU host
+             batch_overhead_s=0.0, figure_s=0.11, decode_layer_s=3e-4)
 
 
 def cpu_device() -> Device:
@@ -379,6 +400,8 @@ class StagePlan:
     disk_bytes: float = 0.0
     seconds: float = 0.0
     records: float = 0.0  # record-passes (each pays the per-record overhead)
+    batches: float = 0.0  # batched model passes (each pays the per-batch overhead)
+    figures: float = 0.0  # figures rendered
     sae_steps: float = 0.0  # SAE optimisation steps
     feature_stats: float = 0.0  # token x layer x latent updates of the feature statistics
     generated: float = 0.0  # tokens decoded one at a time
@@ -433,6 +456,7 @@ class _Costs:
             out.tokens += tokens
             out.forward_flops += flops * (3 if backward else 1)
             out.records += d.records * passes
+            out.batches += math.ceil(d.records / max(batch, 1)) * passes
             seq_max = max(seq_max, seq)
         bytes_ = f.bytes_per_param
         act = batch * seq_max * (6 * f.d_model + 2 * f.d_ff) * bytes_
@@ -463,6 +487,8 @@ def _merge(name: str, parts: Sequence[StagePlan], device: Device, facts: ModelFa
         out.sae_flops += p.sae_flops
         out.disk_bytes += p.disk_bytes
         out.records += p.records
+        out.batches += p.batches
+        out.figures += p.figures
         out.generated += p.generated
         out.sae_steps += p.sae_steps
         out.feature_stats += p.feature_stats
@@ -473,9 +499,12 @@ def _merge(name: str, parts: Sequence[StagePlan], device: Device, facts: ModelFa
     out.seconds = (out.forward_flops / (device.peak_flops * device.forward_efficiency)
                    + out.sae_flops / (device.peak_flops * device.sae_efficiency)
                    + out.records * device.record_overhead_s
+                   + out.batches * device.batch_overhead_s
+                   + out.figures * device.figure_s
                    + out.sae_steps * device.sae_step_overhead_s
                    + out.feature_stats * device.feature_stat_s
-                   + out.generated * facts.vlm_params * facts.bytes_per_param / device.bandwidth)
+                   + out.generated * (facts.vlm_params * facts.bytes_per_param / device.bandwidth
+                                      + facts.n_layers * device.decode_layer_s))
     return out
 
 
@@ -554,6 +583,7 @@ def _stage_parts(cfg: StudyConfig, c: _Costs) -> dict[str, list[StagePlan]]:
         heads = f.n_heads * c.deepest
         parts.append(c.forward(names[0], "vlm", passes=samples * heads / max(per_record.records, 1),
                                batch=a.batch_size))
+    parts[0].figures = a.max_features * 2 * a.overlay_heads  # attention overlays, top and bottom heads
     stages["attribute"] = parts
 
     stages["interp"] = [c.forward(names, "vlm", batch=cfg.interp.batch_size)]
@@ -566,7 +596,9 @@ def _stage_parts(cfg: StudyConfig, c: _Costs) -> dict[str, list[StagePlan]]:
     ctl = cfg.control
     tasks = ctl.tasks or s.tasks
     if ctl.test in c.data:
-        n_eval = 1 + len(tasks) * (1 + ctl.n_random + max(len(tasks) - 1, 0))
+        # clean, then per set its removal and its matched random control (one draw per record when
+        # n_random > 1: control.removal's "split"); the other tasks are rows of the same passes
+        n_eval = 1 + len(tasks) * (2 if ctl.n_random > 1 else 1 + ctl.n_random)
         p = c.forward(ctl.test, "vlm", passes=n_eval, logits=True, batch=ctl.batch_size)
         p.generated = n_eval * c.data[ctl.test].records * c.data[ctl.test].generate_tokens / ctl.batch_size
         stages["ablate"] = [p]
@@ -654,6 +686,82 @@ def _warnings(cfg: StudyConfig, facts: ModelFacts, costs: _Costs, stages: list[S
         out.append(f"{s.stage}: about {s.seconds / 86400:.0f} days on one {device.name}: lower its "
                    "token budget or spread it over ranks with torchrun")
     return out
+
+
+# ----------------------------------------------------------------------------- plan vs a real run
+@dataclass(frozen=True)
+class StageCheck:
+    """One stage's prediction beside what a run's manifest measured (None: not measured)."""
+
+    stage: str
+    predicted_s: float
+    measured_s: float | None
+    predicted_peak_bytes: float
+    measured_peak_bytes: float | None
+    peak_kind: str  # "cuda allocated" (torch's allocator, no CUDA context) or "host RSS"
+
+    @property
+    def time_ratio(self) -> float | None:
+        """measured / predicted seconds (> 1: the plan was optimistic)."""
+        if self.measured_s is None or self.predicted_s <= 0:
+            return None
+        return self.measured_s / self.predicted_s
+
+    @property
+    def peak_ratio(self) -> float | None:
+        if self.measured_peak_bytes is None or self.predicted_peak_bytes <= 0:
+            return None
+        return self.measured_peak_bytes / self.predicted_peak_bytes
+
+
+def check_against_run(plan: Plan, manifest: dict[str, Any]) -> list[StageCheck]:
+    """Each planned stage beside the seconds and peak memory a run's manifest recorded.
+
+    On CUDA the run records torch's allocator peak, which holds no CUDA context, so the plan's
+    runtime allowance (`Device.runtime_bytes`) is taken off the prediction before they are compared;
+    on the CPU the run records the process's peak resident set, the plan's runtime included."""
+    stages = manifest.get("stages", {})
+    cuda = plan.device.kind == "cuda"
+    out = []
+    for s in plan.stages:
+        m = stages.get(s.stage) or {}
+        done = m.get("status") == "done"
+        seconds = m.get("seconds") if done else None
+        if cuda:
+            predicted = max(s.peak_bytes - plan.device.runtime_bytes, 0.0) if s.peak_bytes else 0.0
+            measured = m.get("peak_cuda_mib")
+        else:
+            predicted, measured = s.peak_bytes, m.get("peak_rss_mib")
+        out.append(StageCheck(s.stage, s.seconds, None if seconds is None else float(seconds), predicted,
+                              None if (measured is None or not done) else float(measured) * 2**20,
+                              "cuda allocated" if cuda else "host RSS"))
+    return out
+
+
+def check_text(plan: Plan, checks: Sequence[StageCheck]) -> list[str]:
+    """The comparison as lines of text, ending with the range of the ratios."""
+    header = ["stage", "predicted", "measured", "ratio", f"peak ({checks[0].peak_kind if checks else ''})",
+              "measured", "ratio"]
+    rows = [header]
+    for c in checks:
+        rows.append([c.stage, _duration(c.predicted_s),
+                     "-" if c.measured_s is None else _duration(c.measured_s),
+                     "-" if c.time_ratio is None else f"{c.time_ratio:.2f}x",
+                     _memory(c.predicted_peak_bytes) if c.predicted_peak_bytes else "-",
+                     "-" if c.measured_peak_bytes is None else _memory(c.measured_peak_bytes),
+                     "-" if c.peak_ratio is None else f"{c.peak_ratio:.2f}x"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [f"plan of {plan.config!r} on {plan.device.name} against the run (ratio = measured / predicted)"]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            lines.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    for label, values in (("time", [c.time_ratio for c in checks]), ("peak memory", [c.peak_ratio for c in checks])):
+        got = [v for v in values if v is not None]
+        if got:
+            lines.append(f"{label}: measured / predicted from {min(got):.2f}x to {max(got):.2f}x "
+                         f"over {len(got)} stages")
+    return lines
 
 
 # ----------------------------------------------------------------------------- presentation
