@@ -24,6 +24,7 @@ from mmdiff.stats import (
     merge_stats,
     save_feature_stats,
     top_examples,
+    top_records,
 )
 
 TEXT, IMAGE, SPECIAL = int(TokenType.TEXT), int(TokenType.IMAGE), int(TokenType.SPECIAL)
@@ -116,6 +117,16 @@ def test_hand_computed_codes():
     assert top[["feature", "rank", "record_id", "position", "value"]].values.tolist() == [
         [0, 0, "a", 2, 2.0], [0, 1, "a", 1, 1.0], [1, 0, "b", 1, 3.0]
     ]
+    # the top records list each record once, at its max
+    assert top_records(stats)[["feature", "rank", "record_id", "position", "value"]].values.tolist() == [
+        [0, 0, "a", 2, 2.0], [1, 0, "b", 1, 3.0]
+    ]
+    # a record seen again in a later update keeps one entry, at the larger of its maxima
+    accumulate_codes(stats, 0, torch.tensor([[5.0, 0.0], [0.5, 1.0]]), record=torch.tensor([0, 1]),
+                     position=torch.tensor([7, 3]), token_type=torch.tensor([IMAGE, TEXT]), record_ids=["b", "a"])
+    assert top_records(stats)[["feature", "rank", "record_id", "position", "token_type", "value"]].values.tolist() == [
+        [0, 0, "b", 7, IMAGE, 5.0], [0, 1, "a", 2, TEXT, 2.0], [1, 0, "b", 1, IMAGE, 3.0], [1, 1, "a", 3, TEXT, 1.0]
+    ]
 
 
 def test_stream_equals_direct(setup):
@@ -145,6 +156,18 @@ def test_stream_equals_direct(setup):
             got = top[top.feature == f].sort_values("rank")
             assert list(zip(got.record_id, got.position, got.token_type)) == [w[:3] for w in want]
             np.testing.assert_allclose(got.value, [w[3] for w in want], rtol=1e-6)
+        # top records: each record's max activation (token blocks of 5 split records), the k largest
+        records = top_records(stats, layer)
+        for f in range(D_SAE):
+            best: dict[str, tuple[float, int, int]] = {}
+            for i, (rid, pos, tt) in enumerate(meta):
+                v = float(h[i, f])
+                if v > 0 and (rid not in best or v > best[rid][0]):
+                    best[rid] = (v, pos, tt)
+            want = sorted(best.items(), key=lambda kv: -kv[1][0])[:4]
+            got = records[records.feature == f].sort_values("rank")
+            assert list(zip(got.record_id, got.position, got.token_type)) == [(r, p, t) for r, (_, p, t) in want]
+            np.testing.assert_allclose(got.value, [v for _, (v, _, _) in want], rtol=1e-6)
         # quantiles: in the same histogram bin as numpy's exact order statistic
         ratio = 10 ** (1 / stats.histogram.bins_per_decade)
         qs = (0.0, 0.25, 0.5, 0.9, 1.0)
@@ -189,23 +212,49 @@ def test_merge_equals_single_pass(setup):
         torch.testing.assert_close(merged.quantiles(layer, (0.1, 0.5)), whole.quantiles(layer, (0.1, 0.5)), equal_nan=True)
     pd_cols = ["layer", "feature", "rank", "record_id", "position", "value"]
     assert top_examples(merged)[pd_cols].equals(top_examples(whole)[pd_cols])
+    assert top_records(merged)[pd_cols].equals(top_records(whole)[pd_cols])
 
 
 def test_save_load_roundtrip(setup, tmp_path):
     _, _, stats = setup
     paths = save_feature_stats(stats, tmp_path / "stats")
     assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == [
-        "vqa.parquet", "vqa.state.safetensors", "vqa.topk.parquet"
+        "vqa.parquet", "vqa.state.safetensors", "vqa.topk.parquet", "vqa.toprecords.parquet"
     ]
     back = load_feature_stats(tmp_path / "stats", "vqa")
     assert feature_summary(back).equals(feature_summary(stats))
     assert top_examples(back).equals(top_examples(stats))
+    assert top_records(back).equals(top_records(stats))
+    assert pd_read(paths["toprecords"]).equals(top_records(stats))
     import pandas as pd
 
     assert pd.read_parquet(paths["summary"]).equals(feature_summary(stats))
     # loaded statistics keep merging correctly
     merge_stats(back, load_feature_stats(paths["state"]))
     assert torch.equal(back.firing_counts(3), 2 * stats.firing_counts(3))
+
+
+def pd_read(path):
+    import pandas as pd
+
+    return pd.read_parquet(path)
+
+
+def test_version_1_statistics_load_without_top_records(setup, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, _, stats = setup
+    paths = save_feature_stats(stats, tmp_path)
+    with safe_open(str(paths["state"]), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["mmdiff"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys() if ".rec_" not in k}
+    save_file(tensors, str(paths["state"]), metadata={"mmdiff": json.dumps({**meta, "version": 1})})
+    old = load_feature_stats(paths["state"])
+    assert feature_summary(old).equals(feature_summary(stats)) and top_examples(old).equals(top_examples(stats))
+    assert top_records(old).empty
 
 
 def test_bad_inputs(setup):
@@ -253,6 +302,7 @@ def test_all_reduce_across_two_gloo_ranks_equals_single_pass(setup, tmp_path):
         np.testing.assert_allclose(feature_summary(got).sum_h2_image, feature_summary(whole).sum_h2_image, rtol=1e-12)
         tcols = ["layer", "feature", "rank", "record_id", "position", "value"]
         assert top_examples(got)[tcols].equals(top_examples(whole)[tcols])
+        assert top_records(got)[tcols].equals(top_records(whole)[tcols])
         for layer in LAYERS:
             assert torch.equal(got.layer_state(layer).hist, whole.layer_state(layer).hist)
 
@@ -328,5 +378,6 @@ def test_merge_of_any_partition_equals_single_pass(setup):
                 np.testing.assert_allclose(got[col], want[col], rtol=1e-12, err_msg=col)
         cols = ["layer", "feature", "rank", "record_id", "position", "value"]
         assert top_examples(merged)[cols].equals(top_examples(whole)[cols])
+        assert top_records(merged)[cols].equals(top_records(whole)[cols])
 
     check()

@@ -50,16 +50,18 @@ def all_reduce_stats(stats: FeatureStats, group: Any = None) -> FeatureStats:
         for name in LayerState.ADDITIVE:
             dist.all_reduce(getattr(st, name), op=dist.ReduceOp.SUM, group=group)
         dist.all_reduce(st.min_pos, op=dist.ReduceOp.MIN, group=group)
-        gathered = {}
-        for name in ("top_value", "top_record", "top_position", "top_type"):
-            parts = [torch.empty_like(getattr(st, name)) for _ in range(world)]
-            dist.all_gather(parts, getattr(st, name).contiguous(), group=group)
-            gathered[name] = parts
-        for rank in range(world):
-            if rank == me:
-                continue
-            rec = remaps[rank].to(st.hist.device)[gathered["top_record"][rank].long()]
-            st.merge_top(gathered["top_value"][rank], rec, gathered["top_position"][rank], gathered["top_type"][rank])
+        for which in LayerState.TOP_LISTS:
+            gathered = {}
+            for part in ("value", "record", "position", "type"):
+                name = f"{which}_{part}"
+                parts = [torch.empty_like(getattr(st, name)) for _ in range(world)]
+                dist.all_gather(parts, getattr(st, name).contiguous(), group=group)
+                gathered[part] = parts
+            for rank in range(world):
+                if rank == me:
+                    continue
+                rec = remaps[rank].to(st.hist.device)[gathered["record"][rank].long()]
+                st.merge_top(gathered["value"][rank], rec, gathered["position"][rank], gathered["type"][rank], which)
     return stats
 
 

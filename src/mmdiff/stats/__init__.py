@@ -6,7 +6,7 @@ One module per job:
   `mean_sq`, `chunk_sums`, `quantiles`, ...);
 - `accumulate`: filling it from SAE codes (`accumulate_batch`, `collect_feature_stats`);
 - `reduce`: `merge_stats` of shards (over ranks: `mmdiff.parallel.stats`);
-- `tables`: `feature_summary` and `top_examples`;
+- `tables`: `feature_summary`, `top_examples` and `top_records`;
 - `persist`: the run's stats/ files (`save_feature_stats`, `load_feature_stats`, `stats_paths`);
 - `histogram`: `LogHistogram`, the bins of the quantile estimates.
 
@@ -21,9 +21,11 @@ tokens: per layer the state holds
   and the text run of the diff are resampled in pairs by the bootstrap in `mmdiff.diff`);
 - a fixed log-spaced histogram of the strictly positive activations of each feature (see
   `LogHistogram`), with the exact smallest positive value and the largest value, for quantiles;
-- the top-k activating tokens of each feature: value, record, position, token type.
+- the top-k activating tokens of each feature: value, record, position, token type; and its top-k
+  records by max activation (each record once), with the position and type of that max, so the
+  interp stage re-runs only the records it shows.
 
-Memory per layer is about d_sae * (24 * n_chunks + 8 * n_bins + 13 * top_k + 20) bytes: 99 MB for
+Memory per layer is about d_sae * (24 * n_chunks + 8 * n_bins + 26 * top_k + 20) bytes: 116 MB for
 d_sae = 65536 with the defaults (32 chunks, 58 bins, top 20). Besides, the list of record ids seen
 (one string per record).
 """
@@ -45,7 +47,7 @@ from mmdiff.stats.persist import (
 )
 from mmdiff.stats.reduce import merge_stats
 from mmdiff.stats.state import COUNTED_TYPES, FeatureStats, LayerState, SAELike, chunk_of
-from mmdiff.stats.tables import TOP_EXAMPLE_COLUMNS, feature_summary, top_examples
+from mmdiff.stats.tables import TOP_EXAMPLE_COLUMNS, feature_summary, top_examples, top_records
 
 __all__ = [
     "COUNTED_TYPES",
@@ -67,5 +69,6 @@ __all__ = [
     "save_feature_stats",
     "stats_paths",
     "top_examples",
+    "top_records",
     "write_feature_stats",
 ]

@@ -97,27 +97,46 @@ def accumulate_codes(
     state.hist.view(-1).index_add_(0, feat * stats.histogram.n_bins + bins, torch.ones_like(bins))
     state.min_pos.scatter_reduce_(0, feat, values, reduce="amin")
 
-    # Top-k per feature among this block's positive entries: sort by value (descending), then
-    # stably by feature, and keep the first k of each feature's run.
+    # Top-k tokens per feature among this block's positive entries.
     by_value = torch.argsort(values, descending=True, stable=True)
-    order = by_value[torch.argsort(feat[by_value], stable=True)]  # [nnz]
+    t = tok[by_value]
+    state.merge_top(*_top_candidates(feat[by_value], stats.top_k, F,
+                                     values[by_value], record[t], position[t], token_type[t]))
+    # Top-k records per feature: first each (record, feature)'s max over this block (the first
+    # entry of its run once sorted by value, then stably by record and feature), then the top k.
+    rec = record[tok].long()
+    pair = rec[by_value] * F + feat[by_value]
+    grouped = torch.argsort(pair, stable=True)
+    order, pair = by_value[grouped], pair[grouped]
+    first = torch.ones_like(pair, dtype=torch.bool)
+    first[1:] = pair[1:] != pair[:-1]
+    best = order[first]
+    best = best[torch.argsort(values[best], descending=True, stable=True)]
+    t = tok[best]
+    state.merge_top(*_top_candidates(feat[best], stats.top_k, F, values[best], rec[best], position[t], token_type[t]),
+                    which="rec")
+
+
+def _top_candidates(feat: torch.Tensor, top_k: int, n_features: int, value: torch.Tensor,
+                    *columns: torch.Tensor) -> list[torch.Tensor]:
+    """[k, F] candidate lists from entries already sorted by value (descending): each feature's first
+    `top_k` entries in that order, rank 0 the largest. `columns` (record, position, token type) ride
+    along; empty slots are -inf / -1."""
+    order = torch.argsort(feat, stable=True)  # entries grouped by feature, by value within
     f_sorted = feat[order]
-    counts = torch.bincount(f_sorted, minlength=F)
+    counts = torch.bincount(f_sorted, minlength=n_features)
     starts = counts.cumsum(0) - counts
-    rank = torch.arange(len(order), device=dev) - starts[f_sorted]
-    keep = rank < stats.top_k
+    rank = torch.arange(len(order), device=feat.device) - starts[f_sorted]
+    keep = rank < top_k
     order, f_sorted, rank = order[keep], f_sorted[keep], rank[keep]
-    k = int(min(stats.top_k, int(counts.max())))
-    cand_value = torch.full((k, F), -math.inf, dtype=torch.float32, device=dev)  # [k, F]
-    cand_record = torch.full((k, F), -1, dtype=torch.long, device=dev)
-    cand_position = torch.full((k, F), -1, dtype=torch.long, device=dev)
-    cand_type = torch.full((k, F), -1, dtype=torch.long, device=dev)
-    t = tok[order]
-    cand_value[rank, f_sorted] = values[order]
-    cand_record[rank, f_sorted] = record[t].long()
-    cand_position[rank, f_sorted] = position[t].long()
-    cand_type[rank, f_sorted] = token_type[t]
-    state.merge_top(cand_value, cand_record, cand_position, cand_type)
+    k = int(min(top_k, int(counts.max())))
+    out = [torch.full((k, n_features), -math.inf, dtype=torch.float32, device=feat.device)]
+    out[0][rank, f_sorted] = value[order].float()
+    for col in columns:
+        c = torch.full((k, n_features), -1, dtype=torch.long, device=feat.device)
+        c[rank, f_sorted] = col[order].long()
+        out.append(c)
+    return out
 
 
 def accumulate_batch(

@@ -2,11 +2,14 @@
 
 - `{split}.parquet`: `feature_summary` (one row per layer and feature), for reading;
 - `{split}.topk.parquet`: `top_examples` (columns `TOP_EXAMPLE_COLUMNS`), for reading;
+- `{split}.toprecords.parquet`: `top_records` (the same columns, each record once per feature), the
+  records the interp stage shows;
 - `{split}.state.safetensors`: the complete state, tensors `layer{L}.{name}` for every name in
   `LayerState.TENSORS` and JSON metadata under "mmdiff" (format "mmdiff.feature_stats", version,
   split, top_k, n_chunks, histogram, d_sae, n_records, records). `load_feature_stats` restores it
   exactly, so saved statistics can be merged and bootstrapped later. Only the records the top-k
-  lists point to are stored (renumbered); "n_records" keeps the original count.
+  lists point to are stored (renumbered); "n_records" keeps the original count. Version 1 files
+  (before the top-k records were kept) load with empty top-k record lists.
 """
 
 from __future__ import annotations
@@ -25,17 +28,19 @@ from mmdiff.errors import ConfigError, StoreError
 from mmdiff.stats.accumulate import collect_feature_stats_by_split
 from mmdiff.stats.histogram import LogHistogram
 from mmdiff.stats.state import FeatureStats, LayerState, SAELike
-from mmdiff.stats.tables import feature_summary, top_examples
+from mmdiff.stats.tables import feature_summary, top_examples, top_records
 
-STATS_FORMAT_VERSION = 1
+STATS_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1 has no top-k records (rec_* tensors)
 
 
 def stats_paths(directory: str | Path, split: str) -> dict[str, Path]:
-    """{"summary", "topk", "state"} -> the files of `split` under `directory` (a run's stats/)."""
+    """{"summary", "topk", "toprecords", "state"} -> the files of `split` under `directory` (a run's stats/)."""
     directory = Path(directory)
     return {
         "summary": directory / f"{split}.parquet",
         "topk": directory / f"{split}.topk.parquet",
+        "toprecords": directory / f"{split}.toprecords.parquet",
         "state": directory / f"{split}.state.safetensors",
     }
 
@@ -46,14 +51,15 @@ def save_feature_stats(stats: FeatureStats, directory: str | Path) -> dict[str, 
     if not stats.states:
         stats.init_states(torch.device("cpu"))
     # Keep only the records the top-k tables point to, renumbered.
-    used = sorted({i for st in stats.states.values() for i in st.top_record.unique().tolist() if i >= 0})
+    used = sorted({i for st in stats.states.values() for t in (st.top_record, st.rec_record)
+                   for i in t.unique().tolist() if i >= 0})
     renum = torch.full((len(stats.record_ids) + 1,), -1, dtype=torch.long)
     renum[torch.tensor(used, dtype=torch.long)] = torch.arange(len(used))
     tensors: dict[str, torch.Tensor] = {}
     for layer, st in stats.states.items():
         for name in LayerState.TENSORS:
             t = getattr(st, name).cpu()
-            if name == "top_record":
+            if name in ("top_record", "rec_record"):
                 t = renum[t.long()].to(torch.int32)
             tensors[f"layer{layer}.{name}"] = t
     meta = {
@@ -69,6 +75,7 @@ def save_feature_stats(stats: FeatureStats, directory: str | Path) -> dict[str, 
     }
     write_parquet(paths["summary"], feature_summary(stats))
     write_parquet(paths["topk"], top_examples(stats))
+    write_parquet(paths["toprecords"], top_records(stats))
     save_safetensors(paths["state"], tensors, metadata={"mmdiff": json.dumps(meta)})
     return paths
 
@@ -91,7 +98,7 @@ def load_feature_stats(path: str | Path, split: str | None = None) -> FeatureSta
         if raw is None:
             raise StoreError(f"{path} is not an mmdiff feature-statistics file (no 'mmdiff' metadata)")
         meta = json.loads(raw)
-        if meta.get("format") != "mmdiff.feature_stats" or meta.get("version") != STATS_FORMAT_VERSION:
+        if meta.get("format") != "mmdiff.feature_stats" or meta.get("version") not in _READABLE_VERSIONS:
             raise StoreError(
                 f"{path}: format {meta.get('format')} v{meta.get('version')}, expected "
                 f"mmdiff.feature_stats v{STATS_FORMAT_VERSION}; recompute the statistics"
@@ -105,9 +112,11 @@ def load_feature_stats(path: str | Path, split: str | None = None) -> FeatureSta
             device="cpu",
         )
         stats.index_records(meta["records"])
+        stored = set(fh.keys())
         for layer, st in stats.states.items():
             for name in LayerState.TENSORS:
-                setattr(st, name, fh.get_tensor(f"layer{layer}.{name}"))
+                if f"layer{layer}.{name}" in stored or meta["version"] == STATS_FORMAT_VERSION:
+                    setattr(st, name, fh.get_tensor(f"layer{layer}.{name}"))
     return stats
 
 

@@ -1,7 +1,8 @@
 """Reducing `FeatureStats` of shards: `merge_stats(into, other)` equals one pass over both streams.
 
-Sums, counts and histograms add, minima take the minimum, top-k examples are the k largest of
-both. The same reduction over the ranks of torch.distributed is `mmdiff.parallel.stats`.
+Sums, counts and histograms add, minima take the minimum, top-k lists are the k largest of
+both (each record once in the top-k records). The same reduction over the ranks of
+torch.distributed is `mmdiff.parallel.stats`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def merge_stats(into: FeatureStats, other: FeatureStats) -> FeatureStats:
             setattr(a, name, getattr(a, name) + theirs(name))
         a.min_pos = torch.minimum(a.min_pos, theirs("min_pos"))
         # index -1 (an empty top-k slot) maps to -1 through the appended last entry of remap
-        rec = remap.to(dev)[theirs("top_record").long()]
-        a.merge_top(theirs("top_value"), rec, theirs("top_position"), theirs("top_type"))
+        for which in LayerState.TOP_LISTS:
+            rec = remap.to(dev)[theirs(f"{which}_record").long()]
+            a.merge_top(theirs(f"{which}_value"), rec, theirs(f"{which}_position"), theirs(f"{which}_type"), which)
     return into

@@ -50,25 +50,54 @@ class LayerState:
         self.top_record = torch.full((top_k, d_sae), -1, dtype=torch.int32, device=device)  # [k, F]
         self.top_position = torch.full((top_k, d_sae), -1, dtype=torch.int32, device=device)  # [k, F]
         self.top_type = torch.full((top_k, d_sae), -1, dtype=torch.int8, device=device)  # [k, F]
+        # the top-k records by their max activation (one entry per record), where that max sits
+        self.rec_value = torch.full((top_k, d_sae), -math.inf, dtype=torch.float32, device=device)  # [k, F]
+        self.rec_record = torch.full((top_k, d_sae), -1, dtype=torch.int32, device=device)  # [k, F]
+        self.rec_position = torch.full((top_k, d_sae), -1, dtype=torch.int32, device=device)  # [k, F]
+        self.rec_type = torch.full((top_k, d_sae), -1, dtype=torch.int8, device=device)  # [k, F]
 
     TENSORS = (
         "sum_h", "chunk_sum_h2", "chunk_fires", "chunk_tokens", "hist", "min_pos",
         "top_value", "top_record", "top_position", "top_type",
+        "rec_value", "rec_record", "rec_position", "rec_type",
     )
+
+    TOP_LISTS = ("top", "rec")
+    """The two top-k lists: "top" the k largest token activations (a record may hold several),
+    "rec" the k records with the largest max activation (each record once)."""
 
     ADDITIVE = ("sum_h", "chunk_sum_h2", "chunk_fires", "chunk_tokens", "hist")
 
     def merge_top(
-        self, value: torch.Tensor, record: torch.Tensor, position: torch.Tensor, ttype: torch.Tensor
+        self, value: torch.Tensor, record: torch.Tensor, position: torch.Tensor, ttype: torch.Tensor,
+        which: str = "top",
     ) -> None:
-        """Keep the k largest of the current top-k and the candidates ([k', F] each)."""
-        k = self.top_value.shape[0]
-        all_value = torch.cat([self.top_value, value], dim=0)  # [k + k', F]
-        best_value, best = all_value.topk(k, dim=0)  # [k, F]
-        self.top_value = best_value
-        self.top_record = torch.cat([self.top_record, record.to(self.top_record.dtype)], 0).gather(0, best)
-        self.top_position = torch.cat([self.top_position, position.to(self.top_position.dtype)], 0).gather(0, best)
-        self.top_type = torch.cat([self.top_type, ttype.to(self.top_type.dtype)], 0).gather(0, best)
+        """Keep the k largest of the current top-k list `which` ("top" or "rec") and the candidates
+        ([k', F] each; empty slots have value -inf and record -1).
+
+        For "rec" each record is listed once per feature: the candidates name distinct records per
+        feature, and a candidate whose record is already kept updates that entry to the larger of
+        the two maxima (a record split over two updates) instead of taking a second slot.
+        """
+        if which not in self.TOP_LISTS:
+            raise ValueError(f"top-k list {which!r}: expected one of {self.TOP_LISTS}")
+        names = [f"{which}_{n}" for n in ("value", "record", "position", "type")]
+        kept = [getattr(self, n) for n in names]
+        new = [value.to(kept[0].dtype), record.to(kept[1].dtype), position.to(kept[2].dtype), ttype.to(kept[3].dtype)]
+        if which == "rec":
+            same = (kept[1][:, None, :] == new[1][None, :, :]) & (new[1] >= 0)[None]  # [k, k', F]
+            if bool(same.any()):
+                theirs = torch.where(same, new[0][None], torch.full_like(new[0][None], -math.inf)).amax(1)  # [k, F]
+                better = theirs > kept[0]
+                at = same.to(torch.uint8).argmax(1)  # [k, F] the matching candidate's slot
+                kept = [torch.where(better, t.gather(0, at), mine) for mine, t in zip(kept, new)]
+                new[0] = new[0].masked_fill(same.any(0), -math.inf)  # matched candidates take no slot
+                new[1] = new[1].masked_fill(same.any(0), -1)
+        k = kept[0].shape[0]
+        best_value, best = torch.cat([kept[0], new[0]], dim=0).topk(k, dim=0)  # [k, F]
+        setattr(self, names[0], best_value)
+        for name, mine, t in zip(names[1:], kept[1:], new[1:]):
+            setattr(self, name, torch.cat([mine, t], 0).gather(0, best))
 
 
 class FeatureStats:

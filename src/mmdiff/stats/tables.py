@@ -1,6 +1,7 @@
-"""The tables read from `FeatureStats`: one row per feature (`feature_summary`), and the top-k
-activating tokens of each feature (`top_examples`). Their columns are the schemas of the run's
-stats/{split}.parquet and stats/{split}.topk.parquet (written by `mmdiff.stats.persist`).
+"""The tables read from `FeatureStats`: one row per feature (`feature_summary`), the top-k
+activating tokens of each feature (`top_examples`) and its top-k records by max activation
+(`top_records`). Their columns are the schemas of the run's stats/{split}.parquet,
+stats/{split}.topk.parquet and stats/{split}.toprecords.parquet (written by `mmdiff.stats.persist`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import pandas as pd
 from mmdiff.stats.state import COUNTED_TYPES, TYPE_NAMES, FeatureStats
 
 TOP_EXAMPLE_COLUMNS = ("layer", "feature", "rank", "record_id", "position", "token_type", "value")
-"""Columns of `top_examples`: rank 0 is the feature's largest activation; token_type is a TokenType value."""
+"""Columns of `top_examples` and `top_records`: rank 0 is the feature's largest activation; token_type
+is a TokenType value. In `top_records` each record appears once per feature, at its max activation
+(value), whose position and token type are given."""
 
 
 def feature_summary(stats: FeatureStats, quantile_levels: Sequence[float] = (0.5, 0.9, 0.99)) -> pd.DataFrame:
@@ -54,13 +57,24 @@ def top_examples(stats: FeatureStats, layer: int | None = None) -> pd.DataFrame:
 
     Only tokens with a positive activation are listed.
     """
+    return _top_table(stats, layer, "top")
+
+
+def top_records(stats: FeatureStats, layer: int | None = None) -> pd.DataFrame:
+    """Top-k records per feature by their max activation over non-special tokens (columns
+    `TOP_EXAMPLE_COLUMNS`, each record once per feature), of one layer or all: the records the
+    interp stage shows. Only records where the feature fires are listed."""
+    return _top_table(stats, layer, "rec")
+
+
+def _top_table(stats: FeatureStats, layer: int | None, which: str) -> pd.DataFrame:
     frames = []
     for lyr in stats.layers if layer is None else [stats.check_layer(layer)]:
         st = stats.layer_state(lyr)
-        value = st.top_value.cpu()
+        value = getattr(st, f"{which}_value").cpu()
         ok = value > 0  # [k, F]
         rank, feat = ok.nonzero(as_tuple=True)
-        rec = st.top_record.cpu()[rank, feat]
+        rec = getattr(st, f"{which}_record").cpu()[rank, feat]
         frames.append(
             pd.DataFrame(
                 {
@@ -68,8 +82,8 @@ def top_examples(stats: FeatureStats, layer: int | None = None) -> pd.DataFrame:
                     "feature": feat.numpy(),
                     "rank": rank.numpy(),
                     "record_id": [stats.record_ids[i] for i in rec.tolist()],
-                    "position": st.top_position.cpu()[rank, feat].numpy().astype(np.int64),
-                    "token_type": st.top_type.cpu()[rank, feat].numpy().astype(np.int64),
+                    "position": getattr(st, f"{which}_position").cpu()[rank, feat].numpy().astype(np.int64),
+                    "token_type": getattr(st, f"{which}_type").cpu()[rank, feat].numpy().astype(np.int64),
                     "value": value[rank, feat].numpy(),
                 }
             ).sort_values(["feature", "rank"], kind="stable")
