@@ -183,6 +183,59 @@ def test_collect_evidence_two_sources(adapter):
     assert set(result.maxima["source"]) == {"VQAv2", "VSR"} and len(result.maxima) == 2 * 5
 
 
+def test_examples_from_the_statistics_top_records_equal_a_brute_force_pass(adapter):
+    """The interp stage's shortcut: the statistics stage's top records (one streaming pass, token
+    blocks that split records) name the same records, maxima and positions as scanning every record
+    again, and the examples and image share built from them are the same."""
+    from mmdiff.capture import iter_activations
+    from mmdiff.stats import collect_feature_stats_by_split, feature_summary
+    from mmdiff.stats import top_records as stats_top_records
+
+    a = adapter("llava")
+    saes = {1: make_sae(a.vlm.d_model, seed=3), 2: make_sae(a.vlm.d_model, seed=4)}
+    records = make_records(7, seed=2)
+    sources = {"all": records, "part": records[2:6]}
+    keys = [(1, f) for f in range(16)] + [(2, 0), (2, 9)]
+    batches = list(iter_activations(a, records, [1, 2], "vlm", batch_size=3, progress=False))
+    stats = collect_feature_stats_by_split(batches, saes, {"all": None, "part": [r.id for r in records[2:6]]},
+                                           top_k=4, token_block=7, progress=False)
+    brute = collect_evidence(a, saes, keys, sources, k=3, heatmaps=False, progress=False)
+    mass = pd.concat([feature_summary(st) for st in stats.values()])
+    mass = mass.assign(image_mass=mass.sum_h_image, total_mass=mass.sum_h_image + mass.sum_h_text)
+    kept = collect_evidence(a, saes, keys, sources, k=3, heatmaps=False, progress=False, mass=mass,
+                            top={name: stats_top_records(st) for name, st in stats.items()})
+    for name in sources:
+        table = stats_top_records(stats[name])
+        scanned = brute.maxima[brute.maxima["source"] == name]
+        for key in keys:
+            rows = scanned[(scanned.layer == key[0]) & (scanned.feature == key[1]) & (scanned.max_activation > 0)]
+            want = rows.sort_values("max_activation", ascending=False).head(4)
+            got = table[(table.layer == key[0]) & (table.feature == key[1])].sort_values("rank")
+            np.testing.assert_allclose(got.value, want.max_activation, rtol=1e-5)
+            # records tie (identical prompt prefixes), so each kept record is checked against its own scan
+            assert got.record_id.is_unique
+            scan = rows.set_index("record_id").loc[list(got.record_id)]
+            np.testing.assert_allclose(got.value, scan.max_activation, rtol=1e-5)
+            assert list(got.position) == list(scan.position) and list(got.token_type) == list(scan.token_type)
+    assert any(brute.evidence[key].examples for key in keys)
+    for key in keys:
+        mine, theirs = kept.evidence[key], brute.evidence[key]
+        assert [e.source for e in mine.examples] == [e.source for e in theirs.examples]
+        assert [e.max_activation for e in mine.examples] == pytest.approx([e.max_activation for e in theirs.examples])
+        for e in mine.examples:
+            scanned = brute.maxima[(brute.maxima.layer == key[0]) & (brute.maxima.feature == key[1])
+                                   & (brute.maxima.record_id == e.record_id)]
+            assert e.max_activation == pytest.approx(float(scanned.max_activation.iloc[0]), rel=1e-5)
+        assert mine.image_share == pytest.approx(theirs.image_share, rel=1e-5)
+    shown = kept.maxima
+    assert len(shown) == sum(len(ev.examples) for ev in kept.evidence.values())
+    with pytest.raises(DataError, match="mass="):
+        collect_evidence(a, saes, keys, sources, k=3, progress=False, top={"all": stats_top_records(stats["all"])})
+    stray = stats_top_records(stats["all"]).assign(record_id="elsewhere")
+    with pytest.raises(DataError, match="does not hold"):
+        collect_evidence(a, saes, keys, {"all": records}, k=3, progress=False, top={"all": stray}, mass=mass)
+
+
 def test_promoted_tokens_follow_the_decoder_direction(adapter):
     a = adapter("llava")
     sae = make_sae(a.vlm.d_model)

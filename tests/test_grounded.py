@@ -14,6 +14,8 @@ from mmdiff.data.loaders.scene_concepts import record_concepts, scene_concepts
 from mmdiff.data.regions import box_cover, mask_cover, region, text_regions
 from mmdiff.errors import DataError
 from mmdiff.interp.grounded import (
+    GROUNDING,
+    MATCH_SHARE,
     NO_CONCEPT,
     Observation,
     active_region,
@@ -21,6 +23,10 @@ from mmdiff.interp.grounded import (
     ground_feature,
     iou,
     score_concept,
+    grounding_table,
+    match_share_table,
+    score_side,
+    wilson_interval,
 )
 
 # -- scores on hand-made maps ---------------------------------------------------------------------
@@ -62,6 +68,33 @@ def test_score_concept_counts_iou_only_where_the_concept_is_and_the_feature_fire
     assert s.auroc == pytest.approx(4.5 / 6)
     assert s.balanced_accuracy == pytest.approx((2 / 3 + 1 / 2) / 2)
     assert s.grounding_score == pytest.approx(min(0.75, 2 * 4.5 / 6 - 1))
+
+
+def test_vectorised_scores_equal_the_per_record_definition():
+    """score_side (all features and concepts at once) gives score_concept's numbers: ties in the
+    maxima, silent records, records of different sizes, concepts absent from some records."""
+    rng = np.random.default_rng(7)
+    n_feat, acts, regions = 5, [], []
+    for r in range(30):
+        shape = (3, 4) if r % 3 else (2, 5)
+        a = np.round(rng.random((*shape, n_feat)) * 3, 0) - 1.0  # ties and zeros
+        a[..., 1] = 0.0 if r % 2 else a[..., 1]  # a feature silent on half the records
+        a = np.clip(a, 0.0, None)
+        reg = {}
+        for name, p in (("red", 0.3), ("cube", 0.5), ("rare", 0.05)):
+            if rng.random() < 0.6:
+                reg[name] = rng.random(shape) < p
+        acts.append(a)
+        regions.append(reg)
+    fast = score_side("image", acts, regions)
+    for f in range(n_feat):
+        obs = [Observation(a[..., f], reg) for a, reg in zip(acts, regions)]
+        for got in fast[f]:
+            want = score_concept(got.concept, "image", obs)
+            for field in ("iou", "auroc", "balanced_accuracy"):
+                assert getattr(got, field) == pytest.approx(getattr(want, field), nan_ok=True, abs=1e-12), field
+            assert (got.n_present, got.n_absent, got.n_iou) == (want.n_present, want.n_absent, want.n_iou)
+    assert [c.concept for c in fast[0]] == ["cube", "rare", "red"]
 
 
 def test_region_shape_mismatch_is_named():
@@ -260,8 +293,17 @@ def test_write_interp_grounds_explanations_on_organism_records(tmp_path):
         sae.b_enc.fill_(0.05)
     records = [shapes.make_record("train", fam, i) for fam in ("colour", "spatial_yesno", "ocr") for i in range(2)]
     features = pd.DataFrame({"layer": [1, 1], "feature": [0, 3]})
+    tasks = pd.DataFrame({"layer": [1, 1, 1], "feature": [0, 3, 3], "task": ["ocr", "ocr", "spatial"]})
     paths = write_interp(adapter, {1: sae}, features, {"organism": records[:3]}, tmp_path / "interp", k=2,
-                         grounding=organism_concepts, grounding_records=records, progress=False)
+                         grounding=organism_concepts, grounding_records=records, task_features=tasks,
+                         progress=False)
+    # every (task, feature) pair is grounded and judged; the share table reads it back
+    table = GROUNDING.read(tmp_path).table
+    assert list(zip(table.task, table.feature)) == [("ocr", 0), ("ocr", 3), ("spatial", 3)]
+    share = MATCH_SHARE.read(tmp_path).table
+    assert list(share.task) == ["ocr", "spatial", "all"] and list(share.features) == [2, 1, 3]
+    assert share.matched.tolist() == [int(table[table.task == t].matches.sum()) for t in ("ocr", "spatial")] + [
+        int(table.matches.sum())]
     explanations = json.loads(paths["explanations"].read_text())["explanations"]
     assert explanations
     for e in explanations:
@@ -302,3 +344,41 @@ def test_match_share_counts_features_explained_by_their_tasks_concept():
 
     assert match_share(pairs) == {"ocr": (1, 3), "spatial": (1, 1)}
     assert matches_task(grounded(), "ocr") is False and matches_task(grounded("text"), "adapted") is None
+
+
+def test_grounding_and_match_share_tables_by_hand():
+    import pandas as pd
+
+    from mmdiff.interp.grounded import ConceptScore, GroundedExplanation
+
+    def score(concept, iou, auc):
+        return ConceptScore(concept, "image", iou, auc, 0.9, 10, 10, 10)
+
+    word, cell, red = score("word=apple", 0.8, 0.95), score("cell=0,0", 0.6, 0.9), score("colour=red", 0.3, 0.6)
+    grounded = {
+        (0, 1): GroundedExplanation((word,), (word, cell, red), 0.5),  # OCR feature reading a word: a match
+        (0, 2): GroundedExplanation((), (red,), 0.5),  # nothing grounded: no match, best candidate kept
+        (0, 3): GroundedExplanation((cell,), (cell, word), 0.5),  # spatial: a cell matches; as OCR it does not
+    }
+    tasks = pd.DataFrame({"layer": [0, 0, 0, 0, 0], "feature": [1, 2, 3, 3, 1],
+                          "task": ["ocr", "ocr", "spatial", "ocr", "adapted"]})
+    table = grounding_table(tasks, grounded)
+    assert table.matches.iloc[:4].tolist() == [True, False, True, False] and table.matches.isna().tolist()[-1]
+    assert table.concept.tolist() == ["word=apple", "colour=red", "cell=0,0", "cell=0,0", "word=apple"]
+    assert table.found.tolist() == [True, False, True, True, True]
+    assert table.task_concept.fillna("").iloc[:4].tolist() == ["word=apple", "", "cell=0,0", "word=apple"]
+    assert table.grounding_score.iloc[0] == pytest.approx(0.8)  # min(0.8, 2 * 0.95 - 1)
+    share = match_share_table(table).set_index("task")
+    assert share.loc["ocr", ["features", "matched", "found"]].tolist() == [3, 1, 2]
+    assert share.loc["all", ["features", "matched"]].tolist() == [4, 2]
+    assert (share.loc["ocr", "ci_lo"], share.loc["ocr", "ci_hi"]) == pytest.approx(wilson_interval(1, 3))
+    assert share.loc["spatial", "auroc_q50"] == pytest.approx(0.9)
+    assert "adapted" not in share.index
+
+
+def test_wilson_interval_known_values():
+    # 5 of 10: 0.5 +- 1.96 sqrt(0.25 / 10 + 1.96^2 / 400) / (1 + 1.96^2 / 10)
+    lo, hi = wilson_interval(5, 10)
+    assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))

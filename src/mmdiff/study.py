@@ -284,6 +284,7 @@ def stage_interp(ctx: StageContext) -> dict[str, Any]:
     diff = pd.read_parquet(DIFF.path_in(ctx.run_dir))
     adapted = diff[diff["selected"]].sort_values("variance_gap", ascending=False).head(it.max_adapted)
     features = pd.concat([features, adapted.assign(task="adapted")], ignore_index=True)
+    task_features = features[["layer", "feature", "task"]].drop_duplicates()  # a feature may be in several sets
     features = features.drop_duplicates(["layer", "feature"])[["layer", "feature", "task"]]
     records = get_records(ctx, s.dataset)
     sources = {"generic VQA": [r for r in records if s.base_split in r.tasks and not set(s.tasks) & set(r.tasks)]}
@@ -304,11 +305,48 @@ def stage_interp(ctx: StageContext) -> dict[str, Any]:
     heads_path = ctx.run_dir / "attribution" / "heads.parquet"
     heads = pd.read_parquet(heads_path) if heads_path.exists() else None
     grounding, held_out = grounding_source(ctx)
+    kept = kept_top_records(ctx.run_dir / "stats", {"generic VQA": s.base_split, **{t: t for t in s.tasks}},
+                            sources, features)
     write_interp(get_adapter(ctx), saes, features, sources, ctx.run_dir / "interp", explainer=make_explainer(llm),
                  tables=tables, heads=heads, overlays_dir=ctx.run_dir / "attribution" / "overlays",
-                 grounding=grounding, grounding_records=held_out,
+                 grounding=grounding, grounding_records=held_out, task_features=task_features, **kept,
                  k=it.k, heatmaps=it.heatmaps, batch_size=it.batch_size, progress=ctx.progress)
-    return {"features": int(len(features)), "explainer": "llm" if llm else "offline", "grounding_records": len(held_out)}
+    return {"features": int(len(features)), "explainer": "llm" if llm else "offline", "grounding_records": len(held_out),
+            "examples_from": "statistics" if kept else "a pass over every record"}
+
+
+def kept_top_records(stats_dir: Path, split_of: dict[str, str], sources: dict[str, list[Record]],
+                     features: pd.DataFrame) -> dict[str, Any]:
+    """What the statistics stage kept for the interp stage: each source's top records (its split's
+    stats/{split}.toprecords.parquet), the activation mass summed over those splits and each
+    feature's token-activation histogram (the "vision" split, all records), as `write_interp`'s
+    top, mass and histograms; {} for statistics written before the top records were kept (then
+    interp scans every record)."""
+    from mmdiff.stats import load_feature_stats, stats_paths
+
+    paths = {name: stats_paths(stats_dir, split_of[name]) for name in sources}
+    if not all(p["toprecords"].is_file() for p in paths.values()):
+        return {}
+    top = {name: pd.read_parquet(p["toprecords"]) for name, p in paths.items()}
+    summaries = [pd.read_parquet(p["summary"], columns=["layer", "feature", "sum_h_image", "sum_h_text"])
+                 for p in paths.values()]
+    mass = pd.concat(summaries, ignore_index=True)
+    mass = mass.assign(image_mass=mass["sum_h_image"], total_mass=mass["sum_h_image"] + mass["sum_h_text"])
+    histograms: dict[tuple[int, int], tuple[Any, Any]] = {}
+    state = stats_paths(stats_dir, "vision")["state"]
+    if state.is_file():
+        import numpy as np
+
+        stats = load_feature_stats(state)
+        edges = stats.histogram.edges().numpy()
+        low, high = edges[0], edges[-1]
+        # the open end bins drawn one bin ratio wide beyond the log-spaced ones
+        ratio = edges[1] / edges[0]
+        full = np.concatenate([[low / ratio], edges, [high * ratio]])
+        for layer, f in zip(features["layer"], features["feature"]):
+            if int(layer) in stats.d_sae_by_layer:
+                histograms[(int(layer), int(f))] = (full, stats.layer_state(int(layer)).hist[int(f)].numpy())
+    return {"top": top, "mass": mass[["layer", "feature", "image_mass", "total_mass"]], "histograms": histograms}
 
 
 def grounding_source(ctx: StageContext) -> tuple[Any, list[Record]]:

@@ -45,6 +45,8 @@ class FeatureCard:
     detection: Any = None  # DetectionMetrics, or a mapping of metric name -> value
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # table name -> {column: value}
     activations: np.ndarray | None = None  # values for the histogram (e.g. per-record max activation)
+    # or the histogram itself: (bin edges [n + 1], counts [n]), e.g. the statistics pass's token activations
+    histogram: tuple[np.ndarray, np.ndarray] | None = None
     heads: pd.DataFrame | None = None  # this feature's rows of attribution/heads.parquet
     overlays: dict[str, bytes] = field(default_factory=dict)  # name -> PNG (attention overlays)
     records: dict[str, Any] = field(default_factory=dict)  # record id -> Record, for question and caption
@@ -67,26 +69,46 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def histogram_png(values: Sequence[float] | np.ndarray, *, bins: int = 30, title: str = "") -> bytes:
-    """PNG bytes of a histogram of the positive values (log-scaled counts)."""
-    from matplotlib.figure import Figure
+def histogram_png(values: Sequence[float] | np.ndarray | None, *, bins: int = 30, title: str = "",
+                  binned: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
+    """PNG bytes of a histogram of the positive values, or of counts already binned: `binned` =
+    (edges [n + 1], counts [n]) (e.g. the statistics' log-spaced bins, drawn one bar per bin). Bar
+    heights are log(1 + count); the axis ends are labelled. Drawn with PIL (a matplotlib figure per
+    feature cost ~0.3 s)."""
+    from PIL import Image, ImageDraw
 
-    v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[np.isfinite(v) & (v > 0)]
-    fig = Figure(figsize=(3.6, 2.4))
-    ax = fig.add_subplot()
-    if v.size:
-        ax.hist(v, bins=bins, color="#e7298a")
-        ax.set_yscale("log")
+    from mmdiff.interp.heatmap import printable
+
+    if binned is not None:
+        edges, counts = (np.asarray(a, dtype=np.float64) for a in binned)
     else:
-        ax.text(0.5, 0.5, "never fires", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("activation", fontsize=8)
-    ax.set_ylabel("count", fontsize=8)
-    ax.tick_params(labelsize=7)
+        v = np.asarray(values if values is not None else [], dtype=np.float64).ravel()
+        v = v[np.isfinite(v) & (v > 0)]
+        counts, edges = np.histogram(v, bins=bins) if v.size else (np.zeros(0), np.zeros(1))
+    width, height, left, bottom, top = 320, 170, 44, 18, 16
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
     if title:
-        ax.set_title(title, fontsize=8)
+        draw.text((left, 2), printable(title), fill="black")
+    plot_w, plot_h = width - left - 8, height - top - bottom
+    draw.line([(left, top), (left, top + plot_h), (left + plot_w, top + plot_h)], fill="black")
+    if counts.size == 0 or counts.sum() <= 0:
+        draw.text((left + plot_w // 2 - 30, top + plot_h // 2), "never fires", fill="black")
+    else:
+        first, last = np.flatnonzero(counts)[[0, -1]]  # draw the occupied range only
+        counts, edges = counts[first : last + 1], edges[first : last + 2]
+        scale = np.log1p(counts) / np.log1p(counts.max())
+        step = plot_w / len(counts)
+        for i, h in enumerate(scale):
+            if counts[i] > 0:
+                x0 = left + 1 + i * step
+                draw.rectangle([x0, top + plot_h - h * plot_h, x0 + max(step - 1, 1), top + plot_h - 1], fill="#e7298a")
+        draw.text((2, top), f"{int(counts.max()):,}", fill="black")
+        draw.text((2, top + plot_h - 10), "0", fill="black")
+        draw.text((left, top + plot_h + 3), f"{edges[0]:.3g}", fill="black")
+        draw.text((left + plot_w - 40, top + plot_h + 3), f"{edges[-1]:.3g}", fill="black")
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    canvas.save(buffer, format="PNG", compress_level=1)  # fast; the dashboards inline many
     return buffer.getvalue()
 
 
@@ -201,7 +223,9 @@ def render_feature_page(card: FeatureCard, *, index_href: str = "index.html", to
                 }
             )
     histogram = None
-    if card.activations is not None:
+    if card.histogram is not None:
+        histogram = data_uri(histogram_png(None, binned=card.histogram, title="token activations (statistics pass)"))
+    elif card.activations is not None:
         histogram = data_uri(histogram_png(card.activations, title="per-record max activation"))
     page = {
         "title": f"Feature {card.feature_id}",
@@ -255,19 +279,6 @@ def write_dashboards(cards: Sequence[FeatureCard], out_dir: str | Path, *, title
     return paths
 
 
-def _with_grounding(adapter: Any, saes: Mapping[int, Any], explanations: dict, grounding: Any,
-                    records: Sequence[Any], batch_size: int, progress: bool) -> dict:
-    """The explanations with their grounded concepts measured on `records` (one more re-run)."""
-    import dataclasses
-
-    from mmdiff.interp.examples import _tokenizer, token_activations
-    from mmdiff.interp.grounded import ground_features
-
-    rerun = token_activations(adapter, saes, records, list(explanations), batch_size=batch_size, progress=progress)
-    grounded = ground_features(rerun, list(explanations), grounding, _tokenizer(adapter))
-    return {key: dataclasses.replace(ex, grounded=grounded[key].to_dict()) for key, ex in explanations.items()}
-
-
 def write_interp(
     adapter: Any,
     saes: Mapping[int, Any],
@@ -282,6 +293,10 @@ def write_interp(
     detections: Mapping[str, Any] | None = None,
     grounding: Any = None,
     grounding_records: Sequence[Any] = (),
+    task_features: pd.DataFrame | None = None,
+    top: Mapping[str, pd.DataFrame] | None = None,
+    mass: pd.DataFrame | None = None,
+    histograms: Mapping[FeatureKey, tuple[np.ndarray, np.ndarray]] | None = None,
     k: int = 10,
     heatmaps: bool = True,
     batch_size: int = 8,
@@ -296,8 +311,15 @@ def write_interp(
     detections: feature id ("L12/F807") -> detection metrics (DetectionMetrics or a dict).
     grounding: a concept source (`interp.grounded.ConceptSource`, e.g. the organism's
     `organism_concepts`) scored on `grounding_records` (held-out records) so each explanation carries
-    its grounded concepts and scores (docs/method.md#grounded-explanations). Writes
-    under out_dir (the run's interp/): examples.parquet (per-record maxima of every source),
+    its grounded concepts and scores (docs/method.md#grounded-explanations); every feature is
+    grounded, also one without examples, and each (task, feature) of `task_features` (columns
+    layer, feature, task; default: `features` when it has a task column) goes to grounding.parquet,
+    with the share of each task's features whose best concept is of its kind in
+    match_share.parquet (`grounded.GROUNDING`, `grounded.MATCH_SHARE`). top, mass: the
+    statistics stage's top records per source and activation mass (`collect_evidence`), so only
+    the records shown are run; histograms: feature -> (bin edges, counts) drawn instead of the
+    per-record maxima. Writes under out_dir (the run's interp/): examples.parquet (per-record
+    maxima of every scanned source; for a source read from `top`, the records shown),
     explanations.json, dashboards/L{L}_F{f}.html, dashboards/index.html and cards.json (compact cards for
     the report, `interp.cards`). Returns the paths.
     """
@@ -309,7 +331,8 @@ def write_interp(
     out = Path(out_dir)
     keys = feature_keys(features)
     collected = collect_evidence(
-        adapter, saes, keys, sources, k=k, heatmaps=heatmaps, batch_size=batch_size, progress=progress
+        adapter, saes, keys, sources, k=k, heatmaps=heatmaps, batch_size=batch_size, progress=progress,
+        top=top, mass=mass,
     )
     explainer = explainer or OfflineExplainer()
     fired = [key for key in keys if collected.evidence[key].examples]
@@ -319,8 +342,21 @@ def write_interp(
     else:
         explained = [explainer.explain(ev) for ev in evidences]
     explanations = dict(zip(fired, explained))
-    if grounding is not None and grounding_records and fired:
-        explanations = _with_grounding(adapter, saes, explanations, grounding, grounding_records, batch_size, progress)
+    grounded_tables = {}
+    if grounding is not None and grounding_records:
+        import dataclasses
+
+        from mmdiff.interp.examples import token_activations, tokenizer_of
+        from mmdiff.interp.grounded import GROUNDING, MATCH_SHARE, ground_features, grounding_table, match_share_table
+
+        rerun = token_activations(adapter, saes, grounding_records, keys, batch_size=batch_size, progress=progress)
+        grounded = ground_features(rerun, keys, grounding, tokenizer_of(adapter))
+        explanations = {key: dataclasses.replace(ex, grounded=grounded[key].to_dict()) for key, ex in explanations.items()}
+        if task_features is None and "task" in features.columns:
+            task_features = features
+        if task_features is not None:
+            table = grounding_table(task_features, grounded)
+            grounded_tables = {GROUNDING: table, MATCH_SHARE: match_share_table(table)}
     all_tables = {"selection": features, **dict(tables or {})}
     by_id = {record.id: record for records in sources.values() for record in records}
     cards = []
@@ -343,6 +379,7 @@ def write_interp(
                 detection=(detections or {}).get(feature_id(key)),
                 tables={name: feature_row(table, key) for name, table in all_tables.items()},
                 activations=maxima["max_activation"].to_numpy(),
+                histogram=(histograms or {}).get(key),
                 heads=card_heads,
                 overlays=overlays,
                 records={ex.record_id: by_id[ex.record_id] for ex in collected.evidence[key].examples},
@@ -351,6 +388,9 @@ def write_interp(
     paths = {"examples": out / "examples.parquet", "explanations": out / "explanations.json"}
     write_parquet(paths["examples"], collected.maxima)
     write_explanations(paths["explanations"], list(explanations.values()))
+    for artifact, table in grounded_tables.items():
+        paths[Path(artifact.path).stem] = out / Path(artifact.path).name
+        write_parquet(paths[Path(artifact.path).stem], table)
     dashboards = write_dashboards(cards, out / "dashboards")
     paths["dashboards"] = dashboards["index"]
     paths["cards"] = write_cards(cards, out / CARDS_FILE)  # what the report's feature browser shows

@@ -230,7 +230,8 @@ def activating_example(
     return example
 
 
-def _tokenizer(adapter: VLMAdapter) -> Any:
+def tokenizer_of(adapter: VLMAdapter) -> Any:
+    """The adapter's tokenizer (its own, or its processor's), to decode token ids with."""
     tokenizer = getattr(adapter, "tokenizer", None) or getattr(adapter.processor, "tokenizer", None)
     if tokenizer is None:
         raise DataError(f"{type(adapter).__name__} exposes no tokenizer to decode tokens with")
@@ -245,7 +246,7 @@ def feature_promoted_tokens(adapter: VLMAdapter, sae: Any, feature: int, k: int 
     with torch.no_grad():
         if backbone.final_norm is not None:
             d = backbone.final_norm(d[None])[0]
-    return promoted_tokens(d, backbone.unembedding_matrix(), _tokenizer(adapter), k=k)
+    return promoted_tokens(d, backbone.unembedding_matrix(), tokenizer_of(adapter), k=k)
 
 
 @dataclass
@@ -254,6 +255,21 @@ class FeatureExamples:
 
     evidence: dict[FeatureKey, FeatureEvidence]
     maxima: pd.DataFrame  # feature_maxima of every source, with a "source" column
+
+
+def chosen_from_table(table: pd.DataFrame, keys: Sequence[FeatureKey], k: int) -> dict[FeatureKey, list[str]]:
+    """Each feature's first k records, best first, from a top-records table (columns
+    `mmdiff.stats.TOP_EXAMPLE_COLUMNS`, e.g. the statistics stage's stats/{split}.toprecords.parquet)."""
+    missing = [c for c in ("layer", "feature", "rank", "record_id", "value") if c not in table.columns]
+    if missing:
+        raise DataError(f"a top-records table needs columns layer, feature, rank, record_id, value; it lacks {missing}")
+    wanted = pd.MultiIndex.from_tuples(list(keys), names=["layer", "feature"])
+    rows = table[pd.MultiIndex.from_frame(table[["layer", "feature"]]).isin(wanted) & (table["value"] > 0)]
+    rows = rows.sort_values(["layer", "feature", "rank"], kind="stable")
+    return {
+        (int(layer), int(f)): list(group["record_id"].head(k))
+        for (layer, f), group in rows.groupby(["layer", "feature"], sort=False)
+    }
 
 
 def collect_evidence(
@@ -267,21 +283,42 @@ def collect_evidence(
     n_promoted: int = 10,
     batch_size: int = 8,
     progress: bool = True,
+    top: Mapping[str, pd.DataFrame] | None = None,
+    mass: pd.DataFrame | None = None,
 ) -> FeatureExamples:
     """`FeatureEvidence` per feature from the top-k records of each source (e.g. {"VQAv2": ...,
     "VSR": ...}): token-level activations, heatmaps, promoted tokens and the image-token share of
-    activation mass over all records of all sources. Features that never fire get no examples."""
+    activation mass over all records of all sources. Features that never fire get no examples.
+
+    top: source name -> its top-records table, kept by the statistics stage over the same records
+    (`mmdiff.stats.top_records`); a source with one is not scanned, only the records shown are run.
+    mass: columns layer, feature, image_mass, total_mass (the activation mass over all sources, e.g.
+    from the statistics summaries); without it, the mass is summed from the scanned sources.
+    The returned maxima hold one row per (feature, record) of every scanned source, and for a source
+    read from `top`, its rows of the table (the records kept there)."""
     if not sources:
         raise DataError('collect_evidence needs at least one example source, e.g. {"VQAv2": records}')
     keys = feature_keys(features)
-    tokenizer = _tokenizer(adapter)
+    tokenizer = tokenizer_of(adapter)
     examples: dict[FeatureKey, list[ActivatingExample]] = {key: [] for key in keys}
     tables = []
     for name, records in sources.items():
-        maxima = feature_maxima(adapter, saes, records, keys, batch_size=batch_size, progress=progress)
-        tables.append(maxima.assign(source=name))
-        chosen = top_records(maxima, k)
+        if top is not None and name in top:
+            chosen = chosen_from_table(top[name], keys, k)
+            shown = {(layer, f, rid) for (layer, f), ids in chosen.items() for rid in ids}
+            kept = top[name].rename(columns={"value": "max_activation"})
+            kept = kept[[key in shown for key in zip(kept["layer"], kept["feature"], kept["record_id"])]]
+            tables.append(kept[["layer", "feature", "record_id", "max_activation", "position", "token_type"]]
+                          .assign(source=name))
+        else:
+            maxima = feature_maxima(adapter, saes, records, keys, batch_size=batch_size, progress=progress)
+            tables.append(maxima.assign(source=name))
+            chosen = top_records(maxima, k)
         by_id = {r.id: r for r in records}
+        unknown = sorted({rid for ids in chosen.values() for rid in ids} - set(by_id))
+        if unknown:
+            raise DataError(f"the top records of source {name!r} name records it does not hold (e.g. {unknown[0]!r}): "
+                            "were the statistics computed on other records? Re-run the statistics stage")
         needed = list(dict.fromkeys(rid for ids in chosen.values() for rid in ids))
         if not needed:
             continue
@@ -297,7 +334,11 @@ def collect_evidence(
                     activating_example(by_record[rid], key, tokenizer, source=name, heatmap=heatmaps, vmax=vmax)
                 )
     maxima = pd.concat(tables, ignore_index=True)
-    mass = maxima.groupby(["layer", "feature"])[["image_mass", "total_mass"]].sum()
+    if mass is None:
+        if top:
+            raise DataError("collect_evidence reads sources from top-records tables: pass their activation mass too (mass=)")
+        mass = maxima
+    mass = mass.groupby(["layer", "feature"])[["image_mass", "total_mass"]].sum()
     evidence: dict[FeatureKey, FeatureEvidence] = {}
     for key in keys:
         image_mass, total_mass = mass.loc[key] if key in mass.index else (0.0, 0.0)

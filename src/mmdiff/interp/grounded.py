@@ -30,14 +30,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmdiff.data.records import Record
 from mmdiff.data.regions import Grid
 from mmdiff.errors import DataError
 from mmdiff.interp.examples import FeatureKey, RecordActivations
-from mmdiff.interp.heatmap import Tile, patch_maps
+from mmdiff.interp.heatmap import Tile, patch_maps, tile_token_count
 from mmdiff.interp.scoring import detection_metrics
 from mmdiff.models.base import TokenType
+from mmdiff.schema import Artifact, Column
 
 ACTIVE_FRACTION = 0.5  # a position is in the feature's active region at >= this share of the record's max
 MIN_GROUNDING_SCORE = 0.5  # min(IoU, 2 * AUROC - 1) a concept needs to explain the feature
@@ -58,16 +60,7 @@ class Observation:
     def __post_init__(self) -> None:
         acts = np.asarray(self.acts, dtype=np.float64)
         object.__setattr__(self, "acts", acts)
-        masks = {}
-        for name, region in self.regions.items():
-            region = np.asarray(region, dtype=bool)
-            if region.shape != acts.shape:
-                raise DataError(
-                    f"concept {name!r} has a region of shape {region.shape} but the activation map has "
-                    f"shape {acts.shape}: map the concept onto the same patch grid (or text positions)"
-                )
-            masks[name] = region
-        object.__setattr__(self, "regions", masks)
+        object.__setattr__(self, "regions", _checked(self.regions, acts.shape))
 
 
 @dataclass(frozen=True)
@@ -230,15 +223,85 @@ def ground_feature(
     grounding score >= `min_score` explain the feature, best first; with none, the explanation says
     "no grounded concept found" and keeps the candidates' scores.
     """
-    scores = []
+    scores: list[ConceptScore] = []
     for side, obs in observations.items():
-        names = sorted({name for o in obs for name in o.regions})
-        peaks = _peaks(obs, fraction)
-        scores.extend(_score(name, side, obs, *peaks) for name in names)
+        if obs:
+            stacked = [o.acts[..., None] for o in obs]
+            scores.extend(score_side(side, stacked, [o.regions for o in obs], fraction)[0])
+    return _explain(scores, min_score, min_records, top)
+
+
+def _explain(scores: Sequence[ConceptScore], min_score: float, min_records: int, top: int) -> GroundedExplanation:
     ranked = tuple(sorted(scores, key=_rank_key))
     chosen = tuple(c for c in ranked  # nan compares False
                    if c.grounding_score >= min_score and min(c.n_present, c.n_absent) >= min_records)[:top]
     return GroundedExplanation(concepts=chosen, candidates=ranked, min_score=min_score)
+
+
+def score_side(side: str, acts: Sequence[np.ndarray], regions: Sequence[Mapping[str, np.ndarray]],
+               fraction: float = ACTIVE_FRACTION) -> list[list[ConceptScore]]:
+    """`score_concept` for many features and every concept at once, as array operations.
+
+    acts: per record, the activations of n features at that record's positions ([..., n], any
+    per-record shape before the feature axis); regions: per record, concept -> bool mask of the
+    positions' shape (absent concepts may be left out). Returns per feature its ConceptScore of every
+    concept named in any record (sorted by name): the same numbers as `score_concept` on each
+    feature's observations, without a Python loop over features, concepts or records.
+    """
+    from scipy.stats import rankdata
+
+    names = sorted({name for r in regions for name in r})
+    n_records = len(acts)
+    if not n_records:
+        return []
+    n_feat = int(np.asarray(acts[0]).shape[-1])
+    if not names:
+        return [[] for _ in range(n_feat)]
+    col = {name: j for j, name in enumerate(names)}
+    maxima = np.zeros((n_records, n_feat))
+    inter = np.zeros((n_records, n_feat, len(names)))  # |active & region| per record
+    active_n = np.zeros((n_records, n_feat))  # |active|
+    region_n = np.zeros((n_records, len(names)))  # |region|
+    for r, (a, reg) in enumerate(zip(acts, regions)):
+        a = np.asarray(a, dtype=np.float64).reshape(-1, n_feat)  # [positions, n]
+        top = a.max(0) if a.shape[0] else np.zeros(n_feat)
+        maxima[r] = top
+        active = (a >= fraction * top) & (top > 0.0)  # [positions, n]; empty where it never fires
+        active_n[r] = active.sum(0)
+        if not reg:
+            continue
+        masks = np.zeros((a.shape[0], len(names)))  # [positions, concepts]
+        for name, mask in reg.items():
+            masks[:, col[name]] = np.asarray(mask, dtype=bool).reshape(-1)
+        region_n[r] = masks.sum(0)
+        inter[r] = active.T.astype(np.float64) @ masks
+    present = region_n > 0  # [R, C]
+    fires = maxima > 0.0  # [R, n]
+    n_present = present.sum(0)  # [C]
+    n_absent = n_records - n_present
+    # IoU over records holding the concept where the feature fires (then the union is not empty)
+    counted = fires[:, :, None] & present[:, None, :]  # [R, n, C]
+    union = active_n[:, :, None] + region_n[:, None, :] - inter
+    ious = np.where(counted, inter / np.where(counted, union, 1.0), 0.0)
+    n_iou = counted.sum(0)  # [n, C]
+    mean_iou = np.where(n_iou > 0, ious.sum(0) / np.maximum(n_iou, 1), math.nan)
+    # AUROC (Mann-Whitney, ties half) of "present" from the record's max, per feature and concept
+    ranks = rankdata(maxima, axis=0)  # [R, n] average ranks over ties
+    pos = present.astype(np.float64)
+    both = (n_present > 0) & (n_absent > 0)
+    u = ranks.T @ pos - n_present * (n_present + 1) / 2.0  # [n, C]
+    area = np.where(both, u / np.maximum(n_present * n_absent, 1), math.nan)
+    # balanced accuracy of "fires" (max > 0) as the prediction of "present"
+    tpr = (fires.T.astype(np.float64) @ pos) / np.maximum(n_present, 1)
+    tnr = ((~fires).T.astype(np.float64) @ (1.0 - pos)) / np.maximum(n_absent, 1)
+    bal = np.where(both, (tpr + tnr) / 2.0, math.nan)
+    return [
+        [ConceptScore(concept=name, side=side, iou=float(mean_iou[f, j]), auroc=float(area[f, j]),
+                      balanced_accuracy=float(bal[f, j]), n_present=int(n_present[j]), n_absent=int(n_absent[j]),
+                      n_iou=int(n_iou[f, j]))
+         for j, name in enumerate(names)]
+        for f in range(n_feat)
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,28 +322,60 @@ def ground_features(
     keys: Sequence[FeatureKey],
     concepts_of: ConceptSource,
     tokenizer: Any,
-    **kwargs: Any,
+    *,
+    min_score: float = MIN_GROUNDING_SCORE,
+    min_records: int = MIN_RECORDS,
+    top: int = 3,
+    fraction: float = ACTIVE_FRACTION,
 ) -> dict[FeatureKey, GroundedExplanation]:
     """`ground_feature` for each feature over held-out records re-run by `token_activations`: the image
-    side on each record's finest patch tile, the text side on its text tokens. kwargs go to
-    `ground_feature` (min_score, top, fraction)."""
-    per_record = []
+    side on each record's finest patch tile, the text side on its text tokens. All features and
+    concepts of a side are scored at once (`score_side`)."""
+    keys = list(keys)
+    sides: dict[str, tuple[list[np.ndarray], list[Mapping[str, np.ndarray]]]] = {"image": ([], []), "text": ([], [])}
     for ra in record_acts:
         text = ra.token_types == int(TokenType.TEXT)  # [T]
         tokens = [tokenizer.decode([int(i)]) for i in ra.input_ids[text].tolist()]
         tile = _finest(ra.tiles) if ra.tiles else None
         grid = ra.tiles[tile][:2] if tile is not None else None
-        per_record.append((ra, text, tile, concepts_of(ra.record, grid, tokens)))
+        concepts = concepts_of(ra.record, grid, tokens)
+        values = torch.stack([ra.activations[key] for key in keys], dim=-1)  # [T, n]
+        if tile is not None:
+            maps = _tile_maps(values[ra.token_types == int(TokenType.IMAGE)], ra.tiles, tile)
+            sides["image"][0].append(maps)  # [rows, cols, n]
+            sides["image"][1].append(_checked(concepts.get("image", {}), maps.shape[:2]))
+        if bool(text.any()):
+            sides["text"][0].append(values[text].numpy())  # [n_text, n]
+            sides["text"][1].append(_checked(concepts.get("text", {}), (int(text.sum()),)))
+    per_feature: list[list[ConceptScore]] = [[] for _ in keys]
+    for side, (acts, regions) in sides.items():
+        for f, scores in enumerate(score_side(side, acts, regions, fraction)):
+            per_feature[f].extend(scores)
+    return {key: _explain(per_feature[f], min_score, min_records, top) for f, key in enumerate(keys)}
+
+
+def _tile_maps(image: torch.Tensor, tiles: Sequence[Tile], tile: int) -> np.ndarray:
+    """[rows, cols, n] the maps of one tile from image-token values [n_image, n] (as `patch_maps`
+    gives each feature's: token order, newline tokens dropped)."""
+    if image.shape[0] != tile_token_count(tiles):
+        patch_maps(image[:, 0], tiles)  # raises, naming the grid and the count
+    start = sum(rows * (cols + int(newline)) for rows, cols, newline in tiles[:tile])
+    rows, cols, newline = tiles[tile]
+    block = image[start : start + rows * (cols + int(newline))].reshape(rows, cols + int(newline), -1)
+    return block[:, :cols].float().numpy()
+
+
+def _checked(regions: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The regions as bool masks, each of the activation map's shape (as `Observation` checks)."""
     out = {}
-    for key in keys:
-        sides: dict[str, list[Observation]] = {"image": [], "text": []}
-        for ra, text, tile, concepts in per_record:
-            if tile is not None:
-                image_map = patch_maps(ra.image_values(key), ra.tiles)[tile].numpy()  # [rows, cols]
-                sides["image"].append(Observation(image_map, concepts.get("image", {})))
-            if bool(text.any()):
-                sides["text"].append(Observation(ra.activations[key][text].numpy(), concepts.get("text", {})))
-        out[key] = ground_feature({s: o for s, o in sides.items() if o}, **kwargs)
+    for name, region in regions.items():
+        region = np.asarray(region, dtype=bool)
+        if region.shape != tuple(shape):
+            raise DataError(
+                f"concept {name!r} has a region of shape {region.shape} but the activation map has "
+                f"shape {tuple(shape)}: map the concept onto the same patch grid (or text positions)"
+            )
+        out[name] = region
     return out
 
 
@@ -323,3 +418,105 @@ def match_share(features: Sequence[tuple[str, GroundedExplanation | Mapping[str,
         hit, n = out.get(task, (0, 0))
         out[task] = (hit + int(match), n + 1)
     return out
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of the proportion k / n (95% by default); (nan, nan) when n = 0."""
+    if n <= 0:
+        return math.nan, math.nan
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _best_of_kinds(grounded: GroundedExplanation, kinds: Sequence[str]) -> ConceptScore | None:
+    return next((c for c in grounded.candidates if c.concept.split("=", 1)[0] in kinds), None)
+
+
+def grounding_table(task_features: Any, grounded: Mapping[FeatureKey, GroundedExplanation]) -> Any:
+    """One row per (task, feature) of `task_features` (columns layer, feature, task) that was
+    grounded: its best concept and scores, whether that concept is of its task's kind, and the best
+    candidate of its task's kinds (TASK_CONCEPT_KINDS). Columns: `GROUNDING`."""
+    import pandas as pd
+
+    rows = []
+    for layer, feature, task in zip(task_features["layer"], task_features["feature"], task_features["task"]):
+        g = grounded.get((int(layer), int(feature)))
+        if g is None:
+            continue
+        best = g.concepts[0] if g.concepts else (g.candidates[0] if g.candidates else None)
+        kinds = TASK_CONCEPT_KINDS.get(str(task))
+        own = _best_of_kinds(g, kinds) if kinds else None
+        match = matches_task(g, str(task))
+
+        def num(c: ConceptScore | None, name: str) -> float:
+            return math.nan if c is None else float(getattr(c, name))
+
+        rows.append({
+            "layer": int(layer), "feature": int(feature), "task": str(task), "found": g.found,
+            "concept": best.concept if best else None,
+            "grounding_score": num(best, "grounding_score"), "iou": num(best, "iou"), "auroc": num(best, "auroc"),
+            "balanced_accuracy": num(best, "balanced_accuracy"),
+            "matches": match,
+            "task_concept": own.concept if own else None,
+            "task_grounding_score": num(own, "grounding_score"), "task_iou": num(own, "iou"),
+            "task_auroc": num(own, "auroc"),
+        })
+    table = pd.DataFrame(rows, columns=list(GROUNDING.names))
+    return GROUNDING.validate(table.astype({"matches": "boolean", "found": bool}))
+
+
+def match_share_table(table: Any) -> Any:
+    """Per task with a prediction, and pooled as "all": the share of its features whose best
+    grounded concept is of the task's kind, with its Wilson 95% interval, and the quartiles of the
+    best concept's AUROC and grounding score (a feature without any scored concept counts as 0).
+    Columns: `MATCH_SHARE`."""
+    import pandas as pd
+
+    judged = table[table["matches"].notna()]
+    rows = []
+    groups = [(str(t), g) for t, g in judged.groupby("task", sort=True)]
+    if groups:
+        groups.append(("all", judged))
+    for task, g in groups:
+        n, k = int(len(g)), int(g["matches"].astype(bool).sum())
+        lo, hi = wilson_interval(k, n)
+        auc = g["auroc"].fillna(0.5).to_numpy()  # no concept present and absent: chance
+        score = g["grounding_score"].fillna(0.0).to_numpy()
+        rows.append({
+            "task": task, "features": n, "matched": k, "share": k / n if n else math.nan, "ci_lo": lo, "ci_hi": hi,
+            "found": int(g["found"].sum()),
+            **{f"auroc_q{q}": float(np.quantile(auc, q / 100)) for q in (25, 50, 75)},
+            **{f"score_q{q}": float(np.quantile(score, q / 100)) for q in (25, 50, 75)},
+        })
+    return MATCH_SHARE.validate(pd.DataFrame(rows, columns=list(MATCH_SHARE.names)))
+
+
+GROUNDING = Artifact("interp/grounding.parquet", "grounding_table", doc=(
+    "Each grounded (task, feature): its best concept on the held-out records and whether it is of the task's kind."),
+    columns=(
+        Column("layer", int), Column("feature", int),
+        Column("task", str, "the detect stage's set (spatial, ocr, safety, ...) or 'adapted'"),
+        Column("found", bool, "a concept reached the grounding score and record counts"),
+        Column("concept", str, "the grounded concept, or the best candidate when none was found; NA if none scored"),
+        Column("grounding_score", float, "min(IoU, 2 AUROC - 1) of `concept`"),
+        Column("iou", float), Column("auroc", float), Column("balanced_accuracy", float),
+        Column("matches", bool, "a concept was found and is of the task's kind (TASK_CONCEPT_KINDS); NA "
+               "for tasks without a prediction"),
+        Column("task_concept", str, "the best candidate of the task's kinds; NA without one"),
+        Column("task_grounding_score", float), Column("task_iou", float), Column("task_auroc", float),
+    ))
+MATCH_SHARE = Artifact("interp/match_share.parquet", "match_share_table", doc=(
+    "The organism's ground-truth check: per task, the share of its features explained by a concept of its kind."),
+    columns=(
+        Column("task", str, "a task with a prediction, or 'all' (every judged task feature)"),
+        Column("features", int), Column("matched", int),
+        Column("share", float, "matched / features"),
+        Column("ci_lo", float, "Wilson 95% interval"), Column("ci_hi", float),
+        Column("found", int, "features with any grounded concept"),
+        Column("auroc_q25", float, "quartiles of the best concept's AUROC (0.5 where none was scored)"),
+        Column("auroc_q50", float), Column("auroc_q75", float),
+        Column("score_q25", float, "quartiles of the best concept's grounding score (0 where none)"),
+        Column("score_q50", float), Column("score_q75", float),
+    ))

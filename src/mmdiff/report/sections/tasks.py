@@ -11,6 +11,7 @@ from typing import Any
 
 from mmdiff.detect import DETECT, TASK_FEATURES
 from mmdiff.diff import ADAPTED
+from mmdiff.interp.grounded import MATCH_SHARE
 from mmdiff.report.sections._common import (
     NOT_RUN,
     Block,
@@ -68,6 +69,15 @@ def tasks_section(run_dir: Path, explanations: Mapping[str, Any]) -> Section:
         section.notes.append(
             "No explanations (interp/explanations.json): the interp stage has not run."
         )
+    share = read(MATCH_SHARE, run_dir, section)
+    if share is not None and len(share):
+        section.blocks.append(Block("Grounded explanations: task features explained by their task's concept", tables=[
+            Table("share of each task's features whose best grounded concept is of its kind (Wilson 95%)",
+                  ["task", "matched / features", "share [95%]", "grounded", "AUROC quartiles", "score quartiles"],
+                  [[r.task, f"{r.matched} / {r.features}", f"{fmt(r.share)} [{fmt(r.ci_lo)}, {fmt(r.ci_hi)}]",
+                    fmt(r.found), f"{fmt(r.auroc_q25)} / {fmt(r.auroc_q50)} / {fmt(r.auroc_q75)}",
+                    f"{fmt(r.score_q25)} / {fmt(r.score_q50)} / {fmt(r.score_q75)}"]
+                   for r in share.itertuples()])]))
     for name in names:
         section.blocks.append(_task_block(run_dir, name, explanations, section))
     return section
