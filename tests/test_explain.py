@@ -202,6 +202,20 @@ def test_llm_explainer_prompt_reply_and_images():
     assert image_part["image_url"]["url"].startswith("data:image/png;base64,")
     # without image support the heatmap is left out and the message is plain text
     assert isinstance(second["messages"][1]["content"], str)
+    assert "annotated concepts" not in text  # no grounded evidence given, none shown
+
+
+def test_llm_explainer_gets_the_grounded_evidence_as_context():
+    import dataclasses
+
+    evidence = dataclasses.replace(
+        hand_made_evidence(), grounded="relation=left of (text: IoU 0.91, AUROC 0.97, balanced accuracy 0.88)")
+    with FakeOpenAI(lambda body, i: Reply(json.dumps(GOOD_REPLY))) as srv:
+        with LLMClient(fast_config(srv.base_url, supports_images=False)) as client:
+            LLMExplainer(client).explain(evidence)
+    text = srv.requests[0]["messages"][1]["content"]
+    assert ("Measured on held-out records with annotated concepts (IoU of where it fires with the concept's region, "
+            "AUROC of the concept's presence): relation=left of (text: IoU 0.91, AUROC 0.97") in text
 
 
 def test_llm_explainer_rejects_out_of_range_confidence():

@@ -294,9 +294,19 @@ def test_write_interp_grounds_explanations_on_organism_records(tmp_path):
     records = [shapes.make_record("train", fam, i) for fam in ("colour", "spatial_yesno", "ocr") for i in range(2)]
     features = pd.DataFrame({"layer": [1, 1], "feature": [0, 3]})
     tasks = pd.DataFrame({"layer": [1, 1, 1], "feature": [0, 3, 3], "task": ["ocr", "ocr", "spatial"]})
+    from mmdiff.interp.explain import OfflineExplainer
+
+    class Recorder(OfflineExplainer):  # stands in for the LLM explainer: what context did it get?
+        seen: list = []
+
+        def explain(self, evidence):
+            self.seen.append(evidence.grounded)
+            return super().explain(evidence)
+
     paths = write_interp(adapter, {1: sae}, features, {"organism": records[:3]}, tmp_path / "interp", k=2,
                          grounding=organism_concepts, grounding_records=records, task_features=tasks,
-                         progress=False)
+                         explainer=Recorder(), progress=False)
+    assert Recorder.seen and all(g and ("IoU" in g or g.startswith(NO_CONCEPT)) for g in Recorder.seen)
     # every (task, feature) pair is grounded and judged; the share table reads it back
     table = GROUNDING.read(tmp_path).table
     assert list(zip(table.task, table.feature)) == [("ocr", 0), ("ocr", 3), ("spatial", 3)]

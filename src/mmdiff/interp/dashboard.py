@@ -15,6 +15,7 @@ captions, tokens, explanations) is escaped, and nothing from data is ever marked
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -334,6 +335,21 @@ def write_interp(
         adapter, saes, keys, sources, k=k, heatmaps=heatmaps, batch_size=batch_size, progress=progress,
         top=top, mass=mass,
     )
+    grounded_tables = {}
+    grounded = {}
+    if grounding is not None and grounding_records:  # grounded first: the LLM explainer gets it as context
+        from mmdiff.interp.examples import token_activations, tokenizer_of
+        from mmdiff.interp.grounded import GROUNDING, MATCH_SHARE, ground_features, grounding_table, match_share_table
+
+        rerun = token_activations(adapter, saes, grounding_records, keys, batch_size=batch_size, progress=progress)
+        grounded = ground_features(rerun, keys, grounding, tokenizer_of(adapter))
+        for key, g in grounded.items():
+            collected.evidence[key] = dataclasses.replace(collected.evidence[key], grounded=g.text)
+        if task_features is None and "task" in features.columns:
+            task_features = features
+        if task_features is not None:
+            table = grounding_table(task_features, grounded)
+            grounded_tables = {GROUNDING: table, MATCH_SHARE: match_share_table(table)}
     explainer = explainer or OfflineExplainer()
     fired = [key for key in keys if collected.evidence[key].examples]
     evidences = [collected.evidence[key] for key in fired]
@@ -342,21 +358,8 @@ def write_interp(
     else:
         explained = [explainer.explain(ev) for ev in evidences]
     explanations = dict(zip(fired, explained))
-    grounded_tables = {}
-    if grounding is not None and grounding_records:
-        import dataclasses
-
-        from mmdiff.interp.examples import token_activations, tokenizer_of
-        from mmdiff.interp.grounded import GROUNDING, MATCH_SHARE, ground_features, grounding_table, match_share_table
-
-        rerun = token_activations(adapter, saes, grounding_records, keys, batch_size=batch_size, progress=progress)
-        grounded = ground_features(rerun, keys, grounding, tokenizer_of(adapter))
+    if grounded:
         explanations = {key: dataclasses.replace(ex, grounded=grounded[key].to_dict()) for key, ex in explanations.items()}
-        if task_features is None and "task" in features.columns:
-            task_features = features
-        if task_features is not None:
-            table = grounding_table(task_features, grounded)
-            grounded_tables = {GROUNDING: table, MATCH_SHARE: match_share_table(table)}
     all_tables = {"selection": features, **dict(tables or {})}
     by_id = {record.id: record for records in sources.values() for record in records}
     cards = []

@@ -175,6 +175,9 @@ class FeatureEvidence:
     image_share: float | None = (
         None  # share of activation mass on image tokens; None = from examples
     )
+    # the grounded explanation's text (interp.grounded: concepts with IoU / AUROC on held-out
+    # annotated records, or "no grounded concept found"); None when nothing was grounded
+    grounded: str | None = None
 
     def image_token_share(self) -> float:
         """Share of the positive activation mass (special tokens excluded) on image tokens."""
@@ -411,6 +414,11 @@ class LLMExplainer:
         if evidence.promoted_tokens:
             toks = ", ".join(repr(t) for t, _ in evidence.promoted_tokens[:10])
             lines.append(f"Tokens the feature promotes through the unembedding: {toks}.")
+        if evidence.grounded:
+            lines.append(
+                "Measured on held-out records with annotated concepts (IoU of where it fires with the "
+                f"concept's region, AUROC of the concept's presence): {evidence.grounded}."
+            )
         images: list[bytes] = []
         if self.client.supports_images:
             images = [e.heatmap_png for e in examples if e.heatmap_png][: self.max_images]
