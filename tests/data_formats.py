@@ -115,6 +115,8 @@ VSR_ROWS = [
         "caption": "The cat is left of the dog.",
         "label": 1,
         "relation": "left of",
+        "subj": "cat",
+        "obj": "dog",
     },
     {
         "image": "000000000002.jpg",

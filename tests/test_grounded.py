@@ -342,6 +342,18 @@ def test_grounding_source_reads_held_out_organism_records(tmp_path):
     assert len({r.meta["family"] for r in records}) >= 8  # evenly spaced, not the first families only
     off = cfg.model_copy(update={"interp": cfg.interp.model_copy(update={"grounding": None})})
     assert grounding_source(StageContext(tmp_path, off, stage)) == (None, [])
+    # with COCO instances, the grounding dataset's records whose image they annotate
+    from mmdiff.data.loaders.coco_instances import CocoConcepts
+    from mmdiff.data.records import Record
+
+    path = tmp_path / "instances_val2014.json"
+    path.write_text(json.dumps({"images": [{"id": 7, "file_name": "a.jpg", "width": 10, "height": 10}],
+                                "annotations": [], "categories": []}))
+    coco = cfg.model_copy(update={"interp": cfg.interp.model_copy(update={"grounding_coco": [str(path)]})})
+    ctx = StageContext(tmp_path, coco, stage)
+    ctx.cache["records:validation"] = [Record(f"v{i}", "What?", meta={"image_id": 7 if i % 2 else 8}) for i in range(6)]
+    source, held_out = grounding_source(ctx)
+    assert isinstance(source, CocoConcepts) and [r.id for r in held_out] == ["v1", "v3", "v5"]
 
 
 def test_match_share_counts_features_explained_by_their_tasks_concept():
@@ -392,3 +404,34 @@ def test_wilson_interval_known_values():
     assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
     assert all(math.isnan(x) for x in wilson_interval(0, 0))
+
+
+def test_coco_concepts_of_vsr_and_vqav2_records_by_image_id(tmp_path):
+    from mmdiff.data.loaders.coco_instances import CocoConcepts
+    from mmdiff.data.records import Record
+
+    images = [{"id": 1, "file_name": "000000000001.jpg", "width": 640, "height": 480},
+              {"id": 2, "file_name": "000000000002.jpg", "width": 300, "height": 600}]
+    anns = [{"id": 10, "image_id": 1, "category_id": 17, "bbox": [0, 0, 320, 480], "iscrowd": 0},  # cat: left half
+            {"id": 11, "image_id": 1, "category_id": 18, "bbox": [320, 0, 320, 480], "iscrowd": 0},  # dog: right half
+            {"id": 12, "image_id": 2, "category_id": 6, "bbox": [0, 300, 300, 300], "iscrowd": 0}]  # bus: bottom half
+    cats = [{"id": 17, "name": "cat"}, {"id": 18, "name": "dog"}, {"id": 6, "name": "bus"}]
+    path = tmp_path / "instances_train2017.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    source = CocoConcepts(load_coco_instances(path))
+    vsr = Record("vsr/0", "Is the cat left of the dog?",
+                 meta={"image_id": 1, "relation": "left of", "subject": "cat", "object": "dog"})
+    vqa = Record("vqa/0", "What colour is the bus?", meta={"image_id": 2, "question_id": 5})
+    elsewhere = Record("vqa/1", "What?", meta={"image_id": 99})
+    assert source.covers(vsr) and source.covers(vqa) and not source.covers(elsewhere)
+    tokens = ["is", "the", "cat", "left", "of", "the", "dog", "?"]
+    got = source(vsr, (4, 6), tokens)
+    assert got["image"]["subject"][:, :3].all() and not got["image"]["subject"][:, 3:].any()
+    assert (got["image"]["related"] == got["image"]["category=dog"]).all()
+    assert got["text"]["relation=left of"].nonzero()[0].tolist() == [3, 4]
+    assert got["text"]["subject"].nonzero()[0].tolist() == [2] and got["text"]["related"].nonzero()[0].tolist() == [6]
+    bus = source(vqa, (6, 3), ["what", "colour", "is", "the", "bus", "?"])  # a tall image on a 6 x 3 grid
+    assert bus["image"]["category=bus"][3:].all() and not bus["image"]["category=bus"][:3].any()
+    assert bus["text"]["category=bus"].nonzero()[0].tolist() == [4] and "subject" not in bus["image"]
+    assert source(elsewhere, (2, 2), ["what", "?"]) == {"image": {}, "text": {}}
+    assert source(vsr, None, tokens)["image"] == {}  # a record without image tokens: the text side only

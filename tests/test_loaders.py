@@ -151,7 +151,10 @@ def test_vsr(tmp_path):
         "label": False,
         "relation": "under",
         "image_id": 2,
+        "subject": None,  # this line names no related objects
+        "object": None,
     }
+    assert (recs[0].meta["subject"], recs[0].meta["object"]) == ("cat", "dog")  # VSR's subj / obj
     assert recs[0].image == paths["images"] / "train2017" / "000000000001.jpg"
     assert recs[0].id == "vsr/test/0"
     assert [r.id for r in relation_subset(recs, ["Under", "behind"])] == ["vsr/test/1", "vsr/test/2"]

@@ -240,6 +240,10 @@ class InterpSpec(Section):
         "Dataset of held-out records whose annotations (the organism's scenes and questions) ground every "
         "explanation with IoU and detection AUROC (docs/method.md#grounded-explanations); None = no grounded scores."))
     grounding_records: int = Field(96, ge=1, description="At most this many of its records, evenly spaced.")
+    grounding_coco: list[str] | None = Field(None, description=(
+        "COCO instances files (annotations/instances_{train,val}{2014,2017}.json): the `grounding` records whose "
+        "meta image_id they annotate (VQAv2, VSR) are grounded on their boxes (one concept per category, VSR's two "
+        "related objects, the asked relation); None = the organism's scene metadata."))
 
 
 class ConceptsSpec(Section):

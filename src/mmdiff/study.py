@@ -351,16 +351,24 @@ def kept_top_records(stats_dir: Path, split_of: dict[str, str], sources: dict[st
 
 def grounding_source(ctx: StageContext) -> tuple[Any, list[Record]]:
     """(concept source, held-out records) grounding the explanations: the organism's scene and
-    question concepts on at most `interp.grounding_records` evenly spaced records of `interp.grounding`;
-    (None, []) when none is configured or its records carry no annotations the explainer reads."""
+    question concepts, or with `interp.grounding_coco` the COCO boxes of the records' images, on at
+    most `interp.grounding_records` evenly spaced records of `interp.grounding`; (None, []) when none
+    is configured or its records carry no annotations the explainer reads."""
     from mmdiff.data.loaders.scene_concepts import organism_concepts
 
     it = ctx.config.interp
     if it.grounding is None:
         return None, []
-    records = [r for r in get_records(ctx, it.grounding) if "scene" in (r.meta or {})]
+    source: Any = organism_concepts
+    if it.grounding_coco:
+        from mmdiff.data.loaders.coco_instances import CocoConcepts, load_coco_instances
+
+        source = CocoConcepts(load_coco_instances(it.grounding_coco))
+        records = [r for r in get_records(ctx, it.grounding) if source.covers(r)]
+    else:
+        records = [r for r in get_records(ctx, it.grounding) if "scene" in (r.meta or {})]
     step = max(1, -(-len(records) // it.grounding_records))
-    return (organism_concepts, records[::step]) if records else (None, [])
+    return (source, records[::step]) if records else (None, [])
 
 
 def _control_common(ctx: StageContext) -> tuple[Any, list[str], dict[str, Any]]:

@@ -10,14 +10,15 @@ is. The VQAv2 and VSR images are COCO images, so their records' image ids find t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mmdiff.data.loaders._common import existing_file, expect_type, read_json, require
-from mmdiff.data.regions import MIN_COVER, Grid, box_cover, region, union_regions
+from mmdiff.data.records import Record
+from mmdiff.data.regions import MIN_COVER, Grid, box_cover, region, text_regions, union_regions
 from mmdiff.errors import DataError
 
 
@@ -103,3 +104,41 @@ def coco_concepts(image: CocoImage, grid: Grid, min_cover: float = MIN_COVER) ->
         cover = box_cover(inst.bbox, (image.width, image.height), grid)
         parts.setdefault(f"category={inst.category}", []).append(region(cover, min_cover))
     return union_regions(parts)
+
+
+@dataclass(frozen=True)
+class CocoConcepts:
+    """The grounded explainer's concept source for records of COCO images (VQAv2, VSR), found by
+    their meta "image_id" in `images` (`load_coco_instances`).
+
+    Image side: one "category=<name>" region per annotated category (`coco_concepts`), and for a
+    VSR record (meta "subject" / "object", its two related objects) "subject" and "related", the
+    regions of those categories. Text side: the asked relation ("relation=<phrase>", meta
+    "relation"), "subject" / "related" where the question names them, and "category=<name>" for each
+    of the image's categories the question names. A record whose image is not in `images` has none.
+    """
+
+    images: Mapping[int, CocoImage]
+    min_cover: float = MIN_COVER
+
+    def covers(self, record: Record) -> bool:
+        """Whether the record's image has annotations here."""
+        return (record.meta or {}).get("image_id") in self.images
+
+    def __call__(self, record: Record, grid: Grid | None, tokens: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+        meta = record.meta or {}
+        image = self.images.get(meta.get("image_id"))  # type: ignore[arg-type]
+        if image is None:
+            return {"image": {}, "text": {}}
+        regions = coco_concepts(image, grid, self.min_cover) if grid is not None else {}
+        names = {inst.category for inst in image.instances}
+        phrases = {f"category={name}": name for name in sorted(names)}
+        for role, field_name in (("subject", "subject"), ("related", "object")):
+            name = meta.get(field_name)
+            if isinstance(name, str) and name:
+                phrases[role] = name
+                if f"category={name}" in regions:
+                    regions[role] = regions[f"category={name}"]
+        if isinstance(meta.get("relation"), str) and meta["relation"]:
+            phrases[f"relation={meta['relation']}"] = meta["relation"]
+        return {"image": regions, "text": text_regions(tokens, phrases)}

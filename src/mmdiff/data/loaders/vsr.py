@@ -61,7 +61,8 @@ def load_vsr(
 ) -> list[Record]:
     """VSR records tagged (yesno, spatial): question from the statement, answers ["yes"] or ["no"].
 
-    path:     a VSR split jsonl, lines {"image", "caption", "label", "relation", ...}
+    path:     a VSR split jsonl, lines {"image", "caption", "label", "relation", ...}; the optional
+              "subj" and "obj" (the two related objects) go to meta "subject" / "object"
     images:   folder of the COCO 2017 images (the file named by "image", directly or under
               train2017/ or val2017/)
     captions: COCO 2017 caption JSON(s). VSR's own "caption" is a claim that may be false, so it never
@@ -80,11 +81,13 @@ def load_vsr(
                 require(row, "caption", jpath, rec, str),
                 _label(require(row, "label", jpath, rec), jpath, rec),
                 require(row, "relation", jpath, rec, str),
+                row.get("subj") if isinstance(row.get("subj"), str) else None,
+                row.get("obj") if isinstance(row.get("obj"), str) else None,
             )
         )
     caps = load_coco_captions(captions) if captions is not None else {}
     records = []
-    for i, image_name, statement, label, relation in progress(
+    for i, image_name, statement, label, relation, subject, obj in progress(
         subsample(parsed, limit, seed), "VSR records"
     ):
         rec = f"line {i + 1} ({image_name})"
@@ -110,6 +113,8 @@ def load_vsr(
                     "label": label,
                     "relation": relation,
                     "image_id": image_id,
+                    "subject": subject,  # the two related objects (COCO category names), when given
+                    "object": obj,
                 },
             )
         )
