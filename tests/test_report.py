@@ -552,9 +552,10 @@ def test_concept_shift_section(full_run):
     concepts = section_html(full_run[2], "concepts")
     assert "every number below is in-sample" in concepts  # no held-out records
     # per (split, shift, alpha): mean KL over the 3 records with its interval; alpha 1 concept: 0.6
-    assert "<td>0.60 [0.50, 0.70]</td>" in concepts and "<td>1.40 [1.30, 1.50]</td>" in concepts  # two digits of the width
+    # two digits of the interval's width; numbers right-aligned
+    assert '<td class="num">0.60 [0.50, 0.70]</td>' in concepts and '<td class="num">1.40 [1.30, 1.50]</td>' in concepts
     # concept minus mean shift at alpha 1, paired over the records: 0.6 - 1.4 = -0.8
-    assert "<td>-0.80 [-1.00, -0.70]</td>" in concepts
+    assert '<td class="num">-0.80 [-1.00, -0.70]</td>' in concepts
     assert SCRIPT not in concepts and "&lt;script&gt;" in concepts  # token text escaped
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
     from mmdiff.config import StudyConfig
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+# a cell that is a number, maybe with its interval and significance star: right-aligned
+NUMERIC = re.compile(r"[▶ ]*(< )?[+\-−]?(\d[\d,]*\.?\d*(e[+\-]?\d+)?%?|–|∞)( \[[^\]]*\])?( \*)?")
 REPORT_FILE = "index.html"
 
 
@@ -65,6 +68,7 @@ def _environment() -> Any:
         lstrip_blocks=True,
     )
     env.tests["link"] = lambda v: isinstance(v, Link)
+    env.tests["numeric"] = lambda v: isinstance(v, str) and NUMERIC.fullmatch(v) is not None
     return env
 
 
@@ -258,8 +262,6 @@ def removal_examples(run_dir: Path, section: Section) -> dict[str, list[dict[str
 
 
 def _is_base64(text: str) -> bool:
-    import re
-
     return re.fullmatch(r"[A-Za-z0-9+/=]+", text) is not None
 
 
