@@ -275,6 +275,27 @@ class ControlSpec(Section):
     steer_positions: Literal["text", "image", "all"] = Field("all")
     n_boot: int = Field(2000, ge=100, description="Bootstrap resamples per confidence interval.")
     batch_size: int = Field(16, ge=1)
+    general_task: str | None = Field("vqa", description=(
+        "The evaluation task that stands for general VQA in the removal analyses (set variants, single "
+        "features, dose-response, pipeline ablation); None = none."))
+    benign_task: str | None = Field("existence", description=(
+        "A task no task set is about, scored as the benign control of the set variants and single features; "
+        "None = none."))
+    variant_positions: list[Literal["text", "image", "all"]] = Field(default_factory=lambda: ["text", "all"], description=(
+        "Each task set in full and its own features (minus the other sets) removed at each of these "
+        "position kinds, side by side (eval/set_variants.parquet); [] = not run."))
+    analysis_positions: Literal["text", "image", "all"] | None = Field(None, description=(
+        "Where single features, dose steps and pipeline-stage sets are removed; None = `positions`."))
+    single_top: int = Field(5, ge=0, description=(
+        "The top features of each task set by delta_p, each removed alone (eval/single_features.parquet); "
+        "0 = not run."))
+    dose_response: bool = Field(True, description=(
+        "Remove the top 1, 2, 4, ... features of each set (and the whole set) against random sets of the "
+        "same size (eval/dose_response.parquet)."))
+    dose_max: int | None = Field(None, ge=1, description="The dose-response's largest step; None = the whole set.")
+    analysis_records: int | None = Field(None, ge=2, description=(
+        "Score the analyses on n evenly spaced records of each task (general VQA has one task per family); "
+        "None = all of them."))
 
 
 class StudyConfig(Section):
@@ -339,7 +360,9 @@ def default_config() -> StudyConfig:
     Sized to finish in minutes on a 2-core laptop CPU: 4 layers of a 128-wide model, 1,024-latent
     SAEs, a few hundred records per split of the procedural shapes world; the control stages
     evaluate on their own 200 records per task ("eval", drawn from the test split), in batches of
-    128 (generation on this model costs per step, not per record).
+    128 (generation on this model costs per step, not per record). The removal analyses remove at all
+    positions (the task features fire mostly on image tokens: the lexical filter keeps those), take the
+    top 3 single features and score 200 records per task (general VQA's 600 evenly thinned).
     """
 
     def shapes(split: str, n: int) -> DatasetSpec:
@@ -359,7 +382,8 @@ def default_config() -> StudyConfig:
         stats=StatsSpec(neutral_instruction="describe the image .", batch_size=32),
         attribution=AttributionSpec(top_k=4, n_calibration=64, exact=True, max_features=12),
         interp=InterpSpec(k=6, max_adapted=8, grounding="validation"),
-        control=ControlSpec(test="eval", n_random=3, alphas=[-2.0, -1.0, 0.0, 1.0, 2.0], batch_size=128),
+        control=ControlSpec(test="eval", n_random=3, alphas=[-2.0, -1.0, 0.0, 1.0, 2.0], batch_size=128,
+                            analysis_positions="all", single_top=3, analysis_records=200),
         concepts=ConceptsSpec(k=10),
     )
 

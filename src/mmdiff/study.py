@@ -384,17 +384,33 @@ def stage_ablate(ctx: StageContext) -> dict[str, Any]:
     """Remove each task set and measure every task, beside matched random and mismatched controls.
 
     A set is removed by projecting out its decoder directions; the controls are frequency-matched
-    random features and the other tasks' sets, with bootstrap CIs.
+    random features and the other tasks' sets, with bootstrap CIs. Then the analyses on the same
+    clean pass: each set's own features and the full set at text and at all positions, single
+    features, dose-response.
     """
+    from mmdiff.control.analyses import run_analyses
+    from mmdiff.control.evaluator import Evaluator
     from mmdiff.control.removal import run_removal
+    from mmdiff.control.tasks import study_eval_tasks
 
     c = ctx.config.control
     adapter, present, common = _control_common(ctx)
-    run_removal(ctx.run_dir, adapter, get_records(ctx, c.test), tasks=present, positions=c.positions,
-                n_random=c.n_random, n_bins=c.n_bins, **common)
+    eval_tasks = study_eval_tasks(get_records(ctx, c.test))
+    ev = Evaluator(adapter, eval_tasks, batch_size=c.batch_size, progress=ctx.progress)
+    run_removal(ctx.run_dir, adapter, eval_tasks, tasks=present, positions=c.positions,
+                n_random=c.n_random, n_bins=c.n_bins, evaluator=ev, **common)
+    analyses = run_analyses(
+        ctx.run_dir, ev, tasks=present, role=common["role"], stats_split=common["stats_split"],
+        positions=c.analysis_positions or c.positions, variant_positions=c.variant_positions,
+        single_top=c.single_top, dose=c.dose_response, dose_max=c.dose_max, general=c.general_task,
+        benign=c.benign_task, n_records=c.analysis_records, n_random=c.n_random, seed=common["seed"],
+        n_bins=c.n_bins, n_boot=c.n_boot,
+    ) if present else {}
     effects = pd.read_parquet(ctx.run_dir / "eval" / "effects.parquet")
     cols = ["intervention", "eval_task", "effect", "ci_lo", "ci_hi", "control_effect"]
-    return {"task_sets": present, "effects": effects[cols].round(4).to_dict(orient="records")}
+    return {"task_sets": present, "effects": effects[cols].round(4).to_dict(orient="records"),
+            "cpu_seconds": {"removal": round(ev.cpu_seconds.get("removal", 0.0), 1),
+                            **{k: v["cpu_seconds"] for k, v in analyses.items()}}}
 
 
 def stage_steer(ctx: StageContext) -> dict[str, Any]:

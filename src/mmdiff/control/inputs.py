@@ -96,3 +96,19 @@ def check_stats_fit(stats: Any, saes: dict[int, Any]) -> None:
                 f"layer {layer}: statistics have {stats.d_sae(layer)} features, the SAE {int(sae.W_dec.shape[0])}: "
                 "are they of another SAE role?"
             )
+
+
+def load_removal_inputs(
+    run_dir: str | Path, adapter: Any, tasks: Sequence[str] | None, role: str, stats_split: str | None
+) -> tuple[dict[str, pd.DataFrame], dict[int, Any], Any]:
+    """(task sets, {layer: SAE} of the role at the sets' layers on the VLM's device, statistics of
+    `stats_split` checked against them, or None): what every removal of a run reads."""
+    task_sets = load_task_sets(run_dir, tasks)
+    backbone = adapter.backbone("vlm")
+    layers = {int(L) for p in task_sets.values() for L in p["layer"].unique()}
+    saes = load_role_saes(run_dir, role, layers, d_in=backbone.d_model, device=backbone.device)
+    stats = None
+    if stats_split is not None:
+        stats = load_stats(run_dir, stats_split)
+        check_stats_fit(stats, saes)
+    return task_sets, saes, stats

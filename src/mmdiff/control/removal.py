@@ -22,13 +22,7 @@ import pandas as pd
 import torch
 
 from mmdiff.control.outputs import write_table
-from mmdiff.control._evaluate import (
-    check_positions,
-    check_yesno_metric,
-    evaluate_under,
-    progress_bar,
-    record_scores,
-)
+from mmdiff.control._evaluate import check_positions, check_yesno_metric, progress_bar
 from mmdiff.control.controls import (
     feature_pairs,
     features_by_layer,
@@ -36,12 +30,11 @@ from mmdiff.control.controls import (
     matched_random_features,
     mismatched_pairs,
 )
+from mmdiff.control.evaluator import Evaluator, effect_columns
 from mmdiff.control.tasks import answer_floor, metric_name
 from mmdiff.errors import ConfigError, DataError
-from mmdiff.evals.bootstrap import bootstrap_mean, paired_effect
+from mmdiff.evals.bootstrap import bootstrap_mean
 from mmdiff.evals.harness import EvalTask
-from mmdiff.evals.power import paired_mde
-from mmdiff.interventions import ablate_features, decoder_directions
 from mmdiff.models.base import TokenType
 from mmdiff.schema import Artifact, Column
 
@@ -58,6 +51,16 @@ def _legacy_kind(df: pd.DataFrame) -> np.ndarray:
     return np.where(removal & control, CONTROL_MISMATCHED, np.where(removal, REMOVAL, OTHER))
 
 
+SCORE_COLUMNS = (
+    Column("metric", str, "the eval task's metric"),
+    Column("baseline", float, "clean score"),
+    Column("treated", float, "score with the set removed"),
+    Column("effect", float, "mean per-record treated - clean"),
+    Column("ci_lo", float, "95% paired bootstrap interval of the effect"),
+    Column("ci_hi", float),
+)
+"""The columns of a removal's score and effect, in every removal table (here and control.analyses)."""
+
 EFFECTS = Artifact(
     "eval/effects.parquet",
     "removal_experiment",
@@ -73,12 +76,7 @@ EFFECTS = Artifact(
         }),
         Column("target_task", str, "the task whose features (or whose control) were removed"),
         Column("eval_task", str, "the task evaluated"),
-        Column("metric", str, "the eval task's metric"),
-        Column("baseline", float, "clean score"),
-        Column("treated", float, "score with the set removed"),
-        Column("effect", float, "mean per-record treated - clean"),
-        Column("ci_lo", float, "95% paired bootstrap interval of the effect"),
-        Column("ci_hi", float),
+        *SCORE_COLUMNS,
         Column("control", str, "the random control's description, 'none' without one"),
         Column("control_effect", float, "the same for the random control (mean over its draws)"),
         Column("control_ci_lo", float),
@@ -171,16 +169,6 @@ N_EXAMPLES = 2
 """Qualitative examples per task set (effects.json "examples"), chosen by `choose_examples`."""
 
 
-def _ablation(saes: Mapping[int, Any], pairs: pd.DataFrame, positions: str):
-    """A builder (backbone, token types) -> ablate_features over the decoder rows of `pairs`."""
-    directions = decoder_directions(saes, features_by_layer(pairs))  # {layer: [n, d_model]}
-
-    def build(backbone, token_types):
-        return ablate_features(backbone, directions, positions=positions, token_types=token_types)
-
-    return build
-
-
 def _check_inputs(
     saes: Mapping[int, Any],
     task_sets: Mapping[str, pd.DataFrame],
@@ -232,6 +220,7 @@ def removal_experiment(
     batch_size: int = 16,
     control_records: str = "split",
     progress: bool = True,
+    evaluator: Evaluator | None = None,
 ) -> pd.DataFrame:
     """The effects table: one row per (task set, eval task), plus mismatched-control rows.
 
@@ -246,6 +235,8 @@ def removal_experiment(
     control_records: "split" scores record i of each task under random draw i mod n_random (the
     draws' mean effect, unbiased, for the cost of one evaluation); "every" scores every draw on
     every record (the per-record mean over draws, n_random evaluations).
+    evaluator: an `Evaluator` over the same eval_tasks to share (its clean pass and removals serve
+    the stage's other analyses); None makes one from yesno_metric, batch_size and progress.
     Columns: EFFECTS; effects are treated - clean, CIs are 95% paired bootstrap intervals.
     """
     check_positions(positions)
@@ -282,71 +273,41 @@ def removal_experiment(
         else []
         for name, pairs in sets.items()
     }
-    cache: dict[tuple, _Scores] = {}
+    if evaluator is None:
+        evaluator = Evaluator(
+            adapter, eval_tasks, yesno_metric=yesno_metric, batch_size=batch_size, progress=progress
+        )
     n_runs = 1 + len(sets) * (2 if split else 1 + n_random)
-    with progress_bar(progress) as bar:
+    with progress_bar(progress) as bar, evaluator.charged_to("removal"):
         overall = bar.add_task("removal experiments", total=n_runs)
+        before, evaluator.bar = evaluator.bar, bar
 
-        def run(key: tuple | None, build, label: str, builds: Sequence[Any] = ()) -> _Scores:
-            """Every task under `build`; or, with `builds`, record i under builds[i mod len]."""
-            if key in cache:
-                bar.advance(overall)
-                return cache[key]
-            parts = list(builds) or [build]
-            by_task, answers, p_right = {}, {}, {}
-            for tname, task in eval_tasks.items():
-                scores = np.empty(len(task.records), dtype=np.float64)
-                preds: list[str] = [""] * len(task.records)
-                p_corr = np.full(len(task.records), np.nan)
-                for d, b in enumerate(parts):
-                    sub = list(task.records[d :: len(parts)])
-                    if not sub:
-                        continue
-                    res = evaluate_under(
-                        adapter,
-                        dataclasses.replace(task, records=sub),
-                        b,
-                        "all" if b is None else positions,  # type: ignore[arg-type]
-                        batch_size=batch_size,
-                        bar=bar,
-                        description=f"{label}: {tname}",
-                    )
-                    scores[d :: len(parts)] = record_scores(res, yesno_metric)
-                    preds[d :: len(parts)] = [str(p) for p in res.predictions] or [""] * len(sub)
-                    if res.p_correct:
-                        p_corr[d :: len(parts)] = res.p_correct
-                by_task[tname], answers[tname], p_right[tname] = scores, preds, p_corr
-            cache[key] = _Scores(by_task, answers, p_right)
+        def run(draw_sets: Sequence[pd.DataFrame], label: str) -> _Scores:
+            """Every task with record i under draw_sets[i mod len] removed (none: clean)."""
+            got = {
+                tname: evaluator.outcome(tname, saes, draw_sets, positions, label=label)
+                for tname in eval_tasks
+            }
             bar.advance(overall)
-            return cache[key]
-
-        def key_of(pairs: pd.DataFrame) -> tuple:
-            return (
-                "ablate",
-                positions,
-                tuple(map(tuple, pairs[["layer", "feature"]].to_numpy().tolist())),
+            return _Scores(
+                {t: o.scores for t, o in got.items()},
+                {t: list(o.predictions) for t, o in got.items()},
+                {t: o.p_correct for t, o in got.items()},
             )
 
-        clean = run(None, None, "clean")
-        treated = {
-            name: run(key_of(p), _ablation(saes, p, positions), f"remove {name}")
-            for name, p in sets.items()
-        }
-        controls: dict[str, list[_Scores]] = {}
-        for name in sets:
-            if split and draws[name]:
-                key = ("split",) + tuple(key_of(feature_pairs(d)) for d in draws[name])
-                builds = [_ablation(saes, d, positions) for d in draws[name]]
-                controls[name] = [run(key, None, f"random controls for {name}", builds)]
-                continue
-            controls[name] = [
-                run(
-                    key_of(feature_pairs(d)),
-                    _ablation(saes, d, positions),
-                    f"random control {i + 1} for {name}",
-                )
-                for i, d in enumerate(draws[name])
-            ]
+        try:
+            clean = run([], "clean")
+            treated = {name: run([p], f"remove {name}") for name, p in sets.items()}
+            controls: dict[str, list[_Scores]] = {}
+            for name in sets:
+                if split and draws[name]:
+                    controls[name] = [run(draws[name], f"random controls for {name}")]
+                    continue
+                controls[name] = [
+                    run([d], f"random control {i + 1} for {name}") for i, d in enumerate(draws[name])
+                ]
+        finally:
+            evaluator.bar = before
 
     mass = {
         name: mass_at_positions(stats, p, positions) if stats is not None else math.nan
@@ -362,46 +323,23 @@ def removal_experiment(
         for tname, task in eval_tasks.items():
             base = clean.by_task[tname]
             tr = treated[set_name].by_task[tname]
-            eff = paired_effect(tr, base, n_boot=n_boot, seed=seed)
+            ctrl = (
+                np.mean([c.by_task[tname] for c in controls[set_name]], axis=0)  # [n_records]
+                if controls[set_name]
+                else None
+            )
+            cols = effect_columns(tr, base, ctrl, n_boot=n_boot, seed=seed)
             row: dict[str, Any] = {
                 "intervention": intervention,
                 "kind": kind,
                 "target_task": target,
                 "eval_task": tname,
                 "metric": metric_name(task, yesno_metric),
-                "baseline": float(base.mean()),
-                "treated": float(tr.mean()),
-                "effect": eff.mean,
-                "ci_lo": eff.lo,
-                "ci_hi": eff.hi,
+                **cols,
+                "control": control_name if ctrl is not None else "none",
             }
-            if controls[set_name]:
-                ctrl = np.mean(
-                    [c.by_task[tname] for c in controls[set_name]], axis=0
-                )  # [n_records]
-                ce = paired_effect(ctrl, base, n_boot=n_boot, seed=seed)
-                sel = paired_effect(tr, ctrl, n_boot=n_boot, seed=seed)  # (tr - base) - (ctrl - base)
-                row.update(
-                    control=control_name,
-                    control_effect=ce.mean,
-                    control_ci_lo=ce.lo,
-                    control_ci_hi=ce.hi,
-                )
-            else:
-                sel = None
-                row.update(
-                    control="none",
-                    control_effect=np.nan,
-                    control_ci_lo=np.nan,
-                    control_ci_hi=np.nan,
-                )
-            row["n"] = int(base.size)
             row["baseline_ci_lo"] = clean_lo[tname]
             row["floor"] = floors[tname].score if floors[tname] is not None else np.nan
-            row["mde"] = paired_mde(tr, base)
-            row["selectivity"] = sel.mean if sel is not None else np.nan
-            row["selectivity_ci_lo"] = sel.lo if sel is not None else np.nan
-            row["selectivity_ci_hi"] = sel.hi if sel is not None else np.nan
             row["mass_at_positions"] = mass[set_name]
             out.append(row)
         return out
@@ -565,7 +503,7 @@ def run_removal(
     control for relation-specific features) as tasks of their own. Other keyword arguments go to
     `removal_experiment`. Writes effects.parquet and effects.json; returns their paths.
     """
-    from mmdiff.control.inputs import check_stats_fit, load_role_saes, load_stats, load_task_sets
+    from mmdiff.control.inputs import load_removal_inputs
     from mmdiff.control.tasks import relation_subsets, study_eval_tasks
 
     run_dir = Path(run_dir)
@@ -578,14 +516,7 @@ def run_removal(
                 f"relations name task {name!r}; the evaluation tasks are {sorted(eval_tasks)}"
             )
         eval_tasks.update(relation_subsets(eval_tasks[name], rels))
-    task_sets = load_task_sets(run_dir, tasks)
-    backbone = adapter.backbone("vlm")
-    layers = {int(L) for p in task_sets.values() for L in p["layer"].unique()}
-    saes = load_role_saes(run_dir, role, layers, d_in=backbone.d_model, device=backbone.device)
-    stats = None
-    if stats_split is not None:
-        stats = load_stats(run_dir, stats_split)
-        check_stats_fit(stats, saes)
+    task_sets, saes, stats = load_removal_inputs(run_dir, adapter, tasks, role, stats_split)
     effects = removal_experiment(adapter, saes, task_sets, eval_tasks, stats, **kwargs)
     effects.attrs["inputs"] = {
         "run_dir": str(run_dir),

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from mmdiff.attribution.frames import HEADS
+from mmdiff.control.analyses import DOSE_RESPONSE, GENERAL, OWN, SET_VARIANTS, SINGLE_FEATURES, TARGET
 from mmdiff.control.removal import CONTROL_MISMATCHED, EFFECTS, LOW_MASS, REMOVAL
 from mmdiff.control.steering import FEATURE, SINGLE_LAYER, STEERING
 from mmdiff.diff import ADAPTED_PER_LAYER, DIFF
@@ -311,6 +312,156 @@ def removal_spares_vqa(run_dir: Path) -> Finding:
     )
 
 
+# ------------------------------------------------------------------------------------ removal analyses
+
+
+def _task_at_floor(run_dir: Path, task: str) -> str | None:
+    """Why the clean model cannot show a removal's effect on `task` (its clean interval does not
+    clear the constant-answer floor, read off the effects table), or None."""
+    df = EFFECTS.read(run_dir)[0]
+    if df is None:
+        return None
+    rows = df[(df["kind"] == REMOVAL) & (df["eval_task"].astype(str) == task)]
+    for r in rows.itertuples():
+        if at_floor(r.baseline_ci_lo, r.floor):
+            return (
+                f"the clean {task} score's 95% interval (lower end {float(r.baseline_ci_lo):.3f}) does not "
+                f"clear {float(r.floor):.3f}, what one constant answer scores"
+            )
+    return None
+
+
+def _beyond_random(r: Any) -> bool:
+    """Lower than the matched random features, with the selectivity interval below 0."""
+    sel, lo, hi = _floats(r, "selectivity", "selectivity_ci_lo", "selectivity_ci_hi")
+    return hi < 0 and sel < 0
+
+
+def _matched_by_random(r: Any) -> bool:
+    """An effect whose interval excludes 0 but which random features of the same size match."""
+    lo, hi = _floats(r, "ci_lo", "ci_hi")
+    return (hi < 0 or lo > 0) and not _beyond_random(r)
+
+
+def _analysis_finding(
+    run_dir: Path, artifact: Any, key: str, claim: str, seed: str, crit: str,
+    per_set: Callable[[str, pd.DataFrame], tuple[bool | None, str]],
+) -> Finding:
+    """A finding over every task set of an analysis table: `per_set(name, its evaluated rows)` gives
+    (ok, detail) or (None, why not testable); reproduced when every testable set is ok."""
+    base = {"key": key, "claim": claim, "seed": seed, "criterion": crit, "source": artifact.rel()}
+    df, why = artifact.read(run_dir)[:2]
+    if df is None or df.empty:
+        return Finding(measured="–", status=NOT_MEASURED, detail=why or f"{artifact.rel()} has no rows", **base)
+    results = {}
+    for name, g in df.groupby(df["target_task"].astype(str), sort=False):
+        floor = _task_at_floor(run_dir, name)
+        evaluated = g[g["status"] == "evaluated"]
+        if floor is not None:
+            results[name] = (None, f"{name}: not testable, {floor}")
+        elif evaluated.empty:
+            results[name] = (None, f"{name}: not testable, nothing evaluated ({', '.join(sorted(set(g['status'])))})")
+        else:
+            results[name] = per_set(name, evaluated)
+    testable = {k: v for k, v in results.items() if v[0] is not None}
+    detail = "; ".join(d for _, d in results.values()) + "."
+    if not testable:
+        return Finding(measured="–", status=NOT_TESTABLE, detail=detail, **base)
+    n_ok = sum(bool(ok) for ok, _ in testable.values())
+    return Finding(
+        measured=f"{n_ok} of {len(testable)} testable sets", value=n_ok / len(testable),
+        status=REPRODUCED if n_ok == len(testable) else NOT_REPRODUCED, detail=detail, **base,
+    )  # fmt: skip
+
+
+def _fmt_row(r: Any) -> str:
+    return (
+        f"{int(r.n_features)} features at {r.positions}: effect {float(r.effect):+.3f} "
+        f"[{float(r.ci_lo):+.3f}, {float(r.ci_hi):+.3f}], selectivity {float(r.selectivity):+.3f} "
+        f"[{float(r.selectivity_ci_lo):+.3f}, {float(r.selectivity_ci_hi):+.3f}], MDE {_floats(r, 'mde')[0]:.3f}"
+    )
+
+
+def own_features_finding(run_dir: Path) -> Finding:
+    def per_set(name: str, rows: pd.DataFrame) -> tuple[bool | None, str]:
+        own = rows[(rows["variant"] == OWN) & (rows["role"] == TARGET)]
+        if own.empty:
+            return None, f"{name}: not testable, no own features or none evaluated on its task"
+        best = own.loc[own["selectivity"].astype(float).idxmin()]
+        ok = _beyond_random(best)
+        note = "" if ok else (" (random features of the same size match it: not a finding)"
+                              if _matched_by_random(best) else " (not beyond random features)")
+        return ok, f"{name} own {_fmt_row(best)}{note}"
+
+    return _analysis_finding(
+        run_dir, SET_VARIANTS, "removal_own",
+        "A task set's own features (those in no other task set) carry its task.", "(the seed does not separate them)",
+        "reproduced when, for every task set with own features evaluated on its task, removing them lowers "
+        "the task beyond matched random features (selectivity 95% CI below 0) at some position kind; "
+        f"not testable where the set has no own features, its removal positions hold under {100 * LOW_MASS:g}% "
+        "of their activation mass, or the clean score does not clear the constant-answer floor",
+        per_set,
+    )  # fmt: skip
+
+
+def single_feature_finding(run_dir: Path) -> Finding:
+    def per_set(name: str, rows: pd.DataFrame) -> tuple[bool | None, str]:
+        on_task = rows[rows["role"] == TARGET].sort_values("selectivity", kind="stable")
+        if on_task.empty:
+            return None, f"{name}: not testable, no single feature evaluated on its task"
+        general = {int(r.rank): r for r in rows[rows["role"] == GENERAL].itertuples()}
+
+        def spares(rank: int) -> bool:
+            g = general.get(rank)
+            return g is None or float(g.ci_lo) <= 0 <= float(g.ci_hi)
+
+        hits = [r for r in on_task.itertuples() if _beyond_random(r) and spares(int(r.rank))]
+        r = hits[0] if hits else next(on_task.itertuples())
+        g = general.get(int(r.rank))
+        gtxt = "" if g is None else (
+            f"; general VQA {float(g.effect):+.3f} [{float(g.ci_lo):+.3f}, {float(g.ci_hi):+.3f}]"
+        )
+        return bool(hits), (
+            f"{name} L{int(r.layer)}/F{int(r.feature)} (rank {int(r.rank)}): {_fmt_row(r)}{gtxt}"
+            + ("" if hits else " (no top feature lowers its task beyond random while sparing general VQA)")
+        )
+
+    return _analysis_finding(
+        run_dir, SINGLE_FEATURES, "removal_single",
+        "One feature removed alone lowers its task while general VQA stays within noise.",
+        "−18 to −28 pts ASR per harm category, VQA within 1 pt",
+        "reproduced when, for every task set, one of its top features (by Δp) removed alone lowers its task "
+        "beyond matched random features (selectivity 95% CI below 0) and general VQA's effect interval "
+        "contains 0; detail = the best such feature (else the most selective one)",
+        per_set,
+    )  # fmt: skip
+
+
+def dose_finding(run_dir: Path) -> Finding:
+    def per_set(name: str, rows: pd.DataFrame) -> tuple[bool | None, str]:
+        on_task = rows[rows["role"] == TARGET].sort_values("n_features")
+        if on_task.empty:
+            return None, f"{name}: not testable, no dose evaluated on its task"
+        first = next((r for r in on_task.itertuples() if _beyond_random(r)), None)
+        matched = [int(r.n_features) for r in on_task.itertuples() if _matched_by_random(r)]
+        note = (f"; at k = {matched} random sets of the same size match the effect: not a finding"
+                if matched else "")  # fmt: skip
+        if first is None:
+            last = next(on_task.tail(1).itertuples())
+            return False, f"{name}: no dose beyond random sets of its size (largest: {_fmt_row(last)}){note}"
+        return True, f"{name}: beyond random from k = {int(first.n_features)} ({_fmt_row(first)}){note}"
+
+    return _analysis_finding(
+        run_dir, DOSE_RESPONSE, "removal_dose",
+        "Removing more of a task's top features lowers the task more than random features of the same size.",
+        "(the seed removes whole sets)",
+        "reproduced when, for every task set, some dose (top k features by Δp) lowers its task beyond "
+        "random sets of the same size and firing-frequency bins (selectivity 95% CI below 0); a dose whose "
+        "effect random sets of its size match is named as not a finding",
+        per_set,
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------ steering
 
 
@@ -499,6 +650,11 @@ def findings(run_dir: str | Path, *, n_layers: int | None = None) -> list[Findin
         ("removal_asr", "Removing the safety features lowers the attack success rate.", "−24% ASR",
          lambda: removal_drop(run_dir, "safety", "−24% ASR", "removal_asr", metrics=ASR_METRICS,
                               what="attack success rate")),
+        ("removal_own", "A task set's own features carry its task.", "–", lambda: own_features_finding(run_dir)),
+        ("removal_single", "One feature removed alone lowers its task, general VQA unchanged.",
+         "−18 to −28 pts ASR", lambda: single_feature_finding(run_dir)),
+        ("removal_dose", "More of a task's features lower it more than random features.", "–",
+         lambda: dose_finding(run_dir)),
         ("steering_spatial", "Feature steering beats single-layer steering on spatial.", "+3.6",
          lambda: steering_gain(run_dir, "spatial", "+3.6")),
         ("steering_ocr", "Feature steering beats single-layer steering on OCR.", "+1.5",

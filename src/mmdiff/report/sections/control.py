@@ -372,6 +372,9 @@ def control_section(run_dir: Path) -> Section:
             if overlaps is not None:
                 block.tables.append(overlaps)
         section.blocks.append(block)
+    from mmdiff.report.sections.control_analyses import analysis_blocks  # it imports this module
+
+    section.blocks += analysis_blocks(run_dir, section)
     if steering is not None and not steering.empty:
         block = Block("Steering sweeps")
         fig = ensure_plot(
