@@ -206,7 +206,8 @@ def _row(**kw):
 
 def write_fake_analyses(run) -> None:
     """Analysis tables of a run where spatial's own features, one spatial feature and two of its
-    top features lower spatial beyond random; one feature alone is matched by random features."""
+    top features lower spatial beyond random (one feature alone is matched by random features), and
+    the full pipeline's features spare general VQA while the contrastive-only ones do not."""
     out = run / "eval"
     variants = [_row(variant="full"), _row(variant="own", n_features=2),
                 _row(variant="own", positions="text", status=NOT_TESTABLE, mass_at_positions=0.01, effect=math.nan)]
@@ -219,6 +220,14 @@ def write_fake_analyses(run) -> None:
                  selectivity_ci_lo=-0.04, selectivity_ci_hi=0.02),
             _row(n_features=2)]  # fmt: skip
     write_analysis(pd.DataFrame(dose, columns=list(DOSE_RESPONSE.names)), DOSE_RESPONSE, out, cpu_seconds=30.0)
+    from mmdiff.control.analyses import PIPELINE_ABLATION
+
+    pipe = [_row(selection=s, step=i, applied=True, n_features=n, eval_task=t, role=role, **kw)
+            for i, s, n in ((1, "contrastive", 9), (4, "+ adapted", 4))
+            for t, role, kw in (("spatial", "task", {}),
+                                ("vqa", "general", {"effect": -0.2 if n == 9 else 0.0, "ci_lo": -0.3 if n == 9 else -0.02,
+                                                    "ci_hi": -0.1 if n == 9 else 0.02}))]  # fmt: skip
+    write_analysis(pd.DataFrame(pipe, columns=list(PIPELINE_ABLATION.names)), PIPELINE_ABLATION, out, cpu_seconds=9.0)
 
 
 def test_findings_of_the_analyses_by_hand(tmp_path):
@@ -233,7 +242,7 @@ def test_findings_of_the_analyses_by_hand(tmp_path):
     assert own_features_finding(tmp_path).status == NOT_MEASURED
     write_fake_analyses(tmp_path)
     own = own_features_finding(tmp_path)
-    assert own.status == REPRODUCED and own.measured == "1 of 1 testable sets"
+    assert own.status == REPRODUCED and own.measured == "1 of 1 sets"
     single = single_feature_finding(tmp_path)
     assert single.status == REPRODUCED and "L2/F7 (rank 1)" in single.detail and "general VQA +0.005" in single.detail
     dose = dose_finding(tmp_path)
@@ -250,3 +259,60 @@ def test_findings_of_the_analyses_by_hand(tmp_path):
                          columns=list(SET_VARIANTS.names))  # fmt: skip
     write_analysis(empty, SET_VARIANTS, tmp_path / "eval")
     assert own_features_finding(tmp_path).status == "not testable"
+
+
+class _TwoTasks(Evaluator):
+    """Scores without a model, 32 records a task: removing any of features 0-3 breaks spatial's
+    first 8 records; removing feature 20 or 21 breaks the first 16 of general VQA."""
+
+    def __init__(self):
+        n = [object()] * 32
+        super().__init__(None, {"spatial": EvalTask("spatial", n, kind="yesno"),
+                                "vqa": EvalTask("vqa", n, kind="yesno")}, progress=False)  # fmt: skip
+
+    def scores(self, name, saes, draws, positions, *, sae_key="", n_records=None, label=""):
+        out = np.ones(self.size(name, n_records))
+        for i in range(out.size):
+            removed = {f for (_, f) in set_key(draws[i % len(draws)])} if draws else set()
+            if (name == "spatial" and removed & {0, 1, 2, 3} and i < 8) or (name == "vqa" and removed & {20, 21} and i < 16):
+                out[i] = 0.0
+        self.evaluations[self.account] += 1
+        return out
+
+
+def test_pipeline_ablation_on_a_constructed_case(tmp_path):
+    from mmdiff.control.analyses import PIPELINE_ABLATION, pipeline_ablation, pipeline_sets
+    from mmdiff.report.findings import REPRODUCED, pipeline_finding
+
+    # candidates 0-3, 20, 21, 30; 30 is not image-dominated, 20 and 21 go silent under the neutral
+    # instruction (lexical), 3 is not adapted; 40 is no candidate
+    feats = [0, 1, 2, 3, 20, 21, 30, 40]
+    scores = pd.DataFrame({
+        "layer": [0] * 8, "feature": feats,
+        "candidate": [True] * 7 + [False],
+        "neutral_image_dominated": pd.array([True] * 6 + [False, True], dtype="boolean"),
+        "neutral_active": pd.array([True] * 4 + [False, False, True, True], dtype="boolean"),
+        "in_adapted_set": pd.array([True, True, True, False, True, True, True, True], dtype="boolean"),
+    })  # fmt: skip
+    steps = pipeline_sets(scores)
+    assert [(s, a, p["feature"].tolist()) for s, a, p in steps] == [
+        ("contrastive", True, [0, 1, 2, 3, 20, 21, 30]), ("+ visual", True, [0, 1, 2, 3, 20, 21]),
+        ("+ lexical", True, [0, 1, 2, 3]), ("+ adapted", True, [0, 1, 2]),
+    ]  # fmt: skip
+    # a filter the study did not run (no neutral re-run: NA everywhere) is not applied
+    no_neutral = scores.assign(neutral_active=pd.array([pd.NA] * 8, dtype="boolean"))
+    assert [a for _, a, _ in pipeline_sets(no_neutral)] == [True, True, False, True]
+    ev = _TwoTasks()
+    remover = SetRemover(ev, {0: _FakeSAE(64, 32)}, None, exclude=scores[scores["candidate"]], n_random=2, n_boot=200)
+    df = pipeline_ablation(remover, {"spatial": scores}, general="vqa")
+    assert list(df.columns) == list(PIPELINE_ABLATION.names)
+    assert df["selection"].tolist() == ["random"] * 2 + [s for s, _, _ in steps for _ in (0, 1)]
+    eff = df.set_index(["selection", "eval_task"])["effect"]
+    # every step keeps a spatial feature: -8/32 on spatial; only the first two keep 20 and 21
+    assert [eff[(s, "spatial")] for s, _, _ in steps] == [-0.25] * 4
+    assert [eff[(s, "vqa")] for s, _, _ in steps] == [-0.5, -0.5, 0.0, 0.0]
+    assert eff[("random", "spatial")] == 0.0 == eff[("random", "vqa")]  # the full set's matched control
+    assert df.loc[df["selection"] == "random", "selectivity"].isna().all()
+    write_analysis(df, PIPELINE_ABLATION, tmp_path / "eval")
+    found = pipeline_finding(tmp_path)
+    assert found.status == REPRODUCED and "contrastive only (7 features) general VQA -0.500" in found.detail

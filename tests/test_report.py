@@ -317,7 +317,7 @@ def make_run(run: Path) -> dict:
         "role": "text",
     }
     write_steering(steering, run / "eval")
-    write_fake_analyses(run)  # own features, single features, dose-response of spatial
+    write_fake_analyses(run)  # own features, single features, dose-response, pipeline of spatial
 
     # fmt: off
     # concepts: two concept pairs, steered in-sample on three records (tables in the stage's schemas)
@@ -609,7 +609,7 @@ def test_findings_of_the_fake_run(full_run):
     assert heads.status == REPRODUCED and heads.value == pytest.approx((2 / 2.7 + 1 / 1.35) / 2)
     assert "depth 0.67" in heads.measured
     counts = section_html(html, "findings")
-    assert counts.count('class="badge reproduced"') == 8  # with the three removal analyses
+    assert counts.count('class="badge reproduced"') == 9  # with the four removal analyses
     assert counts.count('class="badge not-reproduced"') == 2
     assert counts.count('class="badge not-measured"') == 1
 
@@ -789,7 +789,7 @@ def test_steering_at_the_ceiling_is_not_testable(tmp_path):
 
 def test_findings_not_measured_on_empty_run(tmp_path):
     got = findings(tmp_path)
-    assert len(got) == 11 and all(f.status == NOT_MEASURED for f in got)
+    assert len(got) == 12 and all(f.status == NOT_MEASURED for f in got)
     assert all(f.measured == "–" and f.detail for f in got)
 
 

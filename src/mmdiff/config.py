@@ -293,6 +293,9 @@ class ControlSpec(Section):
         "Remove the top 1, 2, 4, ... features of each set (and the whole set) against random sets of the "
         "same size (eval/dose_response.parquet)."))
     dose_max: int | None = Field(None, ge=1, description="The dose-response's largest step; None = the whole set.")
+    pipeline_ablation: bool = Field(True, description=(
+        "Remove the features each step of the selection pipeline keeps (contrastive firing only, + visual "
+        "responsiveness, + lexical filter, + adapted filter) and random ones (eval/pipeline_ablation.parquet)."))
     analysis_records: int | None = Field(None, ge=2, description=(
         "Score the analyses on n evenly spaced records of each task (general VQA has one task per family); "
         "None = all of them."))

@@ -386,7 +386,7 @@ def stage_ablate(ctx: StageContext) -> dict[str, Any]:
     A set is removed by projecting out its decoder directions; the controls are frequency-matched
     random features and the other tasks' sets, with bootstrap CIs. Then the analyses on the same
     clean pass: each set's own features and the full set at text and at all positions, single
-    features, dose-response.
+    features, dose-response, the selection-pipeline ablation.
     """
     from mmdiff.control.analyses import run_analyses
     from mmdiff.control.evaluator import Evaluator
@@ -402,7 +402,8 @@ def stage_ablate(ctx: StageContext) -> dict[str, Any]:
     analyses = run_analyses(
         ctx.run_dir, ev, tasks=present, role=common["role"], stats_split=common["stats_split"],
         positions=c.analysis_positions or c.positions, variant_positions=c.variant_positions,
-        single_top=c.single_top, dose=c.dose_response, dose_max=c.dose_max, general=c.general_task,
+        single_top=c.single_top, dose=c.dose_response, dose_max=c.dose_max, pipeline=c.pipeline_ablation,
+        general=c.general_task,
         benign=c.benign_task, n_records=c.analysis_records, n_random=c.n_random, seed=common["seed"],
         n_bins=c.n_bins, n_boot=c.n_boot,
     ) if present else {}

@@ -44,7 +44,7 @@ from mmdiff.control.evaluator import Evaluator, effect_columns
 from mmdiff.control.outputs import write_table
 from mmdiff.control.removal import LOW_MASS, SCORE_COLUMNS, mass_at_positions
 from mmdiff.control.tasks import metric_name
-from mmdiff.errors import ConfigError
+from mmdiff.errors import ConfigError, DataError
 from mmdiff.schema import Artifact, Column
 
 EVALUATED, NOT_TESTABLE, EMPTY = "evaluated", "not testable", "empty"
@@ -197,17 +197,18 @@ class SetRemover:
             "dims_share": self.dims_share(pairs), "mass_at_positions": mass,
         }  # fmt: skip
         status = EMPTY if pairs.empty else NOT_TESTABLE if mass < LOW_MASS else EVALUATED
-        draws = (
-            [
-                feature_pairs(d)
-                for d in matched_random_features(
-                    pairs, self.d_sae, self.freqs, n_draws=self.n_random, seed=self.seed,
-                    n_bins=self.n_bins, exclude=self.exclude,
-                )
-            ]
-            if status == EVALUATED
-            else []
-        )  # fmt: skip
+        draws: list[pd.DataFrame] = []
+        if status == EVALUATED:
+            try:
+                draws = [
+                    feature_pairs(d)
+                    for d in matched_random_features(
+                        pairs, self.d_sae, self.freqs, n_draws=self.n_random, seed=self.seed,
+                        n_bins=self.n_bins, exclude=self.exclude,
+                    )
+                ]  # fmt: skip
+            except DataError:  # a set too large to match in some layer: no control, NaN selectivity
+                draws = []
         out = []
         for role, tname in roles:
             task = self.ev.task(tname)
@@ -219,7 +220,7 @@ class SetRemover:
                 treated = self.ev.scores(tname, self.saes, [pairs], positions, label=label, **kw)
                 control = self.ev.scores(
                     tname, self.saes, draws, positions, label=f"random for {label}", **kw
-                )
+                ) if draws else None
                 row.update(effect_columns(treated, clean, control, n_boot=self.n_boot, seed=self.seed))
             else:
                 row["n"] = self.ev.size(tname, self.n_records)
@@ -321,6 +322,7 @@ def run_analyses(
     single_top: int = 5,
     dose: bool = True,
     dose_max: int | None = None,
+    pipeline: bool = True,
     general: str | None = "vqa",
     benign: str | None = "existence",
     n_records: int | None = None,
@@ -332,8 +334,9 @@ def run_analyses(
     """Pipeline stage part: the analyses of a run's task sets, written to out (run_dir/eval).
 
     Reads what `run_removal` reads (the task tables, the role's SAEs, the statistics). `positions`:
-    where single features and dose steps are removed; `variant_positions`: the position kinds the
-    set variants compare (empty: no variants); single_top 0 or dose False turns those off.
+    where single features, dose steps and pipeline-step sets are removed; `variant_positions`: the
+    position kinds the set variants compare (empty: no variants); single_top 0, dose False or
+    pipeline False turns those off (the pipeline ablation also needs stats/detect_<task>.parquet).
     Returns {analysis: {"paths", "cpu_seconds", "evaluations"}}, the seconds being the CPU time of
     the evaluations the analysis ran that no earlier one had (the clean pass is the removal's).
     """
@@ -364,6 +367,15 @@ def run_analyses(
                      "score": "delta_p (task minus base firing frequency), ties by odds ratio"},
                      lambda: dose_response(remover, tables, most=dose_max, positions=positions,
                                            general=general)))  # fmt: skip
+    if pipeline and sets:
+        from mmdiff.detect import DETECT
+
+        detect = {n: DETECT.path_in(run_dir, task=n) for n in sets}
+        detect = {n: pd.read_parquet(p) for n, p in detect.items() if p.is_file()}
+        if detect:
+            jobs.append(("pipeline_ablation", PIPELINE_ABLATION, {"positions": positions,
+                         "steps": [[n, c, w] for n, c, w in PIPELINE_STEPS]},
+                         lambda: pipeline_ablation(remover, detect, positions=positions, general=general)))  # fmt: skip
     done: dict[str, dict[str, Any]] = {}
     for name, artifact, extra, compute in jobs:
         with evaluator.charged_to(name):
@@ -374,3 +386,78 @@ def run_analyses(
         done[name] = {"paths": paths, "cpu_seconds": seconds,
                       "evaluations": int(evaluator.evaluations.get(name, 0))}  # fmt: skip
     return done
+
+
+# ------------------------------------------------------------------------------ pipeline ablation
+RANDOM_SEL, CONTRASTIVE, VISUAL, LEXICAL, ADAPTED = "random", "contrastive", "+ visual", "+ lexical", "+ adapted"
+PIPELINE_STEPS: tuple[tuple[str, str | None, str], ...] = (
+    (CONTRASTIVE, "candidate", "contrastive firing only: delta_p, odds ratio and BH q-value pass"),
+    (VISUAL, "neutral_image_dominated", "+ visual responsiveness: image tokens hold at least min_image_share "
+     "of the activation mass on the neutral re-run"),
+    (LEXICAL, "neutral_active", "+ the lexical filter: still fires with the neutral instruction"),
+    (ADAPTED, "in_adapted_set", "+ the adapted-feature filter: in the adapted set (= the full pipeline)"),
+)  # fmt: skip
+"""(selection, the detect table's column it adds, what it is): each step keeps the previous step's
+features that also pass its column; a column that is NA for every feature (a filter the study did not
+run for the task, e.g. no neutral re-run) is not applied."""
+
+PIPELINE_ABLATION = Artifact(
+    "eval/pipeline_ablation.parquet",
+    "pipeline_ablation",
+    doc="The features each step of the selection pipeline keeps, and random features, removed; "
+    "scored on the task and general VQA.",
+    columns=(
+        Column("selection", str, "which features", kinds={
+            RANDOM_SEL: "random features matched in layer and firing-frequency bin to the full pipeline's set",
+            **{name: what for name, _, what in PIPELINE_STEPS},
+        }),
+        Column("step", int, "0 = random, then the pipeline's steps in order"),
+        Column("applied", bool, "False when the step's filter was not run for this task (same set as the step before)"),
+        *_SET_COLUMNS, *_EFFECT_COLUMNS,
+    ),
+)  # fmt: skip
+
+
+def pipeline_sets(scores: pd.DataFrame) -> list[tuple[str, bool, pd.DataFrame]]:
+    """[(selection, applied, its (layer, feature) set)] of one task's detect table (every feature's
+    scores, stats/detect_<task>.parquet), one per PIPELINE_STEPS step."""
+    keep = pd.Series(True, index=scores.index)
+    out = []
+    for name, column, _ in PIPELINE_STEPS:
+        applied = column in scores and scores[column].notna().any()
+        if applied:
+            keep &= scores[column].astype("boolean").fillna(False).astype(bool)
+        out.append((name, bool(applied), feature_pairs(scores.loc[keep, ["layer", "feature"]])))
+    return out
+
+
+def pipeline_ablation(
+    remover: SetRemover,
+    scores: Mapping[str, pd.DataFrame],
+    *,
+    positions: str = "text",
+    general: str | None = "vqa",
+) -> pd.DataFrame:
+    """PIPELINE_ABLATION: for each task's detect table, the features each pipeline step keeps
+    removed, and (step 0) random features matched to the last step's set, each on its task and
+    general VQA. The random row's effect is the last step's matched control (record i under draw
+    i mod n_random), so it costs nothing more; its own selectivity is NaN."""
+    rows = []
+    for name, table in scores.items():
+        roles = eval_roles(name, list(remover.ev.tasks), general, None)
+        steps = pipeline_sets(table)
+        mine = [
+            {"selection": selection, "step": i, "applied": applied, **r}
+            for i, (selection, applied, pairs) in enumerate(steps, start=1)
+            for r in remover.rows(pairs, name, roles, positions, f"remove {name} ({selection})")
+        ]
+        for r in mine[-len(roles):] if roles else []:  # step 0: the full set's matched random features
+            rows.append({
+                **r, "selection": RANDOM_SEL, "step": 0, "applied": True,
+                "treated": r["baseline"] + r["control_effect"] if r["status"] == EVALUATED else math.nan,
+                "effect": r["control_effect"], "ci_lo": r["control_ci_lo"], "ci_hi": r["control_ci_hi"],
+                "selectivity": math.nan, "selectivity_ci_lo": math.nan, "selectivity_ci_hi": math.nan,
+                "mde": math.nan,
+            })  # fmt: skip
+        rows += mine
+    return _frame(rows, PIPELINE_ABLATION)

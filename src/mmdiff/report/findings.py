@@ -33,7 +33,17 @@ import numpy as np
 import pandas as pd
 
 from mmdiff.attribution.frames import HEADS
-from mmdiff.control.analyses import DOSE_RESPONSE, GENERAL, OWN, SET_VARIANTS, SINGLE_FEATURES, TARGET
+from mmdiff.control.analyses import (
+    ADAPTED,
+    CONTRASTIVE,
+    DOSE_RESPONSE,
+    GENERAL,
+    OWN,
+    PIPELINE_ABLATION,
+    SET_VARIANTS,
+    SINGLE_FEATURES,
+    TARGET,
+)
 from mmdiff.control.removal import CONTROL_MISMATCHED, EFFECTS, LOW_MASS, REMOVAL
 from mmdiff.control.steering import FEATURE, SINGLE_LAYER, STEERING
 from mmdiff.diff import ADAPTED_PER_LAYER, DIFF
@@ -369,7 +379,7 @@ def _analysis_finding(
         return Finding(measured="–", status=NOT_TESTABLE, detail=detail, **base)
     n_ok = sum(bool(ok) for ok, _ in testable.values())
     return Finding(
-        measured=f"{n_ok} of {len(testable)} testable sets", value=n_ok / len(testable),
+        measured=f"{n_ok} of {len(testable)} sets", value=n_ok / len(testable),
         status=REPRODUCED if n_ok == len(testable) else NOT_REPRODUCED, detail=detail, **base,
     )  # fmt: skip
 
@@ -395,7 +405,7 @@ def own_features_finding(run_dir: Path) -> Finding:
 
     return _analysis_finding(
         run_dir, SET_VARIANTS, "removal_own",
-        "A task set's own features (those in no other task set) carry its task.", "(the seed does not separate them)",
+        "A set's own features (in no other set) carry its task.", "–",
         "reproduced when, for every task set with own features evaluated on its task, removing them lowers "
         "the task beyond matched random features (selectivity 95% CI below 0) at some position kind; "
         f"not testable where the set has no own features, its removal positions hold under {100 * LOW_MASS:g}% "
@@ -428,8 +438,7 @@ def single_feature_finding(run_dir: Path) -> Finding:
 
     return _analysis_finding(
         run_dir, SINGLE_FEATURES, "removal_single",
-        "One feature removed alone lowers its task while general VQA stays within noise.",
-        "−18 to −28 pts ASR per harm category, VQA within 1 pt",
+        "One feature alone lowers its task, sparing general VQA.", "−18 to −28 pts ASR, VQA ±1",
         "reproduced when, for every task set, one of its top features (by Δp) removed alone lowers its task "
         "beyond matched random features (selectivity 95% CI below 0) and general VQA's effect interval "
         "contains 0; detail = the best such feature (else the most selective one)",
@@ -453,11 +462,38 @@ def dose_finding(run_dir: Path) -> Finding:
 
     return _analysis_finding(
         run_dir, DOSE_RESPONSE, "removal_dose",
-        "Removing more of a task's top features lowers the task more than random features of the same size.",
-        "(the seed removes whole sets)",
+        "More top features lower the task more than as many random ones.", "–",
         "reproduced when, for every task set, some dose (top k features by Δp) lowers its task beyond "
         "random sets of the same size and firing-frequency bins (selectivity 95% CI below 0); a dose whose "
         "effect random sets of its size match is named as not a finding",
+        per_set,
+    )  # fmt: skip
+
+
+def pipeline_finding(run_dir: Path) -> Finding:
+    def per_set(name: str, rows: pd.DataFrame) -> tuple[bool | None, str]:
+        by = {(str(r.selection), str(r.role)): r for r in rows.itertuples()}
+        full_t, full_g = by.get((ADAPTED, TARGET)), by.get((ADAPTED, GENERAL))
+        con_t, con_g = by.get((CONTRASTIVE, TARGET)), by.get((CONTRASTIVE, GENERAL))
+        if None in (full_t, full_g, con_g) or int(con_g.n_features) == int(full_g.n_features):
+            return None, f"{name}: not testable, the filters removed nothing or a row was not evaluated"
+        _, flo, fhi = _floats(full_g, "effect", "ci_lo", "ci_hi")
+        _, clo, chi = _floats(con_g, "effect", "ci_lo", "ci_hi")
+        ok = _beyond_random(full_t) and flo <= 0 <= fhi and chi < 0
+        return ok, (
+            f"{name}: contrastive only ({int(con_g.n_features)} features) general VQA {float(con_g.effect):+.3f} "
+            f"[{clo:+.3f}, {chi:+.3f}]" + (f", task {float(con_t.effect):+.3f}" if con_t is not None else "")
+            + f"; full pipeline ({int(full_g.n_features)}) general VQA {float(full_g.effect):+.3f} [{flo:+.3f}, "
+            f"{fhi:+.3f}], task selectivity {float(full_t.selectivity):+.3f} [{float(full_t.selectivity_ci_lo):+.3f}, "
+            f"{float(full_t.selectivity_ci_hi):+.3f}]"
+        )
+
+    return _analysis_finding(
+        run_dir, PIPELINE_ABLATION, "removal_pipeline",
+        "The selection's filters spare general VQA.", "VQA −25.9 → −0.1",
+        "reproduced when, for every task set whose filters removed features, removing the contrastive-only "
+        "features lowers general VQA (95% CI below 0) while removing the full pipeline's leaves it within "
+        "its interval around 0 and still lowers the task beyond matched random features (selectivity CI below 0)",
         per_set,
     )  # fmt: skip
 
@@ -650,11 +686,14 @@ def findings(run_dir: str | Path, *, n_layers: int | None = None) -> list[Findin
         ("removal_asr", "Removing the safety features lowers the attack success rate.", "−24% ASR",
          lambda: removal_drop(run_dir, "safety", "−24% ASR", "removal_asr", metrics=ASR_METRICS,
                               what="attack success rate")),
-        ("removal_own", "A task set's own features carry its task.", "–", lambda: own_features_finding(run_dir)),
-        ("removal_single", "One feature removed alone lowers its task, general VQA unchanged.",
-         "−18 to −28 pts ASR", lambda: single_feature_finding(run_dir)),
-        ("removal_dose", "More of a task's features lower it more than random features.", "–",
+        ("removal_own", "A set's own features (in no other set) carry its task.", "–",
+         lambda: own_features_finding(run_dir)),
+        ("removal_single", "One feature alone lowers its task, sparing general VQA.", "−18 to −28 pts ASR, VQA ±1",
+         lambda: single_feature_finding(run_dir)),
+        ("removal_dose", "More top features lower the task more than as many random ones.", "–",
          lambda: dose_finding(run_dir)),
+        ("removal_pipeline", "The selection's filters spare general VQA.", "VQA −25.9 → −0.1",
+         lambda: pipeline_finding(run_dir)),
         ("steering_spatial", "Feature steering beats single-layer steering on spatial.", "+3.6",
          lambda: steering_gain(run_dir, "spatial", "+3.6")),
         ("steering_ocr", "Feature steering beats single-layer steering on OCR.", "+1.5",

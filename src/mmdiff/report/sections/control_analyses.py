@@ -1,8 +1,9 @@
 """The control section's removal analyses: own features vs full sets at text vs all positions,
-single features, dose-response (control.analyses; one block function per analysis).
+single features, dose-response, the selection-pipeline ablation (control.analyses; one block
+function per analysis).
 
-Files: eval/set_variants.parquet, eval/single_features.parquet, eval/dose_response.parquet and
-their JSON mirrors (settings, CPU seconds), written by the ablate stage.
+Files: eval/set_variants.parquet, eval/single_features.parquet, eval/dose_response.parquet,
+eval/pipeline_ablation.parquet and their JSON mirrors (settings, CPU seconds), written by the ablate stage.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pandas as pd
 
 from mmdiff.control.analyses import (
     DOSE_RESPONSE,
+    PIPELINE_ABLATION,
     EVALUATED,
     SET_VARIANTS,
     SINGLE_FEATURES,
@@ -153,10 +155,24 @@ def dose_block(run_dir: Path, section: Section) -> Block | None:
     return block
 
 
+def pipeline_block(run_dir: Path, section: Section) -> Block | None:
+    """The selection-pipeline ablation: each step's features, and random ones, removed."""
+    return _table_block(
+        run_dir, section, PIPELINE_ABLATION, "Selection-pipeline ablation",
+        ["set", "selection", "filter run", "n features", "largest share of a layer's dims"],
+        lambda r: [str(r.target_task), str(r.selection), "yes" if bool(r.applied) else "no (same set)",
+                   fmt(r.n_features), f"{100 * float(r.dims_share):.1f}%"],
+        "The features each step of the selection keeps (contrastive firing only; + visual responsiveness; "
+        "+ the lexical filter; + the adapted-feature filter = the task set), and random features matched to "
+        "the task set (its control, so no selectivity), removed and scored on the task and general VQA. "
+        "The seed's argument: each filter keeps the task effect while sparing general VQA.",
+    )  # fmt: skip
+
+
 def analysis_blocks(run_dir: Path, section: Section) -> list[Block]:
     """The analyses' blocks that have a table, in order."""
     out = []
-    for make in (variants_block, single_block, dose_block):
+    for make in (variants_block, single_block, dose_block, pipeline_block):
         block = make(run_dir, section)
         if block is not None:
             out.append(block)
