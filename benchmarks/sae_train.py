@@ -23,13 +23,17 @@ Then the same at each implementation's own recommended settings (RECOMMENDED), e
 held-out FVU curve's first crossing of a target (the worst of the implementations' best FVUs):
 tokens and training seconds to reach it, and the ratio of those seconds; and an ablation of ours
 (one ingredient changed at a time) at equal tokens. Ours selects with the certified exact TopK
-(mmdiff.sae.selection): bf16 candidates on CUDA, working-dtype candidates on CPUs without fast bf16.
+(mmdiff.sae.selection): split bf16 ("bf16x3") candidates on CUDA, working-dtype candidates on CPUs
+without fast bf16. Below each table: where ours' timed steps spend their time (forward, of which
+the selection and its phases, loss, backward, optimizer; CUDA events on a GPU) and the share of
+tokens the selection certified at each level (0: first candidates, 1: second try, 2: all keys).
 """
 
 # ruff: noqa: B023  (the timed lambdas run at once, inside their loop iteration)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 import warnings
@@ -66,12 +70,80 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------- implementations
+TOTAL = "total"  # the selection's whole call, beside its phases
+
+
+class StepPhases:
+    """Where ours' training steps spend their time: marks between the step's phases (CUDA events
+    on a GPU, so nothing synchronises inside a step; perf_counter on CPU) and the selection's own
+    phases and levels (mmdiff.sae.selection.recording). `on` is False outside timed steps."""
+
+    STEP = ("forward", "loss", "backward", "optimizer + decoder constraint")
+
+    def __init__(self, device: str) -> None:
+        from mmdiff.sae.selection import SelectionLog
+
+        self.device, self.on = device, False
+        self.log = SelectionLog()
+        self.steps: list[list[object]] = []
+
+    def _stamp(self) -> object:
+        if self.device == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def start(self) -> None:
+        if self.on:
+            self.steps.append([self._stamp()])
+
+    def mark(self) -> None:
+        if self.on:
+            self.steps[-1].append(self._stamp())
+
+    def selecting(self):
+        from mmdiff.sae.selection import recording
+
+        return recording(self.log) if self.on else contextlib.nullcontext()
+
+    def summary(self) -> str:
+        """Mean milliseconds per step of each phase, the selection's split, its levels."""
+        if not self.steps:
+            return ""
+        sync(self.device)
+
+        def dt(a: object, b: object) -> float:
+            return a.elapsed_time(b) / 1e3 if self.device == "cuda" else b - a  # type: ignore
+
+        n = len(self.steps)
+        step = {name: sum(dt(m[i], m[i + 1]) for m in self.steps) / n
+                for i, name in enumerate(self.STEP)}
+        sel = {name: t / n for name, t in self.log.seconds().items()}
+        sel_total = sel.pop(TOTAL, 0.0)
+        total = sum(step.values())
+        lines = [f"ours, mean per step over {n} timed steps: {total * 1e3:.1f} ms = "
+                 + " + ".join(f"{name} {t * 1e3:.1f}" for name, t in step.items())]
+        lines.append(f"  selection (inside forward) {sel_total * 1e3:.1f} ms = "
+                     + ", ".join(f"{name} {t * 1e3:.1f}" for name, t in sel.items())
+                     + f"; rest of forward (sparse decoder, glue) "
+                       f"{(step['forward'] - sel_total) * 1e3:.1f} ms")
+        shares = self.log.level_shares()
+        tokens = sum(len(lv) for lv in self.log.levels)
+        keys = ", ".join(f"{what} {c / max(tokens, 1):.1f}" for what, c in self.log.keys.items())
+        lines.append("  selection levels (share of tokens): "
+                     + "  ".join(f"{i}: {v:.4f}" for i, v in enumerate(shares))
+                     + (f"; keys computed per token: {keys}" if keys else ""))
+        return "\n".join(lines)
+
+
 @dataclass
 class Impl:
     name: str
     step: Callable[[torch.Tensor, int], None]  # one optimiser step on a batch
     reconstruct: Callable[[torch.Tensor], torch.Tensor]  # x -> x_hat (no grad)
     settings: str = ""  # what differs from the equal settings, for the table
+    phases: StepPhases | None = None  # ours: where its steps spend their time
 
 
 RECOMMENDED = {  # each implementation's own documented defaults (warmups left out: see docs)
@@ -85,6 +157,18 @@ def adam(params, lr: float, kind: str) -> torch.optim.Optimizer:
     """The same Adam for every implementation: torch's default kernel or its fused one."""
     return torch.optim.Adam(params, lr=lr, fused=True) if kind == "fused" else \
         torch.optim.Adam(params, lr=lr)
+
+
+CANDIDATES = {"auto": "auto", "bf16x3": "bf16x3", "bf16": torch.bfloat16, "fp32": None}
+CANDIDATE_CHOICE = "auto"  # --candidates
+
+
+def candidate_product(device: str, bf16: bool) -> object:
+    """Ours' candidate product (TopKSAE.candidate_dtype): --candidates, else "auto" (split bf16 on
+    CUDA, fp32 on this project's AVX2 CPU), or bf16 on CPU with --bf16-select."""
+    if CANDIDATE_CHOICE != "auto":
+        return CANDIDATES[CANDIDATE_CHOICE]
+    return torch.bfloat16 if bf16 and device == "cpu" else "auto"
 
 
 def make_ours(D: int, F: int, k: int, lr: float, device: str, bf16: bool, opt_kind: str,
@@ -106,17 +190,23 @@ def make_ours(D: int, F: int, k: int, lr: float, device: str, bf16: bool, opt_ki
             sae.W_enc.copy_(enc.weight.T)
             sae.W_dec.copy_(enc.weight)
             sae.set_decoder_norm_to_unit_norm()
-    if bf16:
-        sae.candidate_dtype = torch.bfloat16  # bf16 candidates, certified exact selection
+    sae.candidate_dtype = candidate_product(device, bf16)
     opt = adam(sae.parameters(), default_lr(F) if recommended else lr, opt_kind)
+    ph = StepPhases(device)
 
     def step(x: torch.Tensor, i: int) -> None:
         if i == 0:
             with torch.no_grad():
                 sae.b_dec.copy_(x.mean(0))
-        out = sae(x)
+        ph.start()
+        with ph.selecting():
+            out = sae(x)
+        ph.mark()
         err = (out.x_hat - x).pow(2).sum()
-        (err / (x - x.mean(0)).pow(2).sum() if loss == "fvu" else err / len(x)).backward()
+        loss_ = err / (x - x.mean(0)).pow(2).sum() if loss == "fvu" else err / len(x)
+        ph.mark()
+        loss_.backward()
+        ph.mark()
         if constrain:
             with torch.no_grad():  # keep decoder rows on the unit sphere, as sparsify does
                 g = sae.W_dec.grad
@@ -124,12 +214,13 @@ def make_ours(D: int, F: int, k: int, lr: float, device: str, bf16: bool, opt_ki
         opt.step()
         opt.zero_grad(set_to_none=True)
         sae.set_decoder_norm_to_unit_norm()
+        ph.mark()
 
     def rec(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return sae(x).x_hat
 
-    return Impl("ours", step, rec, RECOMMENDED["ours"] if recommended else "")
+    return Impl("ours", step, rec, RECOMMENDED["ours"] if recommended else "", phases=ph)
 
 
 def make_sparsify(D: int, F: int, k: int, lr: float, device: str, bf16: bool, opt_kind: str,
@@ -239,6 +330,8 @@ def run_interleaved(impls: list[Impl], data: SyntheticActivations, steps: int, w
     for i in range(warmup + steps):
         x = data.batch(i, B)
         for impl in impls:
+            if impl.phases is not None:
+                impl.phases.on = i >= warmup
             sync(device)
             t0 = time.perf_counter()
             impl.step(x, i)
@@ -249,12 +342,15 @@ def run_interleaved(impls: list[Impl], data: SyntheticActivations, steps: int, w
                                           fvu(held_out, impl.reconstruct(held_out))))
     out = {}
     for impl in impls:
+        if impl.phases is not None:
+            impl.phases.on = False
         t = times[impl.name][warmup:]
         out[impl.name] = {"tokens_per_s": steps * B / sum(t), "step_s": sum(t) / steps,
                           "median_step_s": sorted(t)[len(t) // 2],
                           "fvu": fvu(held_out, impl.reconstruct(held_out)),
                           "tokens": (warmup + steps) * B, "curve": curves[impl.name],
-                          "settings": impl.settings}
+                          "settings": impl.settings,
+                          "phases": impl.phases.summary() if impl.phases is not None else ""}
     return out
 
 
@@ -280,6 +376,8 @@ def print_table(title: str, results: dict[str, dict], roof_t: float) -> None:
               f"{sec:6.1f} s" + (f"  [{r['settings']}]" if r["settings"] else ""))
     if "ours" not in results:
         return
+    if results["ours"]["phases"]:
+        print(results["ours"]["phases"])
     for peer, (t_speed, t_time) in (("sparsify", (2.0, 3.0)), ("sae-lens", (6.0, None))):
         if peer not in results:
             continue
@@ -322,16 +420,16 @@ def profile_ours(D: int, F: int, k: int, B: int, lr: float, device: str, bf16: b
     sparse decoder) timed alone on the same tensors, then the training step's phases."""
     from mmdiff.sae.base import SAEConfig
     from mmdiff.sae.kernels import plain_topk, sparse_decode
-    from mmdiff.sae.selection import certified_topk
+    from mmdiff.sae.selection import SelectionLog, certified_topk, recording
     from mmdiff.sae.topk import TopKSAE
 
     sae = TopKSAE(SAEConfig("topk", d_in=D, d_sae=F, k=k, device=device))
     sae.init_weights(seed=0)
-    if bf16:
-        sae.candidate_dtype = torch.bfloat16
+    sae.candidate_dtype = candidate_product(device, bf16)
     opt = adam(sae.parameters(), lr, opt_kind)
     times: dict[str, list[float]] = {}
     certified: list[float] = []
+    log = SelectionLog()
 
     def timed(name: str, fn: Callable[[], object]) -> object:
         sync(device)
@@ -348,8 +446,9 @@ def profile_ours(D: int, F: int, k: int, B: int, lr: float, device: str, bf16: b
             W, b = sae.W_enc.detach(), sae.b_enc.detach()
             timed("encoder matmul fp32 (alone)", lambda: torch.addmm(b, x_in, W))
             v, idx = timed("plain top-k incl. matmul (alone)", lambda: plain_topk(x_in, W, b, k))
-            sel = timed("certified top-k incl. matmul (alone)", lambda: certified_topk(
-                x_in, W, b, k, candidate_dtype=sae.candidate_dtype))
+            with recording(log if i >= 2 else None):
+                sel = timed("certified top-k incl. matmul (alone)", lambda: certified_topk(
+                    x_in, W, b, k, candidate_dtype=sae.candidate_dtype))
             certified.append(float((sel.level == 0).float().mean()))
             timed("sparse decoder (alone)", lambda: sparse_decode(idx, v.relu(), sae.W_dec))
         out = timed("step: forward", lambda: sae(x))
@@ -370,6 +469,12 @@ def profile_ours(D: int, F: int, k: int, B: int, lr: float, device: str, bf16: b
         kept = sorted(ts[2:])  # first two are warm-up
         lines.append(f"{name:40s} {kept[len(kept) // 2] * 1e3:9.1f}")
     lines.append(f"tokens certified from the first candidates: {min(certified):.4f} (worst batch)")
+    lines.append("certified top-k's phases, mean ms per call:")
+    calls = max(1, len(log.levels))
+    for name, t in log.seconds().items():
+        lines.append(f"  {name:38s} {t / calls * 1e3:9.1f}")
+    lines.append("levels (share of tokens): " + "  ".join(
+        f"{i}: {v:.4f}" for i, v in enumerate(log.level_shares())))
     return "\n".join(lines)
 
 
@@ -385,8 +490,12 @@ def main() -> None:
     p.add_argument("--adam", default="default", choices=["default", "fused"],
                    help="Adam kernel, the same for every implementation")
     p.add_argument("--bf16-select", action="store_true",
-                   help="ours: bf16 candidates for the certified selection (the default on CUDA "
-                        "and CPUs with fast bf16; on others bf16 matmuls are slow)")
+                   help="ours on CPU: bf16 candidates for the certified selection (the default "
+                        "on CPUs with fast bf16; on others bf16 matmuls are slow)")
+    p.add_argument("--candidates", default="auto", choices=sorted(CANDIDATES),
+                   help="ours: the product the certified selection draws candidates from (auto: "
+                        "bf16x3 on CUDA, fp32 on CPUs without fast bf16); the selection is the "
+                        "exact TopK whichever, only its speed changes")
     p.add_argument("--eval-every", type=int, default=3, help="held-out FVU every N steps")
     p.add_argument("--no-recommended", dest="recommended", action="store_false",
                    help="skip the run at each implementation's recommended settings")
@@ -395,6 +504,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="print a profile of ours and exit")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    global CANDIDATE_CHOICE
+    CANDIDATE_CHOICE = a.candidates
 
     if a.device == "cuda":
         if not torch.cuda.is_available():
@@ -410,7 +521,7 @@ def main() -> None:
 
     print(f"device={a.device} threads={torch.get_num_threads()} D={D} F={F} k={k} batch={B} "
           f"steps={a.steps}+{a.warmup} warmup lr={a.lr} adam={a.adam} bf16={bf16} "
-          f"torch={torch.__version__}")
+          f"candidates={candidate_product(a.device, bf16)} torch={torch.__version__}")
     if a.profile:
         print(profile_ours(D, F, k, B, a.lr, a.device, bf16, data, a.adam))
         return

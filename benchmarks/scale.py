@@ -7,7 +7,8 @@ Measures, in one process on one GPU:
              host memory the activation store needs; peak GPU memory.
   train      SAE training tokens/s at D=4096, F=32768, k=50: mmdiff's `train_step` (the trainer's
              step: TopK fast path, AuxK, dead-latent counters, decoder constraint, Adam) against
-             eai-sparsify's SparseCoder step on the same batches in the same run; peak memory.
+             eai-sparsify's SparseCoder step on the same batches in the same run; peak memory;
+             mmdiff's certified selection: share of tokens per level, ms per step of each phase.
   capacity   the largest number of layers whose SAEs train at once on this GPU: the memory of one
              more SAE measured (peak with 2 SAEs - peak with 1), the count computed from the
              device's memory, then verified by training that many SAEs together (and one more,
@@ -30,6 +31,7 @@ given --mode on every layer (or --layers), effective-batch tokens/s and each ran
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -299,6 +301,18 @@ class SparsifyTrainer:
         self.dead[out.latent_indices.flatten()] = 0
 
 
+def selection_summary(log: Any, steps: int) -> dict[str, Any]:
+    """mmdiff's certified selection over the timed steps: the share of tokens per level (0 first
+    candidates, 1 second try, 2 all keys), mean ms per step of each phase ("total" is the whole
+    call, CUDA events), and keys computed per token."""
+    tokens = max(1, sum(len(lv) for lv in log.levels))
+    return {
+        "level_shares": [round(v, 5) for v in log.level_shares()],
+        "ms_per_step": {name: round(t / steps * 1e3, 3) for name, t in log.seconds().items()},
+        "keys_per_token": {what: round(c / tokens, 2) for what, c in log.keys.items()},
+    }
+
+
 def bench_train(s: Sizes, device: torch.device, steps: int) -> dict[str, Any]:
     d = s.hidden
     batches = [synthetic_batch(s.sae_batch, d, i, device) for i in range(4)]
@@ -315,11 +329,15 @@ def bench_train(s: Sizes, device: torch.device, steps: int) -> dict[str, Any]:
         impl.step(batches[1])
         sync(device)
         peaks[name] = peak_bytes(device)
+    from mmdiff.sae.selection import SelectionLog, recording
+
+    log = SelectionLog()  # mmdiff's selection during the timed steps: levels, phases
     for i in range(steps):  # interleaved, so that any outside load falls on both alike
         for name, impl in impls.items():
             sync(device)
             t0 = time.perf_counter()
-            impl.step(batches[i % len(batches)])
+            with recording(log) if name == "mmdiff" else contextlib.nullcontext():
+                impl.step(batches[i % len(batches)])
             sync(device)
             times[name].append(time.perf_counter() - t0)
     out: dict[str, Any] = {"d_in": d, "d_sae": s.d_sae, "k": s.k, "batch_tokens": s.sae_batch}
@@ -330,6 +348,8 @@ def bench_train(s: Sizes, device: torch.device, steps: int) -> dict[str, Any]:
             "step_ms": med * 1e3,
             "peak_gib": peaks[name] / GiB,
         }
+    if "mmdiff" in out and steps:
+        out["mmdiff"]["selection"] = selection_summary(log, steps)
     if "sparsify" in out:
         out["mmdiff_over_sparsify"] = (
             out["mmdiff"]["tokens_per_s"] / out["sparsify"]["tokens_per_s"]

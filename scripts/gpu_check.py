@@ -2,7 +2,9 @@
 
 Steps, each under its own time limit and all within `BUDGET_S` (8 minutes):
   tests      pytest -m cuda: bf16 autocast SAE training, the sparse TopK kernels on CUDA against the
-             dense reference, single-GPU capture (no process group), interventions' KV-cache equality
+             dense reference, single-GPU capture (no process group), interventions' KV-cache equality,
+             the certified selection on CUDA (every candidate product against the definition, the
+             split product's bound on tensor cores)
   sae_train  benchmarks/sae_train.py --device cuda: ours vs eai-sparsify vs SAE-Lens at D=4096,
              F=32768, k=50, with each step's share of the dense-matmul roofline
   scale      benchmarks/scale.py at real shapes (LLaVA-MORE-shaped 8B VLM in bf16, 32k-latent SAEs):
@@ -41,7 +43,7 @@ def steps(python: str, config: Path) -> list[tuple[str, list[str], int]]:
     """(name, command, time limit in seconds), in the order they run."""
     return [
         ("tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "-rs",
-                   "tests/test_cuda.py"], 90),
+                   "tests/test_cuda.py", "tests/test_sae_selection.py"], 90),
         ("sae_train", [python, "benchmarks/sae_train.py", "--device", "cuda", "--steps", "15"], 90),
         ("scale", [python, "benchmarks/scale.py", "--repeats", "2", "--steps", "5",
                    "--skip", "capacity", "--json", str(OUT / "scale.json")], 90),
