@@ -443,7 +443,7 @@ def test_task_features_open_their_cards(full_run):
         assert (run / "report" / card["dashboard"]).resolve().is_file()
         assert {"p_task", "odds_ratio", "q_value"} <= {k for s in card["scores"] for k, _ in s["rows"]}
         # removing the spatial set: its rows of the effects table, with the interval
-        assert ["spatial", "spatial", "-0.10 [-0.15, -0.05]", "–"] in card["effects"]
+        assert ["spatial", "spatial (accuracy)", "-0.10 [-0.15, -0.05]", "–"] in card["effects"]
     first = cards["L{}/F{}".format(*planted["keys"][0])]
     (example,) = first["examples"]
     assert example["tokens"][3] == [SCRIPT, 2.0, "t"] and example["tokens"][-1] == ["<image x4>", 3.0, "i"]

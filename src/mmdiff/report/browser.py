@@ -109,7 +109,7 @@ def feature_records(run_dir: Path, explanations: Mapping[str, Any], section: Sec
         for e in records.values():
             rows = own[own["target_task"].astype(str).isin(e["tasks"])]
             e["effects"] = [
-                [str(r.target_task), str(r.eval_task), interval(r.effect, r.ci_lo, r.ci_hi),
+                [str(r.target_task), f"{r.eval_task} ({r.metric})", interval(r.effect, r.ci_lo, r.ci_hi),
                  interval(r.selectivity, r.selectivity_ci_lo, r.selectivity_ci_hi)]
                 for r in rows.itertuples()
             ]  # fmt: skip
