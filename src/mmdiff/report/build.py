@@ -345,6 +345,10 @@ def build_report(run_dir: str | Path, config: StudyConfig | None = None) -> Path
     )
     task_of = {f["id"]: next((t for t in f["tasks"] if t != "adapted"), "adapted") for f in features}
     said, warned = answers(run_dir, explanations, found, task_of)
+    for a in said:  # each evidence section's reading starts with its answer, then how to read it
+        s = by_id.get(a.href.lstrip("#"))
+        if s is not None and s.status != NOT_RUN and not a.answer.startswith(("not run", "could not")):
+            s.reading = f"{a.answer} {s.reading}".strip()
     name = config.name if config is not None else run_dir.name
     generated = (
         dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + f", mmdiff {__version__}"
