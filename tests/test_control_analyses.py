@@ -223,7 +223,7 @@ def write_fake_analyses(run) -> None:
     from mmdiff.control.analyses import PIPELINE_ABLATION
 
     pipe = [_row(selection=s, step=i, applied=True, n_features=n, eval_task=t, role=role, **kw)
-            for i, s, n in ((1, "contrastive", 9), (4, "+ adapted", 4))
+            for i, s, n in ((2, "contrastive", 9), (5, "+ adapted", 4))
             for t, role, kw in (("spatial", "task", {}),
                                 ("vqa", "general", {"effect": -0.2 if n == 9 else 0.0, "ci_lo": -0.3 if n == 9 else -0.02,
                                                     "ci_hi": -0.1 if n == 9 else 0.02}))]  # fmt: skip
@@ -304,15 +304,23 @@ def test_pipeline_ablation_on_a_constructed_case(tmp_path):
     assert [a for _, a, _ in pipeline_sets(no_neutral)] == [True, True, False, True]
     ev = _TwoTasks()
     remover = SetRemover(ev, {0: _FakeSAE(64, 32)}, None, exclude=scores[scores["candidate"]], n_random=2, n_boot=200)
-    df = pipeline_ablation(remover, {"spatial": scores}, general="vqa")
+    # the random regime's rule kept features 50 and 51 of its own SAE, which carry nothing here
+    regime_sets = {"spatial": pd.DataFrame({"layer": [0, 0], "feature": [50, 51], "delta_p": [0.2, 0.1]})}
+    regime = (SetRemover(ev, {0: _FakeSAE(64, 32)}, None, exclude=regime_sets["spatial"], n_random=2, n_boot=200,
+                         sae_key="random"), regime_sets)  # fmt: skip
+    df = pipeline_ablation(remover, {"spatial": scores}, general="vqa", regime=regime)
     assert list(df.columns) == list(PIPELINE_ABLATION.names)
-    assert df["selection"].tolist() == ["random"] * 2 + [s for s, _, _ in steps for _ in (0, 1)]
+    assert df["selection"].tolist() == ["random"] * 2 + ["random-regime SAE"] * 2 + [
+        s for s, _, _ in steps for _ in (0, 1)
+    ]
+    assert df["step"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     eff = df.set_index(["selection", "eval_task"])["effect"]
     # every step keeps a spatial feature: -8/32 on spatial; only the first two keep 20 and 21
     assert [eff[(s, "spatial")] for s, _, _ in steps] == [-0.25] * 4
     assert [eff[(s, "vqa")] for s, _, _ in steps] == [-0.5, -0.5, 0.0, 0.0]
     assert eff[("random", "spatial")] == 0.0 == eff[("random", "vqa")]  # the full set's matched control
     assert df.loc[df["selection"] == "random", "selectivity"].isna().all()
+    assert (eff.loc["random-regime SAE"] == 0).all()
     write_analysis(df, PIPELINE_ABLATION, tmp_path / "eval")
     found = pipeline_finding(tmp_path)
     assert found.status == REPRODUCED and "contrastive only (7 features) general VQA -0.500" in found.detail

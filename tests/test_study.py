@@ -84,10 +84,14 @@ def test_run_whole_chain_then_skips(tiny_study):
     effects = pd.read_parquet(run / "eval" / "effects.parquet")
     assert {"intervention", "eval_task", "effect", "ci_lo", "ci_hi", "control_effect", "n"} <= set(effects.columns)
     assert (effects["ci_lo"] <= effects["effect"]).all() and (effects["effect"] <= effects["ci_hi"]).all()
+    # the removal analyses share the ablate stage; the pipeline ablation has the random regime's row
+    pipeline = pd.read_parquet(run / "eval" / "pipeline_ablation.parquet")
+    assert {"random", "random-regime SAE", "contrastive", "+ adapted"} <= set(pipeline["selection"])
+    assert (run / "eval" / "dose_response.parquet").is_file() and stages["ablate"]["summary"]["cpu_seconds"]
     steering = pd.read_parquet(run / "eval" / "steering.parquet")
     assert set(steering["method"]) == {"feature", "single_layer"}
     html = (run / "report" / "index.html").read_text()
-    assert "Adapted features" in html and "<script" not in html
+    assert "Adapted features" in html and html.count("<script") == 2  # the feature data and the report's script
     res = runner.invoke(app, args)
     assert (run / "interp" / "dashboards" / "index.html").is_file()
     assert len(pd.read_parquet(run / "attribution" / "heads.parquet")) > 0

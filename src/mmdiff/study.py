@@ -164,6 +164,47 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     return summary
 
 
+def vlm_feature_stats(ctx: StageContext, saes: dict, splits: dict[str, Any], records: list[Record] | None = None,
+                      out: Path | None = None) -> dict[str, Any]:
+    """Statistics of the VLM's activations on the analysis records (or `records`) under `saes`, by
+    split: written to `out` when given (the stats stage), else returned in memory."""
+    from mmdiff.capture import iter_activations
+    from mmdiff.distributed import shard_records
+    from mmdiff.parallel import collect_feature_stats_distributed, write_feature_stats_distributed
+
+    cfg, s = ctx.config, ctx.config.stats
+    recs = get_records(ctx, s.dataset) if records is None else records
+    acts = iter_activations(get_adapter(ctx), shard_records(recs), cfg.layers, "vlm", batch_size=s.batch_size,
+                            progress=ctx.progress)
+    kw = dict(top_k=s.top_k, n_chunks=s.n_chunks, progress=ctx.progress)
+    if out is not None:
+        return write_feature_stats_distributed(acts, saes, splits, out, **kw) or {}
+    return collect_feature_stats_distributed(acts, saes, splits, **kw)
+
+
+def random_regime_sets(ctx: StageContext) -> tuple[dict, Any, dict[str, pd.DataFrame]] | None:
+    """The pipeline ablation's random-regime row: (its SAEs, their statistics on the analysis records'
+    vision split, {task: the features the selection rule keeps on them}), computed here (one VLM pass
+    over the analysis records and one over each neutral re-run); None when no `random` SAEs were trained."""
+    from mmdiff.control.analyses import regime_task_sets
+
+    cfg, s, d = ctx.config, ctx.config.stats, ctx.config.detect
+    if "random" not in cfg.train.regimes or not (ctx.run_dir / "saes" / "random").is_dir():
+        return None
+    saes = backbone_saes(ctx, "random", cfg.layers, "vlm")
+    records = get_records(ctx, s.dataset)
+    stats = vlm_feature_stats(ctx, saes, {"vision": None, **task_splits(records, s.base_split, s.tasks)})
+    neutral = {
+        t: vlm_feature_stats(ctx, saes, f"{t}_neutral",
+                             neutral_records([r for r in records if t in r.tasks], s.neutral_instruction))[f"{t}_neutral"]
+        for t in s.neutral_tasks
+    }
+    sets = regime_task_sets({t: stats[t] for t in s.tasks}, stats[s.base_split], neutral,
+                            min_delta_p=d.min_delta_p, alpha=d.alpha, min_neutral_firing=d.min_neutral_firing,
+                            min_image_share=d.min_image_share)
+    return saes, stats["vision"], sets
+
+
 def stage_stats(ctx: StageContext) -> dict[str, Any]:
     """Per-feature statistics: VLM + adapted SAEs by split, base LM + base SAEs, neutral re-runs.
 
@@ -180,19 +221,16 @@ def stage_stats(ctx: StageContext) -> dict[str, Any]:
     adapted = backbone_saes(ctx, s.role, layers, "vlm")
     base = backbone_saes(ctx, "base", layers, "base")
     out = ctx.run_dir / "stats"
-    kw = dict(top_k=s.top_k, n_chunks=s.n_chunks, progress=ctx.progress)
     splits: dict[str, Any] = {"vision": None, **task_splits(records, s.base_split, s.tasks)}
 
-    def write(recs: list[Record], side: str, saes: dict, split: Any) -> None:
-        acts = iter_activations(get_adapter(ctx), shard_records(recs), layers, side, batch_size=s.batch_size,
-                                progress=ctx.progress)
-        write_feature_stats_distributed(acts, saes, split, out, **kw)
-
-    write(records, "vlm", adapted, splits)
-    write(records, "base", base, "text")
+    vlm_feature_stats(ctx, adapted, splits, records, out=out)
+    acts = iter_activations(get_adapter(ctx), shard_records(records), layers, "base", batch_size=s.batch_size,
+                            progress=ctx.progress)
+    write_feature_stats_distributed(acts, base, "text", out, top_k=s.top_k, n_chunks=s.n_chunks,
+                                    progress=ctx.progress)
     for task in s.neutral_tasks:
-        write(neutral_records([r for r in records if task in r.tasks], s.neutral_instruction), "vlm", adapted,
-              f"{task}_neutral")
+        vlm_feature_stats(ctx, adapted, f"{task}_neutral",
+                          neutral_records([r for r in records if task in r.tasks], s.neutral_instruction), out=out)
     return {k: len(v) if v is not None else len(records) for k, v in splits.items()}
 
 
@@ -403,7 +441,7 @@ def stage_ablate(ctx: StageContext) -> dict[str, Any]:
         ctx.run_dir, ev, tasks=present, role=common["role"], stats_split=common["stats_split"],
         positions=c.analysis_positions or c.positions, variant_positions=c.variant_positions,
         single_top=c.single_top, dose=c.dose_response, dose_max=c.dose_max, pipeline=c.pipeline_ablation,
-        general=c.general_task,
+        regime=(lambda: random_regime_sets(ctx)) if c.pipeline_ablation else None, general=c.general_task,
         benign=c.benign_task, n_records=c.analysis_records, n_random=c.n_random, seed=common["seed"],
         n_bins=c.n_bins, n_boot=c.n_boot,
     ) if present else {}
@@ -503,7 +541,7 @@ def study_stages(cfg: StudyConfig) -> list[Stage]:
               needs=["train", "stats", "diff", "detect", "attribute"], config_key="interp",
               datasets=[*analysis, *([cfg.interp.grounding] if cfg.interp.grounding else [])]),
         stage("ablate", ["eval/effects.parquet"], needs=["train", "stats", "detect"], config_key="control",
-              datasets=[cfg.control.test]),
+              datasets=[cfg.control.test, *(analysis if cfg.control.pipeline_ablation else [])]),
     ]
     if cfg.concepts.enabled:
         stages.append(stage("concepts", ["concepts/matching.parquet", "concepts/steering.parquet"],

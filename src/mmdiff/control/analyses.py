@@ -27,7 +27,8 @@ by the larger odds ratio, then by (layer, feature).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +324,7 @@ def run_analyses(
     dose: bool = True,
     dose_max: int | None = None,
     pipeline: bool = True,
+    regime: Callable[[], tuple[Mapping[int, Any], Any, Mapping[str, pd.DataFrame]] | None] | None = None,
     general: str | None = "vqa",
     benign: str | None = "existence",
     n_records: int | None = None,
@@ -337,6 +339,8 @@ def run_analyses(
     where single features, dose steps and pipeline-step sets are removed; `variant_positions`: the
     position kinds the set variants compare (empty: no variants); single_top 0, dose False or
     pipeline False turns those off (the pipeline ablation also needs stats/detect_<task>.parquet).
+    `regime`: a function giving the random-regime SAEs, their statistics and {task: the features
+    the rule keeps on them} (or None), called within the pipeline ablation, whose seconds include it.
     Returns {analysis: {"paths", "cpu_seconds", "evaluations"}}, the seconds being the CPU time of
     the evaluations the analysis ran that no earlier one had (the clean pass is the removal's).
     """
@@ -373,9 +377,21 @@ def run_analyses(
         detect = {n: DETECT.path_in(run_dir, task=n) for n in sets}
         detect = {n: pd.read_parquet(p) for n, p in detect.items() if p.is_file()}
         if detect:
+            def pipeline_job() -> pd.DataFrame:
+                start, other = time.process_time(), None
+                got = regime() if regime is not None else None
+                evaluator.cpu_seconds["pipeline_ablation"] += time.process_time() - start
+                if got is not None:
+                    r_saes, r_stats, r_sets = got
+                    r_every = pd.concat([feature_pairs(t) for t in r_sets.values()], ignore_index=True)
+                    other = (SetRemover(evaluator, r_saes, r_stats, exclude=r_every, n_random=n_random, seed=seed,
+                                        n_bins=n_bins, n_boot=n_boot, n_records=n_records, sae_key="random"),
+                             r_sets)  # fmt: skip
+                return pipeline_ablation(remover, detect, positions=positions, general=general, regime=other)
+
             jobs.append(("pipeline_ablation", PIPELINE_ABLATION, {"positions": positions,
-                         "steps": [[n, c, w] for n, c, w in PIPELINE_STEPS]},
-                         lambda: pipeline_ablation(remover, detect, positions=positions, general=general)))  # fmt: skip
+                         "steps": [[n, c, w] for n, c, w in PIPELINE_STEPS], "random_regime": regime is not None},
+                         pipeline_job))  # fmt: skip
     done: dict[str, dict[str, Any]] = {}
     for name, artifact, extra, compute in jobs:
         with evaluator.charged_to(name):
@@ -389,7 +405,8 @@ def run_analyses(
 
 
 # ------------------------------------------------------------------------------ pipeline ablation
-RANDOM_SEL, CONTRASTIVE, VISUAL, LEXICAL, ADAPTED = "random", "contrastive", "+ visual", "+ lexical", "+ adapted"
+RANDOM_SEL, REGIME = "random", "random-regime SAE"
+CONTRASTIVE, VISUAL, LEXICAL, ADAPTED = "contrastive", "+ visual", "+ lexical", "+ adapted"
 PIPELINE_STEPS: tuple[tuple[str, str | None, str], ...] = (
     (CONTRASTIVE, "candidate", "contrastive firing only: delta_p, odds ratio and BH q-value pass"),
     (VISUAL, "neutral_image_dominated", "+ visual responsiveness: image tokens hold at least min_image_share "
@@ -409,9 +426,12 @@ PIPELINE_ABLATION = Artifact(
     columns=(
         Column("selection", str, "which features", kinds={
             RANDOM_SEL: "random features matched in layer and firing-frequency bin to the full pipeline's set",
+            REGIME: "the same rule (contrastive firing, visual responsiveness, lexical filter; no adapted-feature "
+                    "filter: the regime is not adapted from the base SAE) on the SAE trained from scratch on "
+                    "VLM activations (the `random` regime), its features removed from its own decoder",
             **{name: what for name, _, what in PIPELINE_STEPS},
         }),
-        Column("step", int, "0 = random, then the pipeline's steps in order"),
+        Column("step", int, "0 = random, 1 = the random-regime SAE, then the pipeline's steps in order"),
         Column("applied", bool, "False when the step's filter was not run for this task (same set as the step before)"),
         *_SET_COLUMNS, *_EFFECT_COLUMNS,
     ),
@@ -431,33 +451,60 @@ def pipeline_sets(scores: pd.DataFrame) -> list[tuple[str, bool, pd.DataFrame]]:
     return out
 
 
+def regime_task_sets(
+    tasks: Mapping[str, Any], base: Any, neutral: Mapping[str, Any], **detect: Any
+) -> dict[str, pd.DataFrame]:
+    """The selection rule without the adapted-feature filter (mmdiff.detect.task_features with
+    adapted=None) on another SAE's statistics: {task: its kept features, with delta_p}. `tasks`:
+    {task: FeatureStats of the task split}; `neutral`: {task: neutral re-run's FeatureStats}."""
+    from mmdiff.detect import task_features
+
+    out = {}
+    for name, st in tasks.items():
+        df = task_features(st, base, adapted=None, neutral=neutral.get(name), task_name=name, **detect)
+        out[name] = df[df["kept"]].reset_index(drop=True)
+    return out
+
+
+def _random_row(r: dict[str, Any], selection: str, step: int) -> dict[str, Any]:
+    """A row of the matched random features, from a removal row's control columns."""
+    return {
+        **r, "selection": selection, "step": step, "applied": True,
+        "treated": r["baseline"] + r["control_effect"] if r["status"] == EVALUATED else math.nan,
+        "effect": r["control_effect"], "ci_lo": r["control_ci_lo"], "ci_hi": r["control_ci_hi"],
+        "selectivity": math.nan, "selectivity_ci_lo": math.nan, "selectivity_ci_hi": math.nan, "mde": math.nan,
+    }  # fmt: skip
+
+
 def pipeline_ablation(
     remover: SetRemover,
     scores: Mapping[str, pd.DataFrame],
     *,
     positions: str = "text",
     general: str | None = "vqa",
+    regime: tuple[SetRemover, Mapping[str, pd.DataFrame]] | None = None,
 ) -> pd.DataFrame:
     """PIPELINE_ABLATION: for each task's detect table, the features each pipeline step keeps
-    removed, and (step 0) random features matched to the last step's set, each on its task and
-    general VQA. The random row's effect is the last step's matched control (record i under draw
-    i mod n_random), so it costs nothing more; its own selectivity is NaN."""
+    removed, (step 0) random features matched to the last step's set, and (step 1, with `regime`:
+    its remover over the random-regime SAEs and {task: the features its rule keeps}) the random
+    regime's features, each on its task and general VQA. The random row's effect is the last
+    step's matched control (record i under draw i mod n_random), so it costs nothing more; its own
+    selectivity is NaN."""
     rows = []
     for name, table in scores.items():
         roles = eval_roles(name, list(remover.ev.tasks), general, None)
         steps = pipeline_sets(table)
         mine = [
             {"selection": selection, "step": i, "applied": applied, **r}
-            for i, (selection, applied, pairs) in enumerate(steps, start=1)
+            for i, (selection, applied, pairs) in enumerate(steps, start=2)
             for r in remover.rows(pairs, name, roles, positions, f"remove {name} ({selection})")
         ]
-        for r in mine[-len(roles):] if roles else []:  # step 0: the full set's matched random features
-            rows.append({
-                **r, "selection": RANDOM_SEL, "step": 0, "applied": True,
-                "treated": r["baseline"] + r["control_effect"] if r["status"] == EVALUATED else math.nan,
-                "effect": r["control_effect"], "ci_lo": r["control_ci_lo"], "ci_hi": r["control_ci_hi"],
-                "selectivity": math.nan, "selectivity_ci_lo": math.nan, "selectivity_ci_hi": math.nan,
-                "mde": math.nan,
-            })  # fmt: skip
+        rows += [_random_row(r, RANDOM_SEL, 0) for r in (mine[-len(roles):] if roles else [])]
+        if regime is not None and name in regime[1]:
+            other, sets = regime
+            rows += [
+                {"selection": REGIME, "step": 1, "applied": True, **r}
+                for r in other.rows(sets[name], name, roles, positions, f"remove {name} ({REGIME})")
+            ]
         rows += mine
     return _frame(rows, PIPELINE_ABLATION)
