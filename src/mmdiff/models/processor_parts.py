@@ -96,7 +96,10 @@ def load_processor_parts(
     trust_remote_code: bool,
 ) -> ProcessorParts:
     """The image processor, tokenizer and chat template saved with checkpoint `vlm`."""
-    from transformers import AutoImageProcessor
+    # From its module, not the package: transformers 5.6-5.17 mark the package-level name as
+    # needing torchvision (its file mentions TorchvisionBackend; fixed in 5.18), so without
+    # torchvision `transformers.AutoImageProcessor` is a placeholder that raises ImportError.
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     options = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
     image_processor = pretrained_call(
