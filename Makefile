@@ -50,18 +50,19 @@ test-latest:
 	$(LATEST)/bin/pip install --quiet "$(TORCH_SPEC)"
 	$(LATEST)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(LATEST)/torch.txt
 	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager --constraint $(LATEST)/torch.txt -e ".[test,peers,data]"
-	@$(LATEST)/bin/python -c "import importlib.metadata as m; print('test-latest:', ', '.join(p + ' ' + m.version(p) for p in ('torch', 'transformers', 'tokenizers', 'safetensors', 'pydantic', 'sae-lens', 'eai-sparsify')))"
+	@$(LATEST)/bin/python -c "import importlib.metadata as m; print('test-latest:', ', '.join(p + ' ' + m.version(p) for p in ('torch', 'transformers', 'tokenizers', 'huggingface-hub', 'safetensors', 'typer', 'click', 'pydantic', 'sae-lens', 'eai-sparsify')))"
 	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The lower bounds of pyproject.toml's ranges (requirements/oldest.txt; torch: TORCH_SPEC), with the
 # test extra only (the peers and the easy-VQA data need newer releases; their tests skip).
+# Why each bound is where it is: the comments in requirements/oldest.txt and docs/design.md.
 test-oldest:
 	rm -rf $(OLDEST)
 	$(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/pip install --quiet "$(PIP_SPEC)"
 	$(OLDEST)/bin/pip install --quiet "$(TORCH_SPEC)"
 	$(OLDEST)/bin/pip install --quiet --constraint requirements/oldest.txt -e ".[test]"
-	@$(OLDEST)/bin/python -c "import importlib.metadata as m; print('test-oldest:', ', '.join(p + ' ' + m.version(p) for p in ('torch', 'transformers', 'tokenizers', 'numpy', 'pandas', 'pyarrow', 'pydantic')))"
+	@$(OLDEST)/bin/python -c "import importlib.metadata as m; print('test-oldest:', ', '.join(p + ' ' + m.version(p) for p in ('torch', 'transformers', 'tokenizers', 'huggingface-hub', 'safetensors', 'typer', 'click', 'numpy', 'pandas', 'pyarrow', 'pydantic')))"
 	$(OLDEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Refresh the pins: test-latest, and only if the suite passed, its versions become the constraints.
