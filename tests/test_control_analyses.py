@@ -179,6 +179,19 @@ def test_single_features_carry_mde_and_selectivity_and_the_runner_writes_them(pl
     assert top["effect"] < -0.3 and top["selectivity_ci_hi"] < 0 < top["mde"]
     second = df[(df["rank"] == 2) & (df["eval_task"] == "spatial")].iloc[0]
     assert abs(second["effect"]) < 0.05 and not math.isnan(second["selectivity"])
+    # categories: feature 0's top records are all "left of" ones, so it is also scored on the
+    # spatial records of that relation (every other record of _records asks "above")
+    from mmdiff.control.analyses import CATEGORY, feature_categories
+
+    topk = pd.DataFrame({"layer": [LAYER] * 4, "feature": [0, 0, 0, 9], "record_id": ["a", "a", "b", "c"]})
+    meta = {"a": {"relation": "left of"}, "b": {"relation": "left of"}, "c": {"relation": "above"}}
+    own = feature_categories(topk, meta, "relation")
+    assert own == {(LAYER, 0): "left of", (LAYER, 9): "above"}
+    df = single_features(remover, {"spatial": table}, top=1, general=None, benign=None,
+                         categories={"spatial": ("relation", own)})  # fmt: skip
+    cat = df[df["role"] == CATEGORY].iloc[0]
+    assert cat["eval_task"] == "spatial (relation=left of)" and cat["n"] == 6  # 12 records, half "left of"
+    assert cat["effect"] < -0.3 and not math.isnan(cat["selectivity"]) and cat["mde"] > 0
     # the runner: a run directory's task tables, SAEs and statistics, written to eval/
     run = tmp_path / "run"
     saes[LAYER].save(run / "saes" / "text" / f"layer_{LAYER}")

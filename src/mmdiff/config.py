@@ -289,6 +289,10 @@ class ControlSpec(Section):
     single_top: int = Field(5, ge=0, description=(
         "The top features of each task set by delta_p, each removed alone (eval/single_features.parquet); "
         "0 = not run."))
+    categories: dict[str, str] = Field(default_factory=lambda: {"spatial": "relation", "ocr": "type", "safety": "category"},
+                                       description=(
+        "{task: the record meta key of its categories}: each single feature is also scored on its task's "
+        "records of its own category (the commonest among its top activating records)."))
     dose_response: bool = Field(True, description=(
         "Remove the top 1, 2, 4, ... features of each set (and the whole set) against random sets of the "
         "same size (eval/dose_response.parquet)."))
@@ -386,7 +390,8 @@ def default_config() -> StudyConfig:
         attribution=AttributionSpec(top_k=4, n_calibration=64, exact=True, max_features=12),
         interp=InterpSpec(k=6, max_adapted=8, grounding="validation"),
         control=ControlSpec(test="eval", n_random=3, alphas=[-2.0, -1.0, 0.0, 1.0, 2.0], batch_size=128,
-                            analysis_positions="all", single_top=3, analysis_records=200),
+                            analysis_positions="all", single_top=3, analysis_records=200,
+                            categories={"spatial": "relation", "safety": "noun"}),
         concepts=ConceptsSpec(k=10),
     )
 

@@ -441,7 +441,9 @@ def stage_ablate(ctx: StageContext) -> dict[str, Any]:
         ctx.run_dir, ev, tasks=present, role=common["role"], stats_split=common["stats_split"],
         positions=c.analysis_positions or c.positions, variant_positions=c.variant_positions,
         single_top=c.single_top, dose=c.dose_response, dose_max=c.dose_max, pipeline=c.pipeline_ablation,
-        regime=(lambda: random_regime_sets(ctx)) if c.pipeline_ablation else None, general=c.general_task,
+        regime=(lambda: random_regime_sets(ctx)) if c.pipeline_ablation else None, categories=c.categories,
+        category_records=get_records(ctx, ctx.config.stats.dataset) if c.categories and c.single_top else (),
+        general=c.general_task,
         benign=c.benign_task, n_records=c.analysis_records, n_random=c.n_random, seed=common["seed"],
         n_bins=c.n_bins, n_boot=c.n_boot,
     ) if present else {}
@@ -541,7 +543,7 @@ def study_stages(cfg: StudyConfig) -> list[Stage]:
               needs=["train", "stats", "diff", "detect", "attribute"], config_key="interp",
               datasets=[*analysis, *([cfg.interp.grounding] if cfg.interp.grounding else [])]),
         stage("ablate", ["eval/effects.parquet"], needs=["train", "stats", "detect"], config_key="control",
-              datasets=[cfg.control.test, *(analysis if cfg.control.pipeline_ablation else [])]),
+              datasets=[cfg.control.test, *(analysis if cfg.control.pipeline_ablation or cfg.control.categories else [])]),
     ]
     if cfg.concepts.enabled:
         stages.append(stage("concepts", ["concepts/matching.parquet", "concepts/steering.parquet"],

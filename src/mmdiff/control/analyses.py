@@ -49,7 +49,7 @@ from mmdiff.errors import ConfigError, DataError
 from mmdiff.schema import Artifact, Column
 
 EVALUATED, NOT_TESTABLE, EMPTY = "evaluated", "not testable", "empty"
-TARGET, GENERAL, BENIGN = "task", "general", "benign"
+TARGET, GENERAL, BENIGN, CATEGORY = "task", "general", "benign", "category"
 
 _SET_COLUMNS = (
     Column("target_task", str, "the task whose features are removed"),
@@ -70,6 +70,7 @@ _EFFECT_COLUMNS = (
     Column("eval_task", str, "the task evaluated"),
     Column("role", str, "what the eval task is to the set", kinds={
         TARGET: "the set's own task", GENERAL: "general VQA", BENIGN: "a benign control task no set is about",
+        CATEGORY: "the records of the set's task in the feature's own category (single features)",
     }),
     *SCORE_COLUMNS,
     Column("control_effect", float, "the matched random features' effect (record i under draw i mod n_random)"),
@@ -263,6 +264,36 @@ def set_variants(
     return _frame(rows, SET_VARIANTS)
 
 
+def feature_categories(
+    topk: pd.DataFrame, meta: Mapping[str, Mapping[str, Any]], key: str
+) -> dict[tuple[int, int], str]:
+    """{(layer, feature): its own category}: the commonest meta[key] among the distinct records of
+    its top activating tokens (a stats topk table: layer, feature, record_id), ties by the smaller
+    value; features whose top records carry no such key are left out."""
+    out: dict[tuple[int, int], str] = {}
+    for (layer, feature), g in topk.groupby(["layer", "feature"], sort=True):
+        values = [str(meta[r][key]) for r in dict.fromkeys(g["record_id"].astype(str))
+                  if r in meta and meta[r].get(key) is not None]  # fmt: skip
+        if values:
+            counts = pd.Series(values).value_counts()
+            out[(int(layer), int(feature))] = min(counts.index[counts == counts.max()])
+    return out
+
+
+def category_task(ev: Evaluator, task: str, key: str, value: str) -> str | None:
+    """The name of the evaluation task of `task`'s records whose meta[key] is `value`, added to the
+    evaluator's tasks (None when fewer than 2 records of the task have it)."""
+    import dataclasses
+
+    name = f"{task} ({key}={value})"
+    if name not in ev.tasks:
+        recs = [r for r in ev.task(task).records if str((r.meta or {}).get(key)) == value]
+        if len(recs) < 2:
+            return None
+        ev.tasks[name] = dataclasses.replace(ev.task(task), name=name, records=recs)
+    return name
+
+
 def single_features(
     remover: SetRemover,
     tables: Mapping[str, pd.DataFrame],
@@ -271,16 +302,23 @@ def single_features(
     positions: str = "text",
     general: str | None = "vqa",
     benign: str | None = "existence",
+    categories: Mapping[str, tuple[str, Mapping[tuple[int, int], str]]] | None = None,
 ) -> pd.DataFrame:
     """SINGLE_FEATURES: the `top` best-ranked features of each task table (`rank_features`), each
-    removed alone and scored on its task, general VQA and the benign control."""
+    removed alone and scored on its task, general VQA and the benign control, and, where
+    `categories` gives {task: (meta key, {(layer, feature): category})}, on the records of its task
+    in the feature's own category (`feature_categories`)."""
     rows = []
     for name, table in tables.items():
         roles = eval_roles(name, list(remover.ev.tasks), general, benign)
+        key, own = (categories or {}).get(name, ("", {}))
         for rank, f in enumerate(rank_features(table).head(top).itertuples(), start=1):
             pair = pd.DataFrame({"layer": [int(f.layer)], "feature": [int(f.feature)]})
             label = f"remove {name} #{rank} L{int(f.layer)}/F{int(f.feature)}"
-            for r in remover.rows(pair, name, roles, positions, label):
+            value = own.get((int(f.layer), int(f.feature)))
+            sub = category_task(remover.ev, name, key, value) if value is not None and name in remover.ev.tasks else None
+            mine = [*roles, (CATEGORY, sub)] if sub is not None else roles
+            for r in remover.rows(pair, name, mine, positions, label):
                 rows.append({"rank": rank, "layer": int(f.layer), "feature": int(f.feature),
                              "score": float(f.score), **r})  # fmt: skip
     return _frame(rows, SINGLE_FEATURES)
@@ -310,6 +348,21 @@ def write_analysis(df: pd.DataFrame, artifact: Artifact, out: str | Path, **extr
     return write_table(df, artifact, out, extra=extra)
 
 
+def _own_categories(
+    run_dir: Path, sets: Mapping[str, Any], keys: Mapping[str, str] | None, records: Sequence[Any]
+) -> dict[str, tuple[str, dict[tuple[int, int], str]]]:
+    """{task: (meta key, each feature's own category)} for the tasks with a key and a topk table."""
+    from mmdiff.stats import stats_paths
+
+    meta = {str(r.id): dict(r.meta or {}) for r in records}
+    out = {}
+    for task, key in (keys or {}).items():
+        path = stats_paths(run_dir / "stats", task).get("topk")
+        if task in sets and meta and path is not None and path.is_file():
+            out[task] = (key, feature_categories(pd.read_parquet(path), meta, key))
+    return out
+
+
 def run_analyses(
     run_dir: str | Path,
     evaluator: Evaluator,
@@ -325,6 +378,8 @@ def run_analyses(
     dose_max: int | None = None,
     pipeline: bool = True,
     regime: Callable[[], tuple[Mapping[int, Any], Any, Mapping[str, pd.DataFrame]] | None] | None = None,
+    categories: Mapping[str, str] | None = None,
+    category_records: Sequence[Any] = (),
     general: str | None = "vqa",
     benign: str | None = "existence",
     n_records: int | None = None,
@@ -339,7 +394,9 @@ def run_analyses(
     where single features, dose steps and pipeline-step sets are removed; `variant_positions`: the
     position kinds the set variants compare (empty: no variants); single_top 0, dose False or
     pipeline False turns those off (the pipeline ablation also needs stats/detect_<task>.parquet).
-    `regime`: a function giving the random-regime SAEs, their statistics and {task: the features
+    `categories`: {task: the record meta key of its categories}; a single feature's own category is
+    read off its top activating records in stats/<task>.topk.parquet, looked up in
+    `category_records` (the statistics' records). `regime`: a function giving the random-regime SAEs, their statistics and {task: the features
     the rule keeps on them} (or None), called within the pipeline ablation, whose seconds include it.
     Returns {analysis: {"paths", "cpu_seconds", "evaluations"}}, the seconds being the CPU time of
     the evaluations the analysis ran that no earlier one had (the clean pass is the removal's).
@@ -365,7 +422,8 @@ def run_analyses(
         jobs.append(("single_features", SINGLE_FEATURES, {"positions": positions, "top": single_top,
                      "score": "delta_p (task minus base firing frequency), ties by odds ratio"},
                      lambda: single_features(remover, tables, top=single_top, positions=positions,
-                                             general=general, benign=benign)))  # fmt: skip
+                                             general=general, benign=benign,
+                                             categories=_own_categories(run_dir, sets, categories, category_records))))  # fmt: skip
     if dose and sets:
         jobs.append(("dose_response", DOSE_RESPONSE, {"positions": positions, "most": dose_max,
                      "score": "delta_p (task minus base firing frequency), ties by odds ratio"},
