@@ -140,19 +140,19 @@ def what_they_mean(explanations: Mapping[str, Any], task_of: Mapping[str, str]) 
     det = [e.detection for e in exps if isinstance(e.detection, (int, float)) and not np.isnan(e.detection)]
     text = f"{len(exps):,} features explained"
     if grounded:
-        text += f"; {found} of {len(grounded)} grounded in an annotated concept (IoU and AUROC on held-out records)"
+        text += f"; {found} of {len(grounded)} grounded in an annotated concept (held-out IoU and AUROC)"
         shares = match_share(
             [(task_of[e.feature_id], e.grounded) for e in grounded if e.feature_id in task_of]
         )
         if shares:
-            text += "; concept of the task's kind: " + ", ".join(
+            text += "; of the task's kind: " + ", ".join(
                 f"{t} {hit}/{n}" for t, (hit, n) in shares.items()
             )
     if det:
         text += f"; held-out detection median {np.median(det):.2f} (balanced accuracy)"
     else:
         text += "; no held-out detection score measured"
-    return text + ". Pick one in the feature browser."
+    return text + "."
 
 
 def answers(

@@ -210,23 +210,32 @@ def plot_selectivity(effects: pd.DataFrame):
 
     rows_df = selectivity_rows(effects)
     names = list(dict.fromkeys(rows_df["intervention"].astype(str)))
+    labels = [n.removeprefix("remove ").replace("mismatched control for", "control for") for n in names]
     cols = list(dict.fromkeys(rows_df["eval_task"].astype(str) + " (" + rows_df["metric"].astype(str) + ")"))
     grid = np.full((len(names), len(cols)), np.nan)
     text = [["" for _ in cols] for _ in names]
     for r in rows_df.itertuples():
         i, j = names.index(str(r.intervention)), cols.index(f"{r.eval_task} ({r.metric})")
         grid[i, j] = float(r.selectivity)
-        text[i][j] = f"{float(r.selectivity):+.3f}\n[{float(r.selectivity_ci_lo):+.2f}, {float(r.selectivity_ci_hi):+.2f}]"
+        star = " *" if excludes_zero(r.selectivity_ci_lo, r.selectivity_ci_hi) else ""
+        text[i][j] = (
+            f"{float(r.selectivity):+.2f}{star}",
+            f"[{float(r.selectivity_ci_lo):+.2f}, {float(r.selectivity_ci_hi):+.2f}]",
+        )
     lim = max(0.05, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0
-    fig = Figure(figsize=(1.7 * len(cols) + 3.0, 0.7 * len(names) + 1.6), layout="constrained")
+    fig = Figure(figsize=(1.2 * len(cols) + 2.4, 0.6 * len(names) + 1.3), layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
     for i in range(len(names)):
         for j in range(len(cols)):
-            ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    fig.colorbar(im, ax=ax, label="effect − matched random control")
+            if text[i][j]:
+                dark = abs(grid[i, j]) > 0.6 * lim  # white on the darkest cells
+                colour = "white" if dark else "black"
+                ax.text(j, i - 0.12, text[i][j][0], ha="center", va="center", fontsize=10, color=colour)
+                ax.text(j, i + 0.22, text[i][j][1], ha="center", va="center", fontsize=7, color=colour)
+    ax.set_xticks(range(len(cols)), [c.replace(" (", "\n(") for c in cols], fontsize=8)
+    ax.set_yticks(range(len(names)), labels, fontsize=9)
+    fig.colorbar(im, ax=ax, label="effect − matched random control", shrink=0.9)
     return fig
 
 
