@@ -496,6 +496,10 @@ def main() -> None:
                    help="ours: the product the certified selection draws candidates from (auto: "
                         "bf16x3 on CUDA, fp32 on CPUs without fast bf16); the selection is the "
                         "exact TopK whichever, only its speed changes")
+    p.add_argument("--split-values", default="product", choices=["product", "recompute"],
+                   help="ours with bf16x3 candidates: their values from the split product, or "
+                        "recomputed in fp32 (narrower band of keys; mmdiff.sae.selection."
+                        "SPLIT_VALUES)")
     p.add_argument("--eval-every", type=int, default=3, help="held-out FVU every N steps")
     p.add_argument("--no-recommended", dest="recommended", action="store_false",
                    help="skip the run at each implementation's recommended settings")
@@ -506,6 +510,9 @@ def main() -> None:
     a = p.parse_args()
     global CANDIDATE_CHOICE
     CANDIDATE_CHOICE = a.candidates
+    from mmdiff.sae import selection
+
+    selection.SPLIT_VALUES = a.split_values
 
     if a.device == "cuda":
         if not torch.cuda.is_available():

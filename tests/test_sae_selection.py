@@ -338,3 +338,12 @@ def test_split_product_bound_holds_on_cuda_tensor_cores() -> None:
             + bounds.floor.double()[:, None]
         assert ((P - t).abs() <= allowed).all()
     assert selection._MM_OUT_DTYPE.get("cuda", True), "torch.mm(out_dtype=float32) unavailable"
+
+
+def test_split_values_recomputed_give_the_same_selection(monkeypatch) -> None:
+    x, W, b = _sae_like(192, 48, 768, 7)
+    ref = _reference(x, W, b, 12)
+    for how in ("product", "recompute"):
+        monkeypatch.setattr(selection, "SPLIT_VALUES", how)
+        sel = certified_topk(x, W, b, 12, candidate_dtype=SPLIT, margin=4)
+        assert torch.equal(sel.indices, ref)

@@ -92,6 +92,11 @@ TENSOR_CORE_U_ACC = 2.0 ** -22
 WIDEN = 8
 """Level 1 of the working-dtype and split products retries with WIDEN times the candidates."""
 
+SPLIT_VALUES = "product"
+"""Where the split product's candidates get their values R: "product" (P itself, within the split
+bound) or "recompute" (`gather_dot` in the working dtype: one [N, m] sampled product more, a
+bound 4x tighter on CUDA, so a narrower band of keys). Only the speed differs; for benchmarks."""
+
 
 class Selection(NamedTuple):
     values: Tensor  # [N, k] pre-activations of the selected latents (working dtype, before ReLU)
@@ -293,11 +298,11 @@ def split_product(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
     xc = torch.empty(n, 2 * D, dtype=torch.bfloat16, device=x.device)  # [x_hi | x_lo]
     x_hi, x_lo = xc[:, :D], xc[:, D:]
     x_hi.copy_(x)
-    x_lo.copy_(x - x_hi.to(x.dtype))
+    x_lo.copy_(x - x_hi)  # promoted to x's dtype in the kernel: exact, no bf16 -> fp32 copy
     Wc = torch.empty(2 * D, W.shape[1], dtype=torch.bfloat16, device=W.device)  # [W_lo ; W_hi]
     W_lo, W_hi = Wc[:D], Wc[D:]
     W_hi.copy_(W)
-    W_lo.copy_(W - W_hi.to(W.dtype))
+    W_lo.copy_(W - W_hi)
     P = _mm_fp32(x_hi, W_hi)
     P += _mm_fp32(xc, Wc)
     P += b.float()
@@ -344,7 +349,7 @@ class _Product:
         work, dev = x_in.dtype, x_in.device
         if kind == SPLIT:
             e = split_error(bounds.D, _low_precision_u_acc(dev))
-            return _Product(SPLIT, e, 0.0, True)  # fp32 values: R = P
+            return _Product(SPLIT, e, 0.0, SPLIT_VALUES == "product")
         u_in, u_acc, u_out = _product_roundoff(dev, kind, work)
         return _Product(kind, bounds.product(u_in, u_acc), u_out, kind == work)
 
@@ -357,11 +362,12 @@ class _Product:
 
 
 # ------------------------------------------------------------------------------ keys
-def pairwise_dot(rows: Tensor, cols: Tensor) -> Tensor:
+def pairwise_dot(rows: Tensor, cols: Tensor, *, overwrite_cols: bool = False) -> Tensor:
     """sum_d rows[..., d] * cols[..., d] by a fixed binary tree of elementwise adds: [..., D] x2 ->
     [...]. Elementwise operations round the same way on every device and for every batch shape,
-    so the result's bits depend only on the two vectors."""
-    p = rows * cols
+    so the result's bits depend only on the two vectors. `overwrite_cols`: cols is a scratch
+    tensor of the products' shape, multiplied in place (one allocation and pass fewer)."""
+    p = cols.mul_(rows) if overwrite_cols else rows * cols
     width = p.shape[-1]
     if width & (width - 1):  # pad to a power of two; adding +0 changes no sum
         p = torch.nn.functional.pad(p, (0, (1 << width.bit_length()) - width))
@@ -372,9 +378,12 @@ def pairwise_dot(rows: Tensor, cols: Tensor) -> Tensor:
 
 
 def exact_keys(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, latents: Tensor | None = None,
-               *, budget: int = 1 << 24) -> Tensor:
+               *, budget: int | None = None) -> Tensor:
     """The selection keys: x_in [n, D], W_enc [D, F], b_enc [F] -> [n, F] (or [n, m] for the
-    `latents` [n, m] given), in blocks of at most `budget` products (rows x latents x D)."""
+    `latents` [n, m] given), in blocks of at most `budget` products (rows x latents x D; default
+    2^26 on CUDA, where fewer, larger blocks save kernel launches, 2^24 elsewhere)."""
+    if budget is None:
+        budget = 1 << (26 if x_in.device.type == "cuda" else 24)
     n, D = x_in.shape
     F = W_enc.shape[1]
     if latents is None:
@@ -395,7 +404,8 @@ def exact_keys(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, latents: Tensor | Non
     step = max(1, budget // max(1, m * D))
     for s in range(0, n, step):
         idx = latents[s:s + step]
-        out[s:s + step] = pairwise_dot(x_in[s:s + step, None, :], WT[idx]) + b_enc[idx]
+        out[s:s + step] = pairwise_dot(x_in[s:s + step, None, :], WT[idx],
+                                       overwrite_cols=True) + b_enc[idx]
     return out
 
 
