@@ -44,7 +44,8 @@ Then S(n) lies among the candidates, and within them: a candidate with R > R_(k+
 key above every candidate ranked k+1 or lower, so it is selected ("sure in"); one with
 R < r_k - 2 d has k keys above it ("sure out"); the keys of the rest (the band, a run of ranks
 around k, empty when R_(k) - R_(k+1) > 2 d) are computed and fill the remaining places by key,
-lower index first. Either way the result is S(n), bitwise.
+lower index first. Either way the result is S(n), bitwise. (These comparisons are evaluated in
+float64 with each bound padded by 2^-48 of the magnitudes compared, more than their own rounding.)
 
 Levels (`Selection.level`): 0 certified from the first candidates; 1 from a second try: a wider
 candidate set (8 m) from the same product for working-dtype and split products, the
@@ -285,7 +286,9 @@ def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
             try:
                 with _fp32_reductions(a.device):
                     return torch.mm(a, b, out_dtype=torch.float32)
-            except (RuntimeError, TypeError, NotImplementedError):
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, TypeError, NotImplementedError):  # torch without out_dtype
                 _MM_OUT_DTYPE["cuda"] = False
         with _ieee_fp32(a.device, allow_tf32=True):
             return torch.mm(a.float(), b.float())
@@ -472,10 +475,17 @@ def _certify(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, P: Tensor, k: int, m: i
             cand = cand.gather(1, order)
             e_r = bounds.product(0.0, _unit_roundoff(xs.dtype))
     with _phase("certificate", dev):
-        E_p = prod.e_p * scale + floor
+        # The comparisons run in float64 with every bound padded by 2^-48 of the magnitudes
+        # involved, so their own rounding (a few 2^-53) cannot make a false inequality true.
+        f64 = torch.float64 if dev.type != "mps" else torch.float32  # (MPS has no float64)
+        pad = 2.0 ** -48 if f64 == torch.float64 else 2.0 ** -19
+        scale, floor, p_out, R_sorted = (t.to(f64) for t in (scale, floor, p_out, R_sorted))
         E_key = bounds.key * scale + floor
-        d = e_r * scale + floor + E_key
         p_up = p_out + p_out.abs() * (prod.u_out / (1 - prod.u_out))  # t of an outsider <= p_up + E_p
+        E_p = prod.e_p * scale + floor
+        d = e_r * scale + floor + E_key
+        size = R_sorted.abs().amax(1) + p_up.abs() + E_p + d
+        E_p, d = E_p + pad * size, d + pad * size
         ok = p_up + E_p + E_key < R_sorted[:, k - 1] - d  # A
     with _phase("band keys", dev):
         selected = _resolve_band(xs, W_enc, b_enc, cand, R_sorted, k, d, ok)
