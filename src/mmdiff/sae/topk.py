@@ -19,9 +19,10 @@ class TopKSAE(SAE):
     """f = ReLU(TopK_k(pre)); with decoder_norm_gating the k latents are ranked by pre*||d_i||."""
 
     candidate_dtype: CandidateDtype = "auto"
-    """Product the fast path draws its candidate latents from ("auto": bf16 on CUDA and on CPUs
-    with fast bf16, else the working dtype; a dtype; None: the working dtype). The selection is
-    the exact TopK whatever it is (mmdiff.sae.selection): it only decides the speed."""
+    """Product the fast path draws its candidate latents from ("auto": the split bf16 product
+    "bf16x3" on CUDA, bf16 on CPUs with fast bf16, else the working dtype; "bf16x3"; a dtype; None:
+    the working dtype). The selection is the exact TopK whatever it is (mmdiff.sae.selection): it
+    only decides the speed."""
     selection_margin: int | None = None
     """Candidates beyond k (None: k for low-precision candidates, min(k, 8) otherwise)."""
 
