@@ -349,8 +349,16 @@ def stage_interp(ctx: StageContext) -> dict[str, Any]:
                  tables=tables, heads=heads, overlays_dir=ctx.run_dir / "attribution" / "overlays",
                  grounding=grounding, grounding_records=held_out, task_features=task_features, **kept,
                  k=it.k, heatmaps=it.heatmaps, batch_size=it.batch_size, progress=ctx.progress)
-    return {"features": int(len(features)), "explainer": "llm" if llm else "offline", "grounding_records": len(held_out),
-            "examples_from": "statistics" if kept else "a pass over every record"}
+    summary = {"features": int(len(features)), "explainer": "llm" if llm else "offline",
+               "grounding_records": len(held_out), "examples_from": "statistics" if kept else "a pass over every record"}
+    from mmdiff.interp.grounded import MATCH_SHARE
+
+    share = MATCH_SHARE.read(ctx.run_dir).table
+    if share is not None:  # the organism's ground-truth check, per task and pooled ("all")
+        summary["match_share"] = {r.task: {"matched": int(r.matched), "features": int(r.features),
+                                           "share": float(r.share), "ci": [float(r.ci_lo), float(r.ci_hi)]}
+                                  for r in share.itertuples()}
+    return summary
 
 
 def kept_top_records(stats_dir: Path, split_of: dict[str, str], sources: dict[str, list[Record]],

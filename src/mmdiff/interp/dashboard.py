@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -148,6 +149,14 @@ def feature_row(table: pd.DataFrame, key: FeatureKey) -> dict[str, Any]:
     return out
 
 
+def _rows_by_key(table: pd.DataFrame) -> dict[FeatureKey, pd.DataFrame]:
+    """The table's rows grouped by (layer, feature), for `feature_row` on each key without a scan."""
+    missing = [c for c in _KEYS if c not in table.columns]
+    if missing:
+        raise DataError(f"a statistics table needs columns layer and feature; it has {list(table.columns)}")
+    return {(int(layer), int(f)): rows for (layer, f), rows in table.groupby(list(_KEYS), sort=False)}
+
+
 def _pieces(example: ActivatingExample, peak: float) -> list[dict[str, Any]]:
     """Tokens as display pieces; image-token runs collapse to one piece (the heatmap shows them)."""
     pieces: list[dict[str, Any]] = []
@@ -194,7 +203,9 @@ def _heads_table(heads: pd.DataFrame | None, n: int) -> dict[str, Any] | None:
     return {"columns": columns, "rows": [[_fmt(v) for v in row] for row in top[columns].itertuples(index=False)]}
 
 
+@functools.lru_cache(maxsize=1)
 def _environment() -> Any:
+    """The dashboards' Jinja2 environment, built once (it caches the compiled templates)."""
     import jinja2
 
     return jinja2.Environment(
@@ -361,10 +372,12 @@ def write_interp(
     if grounded:
         explanations = {key: dataclasses.replace(ex, grounded=grounded[key].to_dict()) for key, ex in explanations.items()}
     all_tables = {"selection": features, **dict(tables or {})}
+    rows_of = {name: _rows_by_key(table) for name, table in all_tables.items()}  # one pass per table, not per feature
+    maxima_of = _rows_by_key(collected.maxima)
     by_id = {record.id: record for records in sources.values() for record in records}
     cards = []
     for key in keys:
-        maxima = collected.maxima[(collected.maxima["layer"] == key[0]) & (collected.maxima["feature"] == key[1])]
+        maxima = maxima_of.get(key, collected.maxima.iloc[:0])
         card_heads = None
         if heads is not None:
             card_heads = heads[(heads["feature_layer"] == key[0]) & (heads["feature"] == key[1])]
@@ -380,7 +393,7 @@ def write_interp(
                 evidence=collected.evidence[key],
                 explanation=explanations.get(key),
                 detection=(detections or {}).get(feature_id(key)),
-                tables={name: feature_row(table, key) for name, table in all_tables.items()},
+                tables={name: feature_row(rows_of[name].get(key, table.iloc[:0]), key) for name, table in all_tables.items()},
                 activations=maxima["max_activation"].to_numpy(),
                 histogram=(histograms or {}).get(key),
                 heads=card_heads,
@@ -394,6 +407,9 @@ def write_interp(
     for artifact, table in grounded_tables.items():
         paths[Path(artifact.path).stem] = out / Path(artifact.path).name
         write_parquet(paths[Path(artifact.path).stem], table)
+    if not grounded_tables:  # an earlier run's ground-truth check does not describe these explanations
+        for name in ("grounding.parquet", "match_share.parquet"):
+            (out / name).unlink(missing_ok=True)
     dashboards = write_dashboards(cards, out / "dashboards")
     paths["dashboards"] = dashboards["index"]
     paths["cards"] = write_cards(cards, out / CARDS_FILE)  # what the report's feature browser shows

@@ -220,9 +220,8 @@ def activating_example(
     record has image tokens and `heatmap` is set."""
     values = acts.activations[key]
     png = None
-    if heatmap and acts.tiles:
-        title = f"{feature_id(key)} on {acts.record.id}"
-        png = overlay_png(acts.record.load_image(), acts.image_values(key), acts.tiles, title=title, vmax=vmax)
+    if heatmap and acts.tiles:  # no title: the dashboard names the record beside it
+        png = overlay_png(acts.record.load_image(), acts.image_values(key), acts.tiles, vmax=vmax, enlarge=False)
     example = ActivatingExample.from_token_ids(
         acts.input_ids, values, tokenizer, token_types=acts.token_types, heatmap_png=png, record_id=acts.record.id
     )
@@ -236,6 +235,21 @@ def tokenizer_of(adapter: VLMAdapter) -> Any:
     if tokenizer is None:
         raise DataError(f"{type(adapter).__name__} exposes no tokenizer to decode tokens with")
     return tokenizer
+
+
+class _DecodeCache:
+    """A tokenizer's `decode` of single tokens, remembered: the examples of many features decode the
+    same records' tokens again and again."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._seen: dict[tuple[int, ...], str] = {}
+
+    def decode(self, ids: Sequence[int]) -> str:
+        key = tuple(int(i) for i in ids)
+        if key not in self._seen:
+            self._seen[key] = self.tokenizer.decode(list(key))
+        return self._seen[key]
 
 
 def feature_promoted_tokens(adapter: VLMAdapter, sae: Any, feature: int, k: int = 10) -> list[tuple[str, float]]:
@@ -299,7 +313,7 @@ def collect_evidence(
     if not sources:
         raise DataError('collect_evidence needs at least one example source, e.g. {"VQAv2": records}')
     keys = feature_keys(features)
-    tokenizer = tokenizer_of(adapter)
+    tokenizer = _DecodeCache(tokenizer_of(adapter))
     examples: dict[FeatureKey, list[ActivatingExample]] = {key: [] for key in keys}
     tables = []
     for name, records in sources.items():
