@@ -333,10 +333,15 @@ def test_report_section_shows_the_stage_honestly(study):
     rows = steering.tables[0].rows
     assert len(rows) == len(table) == 2 * 3
     r = table.iloc[-1]
-    assert rows[-1][3] == f"{r.kl:.3f} [{r.kl_ci_lo:.3f}, {r.kl_ci_hi:.3f}]"
+    # rounded to two significant digits of the interval's width (report.sections.control.interval)
+    d = 1 - math.floor(math.log10(r.kl_ci_hi - r.kl_ci_lo)) if r.kl_ci_hi > r.kl_ci_lo else 3
+    d = min(4, max(1, d))
+    assert rows[-1][3] == f"{r.kl:.{d}f} [{r.kl_ci_lo:.{d}f}, {r.kl_ci_hi:.{d}f}]"
     assert any("every number below is in-sample" in n for n in steering.notes)
     per_record = pd.read_parquet(paths["steering_records"])
     at1 = per_record[per_record["alpha"] == 1.0].pivot(index="record_id", columns="shift", values="kl")
     paired = steering.tables[1].rows
     assert [p[1] for p in paired] == ["0.5", "1"]  # alpha 0: both shifts are the unsteered base LM
-    assert paired[-1][2].startswith(f"{(at1['concept'] - at1['mean']).mean():+.3f} [")
+    printed = paired[-1][2].split(" [")[0]  # the mean, to the decimals its interval justifies
+    decimals = len(printed.split(".")[1])
+    assert printed[0] in "+-" and abs(float(printed) - (at1["concept"] - at1["mean"]).mean()) <= 0.5 * 10**-decimals + 1e-12
