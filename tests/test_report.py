@@ -772,6 +772,15 @@ def test_steering_at_the_ceiling_is_not_testable(tmp_path):
     f = steering_gain(tmp_path, "ocr", "+1.5")
     assert f.status == NOT_TESTABLE and "1.000 [1.000, 1.000] reaches 1" in f.detail
     assert "not testable when the clean score's 95% interval" in f.criterion
+    # the first screen's answer says so too, instead of the difference 0 [0, 0]
+    from mmdiff.report.sections._common import Section
+    from mmdiff.report.summary import what_removal_does
+
+    (tmp_path / "eval" / "steering.json").write_text(json.dumps(
+        {"summary": {"ocr": {"feature_minus_baseline_test": {"mean": 0.0, "lo": 0.0, "hi": 0.0}}}}))
+    line = what_removal_does(tmp_path, Section("control", "control"))
+    assert "ocr not testable (clean score at its bound)" in line and "+0.000" not in line
+    (tmp_path / "eval" / "steering.json").unlink()
     # below the ceiling the claim is judged as before: 0.97 [0.95, 0.99] leaves room
     rows[0] = ("feature", "ocr", 0.0, 0.97, 0.95, 0.99, None, "test", False)
     write_parquet(tmp_path / "eval" / "steering.parquet", steering_frame(rows))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmdiff.report.findings import Finding
+from mmdiff.report.findings import Finding, no_room
 from mmdiff.report.sections._common import Section, fmt, read, read_json
 
 
@@ -120,9 +120,17 @@ def what_removal_does(run_dir: Path, section: Section) -> str:
     text = ("Removing a set, beyond matched random features, on its own task: " + "; ".join(parts)) if parts else ""
     summary = (read_json(STEERING.path_in(run_dir).with_suffix(".json"), run_dir, section) or {}).get("summary", {})
     steer = []
+    table = STEERING.read(run_dir)[0] if summary else None
     for task, s in summary.items() if isinstance(summary, Mapping) else []:
         d = s.get("feature_minus_baseline_test") if isinstance(s, Mapping) else None
-        if isinstance(d, Mapping):
+        if not isinstance(d, Mapping):
+            continue
+        rows = table[table["task"].astype(str) == str(task)] if table is not None else None
+        if rows is not None and not rows.empty and no_room(rows) is not None:
+            # at the ceiling (floor for the attack success rate) a difference of 0 [0, 0] is no
+            # measurement: the findings table says "not testable" with the reason
+            steer.append(f"{task} not testable (clean score at its bound)")
+        else:
             steer.append(f"{task} {_interval(d.get('mean'), d.get('lo'), d.get('hi'))}")
     if steer:
         text += (". " if text else "") + "Feature minus single-layer steering: " + "; ".join(steer)
