@@ -93,7 +93,8 @@ DEVICES: dict[str, Device] = {
 }
 """Named GPUs: dense bf16 peak and HBM bandwidth from the vendors' data sheets."""
 
-# Where the GPU constants come from (one H200, `make gpu-check`, 2026-12-04, mmdiff fac72d3):
+# Where the GPU constants come from (one H200, `make gpu-check`, 2026-12-04, mmdiff fac72d3; the raw
+# outputs are in docs/measurements/gpu_check_h200_2026-12-04_*.json):
 # - forward_efficiency 0.53: benchmarks/scale.py's LLaVA-MORE-shaped 8.35B VLM in bf16, batch 8 x 641
 #   tokens, 31,277 tokens/s = 2 x 8.35e9 x 31,277 FLOP/s = 0.53 of the 989 TFLOP/s peak.
 # - sae_efficiency 0.0033: the same benchmark's SAE training at D=4096, F=32768, k=50, batch 4,096:
