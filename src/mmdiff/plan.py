@@ -751,12 +751,8 @@ def check_text(plan: Plan, checks: Sequence[StageCheck]) -> list[str]:
                      _memory(c.predicted_peak_bytes) if c.predicted_peak_bytes else "-",
                      "-" if c.measured_peak_bytes is None else _memory(c.measured_peak_bytes),
                      "-" if c.peak_ratio is None else f"{c.peak_ratio:.2f}x"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [f"plan of {plan.config!r} on {plan.device.name} against the run (ratio = measured / predicted)"]
-    for i, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            lines.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    lines += _table_lines(rows, rules_after=(0,))
     for label, values in (("time", [c.time_ratio for c in checks]), ("peak memory", [c.peak_ratio for c in checks])):
         got = [v for v in values if v is not None]
         if got:
@@ -805,17 +801,24 @@ def plan_rows(plan: Plan) -> list[list[str]]:
     return rows
 
 
+def _table_lines(rows: Sequence[Sequence[str]], rules_after: Sequence[int]) -> list[str]:
+    """Rows as aligned text (first column left, the others right), a rule after each row index given."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i in rules_after:
+            lines.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    return lines
+
+
 def plan_text(plan: Plan) -> list[str]:
     """The plan as lines of text: a header, the table, then warnings and assumptions."""
     rows = [list(PLAN_COLUMNS), *plan_rows(plan)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(PLAN_COLUMNS))]
     p = plan.params
     lines = [f"plan of {plan.config!r} on {plan.device.name}: VLM {_human(p['vlm'])} parameters "
              f"({_human(p['vision'])} vision), base LM {_human(p['base'])}"]
-    for i, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
-        if i == 0 or i == len(rows) - 2:
-            lines.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    lines += _table_lines(rows, rules_after=(0, len(rows) - 2))  # under the header, above the total
     lines += [f"warning: {w}" for w in plan.warnings]
     lines += [f"assumed: {a}" for a in plan.assumptions]
     return lines
