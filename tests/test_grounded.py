@@ -435,3 +435,166 @@ def test_coco_concepts_of_vsr_and_vqav2_records_by_image_id(tmp_path):
     assert bus["text"]["category=bus"].nonzero()[0].tolist() == [4] and "subject" not in bus["image"]
     assert source(elsewhere, (2, 2), ["what", "?"]) == {"image": {}, "text": {}}
     assert source(vsr, None, tokens)["image"] == {}  # a record without image tokens: the text side only
+
+
+# -- OCR sets: "text present" -------------------------------------------------------------------
+
+
+def write_rosetta_ocr(path, rows=None) -> None:
+    """A TextVQA_Rosetta_OCR_v0.2 file: normalised boxes with Rosetta's rotation / 3-D angle fields."""
+
+    def box(x, y, w, h):
+        return {"width": w, "height": h, "rotation": 0.0, "roll": 0.0, "pitch": 0.0, "yaw": 0.0,
+                "top_left_x": x, "top_left_y": y}
+
+    data = rows if rows is not None else [
+        {"image_id": "0054c91397f2fe05", "set_name": "val", "ocr_tokens": ["STOP", "ahead"],
+         "ocr_info": [{"word": "STOP", "bounding_box": box(0.0, 0.0, 0.5, 0.25)},
+                      {"word": "ahead", "bounding_box": box(0.75, 0.75, 0.25, 0.25)}]},
+        {"image_id": "00aa1b2c3d4e5f60", "set_name": "val", "ocr_tokens": [], "ocr_info": []},
+        {"image_id": "0123456789abcdef", "set_name": "val", "ocr_tokens": ["a"],  # MMF's camel-case spelling
+         "ocr_info": [{"word": "a", "bounding_box": {"topLeftX": 0.5, "topLeftY": 0.5, "width": 0.01,
+                                                      "height": 0.01}}]},
+    ]
+    path.write_text(json.dumps({"dataset_type": "test", "dataset_name": "textvqa", "dataset_version": "0.5.1",
+                                "data": data}))
+
+
+def test_rosetta_ocr_text_region_on_a_non_square_grid(tmp_path):
+    from mmdiff.data.loaders.rosetta_ocr import load_rosetta_ocr, text_region
+
+    path = tmp_path / "TextVQA_Rosetta_OCR_v0.2_val.json"
+    write_rosetta_ocr(path)
+    images = load_rosetta_ocr(path)
+    assert [t.word for t in images["0054c91397f2fe05"]] == ["STOP", "ahead"] and images["00aa1b2c3d4e5f60"] == ()
+    got = text_region(images["0054c91397f2fe05"], (4, 6))  # 4 rows x 6 columns
+    want = np.zeros((4, 6), bool)
+    want[0, :3] = True  # the top quarter's left half
+    want[3, 4:] = True  # the bottom-right quarter's last row: columns 4.5-6 reach 4 and 5
+    assert (got == want).all()
+    tiny = text_region(images["0123456789abcdef"], (4, 6))  # 1% of a side: no patch reaches 10%
+    assert tiny.sum() == 1 and tiny[2, 3]  # the patch it covers most is still marked
+
+
+@pytest.mark.parametrize(
+    "info, message",
+    [
+        ({"word": "x"}, "no field 'bounding_box'"),
+        ({"word": "x", "bounding_box": [0, 0, 1, 1]}, "an object with top_left_x"),
+        ({"word": "x", "bounding_box": {"top_left_x": 0.1, "width": 0.1, "height": 0.1}}, "'top_left_y' or 'topLeftY'"),
+        ({"word": "x", "bounding_box": {"top_left_x": 120, "top_left_y": 40, "width": 30, "height": 10}}, "pixels"),
+        ({"bounding_box": {"top_left_x": 0.1, "top_left_y": 0.1, "width": 0.1, "height": 0.1}}, "no field 'word'"),
+    ],
+)
+def test_rosetta_ocr_errors_name_the_record(tmp_path, info, message):
+    from mmdiff.data.loaders.rosetta_ocr import load_rosetta_ocr
+
+    path = tmp_path / "TextVQA_Rosetta_OCR_v0.2_train.json"
+    write_rosetta_ocr(path, [{"image_id": "ab12", "ocr_tokens": ["x"], "ocr_info": [info]}])
+    with pytest.raises(DataError, match=message) as err:
+        load_rosetta_ocr(path)
+    assert "image_id=ab12" in str(err.value) or "no field 'word'" in message
+    write_rosetta_ocr(path, [{"image_id": "ab12"}])
+    with pytest.raises(DataError, match="no field 'ocr_info'"):
+        load_rosetta_ocr(path)
+    with pytest.raises(DataError, match="does not exist"):
+        load_rosetta_ocr(tmp_path / "TextVQA_Rosetta_OCR_v0.2_test.json")
+
+
+def test_text_present_is_detected_and_located_on_ocr_records(tmp_path):
+    """A feature firing on the OCR boxes is grounded as "text" with IoU 1 and AUROC 1 over TextVQA
+    records (present where Rosetta found text, absent where it found none); OCRBench records add
+    presence without a region (detection only); a COCO record says nothing about text."""
+    from mmdiff.data.loaders.coco_instances import CocoConcepts
+    from mmdiff.data.loaders.rosetta_ocr import OcrConcepts, load_rosetta_ocr
+    from mmdiff.data.records import Record
+    from mmdiff.interp.grounded import PRESENT, ConceptSources
+
+    path = tmp_path / "TextVQA_Rosetta_OCR_v0.2_val.json"
+    write_rosetta_ocr(path)
+    ocr = OcrConcepts(load_rosetta_ocr(path))
+    textvqa = [Record(f"textvqa/{i}", "What does the sign say?", source="textvqa",
+                      meta={"image_id": image_id}) for i, image_id in enumerate(["0054c91397f2fe05", "00aa1b2c3d4e5f60"])]
+    bench = Record("ocrbench/0", "What is written?", source="ocrbench", meta={"type": "Scene Text-centric VQA"})
+    coco_path = tmp_path / "instances_val2014.json"
+    write_coco_instances(coco_path)
+    coco = CocoConcepts(load_coco_instances(coco_path))
+    vqa = Record("vqa/0", "What animal?", source="vqav2", meta={"image_id": 1})
+    both = ConceptSources((coco, ocr))
+    assert all(both.covers(r) for r in [*textvqa, bench, vqa])
+    assert not ocr.covers(vqa) and not coco.covers(textvqa[0])
+    assert ocr(bench, (4, 6), [])["image"] == {"text": PRESENT} and ocr(textvqa[1], (4, 6), [])["image"] == {}
+    assert both.known(vqa) == coco.known(vqa) and "text" not in both.known(vqa) and both.known(textvqa[0]) == {"text"}
+
+    grid = (4, 6)
+    obs = []
+    for i in range(12):  # 6 with text, 6 without; then 4 OCRBench (text, no boxes), 4 COCO images (silent)
+        record = textvqa[i % 2]
+        regions = both(record, grid, [])["image"]
+        acts = regions.get("text", np.zeros(grid, bool)).astype(float) * 2.0
+        obs.append(Observation(acts, regions, known=both.known(record)))
+    for _ in range(4):
+        obs.append(Observation(np.full(grid, 3.0), both(bench, grid, [])["image"], known=both.known(bench)))
+        coco_regions = both(vqa, grid, [])["image"]
+        obs.append(Observation(np.zeros(grid), coco_regions, known=both.known(vqa)))
+    g = ground_feature({"image": obs})
+    text = next(c for c in g.candidates if c.concept == "text")
+    # present: 6 TextVQA + 4 OCRBench; absent: the 6 TextVQA images without OCR tokens, not the COCO ones
+    assert (text.n_present, text.n_absent, text.n_iou) == (10, 6, 6)
+    assert (text.iou, text.auroc, text.balanced_accuracy) == (1.0, 1.0, 1.0)
+    assert g.concepts[0].concept == "text"
+    cat = next(c for c in g.candidates if c.concept == "category=cat")
+    assert cat.n_present + cat.n_absent == 4  # the COCO records only
+    # the vectorised path and the per-record definition agree with partial annotation
+    fast = {c.concept: c for c in score_side("image", [o.acts[..., None] for o in obs], [o.regions for o in obs],
+                                             known=[o.known for o in obs])[0]}
+    for name, got in fast.items():
+        want = score_concept(name, "image", obs)
+        assert (got.n_present, got.n_absent, got.n_iou) == (want.n_present, want.n_absent, want.n_iou)
+        for field in ("iou", "auroc", "balanced_accuracy"):
+            assert getattr(got, field) == pytest.approx(getattr(want, field), nan_ok=True), (name, field)
+    # OCRBench alone: detection scores, no IoU, so no grounded concept (it must localise too)
+    only_bench = [Observation(np.full(grid, float(i % 2)), {"text": PRESENT} if i % 2 else {}) for i in range(12)]
+    alone = ground_feature({"image": only_bench})
+    (score,) = alone.candidates
+    assert score.auroc == 1.0 and math.isnan(score.iou) and not alone.found
+    assert "IoU n/a" in alone.text
+
+
+def test_grounding_source_reads_ocr_and_coco_records_together(tmp_path):
+    from mmdiff.config import default_config
+    from mmdiff.data.loaders.rosetta_ocr import OcrConcepts
+    from mmdiff.data.records import Record
+    from mmdiff.interp.grounded import ConceptSources
+    from mmdiff.pipeline import StageContext
+    from mmdiff.study import grounding_source, study_stages
+
+    ocr_path, coco_path = tmp_path / "TextVQA_Rosetta_OCR_v0.2_val.json", tmp_path / "instances_val2014.json"
+    write_rosetta_ocr(ocr_path)
+    write_coco_instances(coco_path)
+    cfg = default_config()
+    it = cfg.interp.model_copy(update={"grounding": ["textvqa", "ocrbench", "vqav2"], "grounding_ocr": [str(ocr_path)]})
+    ocr_cfg = cfg.model_copy(update={"interp": it})
+    stage = next(s for s in study_stages(ocr_cfg) if s.name == "interp")
+    assert {"textvqa", "ocrbench", "vqav2"} <= set(stage.datasets)
+    records = {
+        "textvqa": [Record("t0", "?", source="textvqa", meta={"image_id": "0054c91397f2fe05"}),
+                    Record("t1", "?", source="textvqa", meta={"image_id": "not-in-the-ocr-file"})],
+        "ocrbench": [Record("o0", "?", source="ocrbench", meta={"type": "Handwriting Recognition"})],
+        "vqav2": [Record("v0", "?", source="vqav2", meta={"image_id": 1})],
+    }
+
+    def held_out(config):
+        ctx = StageContext(tmp_path, config, stage)
+        for name, recs in records.items():
+            ctx.cache[f"records:{name}"] = recs
+        return grounding_source(ctx)
+
+    source, got = held_out(ocr_cfg)
+    assert isinstance(source, OcrConcepts) and [r.id for r in got] == ["t0", "o0"]
+    both = ocr_cfg.model_copy(update={"interp": it.model_copy(update={"grounding_coco": [str(coco_path)]})})
+    source, got = held_out(both)
+    assert isinstance(source, ConceptSources) and [r.id for r in got] == ["t0", "o0", "v0"]
+    bench_only = ocr_cfg.model_copy(update={"interp": it.model_copy(update={"grounding_ocr": []})})
+    source, got = held_out(bench_only)
+    assert [r.id for r in got] == ["o0"]

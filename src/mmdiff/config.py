@@ -236,14 +236,19 @@ class InterpSpec(Section):
     max_adapted: int = Field(16, ge=0, description="Besides the task features, the most-changed adapted features.")
     llm: LLMSpec | None = Field(None, description="None = the offline explainer (no network).")
     batch_size: int = Field(8, ge=1)
-    grounding: str | None = Field(None, description=(
-        "Dataset of held-out records whose annotations (the organism's scenes and questions) ground every "
-        "explanation with IoU and detection AUROC (docs/method.md#grounded-explanations); None = no grounded scores."))
+    grounding: str | list[str] | None = Field(None, description=(
+        "Dataset (or datasets, concatenated) of held-out records whose annotations (the organism's scenes and "
+        "questions; COCO boxes; OCR tokens) ground every explanation with IoU and detection AUROC "
+        "(docs/method.md#grounded-explanations); None = no grounded scores."))
     grounding_records: int = Field(96, ge=1, description="At most this many of its records, evenly spaced.")
     grounding_coco: list[str] | None = Field(None, description=(
         "COCO instances files (annotations/instances_{train,val}{2014,2017}.json): the `grounding` records whose "
         "meta image_id they annotate (VQAv2, VSR) are grounded on their boxes (one concept per category, VSR's two "
-        "related objects, the asked relation); None = the organism's scene metadata."))
+        "related objects, the asked relation); None = the organism's scene metadata (unless grounding_ocr is set)."))
+    grounding_ocr: list[str] | None = Field(None, description=(
+        "TextVQA Rosetta OCR files (TextVQA_Rosetta_OCR_v0.2_{train,val,test}.json): the `grounding` TextVQA / "
+        "TextCaps records whose image_id they list get the concept 'text' (the OCR boxes; absent where none was "
+        "found), and OCRBench records 'text' without a region (detection only); [] = OCRBench records only."))
 
 
 class ConceptsSpec(Section):

@@ -397,21 +397,31 @@ def kept_top_records(stats_dir: Path, split_of: dict[str, str], sources: dict[st
 
 def grounding_source(ctx: StageContext) -> tuple[Any, list[Record]]:
     """(concept source, held-out records) grounding the explanations: the organism's scene and
-    question concepts, or with `interp.grounding_coco` the COCO boxes of the records' images, on at
-    most `interp.grounding_records` evenly spaced records of `interp.grounding`; (None, []) when none
-    is configured or its records carry no annotations the explainer reads."""
+    question concepts, or with `interp.grounding_coco` the COCO boxes of the records' images and with
+    `interp.grounding_ocr` the OCR sets' "text" (both: each record from the source annotating it),
+    on at most `interp.grounding_records` evenly spaced records of `interp.grounding`; (None, [])
+    when none is configured or its records carry no annotations the explainer reads."""
     from mmdiff.data.loaders.scene_concepts import organism_concepts
 
     it = ctx.config.interp
     if it.grounding is None:
         return None, []
-    source: Any = organism_concepts
+    sources: list[Any] = []
     if it.grounding_coco:
         from mmdiff.data.loaders.coco_instances import CocoConcepts, load_coco_instances
 
-        source = CocoConcepts(load_coco_instances(it.grounding_coco))
+        sources.append(CocoConcepts(load_coco_instances(it.grounding_coco)))
+    if it.grounding_ocr is not None:
+        from mmdiff.data.loaders.rosetta_ocr import OcrConcepts, load_rosetta_ocr
+
+        sources.append(OcrConcepts(load_rosetta_ocr(it.grounding_ocr) if it.grounding_ocr else {}))
+    if sources:
+        from mmdiff.interp.grounded import ConceptSources
+
+        source: Any = sources[0] if len(sources) == 1 else ConceptSources(tuple(sources))
         records = [r for r in get_records(ctx, it.grounding) if source.covers(r)]
     else:
+        source = organism_concepts
         records = [r for r in get_records(ctx, it.grounding) if "scene" in (r.meta or {})]
     step = max(1, -(-len(records) // it.grounding_records))
     return (source, records[::step]) if records else (None, [])
@@ -527,13 +537,18 @@ STAGE_FUNCTIONS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
 what each reads and what it writes."""
 
 
+def _names(datasets: str | list[str] | None) -> list[str]:
+    """A config's dataset, or datasets, or none, as a list of names."""
+    return [] if datasets is None else [datasets] if isinstance(datasets, str) else list(datasets)
+
+
 def study_stages(cfg: StudyConfig) -> list[Stage]:
     """The stages of a study, in the order they run."""
 
     def stage(name: str, outputs: list[str], **kw: Any) -> Stage:
         return Stage(name, STAGE_FUNCTIONS[name], outputs, **kw)
 
-    analysis = [cfg.stats.dataset] if isinstance(cfg.stats.dataset, str) else cfg.stats.dataset
+    analysis = _names(cfg.stats.dataset)
     stages = [
         stage("capture", [f"activations/{ds}/{side}" for ds in cfg.capture.datasets for side in cfg.capture.sides],
               distributed=True, config_key="capture", datasets=cfg.capture.datasets),
@@ -549,7 +564,7 @@ def study_stages(cfg: StudyConfig) -> list[Stage]:
               config_key="attribution", datasets=analysis),
         stage("interp", ["interp/explanations.json", "interp/dashboards/index.html"],
               needs=["train", "stats", "diff", "detect", "attribute"], config_key="interp",
-              datasets=[*analysis, *([cfg.interp.grounding] if cfg.interp.grounding else [])]),
+              datasets=[*analysis, *_names(cfg.interp.grounding)]),
         stage("ablate", ["eval/effects.parquet"], needs=["train", "stats", "detect"], config_key="control",
               datasets=[cfg.control.test, *(analysis if cfg.control.pipeline_ablation or cfg.control.categories else [])]),
     ]

@@ -14,6 +14,14 @@ annotation loaders). Every concept gets two measured scores (docs/method.md#grou
   over the record's positions, as AUROC (threshold-free) and as balanced accuracy of "the feature
   fires" (max > 0; an SAE latent is off at 0, so no threshold is fitted on the held-out records).
 
+Two kinds of partial annotation are kept apart from absence. A concept may be present without a
+region (`PRESENT`: OCRBench says its images hold text but gives no boxes): it counts for detection
+and not for IoU. A record may not annotate a concept's kind at all (a COCO image says nothing about
+text, a TextVQA image nothing about COCO categories): `Observation.known` / the `known` argument of
+`score_side` name the kinds a record annotates ("text", "category", ...; None = every kind), and a
+concept is scored only on the records that annotate its kind, so mixing sources adds no false
+absences.
+
 The grounding score is min(IoU, 2 * AUROC - 1): a concept must both localise (IoU) and detect
 (AUROC above chance, rescaled so chance is 0). A feature is explained by the concepts whose
 grounding score is at least `MIN_GROUNDING_SCORE` (and that is present in, and absent from, at
@@ -48,6 +56,12 @@ MIN_GROUNDING_SCORE = 0.5  # min(IoU, 2 * AUROC - 1) a concept needs to explain 
 # validation records were "grounded" by a concept seen once).
 MIN_RECORDS = 5
 NO_CONCEPT = "no grounded concept found"
+PRESENT = None  # a region value: the concept is in the record, where is not annotated (detection only)
+
+
+def concept_kind(name: str) -> str:
+    """The kind of a concept: "category" of "category=dog", "text" of the bare "text"."""
+    return name.split("=", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -55,7 +69,9 @@ class Observation:
     """One held-out record seen on one side: the feature's activations and the concept regions there."""
 
     acts: np.ndarray  # [rows, cols] image patches or [n_text] text tokens: the feature's activation
-    regions: Mapping[str, np.ndarray]  # concept -> bool mask of acts' shape; absent concepts may be left out
+    # concept -> bool mask of acts' shape, or PRESENT (no region annotated); absent concepts may be left out
+    regions: Mapping[str, np.ndarray | None]
+    known: frozenset[str] | None = None  # the concept kinds this record annotates; None = every kind
 
     def __post_init__(self) -> None:
         acts = np.asarray(self.acts, dtype=np.float64)
@@ -69,7 +85,7 @@ class ConceptScore:
 
     concept: str
     side: str
-    iou: float  # mean IoU over records with the concept present and the feature firing; nan if none
+    iou: float  # mean IoU over records locating the concept where the feature fires; nan if none
     auroc: float  # "concept present" from the record's max activation; nan if a class is missing
     balanced_accuracy: float  # of "feature fires" (max > 0) as the prediction of "concept present"
     n_present: int  # records holding the concept
@@ -84,8 +100,11 @@ class ConceptScore:
         return min(self.iou, 2.0 * self.auroc - 1.0)
 
     def describe(self) -> str:
-        return (f"{self.concept} ({self.side}: IoU {self.iou:.2f}, AUROC {self.auroc:.2f}, "
-                f"balanced accuracy {self.balanced_accuracy:.2f}, {self.n_present} present / "
+        def num(v: float) -> str:
+            return "n/a" if math.isnan(v) else f"{v:.2f}"
+
+        return (f"{self.concept} ({self.side}: IoU {num(self.iou)}, AUROC {num(self.auroc)}, "
+                f"balanced accuracy {num(self.balanced_accuracy)}, {self.n_present} present / "
                 f"{self.n_absent} absent)")
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,12 +199,14 @@ def _peaks(observations: Sequence[Observation], fraction: float) -> tuple[np.nda
 
 def _score(concept: str, side: str, observations: Sequence[Observation], maxima: np.ndarray,
            actives: Sequence[np.ndarray]) -> ConceptScore:
+    kept = [i for i, o in enumerate(observations) if o.known is None or concept_kind(concept) in o.known]
+    observations, maxima, actives = [observations[i] for i in kept], maxima[kept], [actives[i] for i in kept]
     present, ious = [], []
     for obs, top, active in zip(observations, maxima, actives):
         region = obs.regions.get(concept)
-        has = region is not None and bool(region.any())
-        present.append(has)
-        if has and top > 0.0:
+        located = region is not None and bool(region.any())
+        present.append(located or (concept in obs.regions and region is PRESENT))
+        if located and top > 0.0:
             ious.append(iou(active, region))
     n_present = sum(present)
     n_absent = len(present) - n_present
@@ -227,7 +248,7 @@ def ground_feature(
     for side, obs in observations.items():
         if obs:
             stacked = [o.acts[..., None] for o in obs]
-            scores.extend(score_side(side, stacked, [o.regions for o in obs], fraction)[0])
+            scores.extend(score_side(side, stacked, [o.regions for o in obs], fraction, [o.known for o in obs])[0])
     return _explain(scores, min_score, min_records, top)
 
 
@@ -238,15 +259,18 @@ def _explain(scores: Sequence[ConceptScore], min_score: float, min_records: int,
     return GroundedExplanation(concepts=chosen, candidates=ranked, min_score=min_score)
 
 
-def score_side(side: str, acts: Sequence[np.ndarray], regions: Sequence[Mapping[str, np.ndarray]],
-               fraction: float = ACTIVE_FRACTION) -> list[list[ConceptScore]]:
+def score_side(side: str, acts: Sequence[np.ndarray], regions: Sequence[Mapping[str, np.ndarray | None]],
+               fraction: float = ACTIVE_FRACTION,
+               known: Sequence[frozenset[str] | None] | None = None) -> list[list[ConceptScore]]:
     """`score_concept` for many features and every concept at once, as array operations.
 
     acts: per record, the activations of n features at that record's positions ([..., n], any
     per-record shape before the feature axis); regions: per record, concept -> bool mask of the
-    positions' shape (absent concepts may be left out). Returns per feature its ConceptScore of every
-    concept named in any record (sorted by name): the same numbers as `score_concept` on each
-    feature's observations, without a Python loop over features, concepts or records.
+    positions' shape, or PRESENT (absent concepts may be left out); known: per record, the concept
+    kinds it annotates (None = all; a concept is scored only on the records annotating its kind).
+    Returns per feature its ConceptScore of every concept named in any record (sorted by name): the
+    same numbers as `score_concept` on each feature's observations, without a Python loop over
+    features or records.
     """
     from scipy.stats import rankdata
 
@@ -262,6 +286,11 @@ def score_side(side: str, acts: Sequence[np.ndarray], regions: Sequence[Mapping[
     inter = np.zeros((n_records, n_feat, len(names)))  # |active & region| per record
     active_n = np.zeros((n_records, n_feat))  # |active|
     region_n = np.zeros((n_records, len(names)))  # |region|
+    flagged = np.zeros((n_records, len(names)), dtype=bool)  # PRESENT: in the record, no region
+    valid = np.ones((n_records, len(names)), dtype=bool)  # the record annotates the concept's kind
+    for r, kinds in enumerate(known or ()):
+        if kinds is not None:
+            valid[r] = [concept_kind(name) in kinds for name in names]
     for r, (a, reg) in enumerate(zip(acts, regions)):
         a = np.asarray(a, dtype=np.float64).reshape(-1, n_feat)  # [positions, n]
         top = a.max(0) if a.shape[0] else np.zeros(n_feat)
@@ -272,28 +301,39 @@ def score_side(side: str, acts: Sequence[np.ndarray], regions: Sequence[Mapping[
             continue
         masks = np.zeros((a.shape[0], len(names)))  # [positions, concepts]
         for name, mask in reg.items():
-            masks[:, col[name]] = np.asarray(mask, dtype=bool).reshape(-1)
+            if mask is PRESENT:
+                flagged[r, col[name]] = True
+            else:
+                masks[:, col[name]] = np.asarray(mask, dtype=bool).reshape(-1)
         region_n[r] = masks.sum(0)
         inter[r] = active.T.astype(np.float64) @ masks
-    present = region_n > 0  # [R, C]
+    located = (region_n > 0) & valid  # [R, C]
+    present = located | (flagged & valid)
+    absent = valid & ~present
     fires = maxima > 0.0  # [R, n]
     n_present = present.sum(0)  # [C]
-    n_absent = n_records - n_present
-    # IoU over records holding the concept where the feature fires (then the union is not empty)
-    counted = fires[:, :, None] & present[:, None, :]  # [R, n, C]
+    n_absent = absent.sum(0)
+    # IoU over records locating the concept where the feature fires (then the union is not empty)
+    counted = fires[:, :, None] & located[:, None, :]  # [R, n, C]
     union = active_n[:, :, None] + region_n[:, None, :] - inter
     ious = np.where(counted, inter / np.where(counted, union, 1.0), 0.0)
     n_iou = counted.sum(0)  # [n, C]
     mean_iou = np.where(n_iou > 0, ious.sum(0) / np.maximum(n_iou, 1), math.nan)
-    # AUROC (Mann-Whitney, ties half) of "present" from the record's max, per feature and concept
-    ranks = rankdata(maxima, axis=0)  # [R, n] average ranks over ties
+    # AUROC (Mann-Whitney, ties half) of "present" from the record's max, per feature and concept,
+    # ranked among the records annotating the concept's kind (one ranking per distinct set of them)
     pos = present.astype(np.float64)
     both = (n_present > 0) & (n_absent > 0)
-    u = ranks.T @ pos - n_present * (n_present + 1) / 2.0  # [n, C]
+    u = np.zeros((n_feat, len(names)))
+    patterns, which = np.unique(valid.T, axis=0, return_inverse=True)
+    for p, rows in enumerate(patterns):
+        cols = np.flatnonzero(np.asarray(which).reshape(-1) == p)
+        if rows.any():
+            ranks = rankdata(maxima[rows], axis=0)  # [R', n] average ranks over ties
+            u[:, cols] = ranks.T @ pos[rows][:, cols] - n_present[cols] * (n_present[cols] + 1) / 2.0
     area = np.where(both, u / np.maximum(n_present * n_absent, 1), math.nan)
     # balanced accuracy of "fires" (max > 0) as the prediction of "present"
     tpr = (fires.T.astype(np.float64) @ pos) / np.maximum(n_present, 1)
-    tnr = ((~fires).T.astype(np.float64) @ (1.0 - pos)) / np.maximum(n_absent, 1)
+    tnr = ((~fires).T.astype(np.float64) @ absent.astype(np.float64)) / np.maximum(n_absent, 1)
     bal = np.where(both, (tpr + tnr) / 2.0, math.nan)
     return [
         [ConceptScore(concept=name, side=side, iou=float(mean_iou[f, j]), auroc=float(area[f, j]),
@@ -308,8 +348,34 @@ def score_side(side: str, acts: Sequence[np.ndarray], regions: Sequence[Mapping[
 # from re-run records to observations
 
 
-ConceptSource = Callable[[Record, "Grid | None", Sequence[str]], Mapping[str, Mapping[str, np.ndarray]]]
-"""(record, its finest patch grid or None without image, its text tokens) -> side -> concept -> region."""
+ConceptSource = Callable[[Record, "Grid | None", Sequence[str]], Mapping[str, Mapping[str, "np.ndarray | None"]]]
+"""(record, its finest patch grid or None without image, its text tokens) -> side -> concept ->
+region (or PRESENT). A source may also have `known(record)`: the concept kinds it annotates in that
+record (None or no such method: every kind named anywhere, absent where not named)."""
+
+
+@dataclass(frozen=True)
+class ConceptSources:
+    """Several concept sources as one (COCO boxes and OCR tokens, say): each record gets the concepts
+    of the first source that `covers` it, and only the kinds that source annotates are known there."""
+
+    sources: tuple[Any, ...]
+
+    def _of(self, record: Record) -> Any:
+        return next((s for s in self.sources if s.covers(record)), None)
+
+    def covers(self, record: Record) -> bool:
+        return self._of(record) is not None
+
+    def known(self, record: Record) -> frozenset[str] | None:
+        source = self._of(record)
+        if source is None:
+            return frozenset()
+        return source.known(record) if hasattr(source, "known") else None
+
+    def __call__(self, record: Record, grid: Grid | None, tokens: Sequence[str]) -> Mapping[str, Mapping[str, Any]]:
+        source = self._of(record)
+        return source(record, grid, tokens) if source is not None else {"image": {}, "text": {}}
 
 
 def _finest(tiles: Sequence[Tile]) -> int:
@@ -332,24 +398,29 @@ def ground_features(
     side on each record's finest patch tile, the text side on its text tokens. All features and
     concepts of a side are scored at once (`score_side`)."""
     keys = list(keys)
-    sides: dict[str, tuple[list[np.ndarray], list[Mapping[str, np.ndarray]]]] = {"image": ([], []), "text": ([], [])}
+    known_of = getattr(concepts_of, "known", None)
+    sides: dict[str, tuple[list[np.ndarray], list[Mapping[str, Any]], list[frozenset[str] | None]]] = {
+        "image": ([], [], []), "text": ([], [], [])}
     for ra in record_acts:
         text = ra.token_types == int(TokenType.TEXT)  # [T]
         tokens = [tokenizer.decode([int(i)]) for i in ra.input_ids[text].tolist()]
         tile = _finest(ra.tiles) if ra.tiles else None
         grid = ra.tiles[tile][:2] if tile is not None else None
         concepts = concepts_of(ra.record, grid, tokens)
+        kinds = known_of(ra.record) if known_of is not None else None
         values = torch.stack([ra.activations[key] for key in keys], dim=-1)  # [T, n]
         if tile is not None:
             maps = _tile_maps(values[ra.token_types == int(TokenType.IMAGE)], ra.tiles, tile)
             sides["image"][0].append(maps)  # [rows, cols, n]
             sides["image"][1].append(_checked(concepts.get("image", {}), maps.shape[:2]))
+            sides["image"][2].append(kinds)
         if bool(text.any()):
             sides["text"][0].append(values[text].numpy())  # [n_text, n]
             sides["text"][1].append(_checked(concepts.get("text", {}), (int(text.sum()),)))
+            sides["text"][2].append(kinds)
     per_feature: list[list[ConceptScore]] = [[] for _ in keys]
-    for side, (acts, regions) in sides.items():
-        for f, scores in enumerate(score_side(side, acts, regions, fraction)):
+    for side, (acts, regions, known) in sides.items():
+        for f, scores in enumerate(score_side(side, acts, regions, fraction, known)):
             per_feature[f].extend(scores)
     return {key: _explain(per_feature[f], min_score, min_records, top) for f, key in enumerate(keys)}
 
@@ -365,10 +436,14 @@ def _tile_maps(image: torch.Tensor, tiles: Sequence[Tile], tile: int) -> np.ndar
     return block[:, :cols].float().numpy()
 
 
-def _checked(regions: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """The regions as bool masks, each of the activation map's shape (as `Observation` checks)."""
-    out = {}
+def _checked(regions: Mapping[str, np.ndarray | None], shape: tuple[int, ...]) -> dict[str, np.ndarray | None]:
+    """The regions as bool masks, each of the activation map's shape (as `Observation` checks);
+    PRESENT stays PRESENT."""
+    out: dict[str, np.ndarray | None] = {}
     for name, region in regions.items():
+        if region is PRESENT:
+            out[name] = PRESENT
+            continue
         region = np.asarray(region, dtype=bool)
         if region.shape != tuple(shape):
             raise DataError(
@@ -404,7 +479,7 @@ def matches_task(grounded: GroundedExplanation | Mapping[str, Any], task: str) -
     if not concepts:
         return False
     best = concepts[0].concept if isinstance(concepts[0], ConceptScore) else concepts[0]["concept"]
-    return best.split("=", 1)[0] in kinds
+    return concept_kind(best) in kinds
 
 
 def match_share(features: Sequence[tuple[str, GroundedExplanation | Mapping[str, Any]]]) -> dict[str, tuple[int, int]]:
@@ -431,7 +506,7 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
 
 
 def _best_of_kinds(grounded: GroundedExplanation, kinds: Sequence[str]) -> ConceptScore | None:
-    return next((c for c in grounded.candidates if c.concept.split("=", 1)[0] in kinds), None)
+    return next((c for c in grounded.candidates if concept_kind(c.concept) in kinds), None)
 
 
 def grounding_table(task_features: Any, grounded: Mapping[FeatureKey, GroundedExplanation]) -> Any:

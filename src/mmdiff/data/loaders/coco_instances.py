@@ -125,6 +125,10 @@ class CocoConcepts:
         """Whether the record's image has annotations here."""
         return (record.meta or {}).get("image_id") in self.images
 
+    def known(self, record: Record) -> frozenset[str]:
+        """The concept kinds COCO annotates (a COCO image says nothing about text, for one)."""
+        return frozenset({"category", "subject", "related", "relation"})
+
     def __call__(self, record: Record, grid: Grid | None, tokens: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
         meta = record.meta or {}
         image = self.images.get(meta.get("image_id"))  # type: ignore[arg-type]
