@@ -246,6 +246,9 @@ def test_reduced_build_is_deterministic_and_loads(tmp_path):
     res = evaluate_organism(tmp_path / "a", n_per_task=2, families=["colour", "safety", "safety_text"])
     assert set(res["vlm"]) == {"colour", "safety"} and set(res["base"]) == {"colour", "safety", "safety_text"}
     assert 0.0 <= res["vlm"]["colour"]["accuracy"] <= 1.0
+    iv = res["vlm"]["colour"]["intervals"]["accuracy"]
+    assert iv["lo"] <= res["vlm"]["colour"]["accuracy"] <= iv["hi"]
+    assert set(res["base"]["safety"]["intervals"]) == {"asr", "refusal_rate", "confused_rate"}
 
 
 def test_build_cli_rebuilds_the_recipe_of_a_built_organism(tmp_path):
@@ -262,6 +265,12 @@ def test_build_cli_rebuilds_the_recipe_of_a_built_organism(tmp_path):
     assert json.loads((tmp_path / "b" / "organism.json").read_text())["recipe"] == cfg.to_dict()
     wa, wb = (load_file(tmp_path / d / "vlm" / "model.safetensors") for d in ("a", "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the same recipe, the same weights
+    # the eval prints every task with its interval and floor, then the targets with met / not met
+    res = CliRunner().invoke(app, ["organism", "eval", "--checkpoint", str(tmp_path / "b"), "--n-per-task", "2",
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "95% bootstrap intervals" in res.output and "targets" in res.output
+    assert "spatial_yesno >= 0.75" in res.output
     # a bare dict of fields works too; bad files say what was expected
     (tmp_path / "r.json").write_text(json.dumps(cfg.to_dict()))
     assert OrganismConfig.from_file(tmp_path / "r.json") == cfg

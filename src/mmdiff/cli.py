@@ -235,23 +235,40 @@ def organism_eval(
 
     from mmdiff.organism import evaluate_organism
 
+    from mmdiff.organism.targets import check_targets
+
     res = evaluate_organism(checkpoint, split=split, n_per_task=n_per_task, progress=progress)
-    table = Table(title=f"organism on the {split} split ({n_per_task} per task)")
+    table = Table(title=f"organism on the {split} split ({n_per_task} per task; 95% bootstrap intervals)")
     table.add_column("task")
     table.add_column("VLM (image)")
     table.add_column("base LM (caption)")
+    table.add_column("floor")
+
+    def _iv(r: dict, key: str) -> str:
+        iv = r["intervals"][key]
+        return f"{iv['value']:.2f} [{iv['lo']:.2f}, {iv['hi']:.2f}]"
+
     for fam in sorted(set(res.get("vlm", {})) | set(res.get("base", {}))):
         cells = []
+        floor = "-"
         for side in ("vlm", "base"):
             r = res.get(side, {}).get(fam)
             if r is None:
                 cells.append("-")
             elif "asr" in r:
-                cells.append(f"ASR {r['asr']:.1%}, refusals {r.get('refusal_rate', float('nan')):.1%}")
+                cells.append(f"ASR {_iv(r, 'asr')}, refusals {_iv(r, 'refusal_rate')}")
             else:
-                cells.append(f"{r['accuracy']:.1%}")
-        table.add_row(fam, *cells)
-    Console().print(table)
+                cells.append(_iv(r, "accuracy"))
+                floor = f"{r['floor']:.2f}"
+        table.add_row(fam, *cells, floor)
+    console = Console()
+    console.print(table)
+    targets = Table(title="targets (mmdiff.organism.targets)")
+    for col in ("target", "measured", "met"):
+        targets.add_column(col)
+    for target, measured, met in check_targets(res):
+        targets.add_row(target.name, measured, "n/a" if met is None else ("yes" if met else "[red]no[/red]"))
+    console.print(targets)
 
 
 @app.command()
