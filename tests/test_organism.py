@@ -343,9 +343,9 @@ def test_shipped_checkpoint_reaches_its_measured_accuracy():
     fams = ["colour", "shape", "count", "existence", "spatial_yesno", "ocr", "instruction", "safety", "safety_text"]
     res = evaluate_organism(checkpoint_path(), n_per_task=16, families=fams)
     for side in ("vlm", "base"):
-        assert set(res[side]) == set(measured[side])
-        for fam, got in res[side].items():
-            want = measured[side][fam]
+        assert set(res[side]) - set(measured[side]) <= {"vqa"}  # the pooled row of the eval, not recorded
+        for fam, want in measured[side].items():
+            got = res[side][fam]
             for key in ("accuracy", "refusal_rate", "asr"):
                 if key in want:
                     assert abs(got[key] - want[key]) <= 2 / 16 + 1e-9, (side, fam, key, got[key], want[key])
