@@ -18,7 +18,8 @@ import torch
 from rich.progress import Progress
 
 from mmdiff.errors import ConfigError
-from mmdiff.evals.harness import EvalResult, EvalTask, evaluate
+from mmdiff.evals.harness import EvalResult, EvalTask, evaluate, model_inputs
+from mmdiff.evals.reuse import BatchReuse
 from mmdiff.models.base import Backbone
 from mmdiff.progress import progress_bar
 
@@ -43,12 +44,15 @@ def evaluate_under(
     progress: bool = True,
     description: str | None = None,
     bar: Progress | None = None,
+    reuse: BatchReuse | None = None,
 ) -> EvalResult:
     """`evaluate(adapter, task)` with `build(backbone, token_types)` entered around every batch.
 
     build=None evaluates the clean model. Token types are computed only when `positions` needs them
     ("text" / "image"); with "all" the builder gets None. `bar`: a running rich Progress to add
     this evaluation's line to (rich allows one live display at a time); else one of its own.
+    `reuse`: batches' inputs, token types and image features kept across evaluations (the same
+    records in the same batches score exactly as when built again).
     """
     positions = check_positions(positions)
     if batch_size < 1:
@@ -59,21 +63,21 @@ def evaluate_under(
     with contextlib.ExitStack() as stack:
         if bar is None:
             bar = stack.enter_context(progress_bar(progress))
+        if reuse is not None:
+            stack.enter_context(reuse.vision(task.side))
         job = bar.add_task(description or f"eval {task.name}", total=len(records))
         stack.callback(bar.remove_task, job)
         for i in range(0, len(records), batch_size):
             chunk = list(records[i : i + batch_size])
+            encoded = (reuse.inputs(task.side, chunk) if reuse is not None
+                       else model_inputs(adapter, task.side, chunk))  # fmt: skip
             if build is None:
                 ctx: AbstractContextManager[Any] = contextlib.nullcontext()
             else:
                 token_types = None
-                if positions != "all":
-                    side_inputs = (
-                        adapter.vlm_inputs(chunk)
-                        if task.side == "vlm"
-                        else adapter.base_inputs(chunk)
-                    )
-                    token_types = adapter.token_types(side_inputs, task.side)  # [batch, seq]
+                if positions != "all":  # [batch, seq]
+                    token_types = (reuse.token_types(task.side, chunk) if reuse is not None
+                                   else adapter.token_types(encoded, task.side))  # fmt: skip
                 ctx = build(backbone, token_types)
             with ctx:
                 part = evaluate(
@@ -81,6 +85,7 @@ def evaluate_under(
                     dataclasses.replace(task, records=chunk),
                     batch_size=len(chunk),
                     progress=False,
+                    inputs=lambda side, batch, encoded=encoded: encoded,
                 )
             out.record_ids += part.record_ids
             out.scores += part.scores

@@ -5,7 +5,8 @@ dose-response and the selection-pipeline ablation) remove many feature sets and 
 under each. They share one `Evaluator`: the clean pass is run once, a removal evaluated for one
 analysis (the full set at text positions, its matched random controls) is not evaluated again for
 another, and an analysis only pays for the tasks it asks for. It also keeps the CPU seconds each
-analysis spent (`charged_to`), which the stage reports.
+analysis spent (`charged_to`), which the stage reports. Every evaluation builds a batch's inputs and
+image features once (`evals.reuse.BatchReuse`: a removal changes neither).
 
 A removal is a list of feature sets ("draws"): with one, every record is scored under it; with
 several, record i of each task is scored under draw i mod len(draws) (the split random control:
@@ -32,6 +33,7 @@ from mmdiff.errors import DataError
 from mmdiff.evals.bootstrap import paired_effect
 from mmdiff.evals.harness import EvalTask
 from mmdiff.evals.power import paired_mde
+from mmdiff.evals.reuse import BatchReuse
 from mmdiff.interventions import ablate_features, decoder_directions
 
 
@@ -82,6 +84,7 @@ class Evaluator:
         self.adapter, self.tasks = adapter, dict(eval_tasks)
         self.yesno_metric, self.batch_size, self.progress = yesno_metric, batch_size, progress
         self.bar: Any = None  # a running rich Progress to add evaluation lines to, when set
+        self.reuse = BatchReuse(adapter)  # each batch's inputs and image features, built once
         self._cache: dict[tuple, Outcome] = {}
         self.account = "removal"
         self.cpu_seconds: dict[str, float] = defaultdict(float)
@@ -177,6 +180,7 @@ class Evaluator:
                 batch_size=self.batch_size,
                 progress=self.progress,
                 bar=self.bar,
+                reuse=self.reuse,
                 description=f"{label or ('clean' if build is None else 'removal')}: {name}",
             )
             out.scores[d :: len(parts)] = record_scores(res, self.yesno_metric)

@@ -37,6 +37,7 @@ from mmdiff.data.records import Record
 from mmdiff.errors import ConfigError, DataError
 from mmdiff.evals.bootstrap import bootstrap_mean, paired_effect
 from mmdiff.evals.harness import EvalTask
+from mmdiff.evals.reuse import BatchReuse
 from mmdiff.interventions import difference_of_means, steer_features, steer_vector
 from mmdiff.schema import Artifact, Column
 from mmdiff.stats import top_examples
@@ -192,6 +193,7 @@ def steering_experiment(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
+    reuse: BatchReuse | None = None,
 ) -> pd.DataFrame:
     """The steering table of one task: feature steering and the single-layer baseline over `alphas`.
 
@@ -205,6 +207,8 @@ def steering_experiment(
     layer, alpha) tried, test rows for the feature sweep and for the baseline at its chosen layer;
     `layer` is empty (NA) for feature steering, whose features sit at their own layers.
     `df.attrs["steering"]` holds the choices and the paired test difference feature - baseline.
+    Every alpha of 0 (either method, any layer) is the unsteered model: it is evaluated once per
+    split. `reuse`: batches' inputs and image features kept across the sweep (one is made if None).
     """
     check_positions(positions)
     check_yesno_metric(yesno_metric)
@@ -231,6 +235,7 @@ def steering_experiment(
         raise ConfigError("the single-layer baseline needs at least one candidate layer")
     backbone.check_layers(cand_layers)
     metric = metric_name(test, yesno_metric)
+    reuse = reuse if reuse is not None else BatchReuse(adapter)
 
     def feature_build(alpha: float):
         return lambda bb, tt: steer_features(bb, terms, alpha, positions=positions, token_types=tt)
@@ -246,11 +251,20 @@ def steering_experiment(
     with progress_bar(progress) as bar:
         overall = bar.add_task(f"steering {test.name}", total=n_evals + 2 * len(cand_layers))
 
+        clean: dict[str, np.ndarray] = {}  # split -> per-record scores of the unsteered model
+
         def score(task: EvalTask, build, key: tuple, label: str) -> dict[str, Any]:
-            res = evaluate_under(
-                adapter, task, build, positions, batch_size=batch_size, bar=bar, description=label
-            )
-            values = np.asarray(record_scores(res, yesno_metric), dtype=np.float64)
+            split, alpha = key[-1], key[-2]
+            if alpha == 0.0 and split in clean:  # adds 0 at every position: the clean model, scored once
+                values = clean[split]
+            else:
+                res = evaluate_under(
+                    adapter, task, None if alpha == 0.0 else build, positions, batch_size=batch_size,
+                    bar=bar, description=label, reuse=reuse,
+                )
+                values = np.asarray(record_scores(res, yesno_metric), dtype=np.float64)
+                if alpha == 0.0:
+                    clean[split] = values
             per_record[key] = values
             iv = bootstrap_mean(values, n_boot=n_boot, seed=seed)
             bar.advance(overall)

@@ -65,7 +65,8 @@ def _gold_yes(record: Record) -> bool:
     return a == "yes"
 
 
-def _inputs(adapter, side: str, batch: Sequence[Record]) -> dict[str, torch.Tensor]:
+def model_inputs(adapter, side: str, batch: Sequence[Record]) -> dict[str, torch.Tensor]:
+    """The adapter's inputs of a batch on `side`, on its model's device."""
     inputs = adapter.vlm_inputs(batch) if side == "vlm" else adapter.base_inputs(batch)
     device = next(adapter.backbone(side).model.parameters()).device
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
@@ -78,8 +79,18 @@ def _tokenizer(adapter, side: str):
 
 
 @torch.inference_mode()
-def evaluate(adapter, task: EvalTask, *, batch_size: int = 16, progress: bool = True) -> EvalResult:
-    """Score every record of `task` with the adapter's model on `task.side`."""
+def evaluate(
+    adapter,
+    task: EvalTask,
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    inputs: Callable[[str, Sequence[Record]], dict[str, torch.Tensor]] | None = None,
+) -> EvalResult:
+    """Score every record of `task` with the adapter's model on `task.side`.
+
+    `inputs(side, batch)` builds a batch's model inputs (default: the adapter's, on the model's
+    device); `evals.reuse.BatchReuse.inputs` keeps them across evaluations of the same batches."""
     from rich.progress import Progress
 
     if task.kind == "generate" and task.score is None:
@@ -93,9 +104,9 @@ def evaluate(adapter, task: EvalTask, *, batch_size: int = 16, progress: bool = 
         job = bar.add_task(f"eval {task.name}", total=len(records))
         for i in range(0, len(records), batch_size):
             batch = records[i : i + batch_size]
-            inputs = _inputs(adapter, task.side, batch)
+            encoded = inputs(task.side, batch) if inputs is not None else model_inputs(adapter, task.side, batch)
             if task.kind == "yesno":
-                logits = model(**inputs).logits[:, -1, :]  # left padding: last position is next token
+                logits = model(**encoded).logits[:, -1, :]  # left padding: last position is next token
                 p_yes = yes_probability(logits, yes_ids, no_ids).tolist()
                 for rec, p in zip(batch, p_yes):
                     gold = _gold_yes(rec)
@@ -105,9 +116,9 @@ def evaluate(adapter, task: EvalTask, *, batch_size: int = 16, progress: bool = 
                     result.predictions.append("yes" if p > 0.5 else "no" if p < 0.5 else "tie")
             else:
                 tok = _tokenizer(adapter, task.side)
-                out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False,
+                out = model.generate(**encoded, max_new_tokens=task.max_new_tokens, do_sample=False,
                                      pad_token_id=tok.pad_token_id)
-                new = out[:, inputs["input_ids"].shape[1]:]
+                new = out[:, encoded["input_ids"].shape[1]:]
                 for rec, ids in zip(batch, new):
                     pred = tok.decode(ids, skip_special_tokens=True).strip()
                     result.predictions.append(pred)
