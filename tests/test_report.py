@@ -453,6 +453,11 @@ def test_task_features_open_their_cards(full_run):
     assert "Task: safety" in tasks and "No feature of safety passed every criterion." in tasks
     # the explanations' confidence (0.75) was never measured on held-out data: not printed
     assert "confidence" not in html and "<th>detection</th>" not in tasks
+    # offline explanations: the LLM column says plainly that there is none (the same in every row,
+    # so under the table: "Same in every row: <column> <value>"); nothing was grounded
+    from mmdiff.report.sections.tasks import GROUNDED_COLUMN, LLM_COLUMN, NO_LLM
+
+    assert f"{LLM_COLUMN} {NO_LLM}" in tasks and GROUNDED_COLUMN not in tasks
     assert "q-values below 1e-6 print as &lt; 1e-6" in tasks
 
 

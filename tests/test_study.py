@@ -24,7 +24,8 @@ def tiny_study(tmp_path_factory):
         rows.append({"id": f"r{i}", "image": f"im{i}.png",
                      "question": "Is the square left of the circle?" if spatial else "What colour is it?" + " really" * (i % 3),
                      "answers": ["yes" if spatial else "red"], "caption": f"a red square and a circle {i}",
-                     "tasks": ["spatial", "yesno"] if spatial else ["vqa"]})
+                     "tasks": ["spatial", "yesno"] if spatial else ["vqa"],
+                     "image_id": 100 + i})  # to record.meta: the COCO instances below annotate these images
     (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     cfg = {
         "name": "tiny",
@@ -101,6 +102,49 @@ def test_run_whole_chain_then_skips(tiny_study):
     # a changed detect threshold redoes detect only
     res = runner.invoke(app, args + ["--only", "detect", "--force"])
     assert res.exit_code == 0 and "detect       done" in res.output
+
+
+def test_interp_grounds_features_on_coco_boxes(tiny_study, tmp_path):
+    """interp.grounding_coco: the validation records' images, found by meta image_id in a COCO
+    instances file, ground every task feature on COCO categories (interp/grounding.parquet)."""
+    import shutil
+
+    import pandas as pd
+
+    runs = ["--no-progress"]
+    base = ["run", "--config", str(tiny_study / "study.yaml"), "--runs-dir", str(tiny_study / "runs")]
+    assert CliRunner().invoke(app, [*base, *runs]).exit_code == 0
+    images = [{"id": 100 + i, "file_name": f"im{i}.png", "width": 32, "height": 32} for i in range(16)]
+    anns = [{"id": 1000 + i, "image_id": 100 + i, "category_id": 17 if i % 2 else 18, "iscrowd": 0,
+             "bbox": [0.0, 0.0, 16.0, 32.0] if i % 2 else [16.0, 8.0, 16.0, 16.0], "area": 256.0}
+            for i in range(16) if i % 4 != 3]  # every fourth image has no object
+    coco = tmp_path / "annotations" / "instances_val2014.json"
+    coco.parent.mkdir()
+    coco.write_text(json.dumps({"images": images, "annotations": anns, "categories": [
+        {"id": 17, "name": "cat", "supercategory": "animal"}, {"id": 18, "name": "dog", "supercategory": "animal"}]}))
+    cfg = yaml.safe_load((tiny_study / "study.yaml").read_text())
+    cfg["interp"].update({"grounding": "validation", "grounding_coco": [str(coco)]})
+    p = tmp_path / "coco.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    shutil.copytree(tiny_study / "runs" / "tiny", tmp_path / "runs" / "tiny")
+    res = CliRunner().invoke(app, ["run", "--config", str(p), "--runs-dir", str(tmp_path / "runs"), "--only", "interp",
+                                   *runs])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "tiny"
+    summary = json.loads((run / "manifest.json").read_text())["stages"]["interp"]["summary"]
+    assert summary["grounding_records"] == 8  # the validation split's 8 records, all annotated
+    table = pd.read_parquet(run / "interp" / "grounding.parquet")
+    spatial = pd.read_parquet(run / "features" / "spatial.parquet")
+    own = table[table.task == "spatial"]
+    assert len(own) and set(zip(own.layer, own.feature)) == set(zip(spatial.layer, spatial.feature))
+    assert set(table.task) <= {"spatial", "adapted"}
+    assert set(table.concept.dropna()) <= {"category=cat", "category=dog"} and table.concept.notna().any()
+    explanations = json.loads((run / "interp" / "explanations.json").read_text())["explanations"]
+    scored = {c["concept"] for e in explanations if e["grounded"] for c in e["grounded"]["candidates"]}
+    assert {"category=cat", "category=dog"} <= scored
+    assert all("detection" in e["grounded"] for e in explanations if e["grounded"])
+    share = pd.read_parquet(run / "interp" / "match_share.parquet")
+    assert list(share.task) == ["spatial", "all"] and (share.ci_lo <= share.share).all()
 
 
 def test_unrelated_dataset_change_reruns_nothing(tiny_study, tmp_path):

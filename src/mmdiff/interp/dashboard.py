@@ -348,12 +348,16 @@ def write_interp(
     )
     grounded_tables = {}
     grounded = {}
+    held_out = None
     if grounding is not None and grounding_records:  # grounded first: the LLM explainer gets it as context
         from mmdiff.interp.examples import token_activations, tokenizer_of
-        from mmdiff.interp.grounded import GROUNDING, MATCH_SHARE, ground_features, grounding_table, match_share_table
+        from mmdiff.interp.grounded import GROUNDING, MATCH_SHARE, ground_observed, grounding_table, match_share_table
+        from mmdiff.interp.grounded import observe
 
         rerun = token_activations(adapter, saes, grounding_records, keys, batch_size=batch_size, progress=progress)
-        grounded = ground_features(rerun, keys, grounding, tokenizer_of(adapter))
+        observed = observe(rerun, keys, grounding, tokenizer_of(adapter))
+        held_out = observed.held_out
+        grounded = ground_observed(observed, keys)
         for key, g in grounded.items():
             collected.evidence[key] = dataclasses.replace(collected.evidence[key], grounded=g.text)
         if task_features is None and "task" in features.columns:
@@ -369,8 +373,21 @@ def write_interp(
     else:
         explained = [explainer.explain(ev) for ev in evidences]
     explanations = dict(zip(fired, explained))
+    if held_out is not None and hasattr(explainer, "client"):  # an LLM explanation: judged on the held-out records
+        from mmdiff.interp.heldout import score_llm_explanations
+        from mmdiff.interp.scoring import DetectionScorer
+
+        explanations = score_llm_explanations(DetectionScorer(explainer.client), explanations, keys, held_out,
+                                              progress=progress)
     if grounded:
-        explanations = {key: dataclasses.replace(ex, grounded=grounded[key].to_dict()) for key, ex in explanations.items()}
+        from mmdiff.interp.heldout import grounded_detection
+
+        column = {key: f for f, key in enumerate(keys)}
+        explanations = {
+            key: dataclasses.replace(ex, grounded={
+                **grounded[key].to_dict(), "detection": grounded_detection(held_out, column[key], grounded[key])})
+            for key, ex in explanations.items()
+        }
     all_tables = {"selection": features, **dict(tables or {})}
     rows_of = {name: _rows_by_key(table) for name, table in all_tables.items()}  # one pass per table, not per feature
     maxima_of = _rows_by_key(collected.maxima)

@@ -52,6 +52,7 @@ class Explanation:
     coverage: float | None = None  # offline: share of the examples' activating mass its patterns carry
     detection: float | None = None  # balanced accuracy of detection on held-out examples
     detection_n: int | None = None  # how many held-out examples that score was measured on
+    detection_ci: list[float] | None = None  # its 95% interval [lo, hi] (interp.heldout), where computed
     grounded: dict[str, Any] | None = None  # interp.grounded.GroundedExplanation.to_dict(): concepts with IoU / AUROC
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,7 +62,7 @@ class Explanation:
     def from_dict(cls, d: dict[str, Any]) -> "Explanation":
         keys = (
             "description", "confidence", "patterns", "cue_counts", "source", "feature_id",
-            "coverage", "detection", "detection_n", "grounded",
+            "coverage", "detection", "detection_n", "detection_ci", "grounded",
         )  # fmt: skip
         return cls(**{k: d[k] for k in keys if k in d})
 
@@ -71,15 +72,20 @@ class Explanation:
         if self.detection is None or math.isnan(self.detection):
             return None
         on = f", {self.detection_n} held-out examples" if self.detection_n else ", held-out examples"
+        if self.detection_ci:
+            lo, hi = self.detection_ci
+            return f"detection {self.detection:.2f} [{lo:.2f}, {hi:.2f}] (balanced accuracy, 95% interval{on})"
         return f"detection {self.detection:.2f} (balanced accuracy{on})"
 
-    def with_detection(self, balanced_accuracy: float, n_examples: int) -> "Explanation":
+    def with_detection(self, balanced_accuracy: float, n_examples: int,
+                       ci: tuple[float, float] | None = None) -> "Explanation":
         """A copy carrying a detection score measured on `n_examples` held-out examples
-        (`interp.scoring.DetectionScorer`)."""
+        (`interp.scoring.DetectionScorer`), with its 95% interval where given."""
         import dataclasses
 
         return dataclasses.replace(
-            self, detection=float(balanced_accuracy), detection_n=int(n_examples)
+            self, detection=float(balanced_accuracy), detection_n=int(n_examples),
+            detection_ci=[float(v) for v in ci] if ci is not None else None,
         )
 
 

@@ -383,24 +383,34 @@ def _finest(tiles: Sequence[Tile]) -> int:
     return max(range(len(tiles)), key=lambda i: (tiles[i][0] * tiles[i][1], -i))
 
 
-def ground_features(
-    record_acts: Sequence[RecordActivations],
-    keys: Sequence[FeatureKey],
-    concepts_of: ConceptSource,
-    tokenizer: Any,
-    *,
-    min_score: float = MIN_GROUNDING_SCORE,
-    min_records: int = MIN_RECORDS,
-    top: int = 3,
-    fraction: float = ACTIVE_FRACTION,
-) -> dict[FeatureKey, GroundedExplanation]:
-    """`ground_feature` for each feature over held-out records re-run by `token_activations`: the image
-    side on each record's finest patch tile, the text side on its text tokens. All features and
-    concepts of a side are scored at once (`score_side`)."""
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out records as detection reads them: what each holds and how strongly each feature fires."""
+
+    records: tuple[Record, ...]
+    present: tuple[frozenset[str], ...]  # per record: concepts present on either side (located or PRESENT)
+    known: tuple[frozenset[str] | None, ...]  # per record: the concept kinds annotated (None = all)
+    maxima: np.ndarray  # [R, n] each feature's max activation over the record's image and text positions
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What `observe` read off re-run records: per side (activations, regions, known kinds) lists for
+    `score_side`, and the records' view for held-out detection."""
+
+    sides: Mapping[str, tuple[list[np.ndarray], list[Mapping[str, Any]], list[frozenset[str] | None]]]
+    held_out: HeldOut
+
+
+def observe(record_acts: Sequence[RecordActivations], keys: Sequence[FeatureKey], concepts_of: ConceptSource,
+            tokenizer: Any) -> Observed:
+    """The concepts of each record re-run by `token_activations` and the features' activations on
+    them: the image side on each record's finest patch tile, the text side on its text tokens."""
     keys = list(keys)
     known_of = getattr(concepts_of, "known", None)
     sides: dict[str, tuple[list[np.ndarray], list[Mapping[str, Any]], list[frozenset[str] | None]]] = {
         "image": ([], [], []), "text": ([], [], [])}
+    records, present, known, maxima = [], [], [], []
     for ra in record_acts:
         text = ra.token_types == int(TokenType.TEXT)  # [T]
         tokens = [tokenizer.decode([int(i)]) for i in ra.input_ids[text].tolist()]
@@ -409,20 +419,60 @@ def ground_features(
         concepts = concepts_of(ra.record, grid, tokens)
         kinds = known_of(ra.record) if known_of is not None else None
         values = torch.stack([ra.activations[key] for key in keys], dim=-1)  # [T, n]
+        held: set[str] = set()
         if tile is not None:
             maps = _tile_maps(values[ra.token_types == int(TokenType.IMAGE)], ra.tiles, tile)
+            regions = _checked(concepts.get("image", {}), maps.shape[:2])
             sides["image"][0].append(maps)  # [rows, cols, n]
-            sides["image"][1].append(_checked(concepts.get("image", {}), maps.shape[:2]))
+            sides["image"][1].append(regions)
             sides["image"][2].append(kinds)
+            held |= {name for name, r in regions.items() if r is PRESENT or r.any()}
         if bool(text.any()):
+            regions = _checked(concepts.get("text", {}), (int(text.sum()),))
             sides["text"][0].append(values[text].numpy())  # [n_text, n]
-            sides["text"][1].append(_checked(concepts.get("text", {}), (int(text.sum()),)))
+            sides["text"][1].append(regions)
             sides["text"][2].append(kinds)
+            held |= {name for name, r in regions.items() if r is PRESENT or r.any()}
+        content = (ra.token_types == int(TokenType.TEXT)) | (ra.token_types == int(TokenType.IMAGE))
+        top = values[content].max(0).values if bool(content.any()) else torch.zeros(len(keys))
+        records.append(ra.record)
+        present.append(frozenset(held))
+        known.append(kinds)
+        maxima.append(top.float().numpy())
+    n = len(keys)
+    table = np.stack(maxima) if maxima else np.zeros((0, n))
+    return Observed(sides, HeldOut(tuple(records), tuple(present), tuple(known), table))
+
+
+def ground_observed(
+    observed: Observed,
+    keys: Sequence[FeatureKey],
+    *,
+    min_score: float = MIN_GROUNDING_SCORE,
+    min_records: int = MIN_RECORDS,
+    top: int = 3,
+    fraction: float = ACTIVE_FRACTION,
+) -> dict[FeatureKey, GroundedExplanation]:
+    """`ground_feature` for each feature of `observe`'s records; all features and concepts of a side
+    are scored at once (`score_side`)."""
+    keys = list(keys)
     per_feature: list[list[ConceptScore]] = [[] for _ in keys]
-    for side, (acts, regions, known) in sides.items():
+    for side, (acts, regions, known) in observed.sides.items():
         for f, scores in enumerate(score_side(side, acts, regions, fraction, known)):
             per_feature[f].extend(scores)
     return {key: _explain(per_feature[f], min_score, min_records, top) for f, key in enumerate(keys)}
+
+
+def ground_features(
+    record_acts: Sequence[RecordActivations],
+    keys: Sequence[FeatureKey],
+    concepts_of: ConceptSource,
+    tokenizer: Any,
+    **kwargs: Any,
+) -> dict[FeatureKey, GroundedExplanation]:
+    """`ground_feature` for each feature over held-out records re-run by `token_activations`
+    (`observe`, then `ground_observed` with its keyword arguments)."""
+    return ground_observed(observe(record_acts, keys, concepts_of, tokenizer), keys, **kwargs)
 
 
 def _tile_maps(image: torch.Tensor, tiles: Sequence[Tile], tile: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from mmdiff.interp.heldout import describe_detection
 from mmdiff.report.sections._common import Section, feature_label, fmt, fmt_p, read
 
 TOP_HEADS = 5
@@ -34,7 +35,12 @@ def _scores(row: pd.Series, columns: tuple[str, ...]) -> list[list[str]]:
 def _grounded(g: Any) -> str | None:
     if not isinstance(g, Mapping):
         return None
-    return str(g.get("text")) if g.get("text") else None
+    if not g.get("text"):
+        return None
+    d = g.get("detection")
+    if isinstance(d, Mapping) and d.get("concept"):
+        return f"{g['text']}; held-out detection of {d['concept']}: {describe_detection(d)} (balanced accuracy [95%])"
+    return str(g["text"])
 
 
 def feature_records(run_dir: Path, explanations: Mapping[str, Any], section: Section) -> list[dict[str, Any]]:

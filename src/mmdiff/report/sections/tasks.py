@@ -4,6 +4,7 @@ and explanations (tables of `mmdiff.detect.write_task_features`, explanations of
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Any
 
 from mmdiff.detect import DETECT, TASK_FEATURES
 from mmdiff.diff import ADAPTED
-from mmdiff.interp.grounded import MATCH_SHARE
+from mmdiff.interp.grounded import MATCH_SHARE, NO_CONCEPT
+from mmdiff.interp.heldout import describe_detection
 from mmdiff.report.sections._common import (
     NOT_RUN,
     Block,
@@ -155,14 +157,13 @@ def _task_block(
         block.notes.append(f"No feature of {name} passed every criterion.")
         return block
     order = kept.sort_values("odds_ratio", ascending=False) if "odds_ratio" in kept else kept
+    pairs = list(zip(order["layer"], order["feature"]))
     order = order.assign(
-        explanation=[
-            _describe(explanations, l, f) for l, f in zip(order["layer"], order["feature"])
-        ],
-        detection=[
-            _detection(explanations, l, f) for l, f in zip(order["layer"], order["feature"])
-        ],
+        explanation=[_describe(explanations, l, f) for l, f in pairs],
+        **{LLM_COLUMN: [_llm_detection(explanations, l, f) for l, f in pairs],
+           GROUNDED_COLUMN: [_grounded_detection(explanations, l, f) for l, f in pairs]},
     )
+    grounded_shown = any(isinstance(getattr(e, "grounded", None), Mapping) for e in explanations.values())
     block.tables.append(
         frame_table(
             order,
@@ -176,14 +177,17 @@ def _task_block(
                 "q_value",
                 "neutral_image_share",
                 "explanation",
-                *(["detection"] if order["detection"].notna().any() else []),
+                LLM_COLUMN,
+                *([GROUNDED_COLUMN] if grounded_shown else []),
             ],
             max_rows=MAX_FEATURES,
             caption="Sorted by odds ratio. Feature ids link to their dashboards where one exists. "
             f"q-values below {fmt_p(0.0)[2:]} print as {fmt_p(0.0)}: each token counts as an independent "
             "draw, so smaller tail probabilities are a ranking, not a calibrated error rate. "
-            "detection = the explanation's balanced accuracy on held-out examples, shown only where "
-            "it was measured (the offline explainer measures none).",
+            "Held-out detection = balanced accuracy (chance 0.5) [Agresti-Caffo 95% interval] of telling the "
+            "held-out records the feature fires on from the rest, on the same records for both explanations: "
+            "an LLM judge reading the LLM explanation, the question and the annotated concepts; the grounded "
+            "concept's presence (docs/method.md#grounded-explanations).",
             cell=lambda c, v, r: (
                 dashboard_link(run_dir, r["layer"], v)
                 if c == "feature"
@@ -199,9 +203,38 @@ def _describe(explanations: Mapping[str, Any], layer: int, feature: int) -> str:
     return "–" if e is None else str(e.description)
 
 
-def _detection(explanations: Mapping[str, Any], layer: int, feature: int) -> float:
-    """The explanation's held-out detection score (balanced accuracy), NaN where none was measured:
+LLM_COLUMN = "LLM explanation: held-out detection [95%]"
+GROUNDED_COLUMN = "grounded concept: held-out detection [95%]"
+NO_LLM = "no LLM explanation (offline explainer: interp.llm not set)"
+
+
+def _llm_detection(explanations: Mapping[str, Any], layer: int, feature: int) -> str:
+    """The LLM explanation's held-out detection (balanced accuracy [95%], n), or why there is none:
     the explainer's own confidence is not a measurement and is not shown."""
     e = explanations.get(f"L{int(layer)}/F{int(feature)}")
+    if e is None:
+        return "no explanation (no activating example)"
+    if not str(getattr(e, "source", "")).startswith("llm"):
+        return NO_LLM
     value = getattr(e, "detection", None)
-    return float(value) if isinstance(value, (int, float)) else float("nan")
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return "not measured (needs interp.grounding records on which the feature fires and does not)"
+    ci = getattr(e, "detection_ci", None)
+    interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+    return f"{value:.2f}{interval}, {int(e.detection_n or 0)} records"
+
+
+def _grounded_detection(explanations: Mapping[str, Any], layer: int, feature: int) -> str:
+    """The grounded explanation's concept and its held-out detection on the same records, or why none."""
+    e = explanations.get(f"L{int(layer)}/F{int(feature)}")
+    g = getattr(e, "grounded", None)
+    if not isinstance(g, Mapping):
+        return "not grounded"
+    d = g.get("detection")
+    if not isinstance(d, Mapping):
+        return "found" if g.get("found") else NO_CONCEPT
+    if not d.get("concept"):
+        return f"{NO_CONCEPT}: {describe_detection(d)}"
+    if d.get("found"):
+        return f"{d['concept']}: {describe_detection(d)}"
+    return f"none found (best candidate {d['concept']}: {describe_detection(d)})"
