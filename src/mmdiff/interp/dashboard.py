@@ -30,6 +30,7 @@ import pandas as pd
 from mmdiff.errors import DataError
 from mmdiff.interp.examples import FeatureKey, feature_id
 from mmdiff.interp.explain import ActivatingExample, Explanation, FeatureEvidence
+from mmdiff.interp.heatmap import PNG_COMPRESS_LEVEL, printable
 from mmdiff.models.base import TokenType
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "report" / "templates"
@@ -79,8 +80,6 @@ def histogram_png(values: Sequence[float] | np.ndarray | None, *, bins: int = 30
     feature cost ~0.3 s)."""
     from PIL import Image, ImageDraw
 
-    from mmdiff.interp.heatmap import printable
-
     if binned is not None:
         edges, counts = (np.asarray(a, dtype=np.float64) for a in binned)
     else:
@@ -110,7 +109,7 @@ def histogram_png(values: Sequence[float] | np.ndarray | None, *, bins: int = 30
         draw.text((left, top + plot_h + 3), f"{edges[0]:.3g}", fill="black")
         draw.text((left + plot_w - 40, top + plot_h + 3), f"{edges[-1]:.3g}", fill="black")
     buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG", compress_level=1)  # fast; the dashboards inline many
+    canvas.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 

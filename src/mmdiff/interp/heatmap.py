@@ -25,6 +25,13 @@ from mmdiff.errors import DataError, ModelError
 Tile = tuple[int, int, bool]  # (rows, cols, newline): a grid of patches, newline = one extra token per row
 
 
+
+# zlib level of the PNGs the dashboards inline. Measured on the organism study's 2,192 dashboard
+# images: level 1 -> 6 shrinks the heatmaps by 13% (6.08 -> 5.30 MB, +0.4 ms each) and the
+# attention overlays by 31% (3.88 -> 2.69 MB, +16 ms each); level 9 costs 5-10x the time of 6
+# for 5% less.
+PNG_COMPRESS_LEVEL = 6
+
 def patch_grid(adapter: Any, inputs: dict[str, torch.Tensor], row: int) -> list[Tile]:
     """The image tiles of batch row `row` in token order, from the adapter's `patch_grid`.
 
@@ -138,7 +145,7 @@ def overlay_png(
     if title:
         ImageDraw.Draw(canvas).text((pad, 1), title, fill="black", font=font)
     buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG", compress_level=1)  # fast; the dashboards inline many
+    canvas.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 
