@@ -127,3 +127,22 @@ def test_plan_against_a_run_divides_measured_by_predicted(organism_plan, tmp_pat
     assert "against the run" in result.output and "2.00x" in result.output
     missing = CliRunner().invoke(app, ["plan", "--against", str(tmp_path / "nope")])
     assert missing.exit_code != 0 and "does not exist" in str(missing.exception)
+
+
+def test_control_evaluations_count_what_an_organism_run_evaluated(organism_plan):
+    """The ablate stage's evaluations per analysis, as the organism run of 2026-12-04 recorded them
+    (eval/<analysis>.json "evaluations": set variants 57, dose-response 60, pipeline ablation 28);
+    the removal experiment: clean + 3 sets + their split random controls on all 1,600 records."""
+    from mmdiff.plan import control_evaluations
+
+    test = organism_plan.datasets["eval"]
+    assert test.tasks == {"vqa": 600, "existence": 200, "spatial": 200, "spatial_open": 200, "ocr": 200,
+                          "safety": 200}
+    counts = control_evaluations(default_config(), test)
+    assert counts["removal"][:2] == (42, 7 * 1600)
+    assert {k: counts[k][0] for k in ("set_variants", "dose_response", "pipeline_ablation")} == {
+        "set_variants": 57, "dose_response": 60, "pipeline_ablation": 28}
+    # decode steps: safety's 48 tokens per batch dominate; yes/no tasks decode nothing
+    assert counts["removal"][2] > 0
+    ablate = next(s for s in organism_plan.stages if s.stage == "ablate")
+    assert ablate.records == pytest.approx(sum(r for _, r, _ in counts.values()) + 320)  # + the regime's pass

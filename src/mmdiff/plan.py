@@ -21,6 +21,11 @@ Formulas (per stage, summed over the datasets and sides it reads):
   scores batch x heads x seq^2 x dtype bytes (+ batch x seq x vocab x 4 when logits are needed);
   SAE training: per layer 16 bytes per parameter (fp32 weights, gradients, Adam m and v) of 2 d d_sae
   parameters, plus 3 x batch x d_sae x 4 bytes of pre-activations and their gradients.
+- control stages: record passes of every evaluation the ablate stage runs (`control_evaluations`:
+  the removal experiment and each removal analysis, each removal beside its split random control,
+  without what their shared evaluator computes once) and the steer stage runs (`_steering_parts`:
+  each task's own records on validation and test, alpha 0 once per split); generated answers decode
+  max_new_tokens steps per batch.
 - disk: activation stores, tokens x layers x d_model x capture dtype bytes; SAEs, 2 d d_sae x 4
   bytes per role and layer, and the same again with Adam state in the last checkpoint (x 4).
 - wall time: forward FLOPs / (peak x forward_efficiency) + SAE FLOPs / (peak x sae_efficiency) +
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -107,22 +113,28 @@ DEVICES: dict[str, Device] = {
 #   generated token), not fitted: the organism's decoding is too short to separate it.
 # Not yet checked on a second config or GPU model: the other entries reuse these factors.
 
-# Measured on this project's 2-core CPU host from the organism study's run manifest (seconds per stage
-# against the FLOPs, record passes, SAE steps and statistics updates this module predicts for it):
-# effective rates, not peaks. Capture fixed the forward rate and the per-record cost, train the
-# per-step cost, stats the per-update cost; the host ran about ten other jobs at the time, so an idle
-# 2-core machine is several times faster on the last two.
-CPU_FORWARD_FLOPS = 27e9
-CPU_SAE_FLOPS = 20e9
-CPU_RECORD_OVERHEAD_S = 0.003
-CPU_SAE_STEP_S = 3.9
-CPU_FEATURE_STAT_S = 2.9e-6
+# Fitted on this project's 2-core CPU host by benchmarks/fit_cpu_plan.py: non-negative least squares,
+# relative error, of each stage's seconds in a run's manifest against the work this module counts for
+# it (capture, train, stats, attribute, concepts, ablate and steer of the organism study run from a
+# fresh clone on a mostly quiet host, `make run`, 2026-12-04, mmdiff 7fc9ef1; torch's 2 default
+# threads, passive OpenMP waits). One model size cannot tell the per-record cost from the forward
+# FLOP rate (both grow with the records): the per-record cost is held at the processor's measured
+# 1 ms per record (images and tokenisation of a 128-record batch), the per-decode-step and per-figure
+# costs at the GPU host's (`--fix 2=0.001 --fix 5=3e-4 --fix 6=0.11`). In that fit, measured / fitted
+# is 0.81 (attribute) to 2.4 (capture, 16 s); the SAE-step cost came out 0 (the trainer's steps are
+# inside its FLOP rate). The former constants were
+# fitted under load with spinning OpenMP threads: train 79 min and stats 7 min against 5 min and 13 s.
+CPU_FORWARD_FLOPS = 19e9
+CPU_SAE_FLOPS = 8.9e9
+CPU_RECORD_OVERHEAD_S = 0.001
+CPU_SAE_STEP_S = 0.0
+CPU_FEATURE_STAT_S = 2.2e-8
 CPU = Device("the 2-core CPU host of the organism measurements", "cpu", CPU_FORWARD_FLOPS, None, 10e9,
              forward_efficiency=1.0, sae_efficiency=CPU_SAE_FLOPS / CPU_FORWARD_FLOPS,
              record_overhead_s=CPU_RECORD_OVERHEAD_S, sae_step_overhead_s=CPU_SAE_STEP_S,
              feature_stat_s=CPU_FEATURE_STAT_S, runtime_bytes=0.0,
-             # not fitted on this host (too loaded while measured): per-batch launch costs are
-             # inside the per-record and FLOP rates above; figures and decode steps as on the GPU host
+             # per-batch launch costs are inside the per-record and FLOP rates; figures and decode
+             # steps as on the GPU host (not separable on the organism)
              batch_overhead_s=0.0, figure_s=0.11, decode_layer_s=3e-4)
 
 
@@ -309,6 +321,7 @@ class DatasetFacts:
     image_share: float  # records with an image
     generate_tokens: float  # new tokens per record when the control stages evaluate it
     note: str | None = None
+    tasks: dict[str, int] = field(default_factory=dict)  # records of each evaluation task (control.tasks)
 
 
 def _text_tokens(texts: Sequence[str]) -> float:
@@ -385,7 +398,9 @@ def dataset_facts(name: str, spec: DatasetSpec, facts: ModelFacts, sample: int =
         task = task_of(r)
         if task is not None and task not in YESNO_TASKS:
             generate += DEFAULT_MAX_NEW_TOKENS.get(task, 8)
-    return DatasetFacts(name, len(records), vlm, img, vis, base, share, generate / max(len(chosen), 1))
+    tasks = Counter(t for r in records if r.image is not None and (t := task_of(r)) is not None)
+    return DatasetFacts(name, len(records), vlm, img, vis, base, share, generate / max(len(chosen), 1),
+                        tasks=dict(tasks))
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -595,22 +610,132 @@ def _stage_parts(cfg: StudyConfig, c: _Costs) -> dict[str, list[StagePlan]]:
                                             logits=True, batch=k.batch_size))
 
     ctl = cfg.control
-    tasks = ctl.tasks or s.tasks
     if ctl.test in c.data:
-        # clean, then per set its removal and its matched random control (one draw per record when
-        # n_random > 1: control.removal's "split"); the other tasks are rows of the same passes
-        n_eval = 1 + len(tasks) * (2 if ctl.n_random > 1 else 1 + ctl.n_random)
-        p = c.forward(ctl.test, "vlm", passes=n_eval, logits=True, batch=ctl.batch_size)
-        p.generated = n_eval * c.data[ctl.test].records * c.data[ctl.test].generate_tokens / ctl.batch_size
-        stages["ablate"] = [p]
+        parts = []
+        for name, (n_eval, records, steps) in control_evaluations(cfg, c.data[ctl.test]).items():
+            p = c.forward(ctl.test, "vlm", passes=records / max(c.data[ctl.test].records, 1), logits=True,
+                          batch=ctl.batch_size)
+            p.generated = steps
+            p.notes.append(f"{name}: {n_eval} evaluations, {records:,.0f} record passes")
+            parts.append(p)
+        if ctl.pipeline_ablation:  # the random-regime SAEs' statistics: one more statistics pass, VLM side
+            regime = c.forward(names, "vlm", layers=c.deepest, batch=s.batch_size)
+            regime.sae_flops = 2 * f.d_model * c.d_sae * regime.tokens * L
+            regime.feature_stats = regime.tokens * L * c.d_sae
+            parts.append(regime)
+        stages["ablate"] = parts
         if ctl.validation in c.data:
-            n_val = len(tasks) * len(ctl.alphas) * (1 + L)
-            v = c.forward(ctl.validation, "vlm", passes=n_val, logits=True, batch=ctl.batch_size)
-            v.generated = n_val * c.data[ctl.validation].records * c.data[ctl.validation].generate_tokens / ctl.batch_size
-            t2 = c.forward(ctl.test, "vlm", passes=2 * len(tasks), logits=True, batch=ctl.batch_size)
-            t2.generated = 2 * len(tasks) * c.data[ctl.test].records * c.data[ctl.test].generate_tokens / ctl.batch_size
-            stages["steer"] = [v, t2]
+            stages["steer"] = _steering_parts(cfg, c)
     return stages
+
+
+PLAN_SET_SIZE = 48
+"""Features per task set assumed before the detect stage has run, for the dose-response's steps (1, 2,
+4, ... and the whole set: 7 at 48; the organism's sets hold 35-56 features)."""
+CATEGORY_SHARE = 1 / 6
+"""A single feature's own category, as a share of its task's records (the organism: 50 of 200 records
+per spatial relation, about 16 per safety noun)."""
+
+
+PIPELINE_SETS = 7 / 3
+"""Sets the pipeline ablation removes per task besides the task set: the random-regime SAE's and the
+steps whose filter changes the set (a filter that keeps every feature, or was not run, repeats the
+step before, which is not evaluated again; the organism: 28 evaluations over 3 tasks and 2 eval tasks,
+7/3 sets each)."""
+
+
+def _evaluation(n: float, new_tokens: int, batch: int, draws: int = 1) -> tuple[float, float]:
+    """(record passes, decode steps) of one evaluation of n records split over `draws` interventions
+    (each part batched on its own)."""
+    per = n / max(draws, 1)
+    return n, draws * math.ceil(per / max(batch, 1)) * new_tokens
+
+
+def control_evaluations(cfg: StudyConfig, test: DatasetFacts) -> dict[str, tuple[int, float, float]]:
+    """{part: (evaluations, record passes, decode steps)} of the ablate stage on `test`: the removal
+    experiment and each removal analysis (control.analyses), without what their shared Evaluator
+    computes once (the clean pass; a removal evaluated for an earlier analysis: the full set at the
+    removal positions on tasks of at most `analysis_records` records, the dose-response's first and
+    last steps, the pipeline's last step). Every removal also pays for its matched random control,
+    split over `n_random` draws."""
+    from mmdiff.control.analyses import dose_sizes
+    from mmdiff.control.tasks import DEFAULT_MAX_NEW_TOKENS, YESNO_TASKS
+
+    ctl, batch = cfg.control, cfg.control.batch_size
+    draws = ctl.n_random if ctl.n_random > 1 else 1
+    counts = test.tasks or {"all": test.records}
+    new = {t: 0 if t in YESNO_TASKS else DEFAULT_MAX_NEW_TOKENS.get(t, 8) for t in counts}
+    sets = [t for t in (ctl.tasks or cfg.stats.tasks) if t in counts]
+    out: dict[str, tuple[int, float, float]] = {}
+
+    def add(part: str, task: str | None, n_scale: float = 1.0, control: bool = True, treated: bool = True,
+            times: float = 1.0) -> None:
+        if task is None or task not in counts:
+            return
+        n = counts[task] if part == "removal" or ctl.analysis_records is None else min(ctl.analysis_records, counts[task])
+        e, r, g = out.get(part, (0, 0.0, 0.0))
+        for kind, on in (("treated", treated), ("control", control)):
+            if on:
+                rec, steps = _evaluation(n * n_scale, new[task], batch, draws if kind == "control" else 1)
+                e, r, g = e + times, r + times * rec, g + times * steps
+        out[part] = (e, r, g)
+
+    for task in counts:  # clean, then each set and its random control on every task
+        add("removal", task, control=False)
+        for _ in sets:
+            add("removal", task, control=ctl.n_random > 0)
+    roles = [ctl.general_task, ctl.benign_task]
+    at = ctl.analysis_positions or ctl.positions
+    for t in sets:
+        for _variant in ("full", "own"):
+            for pos in ctl.variant_positions:
+                for task in [t, *roles]:
+                    cached = _variant == "full" and pos == ctl.positions and task in counts
+                    small = cached and (ctl.analysis_records is None or counts[task] <= ctl.analysis_records)
+                    add("set_variants", task, treated=not cached, control=not small)
+        for _rank in range(ctl.single_top):
+            for task in [t, *roles]:
+                add("single_features", task)
+            if t in ctl.categories:
+                add("single_features", t, n_scale=CATEGORY_SHARE)
+        if ctl.dose_response:
+            sizes = dose_sizes(PLAN_SET_SIZE, ctl.dose_max)
+            for i, k in enumerate(sizes):
+                free = (i == 0 and ctl.single_top > 0) or (k == PLAN_SET_SIZE and at in ctl.variant_positions)
+                for task in (t, ctl.general_task):
+                    add("dose_response", task, treated=not free, control=not free)
+        if ctl.pipeline_ablation:  # the last step's set is the task set, evaluated by the set variants
+            steps = PIPELINE_SETS + (at not in ctl.variant_positions)
+            for task in (t, ctl.general_task):
+                add("pipeline_ablation", task, times=steps)
+    return {k: (round(e), r, g) for k, (e, r, g) in out.items()}
+
+
+def _steering_parts(cfg: StudyConfig, c: _Costs) -> list[StagePlan]:
+    """The steer stage: per task set, feature steering over the alphas and the single-layer baseline
+    at each candidate layer on its validation records (alpha 0 once: the unsteered model), the
+    baseline's difference of means (one pass over the validation records per layer), then both
+    sweeps on its test records."""
+    from mmdiff.control.tasks import DEFAULT_MAX_NEW_TOKENS, YESNO_TASKS
+
+    ctl = cfg.control
+    test, val = c.data[ctl.test], c.data[ctl.validation]
+    n_layers = len(cfg.layers)
+    alphas = [a for a in ctl.alphas if a != 0.0]
+    zero = len(alphas) < len(ctl.alphas)
+    parts = []
+    for t in ctl.tasks or cfg.stats.tasks:
+        if t not in test.tasks or t not in val.tasks:
+            continue
+        new = 0 if t in YESNO_TASKS else DEFAULT_MAX_NEW_TOKENS.get(t, 8)
+        for data, name, n_eval in ((val, ctl.validation, len(alphas) * (1 + n_layers) + zero),
+                                   (test, ctl.test, 2 * len(alphas) + zero)):
+            p = c.forward(name, "vlm", passes=n_eval * data.tasks[t] / max(data.records, 1), logits=True,
+                          batch=ctl.batch_size)
+            p.generated = n_eval * math.ceil(data.tasks[t] / max(ctl.batch_size, 1)) * new
+            parts.append(p)
+        parts.append(c.forward(ctl.validation, "vlm", passes=n_layers, batch=ctl.batch_size))
+    return parts
 
 
 def plan_study(cfg: StudyConfig, device: Device | None = None, *, sample: int = SAMPLE) -> Plan:

@@ -469,7 +469,9 @@ def stage_ablate(ctx: StageContext) -> dict[str, Any]:
     cols = ["intervention", "eval_task", "effect", "ci_lo", "ci_hi", "control_effect"]
     return {"task_sets": present, "effects": effects[cols].round(4).to_dict(orient="records"),
             "cpu_seconds": {"removal": round(ev.cpu_seconds.get("removal", 0.0), 1),
-                            **{k: v["cpu_seconds"] for k, v in analyses.items()}}}
+                            **{k: v["cpu_seconds"] for k, v in analyses.items()}},
+            "evaluations": {"removal": int(ev.evaluations.get("removal", 0)),
+                            **{k: v["evaluations"] for k, v in analyses.items()}}}
 
 
 def stage_steer(ctx: StageContext) -> dict[str, Any]:
