@@ -86,6 +86,15 @@ class FakeOpenAI:
                     fake.auth_headers.append(self.headers.get("Authorization"))
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                done = False
+
+                def finish() -> None:  # no longer in flight: before the client can read the reply
+                    nonlocal done
+                    if not done:
+                        with fake._lock:
+                            fake.in_flight -= 1
+                        done = True
+
                 try:
                     if self.path != "/v1/chat/completions":
                         reply = Reply(status=404, raw=b'{"error": "not found"}')
@@ -101,13 +110,13 @@ class FakeOpenAI:
                         self.send_header(k, v)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
+                    finish()  # after the body is sent, the client may start its next request first
                     self.end_headers()
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
                 finally:
-                    with fake._lock:
-                        fake.in_flight -= 1
+                    finish()
 
             def log_message(self, *args: Any) -> None:  # keep test output clean
                 pass
