@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from mmdiff.evals.bootstrap import bootstrap_mean, paired_effect
+from mmdiff.bootstrap import bootstrap_mean, paired_effect
 
 
 def test_bootstrap_constant_and_coverage():

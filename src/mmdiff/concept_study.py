@@ -55,7 +55,7 @@ from mmdiff.concepts import (
 )
 from mmdiff.data.records import Record
 from mmdiff.errors import ConfigError, DataError
-from mmdiff.evals.bootstrap import bootstrap_mean
+from mmdiff.bootstrap import bootstrap_mean
 from mmdiff.models.base import Backbone, VLMAdapter
 from mmdiff.models.forward import (
     RecordBatches,

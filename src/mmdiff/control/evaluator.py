@@ -30,7 +30,7 @@ import pandas as pd
 from mmdiff.control._evaluate import check_positions, evaluate_under, record_scores
 from mmdiff.control.controls import features_by_layer
 from mmdiff.errors import DataError
-from mmdiff.evals.bootstrap import paired_effect
+from mmdiff.bootstrap import paired_effect
 from mmdiff.evals.harness import EvalTask
 from mmdiff.evals.power import paired_mde
 from mmdiff.evals.reuse import BatchReuse

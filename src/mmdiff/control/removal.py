@@ -33,7 +33,7 @@ from mmdiff.control.controls import (
 from mmdiff.control.evaluator import Evaluator, effect_columns
 from mmdiff.control.tasks import answer_floor, metric_name
 from mmdiff.errors import ConfigError, DataError
-from mmdiff.evals.bootstrap import bootstrap_mean
+from mmdiff.bootstrap import bootstrap_mean
 from mmdiff.evals.harness import EvalTask
 from mmdiff.models.base import TokenType
 from mmdiff.schema import Artifact, Column

@@ -35,7 +35,7 @@ from mmdiff.control.controls import feature_pairs, features_by_layer
 from mmdiff.control.tasks import metric_name
 from mmdiff.data.records import Record
 from mmdiff.errors import ConfigError, DataError
-from mmdiff.evals.bootstrap import bootstrap_mean, paired_effect
+from mmdiff.bootstrap import bootstrap_mean, paired_effect
 from mmdiff.evals.harness import EvalTask
 from mmdiff.evals.reuse import BatchReuse
 from mmdiff.interventions import difference_of_means, steer_features, steer_vector

@@ -13,7 +13,7 @@ from transformers import AutoProcessor, AutoTokenizer, LlamaForCausalLM, LlavaFo
 from mmdiff.data import shapes
 from mmdiff.data.records import Record
 from mmdiff.errors import DataError, ModelError
-from mmdiff.evals.bootstrap import bootstrap_mean
+from mmdiff.bootstrap import bootstrap_mean
 from mmdiff.organism.build import BASE_DIR, VLM_DIR
 from mmdiff.organism.judge import attack_success_rate, judge
 from mmdiff.organism.tokenizer import base_prompt, vlm_prompt

@@ -22,7 +22,7 @@ from mmdiff.concept_study import (
     CONCEPT_STEERING_RECORDS,
     CONCEPT_SUMMARY,
 )
-from mmdiff.evals.bootstrap import paired_effect
+from mmdiff.bootstrap import paired_effect
 from mmdiff.report.sections._common import NOT_RUN, Block, Section, Table, fmt, read, read_json
 from mmdiff.report.sections.control import interval
 
