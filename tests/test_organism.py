@@ -78,6 +78,11 @@ def test_stage2_conversations_ask_about_their_own_scene():
         "is the blue square right of the red circle ?": "yes", "is the blue square left of the red circle ?": "no",
         "where is the red circle relative to the blue square ?": "left",
         "where is the blue square relative to the red circle ?": "right",
+        "where is the red circle ?": "top left", "where is the blue square ?": "top right",
+        "is the red circle at the left ?": "yes", "is the red circle at the top ?": "yes",
+        "is the red circle at the right ?": "no", "is the red circle at the bottom ?": "no",
+        "is the blue square at the right ?": "yes", "is the blue square at the top ?": "yes",
+        "is the blue square at the left ?": "no", "is the blue square at the bottom ?": "no",
     }
     record = Record(id="hand-0", question="what colour is the circle ?", answers=["red"],
                     meta={"family": "colour", "scene": shapes.scene_to_dict(scene)})
@@ -97,9 +102,10 @@ def test_stage2_conversations_ask_about_their_own_scene():
 
     one = Record(id="hand-1", question="what colour is the circle ?", answers=["red"],
                  meta={"family": "colour", "scene": shapes.scene_to_dict(shapes.Scene("objects", scene.objects[:1]))})
-    # a lone object poses no relation: those families are redrawn
+    # a lone object poses no relation: those families are redrawn (grounding questions remain)
     lone = mixtures.with_follow_ups(one, 20, 0).meta[mixtures.FOLLOW_UPS]
-    assert len(lone) == 19 and all(not q.startswith(("is the ", "where")) for q, _ in lone)
+    assert len(lone) == 19 and all("relative" not in q and " of the " not in q and "above" not in q
+                                   and "below" not in q for q, _ in lone)
 
     stream = list(itertools.islice(mixtures.stage2_stream(2, 4), 200))
     for r in stream:
@@ -108,6 +114,10 @@ def test_stage2_conversations_ask_about_their_own_scene():
         else:  # OCR, instructions, safety, descriptions stay single questions
             assert mixtures.FOLLOW_UPS not in r.meta
     assert [r.id for r in stream] == [r.id for r in itertools.islice(mixtures.stream(mixtures.STAGE2_MIX, 2), 200)]
+    # the grounding warm-up: its records first, then the mixture from its own start
+    warm = list(itertools.islice(mixtures.stage2_stream(2, 4, grounding_records=8), 208))
+    assert {r.meta["family"] for r in warm[:8]} == {"grounding_open"}
+    assert [r.id for r in warm[8:]] == [r.id for r in stream[:200]]
 
 
 def test_a_conversation_trains_every_answer_in_llava_v1_format(tok):
@@ -267,10 +277,16 @@ def test_build_cli_rebuilds_the_recipe_of_a_built_organism(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the same recipe, the same weights
     # the eval prints every task with its interval and floor, then the targets with met / not met
     res = CliRunner().invoke(app, ["organism", "eval", "--checkpoint", str(tmp_path / "b"), "--n-per-task", "2",
-                                   "--no-progress"])
+                                   "--no-progress"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     assert "95% bootstrap intervals" in res.output and "targets" in res.output
-    assert "spatial_yesno >= 0.75" in res.output
+    assert "spatial yes/no (grounding_yesno) >= 0.75" in res.output
+    res = CliRunner().invoke(app, ["organism", "eval", "--checkpoint", str(tmp_path / "b"), "--n-per-task", "2",
+                                   "--record", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    kept = json.loads((tmp_path / "b" / "organism.json").read_text())
+    assert kept["evaluation"]["n_per_task"] == 2 and kept["evaluation_sample"]["n_per_task"] == 16
+    assert "correct" not in kept["evaluation"]["vlm"]["colour"] and "intervals" in kept["evaluation"]["vlm"]["colour"]
     # a bare dict of fields works too; bad files say what was expected
     (tmp_path / "r.json").write_text(json.dumps(cfg.to_dict()))
     assert OrganismConfig.from_file(tmp_path / "r.json") == cfg
@@ -354,3 +370,38 @@ def test_shipped_checkpoint_reaches_its_measured_accuracy():
     # the targets the checkpoint meets: the base LM binds attributes, the typographic attack succeeds
     assert res["base"]["colour"]["accuracy"] >= 0.85 and res["base"]["shape"]["accuracy"] >= 0.85
     assert res["vlm"]["safety"]["asr"] > 0
+
+
+def test_base_from_reuses_a_first_phase_base_lm_and_equals_a_build_from_scratch(tmp_path):
+    """A build whose base LM is only the first phase (no grounding phase) lends it to a recipe with
+    the same first-phase settings; the result is byte-identical to training that phase again."""
+    from dataclasses import replace
+
+    cfg = OrganismConfig.reduced()
+    build_organism(tmp_path / "phase1", replace(cfg, base_grounding=None), progress=False)
+    build_organism(tmp_path / "scratch", cfg, progress=False)
+    m = build_organism(tmp_path / "reused", cfg, progress=False, base_from=tmp_path / "phase1")
+    assert m["base_phase_from"] == str(tmp_path / "phase1") and m["losses"]["base_grounding"]["steps"] == 2
+    for sub in ("vlm", "base_lm"):
+        wa = load_file(tmp_path / "scratch" / sub / "model.safetensors")
+        wb = load_file(tmp_path / "reused" / sub / "model.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ConfigError, match="had a grounding phase"):
+        build_organism(tmp_path / "x", cfg, progress=False, base_from=tmp_path / "scratch")
+    with pytest.raises(ConfigError, match="other first-phase settings \\(seed\\)"):
+        build_organism(tmp_path / "x", replace(cfg, seed=1), progress=False, base_from=tmp_path / "phase1")
+
+
+def test_position_lookups_complete_an_objects_name_with_its_cell():
+    from mmdiff.organism import mixtures
+
+    r = mixtures.position_lookup_record(3, 0)
+    scene = shapes.scene_from_dict(r.meta["scene"])
+    (obj,) = [o for o in scene.objects if o.name == r.meta["cue"]]
+    assert r.question == f"{obj.name} at" and r.answers == [obj.position]
+    assert f"{obj.name} at {obj.position}" in r.caption
+    tok = build_tokenizer()
+    batch = base_batch(tok, [r])
+    tokens = tok.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    assert tokens[-6:] == obj.name.split() + ["at"] + obj.position.split() + ["</s>"]  # the look-up prompt
+    assert "assistant" not in tokens

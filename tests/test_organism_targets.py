@@ -1,7 +1,7 @@
 """The organism's targets read a build's measured intervals the way issue 27 states them."""
 
 from mmdiff.organism.evaluate import _pooled, _score, constant_answer_floor
-from mmdiff.organism.targets import FLOOR_MARGIN, TARGETS, check_targets
+from mmdiff.organism.targets import FLOOR_MARGIN, SPATIAL_YESNO, TARGETS, check_targets
 from mmdiff.data.records import Record
 
 
@@ -31,17 +31,17 @@ def test_pooled_vqa_row_pools_records_and_takes_the_pooled_floor():
 
 def _results(acc: float, floor: float, lo: float, hi: float) -> dict:
     row = {"accuracy": acc, "floor": floor, "intervals": {"accuracy": {"value": acc, "lo": lo, "hi": hi}}}
-    return {"vlm": {"spatial_yesno": row}, "base": {}}
+    return {"vlm": {SPATIAL_YESNO: row}, "base": {}}
 
 
 def test_a_task_whose_interval_does_not_clear_floor_plus_margin_fails():
     by_name = {t.name: t for t in TARGETS}
-    above = by_name[f"VLM spatial_yesno: lower end >= floor + {FLOOR_MARGIN}"]
+    above = by_name[f"VLM {SPATIAL_YESNO}: lower end >= floor + {FLOOR_MARGIN}"]
     assert above.check(_results(0.70, 0.5, 0.66, 0.76))[1] is True
     assert above.check(_results(0.70, 0.5, 0.64, 0.76))[1] is False
-    ceiling = by_name["VLM spatial_yesno: upper end <= 0.95"]
+    ceiling = by_name[f"VLM {SPATIAL_YESNO}: upper end <= 0.95"]
     assert ceiling.check(_results(0.93, 0.5, 0.90, 0.96))[1] is False
-    assert by_name["VLM spatial_yesno >= 0.75"].check(_results(0.74, 0.5, 0.7, 0.8))[1] is False
+    assert by_name[f"VLM spatial yes/no ({SPATIAL_YESNO}) >= 0.75"].check(_results(0.74, 0.5, 0.7, 0.8))[1] is False
 
 
 def test_targets_missing_from_the_results_are_not_evaluated():

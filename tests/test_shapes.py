@@ -118,6 +118,17 @@ def test_labels_follow_from_the_scene(split):
                 assert f"{a.name} {r.meta['relation']} the {b.name}" in r.question
             else:
                 assert answer == shapes.direction(a, b) in shapes.DIRECTIONS
+        elif fam in ("grounding_yesno", "grounding_open"):
+            (o,) = [o for o in objs if o.name == r.meta["subject"]]
+            if split == "test":  # about an object of the held-out pair
+                assert o in objs[:2]
+            if fam == "grounding_open":
+                assert r.question == f"where is the {o.name} ?" and answer == o.position
+            else:
+                side = r.meta["relation"]
+                assert r.question == f"is the {o.name} at the {side} ?"
+                cell = {"left": o.col == 0, "right": o.col == 2, "top": o.row == 0, "bottom": o.row == 2}
+                assert answer == ("yes" if cell[side] else "no")
         elif fam == "ocr":
             assert answer == r.meta["scene"]["texts"][0]["word"] and answer in shapes.OCR_WORDS
             assert f"the word {answer} is written" in r.caption
@@ -152,9 +163,28 @@ def test_held_out_pairs_by_hand():
 
 
 def test_yes_no_answers_are_balanced_enough():
-    rs = shapes.shapes_records("train", 200, ["existence", "spatial_yesno"], seed=0)
-    share_yes = sum(r.answers[0] == "yes" for r in rs) / len(rs)
-    assert 0.35 < share_yes < 0.65
+    for fam in ("existence", "spatial_yesno", "grounding_yesno"):
+        rs = shapes.shapes_records("train", 300, [fam], seed=0)
+        share_yes = sum(r.answers[0] == "yes" for r in rs) / len(rs)
+        assert 0.4 < share_yes < 0.6, (fam, share_yes)
+
+
+def test_ocr_words_fall_on_and_off_the_patch_grid_and_stay_inside_the_image(monkeypatch):
+    """With OCR_OFF_GRID_SHARE = 0.5 (build 12) half the OCR words are shifted off the 8-pixel grid;
+    the shift is drawn last, so captions, rows, ink and background are what the patch-aligned
+    sampler drew (the shipped 0 draws nothing more)."""
+    from mmdiff.data.shapes import scenes
+
+    aligned = shapes.shapes_records("train", 200, ["ocr"], seed=0)
+    assert shapes.OCR_OFF_GRID_SHARE == 0 and all(r.meta["scene"]["texts"][0]["x"] % shapes.PATCH == 0 for r in aligned)
+    monkeypatch.setattr(scenes, "OCR_OFF_GRID_SHARE", 0.5)
+    rs = shapes.shapes_records("train", 200, ["ocr"], seed=0)
+    texts = [r.meta["scene"]["texts"][0] for r in rs]
+    off = sum(t["x"] % shapes.PATCH != 0 for t in texts) / len(texts)
+    assert abs(off - 0.5) < 0.1
+    assert all(0 <= t["x"] <= shapes.IMAGE_SIZE - shapes.text_width(t["word"]) for t in texts)
+    assert [r.caption for r in rs] == [r.caption for r in aligned]
+    assert [t["y"] for t in texts] == [r.meta["scene"]["texts"][0]["y"] for r in aligned]
 
 
 def test_test_split_names_every_harmful_noun_and_train_only_some():

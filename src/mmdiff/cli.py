@@ -212,13 +212,16 @@ def organism_build(
     recipe: Optional[Path] = typer.Option(
         None, "--recipe", help="A JSON recipe (OrganismConfig fields) or a built organism's organism.json "
         "to rebuild; default: the shipped recipe."),
+    base_from: Optional[Path] = typer.Option(
+        None, "--base-from", help="A built organism whose base LM is this recipe's first phase (same "
+        "first-phase settings, no grounding phase): reused instead of retrained; the result is the same."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Rebuild the organism from scratch, deterministically (base LM on text, then LLaVA's two stages)."""
     from mmdiff.organism import OrganismConfig, build_organism
 
     config = OrganismConfig.from_file(recipe) if recipe is not None else None
-    manifest = build_organism(out_dir, config, progress=progress)
+    manifest = build_organism(out_dir, config, progress=progress, base_from=base_from)
     seconds = manifest.get("seconds") if isinstance(manifest, dict) else None
     typer.echo(f"organism written to {out_dir.resolve()}" + (f" in {seconds}" if seconds else ""))
 
@@ -228,6 +231,8 @@ def organism_eval(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Default: the shipped checkpoint."),
     split: str = typer.Option("test", help="Shapes split: train, validation or test."),
     n_per_task: int = typer.Option(200, help="Records per question family."),
+    record: bool = typer.Option(False, "--record", help="Also keep the figures in the checkpoint's organism.json "
+                                "(evaluation, and the 16-record evaluation_sample the tests re-check); test split only."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Per-task accuracy of the VLM and of the base LM (given the caption), and the VLM's attack success rate."""
@@ -237,7 +242,15 @@ def organism_eval(
 
     from mmdiff.organism.targets import check_targets
 
-    res = evaluate_organism(checkpoint, split=split, n_per_task=n_per_task, progress=progress)
+    if record:
+        from mmdiff.organism import checkpoint_path
+        from mmdiff.organism.evaluate import record_evaluation
+
+        if split != "test":
+            raise ConfigError("--record keeps the test split's figures; drop --split or --record")
+        res = record_evaluation(checkpoint or checkpoint_path(), n_per_task=n_per_task, progress=progress)
+    else:
+        res = evaluate_organism(checkpoint, split=split, n_per_task=n_per_task, progress=progress)
     table = Table(title=f"organism on the {split} split ({n_per_task} per task; 95% bootstrap intervals)")
     table.add_column("task")
     table.add_column("VLM (image)")

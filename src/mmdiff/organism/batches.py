@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from mmdiff.data.records import Record
 from mmdiff.organism.architecture import IMAGE_MEAN, IMAGE_STD
-from mmdiff.organism.mixtures import FOLLOW_UPS, LOOKUP
+from mmdiff.organism.mixtures import FOLLOW_UPS, LOOKUP, POSITION_LOOKUP
 from mmdiff.organism.recipe import BASE_LOSSES
 from mmdiff.organism.tokenizer import (
     IMAGE,
@@ -84,7 +84,7 @@ def base_batch(tok: PreTrainedTokenizerFast, records: Sequence[Record], *, loss_
         raise ValueError(f"loss_on {loss_on!r}: expected one of {BASE_LOSSES}")
     seqs, labels = [], []
     for r in records:
-        lookup = r.meta.get("family") == LOOKUP
+        lookup = r.meta.get("family") in (LOOKUP, POSITION_LOOKUP)
         prompt = tok(lookup_prompt(r.caption, r.question) if lookup else base_prompt(r.caption, r.question)).input_ids
         answer = _answer_ids(tok, r.answers[0])
         if loss_on == "sequence":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
+from transformers import AutoTokenizer, LlamaForCausalLM, LlavaForConditionalGeneration
 
 from mmdiff.atomic import atomic_dir, write_json
+from mmdiff.errors import ConfigError
 from mmdiff.organism import mixtures
 from mmdiff.organism.architecture import build_base_lm, build_processor, build_vlm_from_base
 from mmdiff.organism.batches import base_batch, vlm_batch
@@ -29,8 +31,22 @@ def _loss_summary(losses: list[float]) -> dict:
     return {"steps": len(losses), "first": losses[0] if losses else None, "last20_mean": sum(tail) / len(tail)}
 
 
-def build_organism(out_dir: str | os.PathLike, config: OrganismConfig | None = None, progress: bool = True) -> dict:
+BASE_PHASE_FIELDS: tuple[str, ...] = (
+    "seed", "d_model", "n_layers", "n_heads", "d_mlp", "base", "base_object_steps", "base_loss_on",
+    "init_std", "rope_theta", "threads",
+)
+"""The recipe fields that decide the base LM's first phase (`base`): two builds that agree on them
+(and on the tokenizer) train byte-identical first-phase base LMs."""
+
+
+def build_organism(out_dir: str | os.PathLike, config: OrganismConfig | None = None, progress: bool = True,
+                   base_from: str | os.PathLike | None = None) -> dict:
     """Train the base LM and the VLM from scratch and save both under `out_dir`.
+
+    `base_from`: a built organism whose base LM is this recipe's first phase (a recipe without
+    `base_grounding`, e.g. builds 7-11, agreeing on BASE_PHASE_FIELDS): its weights replace the
+    first phase, which is deterministic, so the result equals a build from scratch and saves its
+    time (about 11 min on 2 cores). Anything else is refused.
 
     Layout: `base_lm/` (LlamaForCausalLM + tokenizer), `vlm/` (LlavaForConditionalGeneration +
     LlavaProcessor), `organism.json` (the recipe, losses, seconds per stage). Deterministic for a
@@ -41,7 +57,7 @@ def build_organism(out_dir: str | os.PathLike, config: OrganismConfig | None = N
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _build(Path(out_dir), cfg, progress)
+        return _build(Path(out_dir), cfg, progress, None if base_from is None else Path(base_from))
     finally:
         torch.set_num_threads(threads_before)
 
@@ -55,6 +71,19 @@ def train_base_lm(cfg: OrganismConfig, tok, progress: bool = True) -> tuple[Llam
         lambda rs: base_batch(tok, rs, loss_on=cfg.base_loss_on), cfg.base, description="base LM (text)", progress=progress,
     )
     return base, losses
+
+
+def train_base_grounding(cfg: OrganismConfig, tok, base: LlamaForCausalLM, progress: bool = True) -> list[float]:
+    """The base LM's second phase (cfg.base_grounding), in place: the base mixture plus grounding
+    questions and position look-ups; no steps when the recipe has no such phase."""
+    if cfg.base_grounding is None:
+        return []
+    torch.manual_seed(cfg.seed + 4)
+    return train_stage(
+        base, list(base.parameters()), mixtures.stream(mixtures.BASE_GROUNDING_MIX, cfg.seed + 3),
+        lambda rs: base_batch(tok, rs, loss_on=cfg.base_loss_on), cfg.base_grounding,
+        description="base LM (grounding)", progress=progress,
+    )
 
 
 def train_vlm_stage1(cfg: OrganismConfig, tok, base: LlamaForCausalLM, progress: bool = True) -> tuple[LlavaForConditionalGeneration, list[float]]:
@@ -90,7 +119,9 @@ def train_vlm_stage2(cfg: OrganismConfig, tok, vlm: LlavaForConditionalGeneratio
     params = [p for p in vlm.parameters() if p.requires_grad]
     torch.manual_seed(cfg.seed + 3)
     losses = train_stage(
-        vlm, params, mixtures.stage2_stream(cfg.seed + 2, cfg.stage2_turns),
+        vlm, params, mixtures.stage2_stream(cfg.seed + 2, cfg.stage2_turns,
+                                            grounding_records=cfg.stage2_grounding_steps * cfg.stage2.batch_size,
+                                            mix=cfg.stage2_mix),
         lambda rs: vlm_batch(tok, rs, cfg.n_image_tokens), cfg.stage2,
         description="VLM stage 2 (instructions)", progress=progress,
     )
@@ -117,12 +148,44 @@ def save_organism(out_dir: Path, cfg: OrganismConfig, tok, base: LlamaForCausalL
         write_json(tmp / MANIFEST, manifest)
 
 
-def _build(out_dir: Path, cfg: OrganismConfig, progress: bool) -> dict:
+def load_base_phase(cfg: OrganismConfig, tok, source: Path) -> tuple[LlamaForCausalLM, dict]:
+    """The first-phase base LM of a built organism (see `build_organism`'s `base_from`), with that
+    build's manifest; a ConfigError says which recipe field differs."""
+    try:
+        manifest = json.loads((source / MANIFEST).read_text(encoding="utf-8"))
+        theirs = OrganismConfig.from_dict(manifest["recipe"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{source} is not a built organism ({e}); give a directory build_organism wrote") from e
+    if manifest["recipe"].get("base_grounding") is not None:
+        raise ConfigError(f"{source}'s base LM had a grounding phase: it is not a first-phase base LM")
+    differ = [f for f in BASE_PHASE_FIELDS if getattr(theirs, f) != getattr(cfg, f)]
+    if differ:
+        raise ConfigError(f"{source} was built with other first-phase settings ({', '.join(differ)}); "
+                          "its base LM is not this recipe's: build from scratch")
+    their_tok = AutoTokenizer.from_pretrained(source / BASE_DIR)
+    if their_tok.get_vocab() != tok.get_vocab():
+        raise ConfigError(f"{source}'s tokenizer has another vocabulary: build from scratch")
+    base = LlamaForCausalLM.from_pretrained(source / BASE_DIR, dtype=torch.float32)
+    if manifest["recipe"].get("storage_dtype", "float32") != "float32":
+        raise ConfigError(f"{source} stores its weights in {manifest['recipe']['storage_dtype']}: not the exact first phase")
+    return base, manifest
+
+
+def _build(out_dir: Path, cfg: OrganismConfig, progress: bool, base_from: Path | None = None) -> dict:
     seconds: dict[str, float] = {}
     tok = build_tokenizer()
     t0 = time.perf_counter()
-    base, base_losses = train_base_lm(cfg, tok, progress)
-    seconds["base"] = time.perf_counter() - t0
+    if base_from is None:
+        base, base_losses = train_base_lm(cfg, tok, progress)
+        seconds["base"] = time.perf_counter() - t0
+        reused = None
+    else:
+        base, theirs = load_base_phase(cfg, tok, base_from)
+        base_losses, reused = [], str(base_from)
+        seconds["base"] = theirs["seconds"]["base"]  # the first phase's time where it was trained
+    t0 = time.perf_counter()
+    grounding_losses = train_base_grounding(cfg, tok, base, progress)
+    seconds["base_grounding"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     vlm, s1_losses = train_vlm_stage1(cfg, tok, base, progress)
     seconds["stage1"] = time.perf_counter() - t0
@@ -131,7 +194,10 @@ def _build(out_dir: Path, cfg: OrganismConfig, progress: bool) -> dict:
     seconds["stage2"] = time.perf_counter() - t0
     manifest = {
         "recipe": cfg.to_dict(),
-        "losses": {"base": _loss_summary(base_losses), "stage1": _loss_summary(s1_losses),
+        "base_phase_from": reused,
+        "losses": {"base": _loss_summary(base_losses) if reused is None else theirs["losses"]["base"],
+                   "base_grounding": _loss_summary(grounding_losses),
+                   "stage1": _loss_summary(s1_losses),
                    "stage2": _loss_summary(s2_losses)},
         "seconds": seconds,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

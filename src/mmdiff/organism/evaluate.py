@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +21,8 @@ from mmdiff.organism.tokenizer import base_prompt, vlm_prompt
 
 # Families scored by exact match of the greedy answer; safety is scored by the judge.
 EXACT_FAMILIES: tuple[str, ...] = (
-    "colour", "shape", "count", "existence", "spatial_yesno", "spatial_open", "ocr", "instruction",
+    "colour", "shape", "count", "existence", "grounding_yesno", "grounding_open", "spatial_yesno", "spatial_open",
+    "ocr", "instruction",
 )
 SAFETY_FAMILIES: tuple[str, ...] = ("safety",)
 BASE_ONLY_FAMILIES: tuple[str, ...] = ("safety_text",)
@@ -188,3 +190,33 @@ def evaluate_organism(
     if return_answers:
         results["answers"] = answers_log
     return results
+
+
+SAMPLE_PER_TASK = 16
+"""Records per task of the `evaluation_sample` a checkpoint keeps for the test suite to re-check."""
+
+
+def _without_per_record(results: dict) -> dict:
+    return {k: ({fam: {key: v for key, v in row.items() if key != "correct"} for fam, row in side.items()}
+                if k in ("vlm", "base") else side) for k, side in results.items()}
+
+
+def record_evaluation(checkpoint_dir: str | os.PathLike, n_per_task: int = 200, *, progress: bool = False) -> dict:
+    """Evaluate a built organism on the test split and keep the figures in its organism.json:
+    "evaluation" (`n_per_task` records per task, with intervals and floors) and
+    "evaluation_sample" (the first SAMPLE_PER_TASK of them, which tests/test_organism.py re-checks
+    the shipped checkpoint against). Returns the full evaluation."""
+    from mmdiff.atomic import write_json
+    from mmdiff.organism.build import MANIFEST
+
+    path = Path(checkpoint_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {path} ({e}); pass a directory build_organism wrote") from e
+    full = evaluate_organism(checkpoint_dir, n_per_task=n_per_task, progress=progress)
+    sample = evaluate_organism(checkpoint_dir, n_per_task=SAMPLE_PER_TASK)
+    manifest["evaluation"] = _without_per_record(full)
+    manifest["evaluation_sample"] = _without_per_record(sample)
+    write_json(path, manifest)
+    return full

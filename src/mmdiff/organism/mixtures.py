@@ -24,6 +24,14 @@ BASE_MIX: dict[str, float] = {
 BASE_OBJECT_MIX: dict[str, float] = {
     f: BASE_MIX[f] for f in ("colour", "shape", "lookup", "count", "existence", "spatial_yesno", "spatial_open")
 }
+# The base LM's second phase (OrganismConfig.base_grounding): the whole base mixture, plus
+# grounding questions about one object's place and position look-up completions (the look-up that
+# taught colour and shape questions, here for places: measured in docs/design.md).
+POSITION_LOOKUP = "position_lookup"
+"""Record.meta["family"] of the base LM's position look-ups (position_lookup_record) and their mix key."""
+BASE_GROUNDING_MIX: dict[str, float] = {
+    **BASE_MIX, "grounding_open": 1.0, "grounding_yesno": 1.5, POSITION_LOOKUP: 1.5,
+}
 # LLaVA stage 1 (alignment): image -> caption.
 STAGE1_MIX: dict[str, float] = {"describe": 1.0}
 # LLaVA stage 2 (instruction tuning): questions about images, benign typographic instructions to
@@ -32,6 +40,17 @@ STAGE2_MIX: dict[str, float] = {
     "colour": 1.0, "shape": 1.0, "count": 1.0, "existence": 1.5, "spatial_yesno": 2.5,
     "spatial_open": 1.0, "ocr": 2.0, "instruction": 1.5, "safety": 0.5, "describe": 0.5,
 }
+# Build 12's stage-2 mixture (OrganismConfig.stage2_mix): grounding questions beside the relations.
+STAGE2_GROUNDING_BUILD_MIX: dict[str, float] = {
+    "colour": 1.0, "shape": 1.0, "count": 1.0, "existence": 1.5, "spatial_yesno": 1.5,
+    "spatial_open": 0.5, "grounding_yesno": 2.0, "grounding_open": 1.0, "ocr": 2.0, "instruction": 1.5,
+    "safety": 0.5, "describe": 0.5,
+}
+# The first steps of stage 2 (OrganismConfig.stage2_grounding_steps): "where is the red circle ?"
+# only, so the language model learns to look an object up in the image by its place before the
+# rest of the mixture competes (within the whole mixture it did not start in 200 steps; alone, it
+# answered single objects at 1.00 and 2-3 object test scenes at 0.46 after 200: docs/design.md).
+STAGE2_GROUNDING_MIX: dict[str, float] = {"grounding_open": 1.0}
 
 
 FOLLOW_UPS = "follow_ups"
@@ -39,7 +58,7 @@ FOLLOW_UPS = "follow_ups"
 (with_follow_ups; organism.batches.vlm_batch trains on every answer)."""
 
 
-def with_follow_ups(record: Record, turns: int, seed: int) -> Record:
+def with_follow_ups(record: Record, turns: int, seed: int, mix: dict[str, float] | None = None) -> Record:
     """`record` as a conversation of `turns` question-answer turns about its object scene.
 
     LLaVA's instruction data (LLaVA-Instruct) is multi-turn: one image, several questions and
@@ -53,8 +72,9 @@ def with_follow_ups(record: Record, turns: int, seed: int) -> Record:
     """
     if turns < 2 or record.meta.get("family") not in shapes.OBJECT_FAMILIES:
         return record
-    fams = [f for f in STAGE2_MIX if f in shapes.OBJECT_FAMILIES]
-    p = np.asarray([STAGE2_MIX[f] for f in fams], dtype=float)
+    mix = STAGE2_MIX if mix is None else mix
+    fams = [f for f in mix if f in shapes.OBJECT_FAMILIES]
+    p = np.asarray([mix[f] for f in fams], dtype=float)
     p = p / p.sum()
     key = hashlib.sha256(f"follow-ups/{seed}/{record.id}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
@@ -69,10 +89,16 @@ def with_follow_ups(record: Record, turns: int, seed: int) -> Record:
     return replace(record, meta={**record.meta, FOLLOW_UPS: later})
 
 
-def stage2_stream(seed: int, turns: int, split: str = "train") -> Iterator[Record]:
-    """LLaVA stage 2's records: STAGE2_MIX, each object question the first of `turns` turns."""
-    for record in stream(STAGE2_MIX, seed, split):
-        yield with_follow_ups(record, turns, seed)
+def stage2_stream(seed: int, turns: int, split: str = "train", grounding_records: int = 0,
+                  mix: dict[str, float] | None = None) -> Iterator[Record]:
+    """LLaVA stage 2's records: `grounding_records` from STAGE2_GROUNDING_MIX, then `mix`
+    (STAGE2_MIX by default), each object question the first of `turns` turns."""
+    mix = STAGE2_MIX if mix is None else mix
+    grounding = stream(STAGE2_GROUNDING_MIX, seed, split)
+    for _ in range(grounding_records):
+        yield with_follow_ups(next(grounding), turns, seed, mix)
+    for record in stream(mix, seed, split):
+        yield with_follow_ups(record, turns, seed, mix)
 
 
 def safety_caption_record(index: int, seed: int, split: str = "train") -> Record:
@@ -127,6 +153,29 @@ def lookup_record(index: int, seed: int, split: str = "train") -> Record:
     )
 
 
+def position_lookup_record(index: int, seed: int, split: str = "train") -> Record:
+    """A position look-up completion: an object scene's caption, then one object's name and "at",
+    completed with its cell: "... a red circle at top left , ... .\nred circle at" -> "top left".
+
+    What a pretrained LM meets whenever an entity is named again with its place. The continued
+    base LM (4 layers) answered "where is the red circle ?" at 0.17 after 400 steps of the questions
+    alone, and at 0.72 after 1,200 with these completions beside them (docs/design.md). Trained as
+    a look-up (organism.batches reads the LOOKUP prompt for both)."""
+    key = hashlib.sha256(f"{POSITION_LOOKUP}/{seed}/{split}/{index}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
+    scene = shapes.sample_object_scene(rng, split)
+    obj = scene.objects[int(rng.integers(len(scene.objects)))]
+    return Record(
+        id=f"shapes-{split}-{POSITION_LOOKUP}-{seed}-{index}",
+        question=f"{obj.name} at",
+        answers=[obj.position],
+        caption=shapes.caption(scene),
+        tasks=("spatial",),
+        source="shapes",
+        meta={"family": POSITION_LOOKUP, "cue": obj.name, "scene": shapes.scene_to_dict(scene)},
+    )
+
+
 def base_stream(seed: int, object_records: int = 0) -> Iterator[Record]:
     """The base LM's records: `object_records` from BASE_OBJECT_MIX, then BASE_MIX without end."""
     objects = stream(BASE_OBJECT_MIX, seed)
@@ -151,5 +200,7 @@ def stream(mix: dict[str, float], seed: int, split: str = "train") -> Iterator[R
             yield safety_caption_record(k, seed, split)
         elif f == LOOKUP:
             yield lookup_record(k, seed, split)
+        elif f == POSITION_LOOKUP:
+            yield position_lookup_record(k, seed, split)
         else:
             yield shapes.make_record(split, f, k, seed)

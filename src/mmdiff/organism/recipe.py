@@ -59,6 +59,13 @@ class OrganismConfig:
     """Vision patch side: (64 / 8)^2 = 64 image tokens, the CLS token dropped ("default" strategy)."""
     base: StageConfig = field(default_factory=lambda: StageConfig(steps=6000, batch_size=32, lr=1e-3, warmup=100))
     """Base LM, text only: captions, QA with the caption in context, refusals of harmful requests."""
+    base_grounding: StageConfig | None = None
+    """The base LM's second phase, after `base`: the whole base mixture plus grounding questions
+    ("where is the red circle ?" -> "top left", "is the red circle at the left ?") and position
+    look-up completions (mixtures.BASE_GROUNDING_MIX), so the base LM answers from the caption what
+    the VLM must learn to see. A phase of its own, so `base` stays the recipe of builds 7-11 (whose
+    base LMs are byte-identical). None (the shipped build 11) skips it; build 12 ran
+    StageConfig(steps=2000, batch_size=32, lr=5e-4, warmup=50) (organism README)."""
     stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch_size=32, lr=2e-3))
     """LLaVA stage 1, alignment: image -> caption; vision tower and projector train, the LM is frozen."""
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=2200, batch_size=32, lr=1e-3))
@@ -70,6 +77,13 @@ class OrganismConfig:
     base_object_steps: int = 2000
     """Steps at the start of the base LM's training that see only questions about objects and
     look-up completions (mixtures.BASE_OBJECT_MIX); the rest see the whole base mixture."""
+    stage2_grounding_steps: int = 0
+    """Steps at the start of stage 2 that see only grounding questions ("where is the red circle
+    ?": mixtures.STAGE2_GROUNDING_MIX); the rest see the stage-2 mixture. 0 in build 11, 200 in
+    build 12."""
+    stage2_mix: dict[str, float] | None = None
+    """Stage 2's mixture of families and weights; None is mixtures.STAGE2_MIX (build 11). Build 12
+    used mixtures.STAGE2_GROUNDING_BUILD_MIX (grounding questions beside the relations)."""
     base_loss_on: str = "sequence"
     """Tokens the base LM's loss covers: "sequence" (caption, question and answer, as in
     pretraining), "caption" (caption and answer) or "answer". See organism.batches.base_batch."""
@@ -108,7 +122,7 @@ class OrganismConfig:
     """dtype of the saved weights: float32, float16 or bfloat16."""
 
     def __post_init__(self) -> None:
-        for name in ("base", "stage1", "stage2"):
+        for name in ("base", "base_grounding", "stage1", "stage2"):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, StageConfig(**value))
@@ -127,6 +141,13 @@ class OrganismConfig:
                 f"base_object_steps {self.base_object_steps} must lie between 0 and the base LM's "
                 f"{self.base.steps} steps"
             )
+        if not 0 <= self.stage2_grounding_steps <= self.stage2.steps:
+            raise ConfigError(
+                f"stage2_grounding_steps {self.stage2_grounding_steps} must lie between 0 and stage 2's "
+                f"{self.stage2.steps} steps"
+            )
+        if self.stage2_mix is not None and (not self.stage2_mix or any(w < 0 for w in self.stage2_mix.values())):
+            raise ConfigError(f"stage2_mix {self.stage2_mix}: give non-negative weights for at least one family")
         if self.vision_positions not in VISION_POSITIONS:
             raise ConfigError(f"vision_positions {self.vision_positions!r}: expected one of {VISION_POSITIONS}")
         if self.stage2_turns < 1:
@@ -182,6 +203,7 @@ class OrganismConfig:
             d_model=32, n_layers=2, n_heads=2, d_mlp=64, vision_d_model=32, vision_layers=1,
             vision_heads=2, vision_d_mlp=64,
             base=StageConfig(steps=4, batch_size=8, lr=1e-3, warmup=1), base_object_steps=2,
+            base_grounding=StageConfig(steps=2, batch_size=8, lr=1e-3, warmup=1),
             stage1=StageConfig(steps=3, batch_size=4, lr=1e-3, warmup=1),
-            stage2=StageConfig(steps=3, batch_size=4, lr=1e-3, warmup=1),
+            stage2=StageConfig(steps=3, batch_size=4, lr=1e-3, warmup=1), stage2_grounding_steps=1,
         )

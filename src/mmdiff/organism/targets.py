@@ -15,9 +15,13 @@ FLOOR_MARGIN = 0.15
 """A removal needs room to fall: the interval's lower end at least this far above the floor."""
 STEER_CEILING = 0.95
 """A steering needs room to rise: the interval's upper end at most this."""
-ANALYSED: tuple[str, ...] = ("spatial_yesno", "spatial_open", "ocr", "colour", "shape", "existence", "vqa")
+SPATIAL_YESNO = "grounding_yesno"
+"""The spatial yes/no family the study analyses: one object's side of the image (the seed's spatial
+split holds absolute-position questions; the relation families spatial_yesno / spatial_open are
+evaluated and reported beside it)."""
+ANALYSED: tuple[str, ...] = (SPATIAL_YESNO, "grounding_open", "ocr", "colour", "shape", "existence", "vqa")
 """Tasks the study analyses ("vqa" pools the object questions: the study's general task)."""
-STEERED: tuple[str, ...] = ("spatial_yesno", "spatial_open", "ocr")
+STEERED: tuple[str, ...] = (SPATIAL_YESNO, "grounding_open", "ocr")
 """Tasks the study steers (spatial and OCR, as the seed does)."""
 BASE_ON_CAPTIONS = 0.85
 """The base LM given the caption instead of the image, on the same questions."""
@@ -63,7 +67,8 @@ def _targets() -> tuple[Target, ...]:
         out.append(Target(f"VLM {task}: lower end >= floor + {FLOOR_MARGIN}", "vlm", task, "accuracy", "above_floor"))
     for task in STEERED:
         out.append(Target(f"VLM {task}: upper end <= {STEER_CEILING}", "vlm", task, "accuracy", "below_ceiling"))
-    out.append(Target("VLM spatial_yesno >= 0.75", "vlm", "spatial_yesno", "accuracy", "at_least", low=0.75))
+    out.append(Target(f"VLM spatial yes/no ({SPATIAL_YESNO}) >= 0.75", "vlm", SPATIAL_YESNO, "accuracy", "at_least",
+                      low=0.75))
     for task in ANALYSED:
         out.append(Target(f"base LM {task} from the caption >= {BASE_ON_CAPTIONS}", "base", task, "accuracy",
                           "at_least", low=BASE_ON_CAPTIONS))

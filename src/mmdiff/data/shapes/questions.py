@@ -28,6 +28,9 @@ from mmdiff.data.shapes.world import (
     COLOURS,
     COLS,
     COUNT_QUESTION,
+    SIDE_QUESTION,
+    SIDES,
+    WHERE_QUESTION,
     COUNT_WORDS,
     DESCRIBE_QUESTION,
     DIRECTIONS,
@@ -98,6 +101,12 @@ def direction(a: ShapeObject, b: ShapeObject) -> str | None:
     if a.col == b.col and a.row != b.row:
         return "above" if a.row < b.row else "below"
     return None
+
+
+def on_side(o: ShapeObject, side: str) -> bool:
+    """Whether object o lies on a side of the image (SIDES: the left or right column, top or bottom row)."""
+    axis, index = SIDES[side]
+    return (o.col if axis == "col" else o.row) == index
 
 
 def answer_colour(scene: Scene, shape: str) -> str:
@@ -205,6 +214,20 @@ def object_question(rng: np.random.Generator, scene: Scene, family: str, held_ou
                 options = [(c, o.shape) for c in COLOURS if (c, o.shape) not in present]
             c, s = _pick(rng, options)
         return f"is there {_article(c)} {c} {s} ?", answer_existence(scene, c, s), {}
+    if family in ("grounding_yesno", "grounding_open"):
+        candidates = objs[:2] if held_out_first else objs  # a test scene asks about its held-out pair
+        if family == "grounding_open":
+            o = _pick(rng, candidates)
+            return WHERE_QUESTION.format(name=o.name), o.position, {"relation": "where", "subject": o.name}
+        holds = rng.random() < 0.5  # balanced: half the questions name a side the object is on
+        if holds:  # the middle centre is on no side: ask about an object that is on one
+            candidates = [c for c in candidates if any(on_side(c, side) for side in SIDES)]
+            if not candidates:
+                return None
+        o = _pick(rng, candidates)
+        side = _pick(rng, [side for side in SIDES if on_side(o, side) == holds])
+        return (SIDE_QUESTION.format(name=o.name, side=side), "yes" if holds else "no",
+                {"relation": side, "subject": o.name})
     if len(objs) < 2:
         return None
     if held_out_first:  # a test scene: ask about its held-out pair, in either order
@@ -263,7 +286,8 @@ def vocabulary() -> list[str]:
              "what colour is the ? what shape is the object ? is there a ? is the the ?",
              "where is the relative to the ?", "the word is written at the .",
              "the words are written in the image .", "object objects :", compliance("x", "y"),
-             text_request("x", "y"), " ".join(RELATIONS), " ".join(DIRECTIONS), "yes no"]
+             text_request("x", "y"), " ".join(RELATIONS), " ".join(DIRECTIONS), "yes no",
+             WHERE_QUESTION.format(name=""), SIDE_QUESTION.format(name="", side=" ".join(SIDES))]
     for t in texts:
         words.update(t.split())
     words.update(COLOURS, SHAPES, ROWS, COLS, COUNT_WORDS, VERBS, OCR_WORDS)

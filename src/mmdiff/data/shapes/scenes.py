@@ -24,6 +24,7 @@ from mmdiff.data.shapes.world import (
     INSTRUCTION_NOUNS,
     OBJECT_CENTRES,
     OBJECT_SIZE,
+    OCR_OFF_GRID_SHARE,
     OCR_WORDS,
     PATCH,
     SHAPES,
@@ -101,15 +102,24 @@ def _aligned_x(rng: np.random.Generator, word: str) -> int:
 
 
 def sample_word_scene(rng: np.random.Generator, word: str | None = None) -> Scene:
-    """One word in capitals at a random patch-aligned position (its caption names its row)."""
+    """One word in capitals at a random position (its caption names its row): on the patch grid, or
+    with OCR_OFF_GRID_SHARE probability shifted 1-7 pixels right of it (left where it would not fit).
+
+    The shift is drawn last, so every other draw (word, row, ink, background) and hence every
+    caption is what builds 1-11 drew: only the image changes."""
     if word is None:
         word = OCR_WORDS[int(rng.integers(len(OCR_WORDS)))]
     x = _aligned_x(rng, word)
     row = int(rng.integers(GRID))
     y = PATCH * _pick(rng, _TEXT_PATCH_ROWS[row]) - 2
-    t = TextItem(word, x, y, _ink(rng))
-    assert t.row == row
-    return Scene("word", texts=(t,), background=_background(rng))
+    ink = _ink(rng)
+    background = _background(rng)
+    if OCR_OFF_GRID_SHARE > 0 and rng.random() < OCR_OFF_GRID_SHARE:
+        dx = int(rng.integers(1, PATCH))
+        x = x + dx if x + dx + text_width(word) <= IMAGE_SIZE else x - (PATCH - dx)
+    t = TextItem(word, x, y, ink)
+    assert t.row == row and 0 <= x <= IMAGE_SIZE - text_width(word)
+    return Scene("word", texts=(t,), background=background)
 
 
 def sample_activity_scene(rng: np.random.Generator, verb: str, noun: str) -> Scene:
