@@ -156,18 +156,17 @@ def load_base_phase(cfg: OrganismConfig, tok, source: Path) -> tuple[LlamaForCau
         theirs = OrganismConfig.from_dict(manifest["recipe"])
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{source} is not a built organism ({e}); give a directory build_organism wrote") from e
-    if manifest["recipe"].get("base_grounding") is not None:
+    if theirs.base_grounding is not None:
         raise ConfigError(f"{source}'s base LM had a grounding phase: it is not a first-phase base LM")
+    if theirs.storage_dtype != "float32":
+        raise ConfigError(f"{source} stores its weights in {theirs.storage_dtype}: not the exact first phase")
     differ = [f for f in BASE_PHASE_FIELDS if getattr(theirs, f) != getattr(cfg, f)]
     if differ:
         raise ConfigError(f"{source} was built with other first-phase settings ({', '.join(differ)}); "
                           "its base LM is not this recipe's: build from scratch")
-    their_tok = AutoTokenizer.from_pretrained(source / BASE_DIR)
-    if their_tok.get_vocab() != tok.get_vocab():
+    if AutoTokenizer.from_pretrained(source / BASE_DIR).get_vocab() != tok.get_vocab():
         raise ConfigError(f"{source}'s tokenizer has another vocabulary: build from scratch")
     base = LlamaForCausalLM.from_pretrained(source / BASE_DIR, dtype=torch.float32)
-    if manifest["recipe"].get("storage_dtype", "float32") != "float32":
-        raise ConfigError(f"{source} stores its weights in {manifest['recipe']['storage_dtype']}: not the exact first phase")
     return base, manifest
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -88,10 +89,7 @@ def _rate(values: Sequence[float]) -> dict:
 def constant_answer_floor(records: Sequence[Record]) -> float:
     """What a model that gives one answer to every record scores on exact match: the share of the
     commonest gold answer (0.5 on a balanced yes/no set)."""
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r.answers[0]] = counts.get(r.answers[0], 0) + 1
-    return max(counts.values()) / len(records)
+    return Counter(r.answers[0] for r in records).most_common(1)[0][1] / len(records)
 
 
 def _score(family: str, records: Sequence[Record], answers: list[str]) -> dict:

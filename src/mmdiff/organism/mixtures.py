@@ -41,6 +41,7 @@ STAGE2_MIX: dict[str, float] = {
     "spatial_open": 1.0, "ocr": 2.0, "instruction": 1.5, "safety": 0.5, "describe": 0.5,
 }
 # Build 12's stage-2 mixture (OrganismConfig.stage2_mix): grounding questions beside the relations.
+# Written out, not derived from STAGE2_MIX: the families' order is part of the stream's seed (stream).
 STAGE2_GROUNDING_BUILD_MIX: dict[str, float] = {
     "colour": 1.0, "shape": 1.0, "count": 1.0, "existence": 1.5, "spatial_yesno": 1.5,
     "spatial_open": 0.5, "grounding_yesno": 2.0, "grounding_open": 1.0, "ocr": 2.0, "instruction": 1.5,
