@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mmdiff.data import shapes
@@ -356,16 +357,42 @@ def test_grounding_source_reads_held_out_organism_records(tmp_path):
     assert isinstance(source, CocoConcepts) and [r.id for r in held_out] == ["v1", "v3", "v5"]
 
 
-def test_match_share_counts_features_explained_by_their_tasks_concept():
+def test_matches_task_by_concept_kind():
     def grounded(*concepts):
         return {"concepts": [{"concept": c} for c in concepts]}
 
-    pairs = [("ocr", grounded("word=apple", "colour=red")), ("ocr", grounded("colour=red")), ("ocr", grounded()),
-             ("spatial", grounded("relation=left of")), ("adapted", grounded("word=apple"))]
-    from mmdiff.interp.grounded import match_share, matches_task
+    from mmdiff.interp.grounded import matches_task
 
-    assert match_share(pairs) == {"ocr": (1, 3), "spatial": (1, 1)}
-    assert matches_task(grounded(), "ocr") is False and matches_task(grounded("text"), "adapted") is None
+    assert matches_task(grounded("word=apple", "colour=red"), "ocr") is True
+    assert matches_task(grounded("colour=red"), "ocr") is False and matches_task(grounded(), "ocr") is False
+    assert matches_task(grounded("relation=left of"), "spatial") is True
+    assert matches_task(grounded("text"), "adapted") is None  # no prediction for the adapted set
+
+
+def test_first_screen_reads_the_match_share_table(tmp_path):
+    """Answer 5 prints the counts and intervals of interp/match_share.parquet, the table the "Task
+    features" section shows: one computation, so the two can never disagree (they once did: 0/11
+    on the first screen against 1/48 in the table, from a second tally over explained features)."""
+    from mmdiff.atomic import write_parquet
+    from mmdiff.interp.explain import Explanation
+    from mmdiff.interp.grounded import MATCH_SHARE
+    from mmdiff.report.sections._common import Section
+    from mmdiff.report.summary import what_they_mean
+
+    share = MATCH_SHARE.validate(pd.DataFrame([
+        {"task": t, "features": n, "matched": k, "share": k / n, "ci_lo": wilson_interval(k, n)[0],
+         "ci_hi": wilson_interval(k, n)[1], "found": k, "auroc_q25": 0.5, "auroc_q50": 0.5, "auroc_q75": 0.5,
+         "score_q25": 0.0, "score_q50": 0.0, "score_q75": 0.0}
+        for t, k, n in (("ocr", 2, 56), ("safety", 1, 48), ("all", 3, 104))]))
+    write_parquet(tmp_path / MATCH_SHARE.path, share)
+    exps = {"L0.F1": Explanation("x", feature_id="L0.F1", grounded={"concepts": [{"concept": "text"}], "found": True}),
+            "L0.F2": Explanation("y", feature_id="L0.F2", grounded={"concepts": [], "found": False})}
+    line = what_they_mean(tmp_path, exps, Section("summary", "summary"))
+    lo, hi = wilson_interval(1, 48)
+    assert "2 features explained; 1 of 2 grounded" in line
+    assert "ocr 2/56" in line and f"safety 1/48 [{lo:.2f}, {hi:.2f}]" in line and "all" not in line.split("kind:")[1]
+    (tmp_path / MATCH_SHARE.path).unlink()  # no table: no per-task counts, and no made-up ones
+    assert "kind" not in what_they_mean(tmp_path, exps, Section("summary", "summary"))
 
 
 def test_grounding_and_match_share_tables_by_hand():

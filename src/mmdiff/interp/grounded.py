@@ -532,19 +532,6 @@ def matches_task(grounded: GroundedExplanation | Mapping[str, Any], task: str) -
     return concept_kind(best) in kinds
 
 
-def match_share(features: Sequence[tuple[str, GroundedExplanation | Mapping[str, Any]]]) -> dict[str, tuple[int, int]]:
-    """task -> (features whose best grounded concept matches the task, features of the task) over
-    (task, grounded explanation) pairs; tasks without a prediction are left out."""
-    out: dict[str, tuple[int, int]] = {}
-    for task, grounded in features:
-        match = matches_task(grounded, task)
-        if match is None:
-            continue
-        hit, n = out.get(task, (0, 0))
-        out[task] = (hit + int(match), n + 1)
-    return out
-
-
 def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """Wilson score interval of the proportion k / n (95% by default); (nan, nan) when n = 0."""
     if n <= 0:

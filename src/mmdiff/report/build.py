@@ -343,8 +343,7 @@ def build_report(run_dir: str | Path, config: StudyConfig | None = None) -> Path
     examples = guarded(
         lambda: removal_examples(run_dir, by_id["examples"]), lambda why: _warn(by_id["examples"], why, {})
     )
-    task_of = {f["id"]: next((t for t in f["tasks"] if t != "adapted"), "adapted") for f in features}
-    said, warned = answers(run_dir, explanations, found, task_of)
+    said, warned = answers(run_dir, explanations, found)
     for a in said:  # each evidence section's reading starts with its answer, then how to read it
         s = by_id.get(a.href.lstrip("#"))
         if s is not None and s.status != NOT_RUN and not a.answer.startswith(("not run", "could not")):

@@ -137,8 +137,11 @@ def what_removal_does(run_dir: Path, section: Section) -> str:
     return (text + ".") if text else "not run (no effects or steering tables)"
 
 
-def what_they_mean(explanations: Mapping[str, Any], task_of: Mapping[str, str]) -> str:
-    from mmdiff.interp.grounded import match_share
+def what_they_mean(run_dir: Path, explanations: Mapping[str, Any], notes: Section) -> str:
+    """How many features were explained and grounded, and per task the share of its features whose
+    best grounded concept is of the task's kind: read from interp/match_share.parquet, the table
+    the "Task features" section shows, so both print the same counts and intervals."""
+    from mmdiff.interp.grounded import MATCH_SHARE
 
     if not explanations:
         return "not run (no explanations)"
@@ -149,12 +152,11 @@ def what_they_mean(explanations: Mapping[str, Any], task_of: Mapping[str, str]) 
     text = f"{len(exps):,} features explained"
     if grounded:
         text += f"; {found} of {len(grounded)} grounded in an annotated concept (held-out IoU and AUROC)"
-        shares = match_share(
-            [(task_of[e.feature_id], e.grounded) for e in grounded if e.feature_id in task_of]
-        )
-        if shares:
-            text += "; of the task's kind: " + ", ".join(
-                f"{t} {hit}/{n}" for t, (hit, n) in shares.items()
+        share = read(MATCH_SHARE, run_dir, notes)
+        rows = [] if share is None else [r for r in share.itertuples() if r.task != "all"]
+        if rows:
+            text += "; task features whose concept is of the task's kind: " + ", ".join(
+                f"{r.task} {r.matched}/{r.features} [{r.ci_lo:.2f}, {r.ci_hi:.2f}]" for r in rows
             )
     if det:
         text += f"; held-out detection median {np.median(det):.2f} (balanced accuracy)"
@@ -164,7 +166,7 @@ def what_they_mean(explanations: Mapping[str, Any], task_of: Mapping[str, str]) 
 
 
 def answers(
-    run_dir: Path, explanations: Mapping[str, Any], found: list[Finding], task_of: Mapping[str, str]
+    run_dir: Path, explanations: Mapping[str, Any], found: list[Finding]
 ) -> tuple[list[Answer], list[str]]:
     """The five answers, and the warnings met while reading (shown in the summary)."""
     from mmdiff.report.sections._common import guarded
@@ -183,6 +185,6 @@ def answers(
         Answer("What does removing or steering them do, against controls?",
                safe(lambda: what_removal_does(run_dir, notes)), "#control",
                _status(found, "removal_spatial", "removal_ocr", "removal_asr")),
-        Answer("What do they mean?", safe(lambda: what_they_mean(explanations, task_of)), "#browser"),
+        Answer("What do they mean?", safe(lambda: what_they_mean(run_dir, explanations, notes)), "#browser"),
     ]  # fmt: skip
     return out, notes.warnings
