@@ -43,6 +43,7 @@ if kind == "small":
 else:
     from mmdiff.organism import checkpoint_path, evaluate as ev, mixtures
     from mmdiff.organism.batches import vlm_batch
+    from mmdiff.organism.train import next_token_loss
     vlm, proc, base, tok = ev.load_organism(checkpoint_path())
     from itertools import islice
     records = list(islice(mixtures.stage2_stream(0, 4), 32 * 10))
@@ -54,7 +55,7 @@ else:
             batch = dict(batch)
             labels = batch.pop("labels")
             logits = vlm(**batch).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = next_token_loss(logits, labels)
             opt.zero_grad(); loss.backward(); opt.step()
 run()  # warm-up
 t = time.perf_counter(); run(); print(json.dumps(time.perf_counter() - t))

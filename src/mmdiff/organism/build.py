@@ -211,8 +211,8 @@ def _build(out_dir: Path, cfg: OrganismConfig, progress: bool, base_from: Path |
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         # what the seconds above were measured on
-        "host": {"cpus": os.cpu_count(), "threads": cfg.threads,
-                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or None},
+        # (the torch threads are the recipe's `threads`)
+        "host": {"cpus": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or None},
     }
     save_organism(out_dir, cfg, tok, base, vlm, manifest)
     return manifest

@@ -7,7 +7,8 @@ number and interval, computed from the same artifacts as the evidence sections b
 4. What does removing or steering them do, against controls? (`control.removal.EFFECTS`: each set's
    selectivity on its own task, its effect minus the matched random control's; `control.steering`:
    feature steering minus single-layer steering)
-5. What do they mean? (interp/explanations.json: held-out detection and grounded concepts)
+5. What do they mean? (interp/explanations.json: held-out detection and grounded concepts;
+   `interp.grounded.MATCH_SHARE`: task features explained by a concept of their task's kind)
 
 An answer whose artifact is missing says so ("not run") instead of a number.
 """
