@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from mmdiff.data import shapes
 from mmdiff.errors import ConfigError, ModelError
 from mmdiff.organism import checkpoint_path
-from mmdiff.organism.architecture import build_processor
+from mmdiff.organism.architecture import build_base_lm, build_processor, build_vlm_from_base
 from mmdiff.organism.batches import IGNORE, base_batch, vlm_batch
 from mmdiff.organism.build import build_organism
 from mmdiff.organism.evaluate import evaluate_organism, load_organism
 from mmdiff.organism.judge import attack_success_rate, judge
-from mmdiff.organism.recipe import OrganismConfig
+from mmdiff.organism.recipe import OrganismConfig, StageConfig
 from mmdiff.organism.tokenizer import build_tokenizer, vlm_prompt
 
 
@@ -173,15 +173,42 @@ def test_config_errors():
         OrganismConfig.from_dict({"layers": 3})
     with pytest.raises(ConfigError, match="base_object_steps 9 must lie between 0"):
         OrganismConfig(base_object_steps=9, base={"steps": 4, "batch_size": 2, "lr": 1e-3})
+    with pytest.raises(ConfigError, match="stage2_grounding_where_steps 5 must lie between 0"):
+        OrganismConfig(stage2_grounding={"steps": 4, "batch_size": 2, "lr": 1e-3}, stage2_grounding_where_steps=5)
+    with pytest.raises(ConfigError, match="stage2_grounding_mix"):
+        OrganismConfig(stage2_grounding_mix={"colour": 0.0})
     with pytest.raises(ModelError, match="not an organism checkpoint"):
         load_organism("/nonexistent")
+
+
+def test_stage2_grounding_phase_asks_where_first_then_its_mixture_on_records_of_its_own(monkeypatch, tok):
+    from mmdiff.organism import build as B
+    from mmdiff.organism import mixtures
+
+    fed = {}
+
+    def capture(model, params, records, make_batch, stage, **kw):
+        fed["records"] = list(itertools.islice(records, stage.steps * stage.batch_size))
+        return [0.0] * stage.steps
+
+    monkeypatch.setattr(B, "train_stage", capture)
+    cfg = replace(OrganismConfig.reduced(), stage2_turns=1,
+                  stage2_grounding=StageConfig(steps=3, batch_size=4, lr=1e-3, warmup=1),
+                  stage2_grounding_where_steps=2, stage2_grounding_mix={"grounding_yesno": 1.0})
+    vlm = build_vlm_from_base(cfg, tok, build_base_lm(cfg, tok))
+    assert B.train_vlm_stage2_grounding(cfg, tok, vlm, progress=False) == [0.0] * 3
+    assert [r.meta["family"] for r in fed["records"]] == ["grounding_open"] * 8 + ["grounding_yesno"] * 4
+    stage2 = list(itertools.islice(mixtures.stage2_stream(cfg.seed + 2, 1, grounding_records=8,
+                                                          mix={"grounding_yesno": 1.0}), 12))
+    assert not {r.id for r in stage2} & {r.id for r in fed["records"]}  # not a replay of stage 2's data
+    assert B.train_vlm_stage2_grounding(replace(cfg, stage2_grounding=None), tok, vlm) == []
 
 
 def test_vision_positions_sincos_starts_the_tower_at_2d_sincos_features(tok):
     import math
     from dataclasses import replace
 
-    from mmdiff.organism.architecture import build_base_lm, build_vlm_from_base, sincos_positions
+    from mmdiff.organism.architecture import sincos_positions
 
     # a 2x2 grid in 4 dimensions: one frequency (1 radian per patch); sin, cos of the row, then of the column
     s, c = math.sin(1.0), math.cos(1.0)
@@ -269,6 +296,7 @@ def test_reduced_build_is_deterministic_and_loads(tmp_path):
         wb = load_file(tmp_path / "b" / sub / "model.safetensors")
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert m1["losses"]["base"]["steps"] == cfg.base.steps
+    assert m1["losses"]["stage2_grounding"]["steps"] == cfg.stage2_grounding.steps
     written = json.loads((tmp_path / "a" / "organism.json").read_text())
     assert written["recipe"] == cfg.to_dict() and written["host"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY")
     # the VLM's language model starts as the base LM and stage 2 changed it

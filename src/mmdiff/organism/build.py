@@ -118,25 +118,43 @@ def train_vlm_stage1(cfg: OrganismConfig, tok, base: LlamaForCausalLM, progress:
     return vlm, losses
 
 
-def train_vlm_stage2(cfg: OrganismConfig, tok, vlm: LlavaForConditionalGeneration, progress: bool = True) -> list[float]:
-    """LLaVA stage 2 (instruction tuning) of projector + language model, in place."""
+def _train_vlm(cfg: OrganismConfig, tok, vlm: LlavaForConditionalGeneration, records, stage, seed: int,
+               description: str, progress: bool) -> list[float]:
+    """Projector and language model (and the tower, per `train_vision_in_stage2`) on `records`, in place."""
     for p in vlm.parameters():
         p.requires_grad_(True)
     if not cfg.train_vision_in_stage2:
         for p in vlm.model.vision_tower.parameters():
             p.requires_grad_(False)
     params = [p for p in vlm.parameters() if p.requires_grad]
-    torch.manual_seed(cfg.seed + 3)
-    losses = train_stage(
-        vlm, params, mixtures.stage2_stream(cfg.seed + 2, cfg.stage2_turns,
-                                            grounding_records=cfg.stage2_grounding_steps * cfg.stage2.batch_size,
-                                            mix=cfg.stage2_mix),
-        lambda rs: vlm_batch(tok, rs, cfg.n_image_tokens), cfg.stage2,
-        description="VLM stage 2 (instructions)", progress=progress,
-    )
+    torch.manual_seed(seed)
+    losses = train_stage(vlm, params, records, lambda rs: vlm_batch(tok, rs, cfg.n_image_tokens), stage,
+                         description=description, progress=progress)
     for p in vlm.parameters():
         p.requires_grad_(True)
     return losses
+
+
+def train_vlm_stage2(cfg: OrganismConfig, tok, vlm: LlavaForConditionalGeneration, progress: bool = True) -> list[float]:
+    """LLaVA stage 2 (instruction tuning) of projector + language model, in place."""
+    records = mixtures.stage2_stream(cfg.seed + 2, cfg.stage2_turns,
+                                     grounding_records=cfg.stage2_grounding_steps * cfg.stage2.batch_size,
+                                     mix=cfg.stage2_mix)
+    return _train_vlm(cfg, tok, vlm, records, cfg.stage2, cfg.seed + 3, "VLM stage 2 (instructions)", progress)
+
+
+def train_vlm_stage2_grounding(cfg: OrganismConfig, tok, vlm: LlavaForConditionalGeneration,
+                               progress: bool = True) -> list[float]:
+    """Stage 2's second phase (cfg.stage2_grounding), in place: "where" questions alone, then the
+    grounding mixture; no steps when the recipe has no such phase. Its own data seed, so it does not
+    replay stage 2's records."""
+    if cfg.stage2_grounding is None:
+        return []
+    mix = mixtures.STAGE2_GROUNDING_BUILD_MIX if cfg.stage2_grounding_mix is None else cfg.stage2_grounding_mix
+    records = mixtures.stage2_stream(cfg.seed + 7, cfg.stage2_turns,
+                                     grounding_records=cfg.stage2_grounding_where_steps * cfg.stage2_grounding.batch_size,
+                                     mix=mix)
+    return _train_vlm(cfg, tok, vlm, records, cfg.stage2_grounding, cfg.seed + 5, "VLM stage 2 (grounding)", progress)
 
 
 def save_organism(out_dir: Path, cfg: OrganismConfig, tok, base: LlamaForCausalLM,
@@ -200,13 +218,17 @@ def _build(out_dir: Path, cfg: OrganismConfig, progress: bool, base_from: Path |
     t0 = time.perf_counter()
     s2_losses = train_vlm_stage2(cfg, tok, vlm, progress)
     seconds["stage2"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    s2g_losses = train_vlm_stage2_grounding(cfg, tok, vlm, progress)
+    seconds["stage2_grounding"] = time.perf_counter() - t0
     manifest = {
         "recipe": cfg.to_dict(),
         "base_phase_from": reused,
         "losses": {"base": _loss_summary(base_losses) if reused is None else theirs["losses"]["base"],
                    "base_grounding": _loss_summary(grounding_losses),
                    "stage1": _loss_summary(s1_losses),
-                   "stage2": _loss_summary(s2_losses)},
+                   "stage2": _loss_summary(s2_losses),
+                   "stage2_grounding": _loss_summary(s2g_losses)},
         "seconds": seconds,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
