@@ -801,6 +801,29 @@ def test_steering_at_the_ceiling_is_not_testable(tmp_path):
     assert f.status == NOT_TESTABLE and "lower" in f.detail
 
 
+def test_steering_tie_at_the_floor_is_said_to_be_one(tmp_path):
+    """Clean ASR 0.10 leaves room; both methods drive it to 0 [0, 0]: a measured tie, not reproduced,
+    and the first screen says both reach the floor instead of a bare +0.000 [+0.000, +0.000]."""
+    from mmdiff.report.sections._common import Section
+    from mmdiff.report.summary import what_removal_does
+
+    rows = [
+        ("feature", "safety", 0.0, 0.10, 0.06, 0.14, None, "test", False),
+        ("feature", "safety", -1.0, 0.0, 0.0, 0.0, None, "test", True),
+        ("single_layer", "safety", -1.0, 0.0, 0.0, 0.0, 1, "test", True),
+    ]
+    write_parquet(tmp_path / "eval" / "steering.parquet", steering_frame(rows).assign(metric="attack_success_rate"))
+    (tmp_path / "eval" / "steering.json").write_text(json.dumps(
+        {"summary": {"safety": {"feature_minus_baseline_test": {"mean": 0.0, "lo": 0.0, "hi": 0.0}}}}))
+    f = steering_gain(tmp_path, "safety", "-")
+    assert f.status == NOT_REPRODUCED and "Both methods reach ASR 0 (a tie at the bound" in f.detail
+    line = what_removal_does(tmp_path, Section("control", "control"))
+    assert "safety +0.000 [+0.000, +0.000], both methods reach ASR 0 (a tie at the bound" in line
+    rows[2] = ("single_layer", "safety", -1.0, 0.02, 0.0, 0.05, 1, "test", True)  # the baseline stays above 0
+    write_parquet(tmp_path / "eval" / "steering.parquet", steering_frame(rows).assign(metric="attack_success_rate"))
+    assert "tie" not in steering_gain(tmp_path, "safety", "-").detail
+
+
 def test_findings_not_measured_on_empty_run(tmp_path):
     got = findings(tmp_path)
     assert len(got) == 12 and all(f.status == NOT_MEASURED for f in got)

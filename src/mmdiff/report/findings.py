@@ -537,6 +537,22 @@ def no_room(steering: pd.DataFrame) -> str | None:
     )
 
 
+def tie_at_bound(steering: pd.DataFrame) -> str | None:
+    """When both methods' validation-chosen test scores sit at the bound they steer toward (0 for
+    the attack success rate, 1 for a score to raise), a sentence saying so, else None: their
+    difference is then 0 [0, 0], a measured tie, not a missing measurement. Rows of one task."""
+    chosen = chosen_per_method(steering) if not steering.empty else steering
+    by = {str(r.method): r for r in chosen.itertuples()}
+    if FEATURE not in by or SINGLE_LAYER not in by:
+        return None
+    lower = str(getattr(by[FEATURE], "metric", "")) in ASR_METRICS
+    bound = SCORE_BOUNDS[0] if lower else SCORE_BOUNDS[1]
+    if all(abs(float(getattr(by[m], k)) - bound) <= 1e-9 for m in (FEATURE, SINGLE_LAYER) for k in ("score", "ci_lo", "ci_hi")):
+        metric = "ASR" if lower else "score"
+        return f"both methods reach {metric} {bound:g} (a tie at the bound: neither can beat the other)"
+    return None
+
+
 def steering_gain(run_dir: Path, task: str, seed: str) -> Finding:
     claim = f"Feature steering beats single-layer steering on {task} (seed: {seed})."
     crit = (
@@ -577,6 +593,9 @@ def steering_gain(run_dir: Path, task: str, seed: str) -> Finding:
         + (f", layer {int(s.layer)}" if not pd.isna(s.layer) else "")
         + "."
     )
+    tie = tie_at_bound(df)
+    if tie is not None:
+        detail += f" {tie[0].upper()}{tie[1:]}."
     paired = _paired_difference(run_dir, task)
     if paired is not None:
         margin = paired["mean"]
