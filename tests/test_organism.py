@@ -177,6 +177,8 @@ def test_config_errors():
         OrganismConfig(stage2_grounding={"steps": 4, "batch_size": 2, "lr": 1e-3}, stage2_grounding_where_steps=5)
     with pytest.raises(ConfigError, match="stage2_grounding_mix"):
         OrganismConfig(stage2_grounding_mix={"colour": 0.0})
+    with pytest.raises(ConfigError, match="base_grounding_mix"):
+        OrganismConfig(base_grounding_mix={"colour": -1.0, "shape": 2.0})
     with pytest.raises(ModelError, match="not an organism checkpoint"):
         load_organism("/nonexistent")
 
@@ -202,6 +204,23 @@ def test_stage2_grounding_phase_asks_where_first_then_its_mixture_on_records_of_
                                                           mix={"grounding_yesno": 1.0}), 12))
     assert not {r.id for r in stage2} & {r.id for r in fed["records"]}  # not a replay of stage 2's data
     assert B.train_vlm_stage2_grounding(replace(cfg, stage2_grounding=None), tok, vlm) == []
+
+
+def test_base_grounding_phase_reads_its_recipe_mixture(monkeypatch, tok):
+    from mmdiff.organism import build as B
+
+    fed = {}
+
+    def capture(model, params, records, make_batch, stage, **kw):
+        fed["records"] = list(itertools.islice(records, 40))
+        return [0.0] * stage.steps
+
+    monkeypatch.setattr(B, "train_stage", capture)
+    cfg = replace(OrganismConfig.reduced(), base_grounding_mix={"grounding_yesno": 1.0, "colour": 1.0})
+    B.train_base_grounding(cfg, tok, build_base_lm(cfg, tok), progress=False)
+    assert {r.meta["family"] for r in fed["records"]} == {"grounding_yesno", "colour"}
+    B.train_base_grounding(replace(cfg, base_grounding_mix=None), tok, build_base_lm(cfg, tok), progress=False)
+    assert "position_lookup" in {r.meta["family"] for r in fed["records"]}  # mixtures.BASE_GROUNDING_MIX
 
 
 def test_vision_positions_sincos_starts_the_tower_at_2d_sincos_features(tok):

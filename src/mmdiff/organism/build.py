@@ -84,12 +84,14 @@ def train_base_lm(cfg: OrganismConfig, tok, progress: bool = True) -> tuple[Llam
 
 def train_base_grounding(cfg: OrganismConfig, tok, base: LlamaForCausalLM, progress: bool = True) -> list[float]:
     """The base LM's second phase (cfg.base_grounding), in place: the base mixture plus grounding
-    questions and position look-ups; no steps when the recipe has no such phase."""
+    questions and position look-ups (cfg.base_grounding_mix); no steps when the recipe has no such
+    phase."""
     if cfg.base_grounding is None:
         return []
+    mix = mixtures.BASE_GROUNDING_MIX if cfg.base_grounding_mix is None else cfg.base_grounding_mix
     torch.manual_seed(cfg.seed + 4)
     return train_stage(
-        base, list(base.parameters()), mixtures.stream(mixtures.BASE_GROUNDING_MIX, cfg.seed + 3),
+        base, list(base.parameters()), mixtures.stream(mix, cfg.seed + 3),
         lambda rs: base_batch(tok, rs, loss_on=cfg.base_loss_on), cfg.base_grounding,
         description="base LM (grounding)", progress=progress,
     )

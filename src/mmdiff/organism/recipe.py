@@ -66,6 +66,11 @@ class OrganismConfig:
     the VLM must learn to see. A phase of its own, so `base` stays the recipe of builds 7-11 (whose
     base LMs are byte-identical). None (the shipped build 11) skips it; build 12 ran
     StageConfig(steps=2000, batch_size=32, lr=5e-4, warmup=50) (organism README)."""
+    base_grounding_mix: dict[str, float] | None = None
+    """The base grounding phase's mixture; None is mixtures.BASE_GROUNDING_MIX (build 12). With it
+    the base LM answered "where is the red circle ?" from the caption at 0.93 but the side yes/no
+    ("is the red circle at the left ?") at 0.58, floor 0.56; 800 more steps with that family's
+    weight at 6 instead of 1.5 took it to 0.88 (organism README)."""
     stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch_size=32, lr=2e-3))
     """LLaVA stage 1, alignment: image -> caption; vision tower and projector train, the LM is frozen."""
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=2200, batch_size=32, lr=1e-3))
@@ -165,7 +170,7 @@ class OrganismConfig:
                 f"stage2_grounding_where_steps {self.stage2_grounding_where_steps} must lie between 0 and "
                 f"the second phase's {self.stage2_grounding.steps} steps"
             )
-        for name in ("stage2_mix", "stage2_grounding_mix"):
+        for name in ("base_grounding_mix", "stage2_mix", "stage2_grounding_mix"):
             mix = getattr(self, name)
             if mix is not None and (not mix or any(w < 0 for w in mix.values()) or not any(w > 0 for w in mix.values())):
                 raise ConfigError(f"{name} {mix}: give non-negative weights, at least one of them positive")
