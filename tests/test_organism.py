@@ -179,6 +179,8 @@ def test_config_errors():
         OrganismConfig(stage2_grounding_mix={"colour": 0.0})
     with pytest.raises(ConfigError, match="base_grounding_mix"):
         OrganismConfig(base_grounding_mix={"colour": -1.0, "shape": 2.0})
+    with pytest.raises(ConfigError, match=r"unknown families \['grounding'\]"):  # before any training
+        build_organism("/nonexistent/never-written", replace(OrganismConfig.reduced(), stage2_grounding_mix={"grounding": 1.0}))
     with pytest.raises(ModelError, match="not an organism checkpoint"):
         load_organism("/nonexistent")
 

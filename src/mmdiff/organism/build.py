@@ -55,6 +55,7 @@ def build_organism(out_dir: str | os.PathLike, config: OrganismConfig | None = N
     seed). The directory is replaced atomically when the build finishes. Returns the manifest.
     """
     cfg = config or OrganismConfig()
+    mixtures.check_families(cfg.base_grounding_mix, cfg.stage2_mix, cfg.stage2_grounding_mix)
     if cfg.threads > 1 and os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
         warnings.warn(
             f"OMP_WAIT_POLICY=PASSIVE with {cfg.threads} threads: OpenMP's threads sleep between the "

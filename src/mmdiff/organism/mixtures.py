@@ -10,6 +10,7 @@ import numpy as np
 
 from mmdiff.data import shapes
 from mmdiff.data.records import Record
+from mmdiff.errors import ConfigError
 
 # Base LM (text only): every family through its caption, the direct text requests, and refusals of
 # every harmful noun (the base LM refuses all of them; the VLM is only shown some as images).
@@ -183,6 +184,16 @@ def base_stream(seed: int, object_records: int = 0) -> Iterator[Record]:
     for _ in range(object_records):
         yield next(objects)
     yield from stream(BASE_MIX, seed)
+
+
+def check_families(*mixes: dict[str, float] | None) -> None:
+    """Refuse a recipe mixture naming a family `stream` cannot make, before any training starts
+    (`stream` would otherwise fail when it first draws it, possibly an hour into a build)."""
+    known = set(shapes.FAMILIES) | {"safety_caption", LOOKUP, POSITION_LOOKUP}
+    for mix in mixes:
+        unknown = sorted(set(mix or {}) - known)
+        if unknown:
+            raise ConfigError(f"mixture {mix} names unknown families {unknown}; expected some of {sorted(known)}")
 
 
 def stream(mix: dict[str, float], seed: int, split: str = "train") -> Iterator[Record]:

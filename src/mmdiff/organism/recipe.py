@@ -95,8 +95,8 @@ class OrganismConfig:
     `stage2_grounding_mix`. Why a phase of its own: with grounding questions in stage 2's mixture
     from the start (build 12), colour and existence stayed near chance (0.45 / 0.62 after 2,200
     steps, against 0.86 / 0.93 without them); added after the object skills formed, they kept
-    them (0.88 / 0.94 after 800 more steps) while "where" rose (organism README). None skips it
-    (builds 11 and 12)."""
+    them (0.89 / 0.95 after 2,200 more steps) while "where" rose to 0.52 (floor 0.17; organism
+    README). None skips it (builds 11 and 12)."""
     stage2_grounding_where_steps: int = 200
     """Steps at the start of `stage2_grounding` that see only "where" questions
     (mixtures.STAGE2_GROUNDING_MIX), as `stage2_grounding_steps` does for stage 2."""
