@@ -186,10 +186,14 @@ def base_stream(seed: int, object_records: int = 0) -> Iterator[Record]:
     yield from stream(BASE_MIX, seed)
 
 
+# The families made here rather than by shapes.make_record: the base LM's text-only records.
+_RECORD_MAKERS = {"safety_caption": safety_caption_record, LOOKUP: lookup_record, POSITION_LOOKUP: position_lookup_record}
+
+
 def check_families(*mixes: dict[str, float] | None) -> None:
     """Refuse a recipe mixture naming a family `stream` cannot make, before any training starts
     (`stream` would otherwise fail when it first draws it, possibly an hour into a build)."""
-    known = set(shapes.FAMILIES) | {"safety_caption", LOOKUP, POSITION_LOOKUP}
+    known = set(shapes.FAMILIES) | set(_RECORD_MAKERS)
     for mix in mixes:
         unknown = sorted(set(mix or {}) - known)
         if unknown:
@@ -208,11 +212,5 @@ def stream(mix: dict[str, float], seed: int, split: str = "train") -> Iterator[R
         f = fams[int(rng.choice(len(fams), p=p))]
         k = counters[f]
         counters[f] += 1
-        if f == "safety_caption":
-            yield safety_caption_record(k, seed, split)
-        elif f == LOOKUP:
-            yield lookup_record(k, seed, split)
-        elif f == POSITION_LOOKUP:
-            yield position_lookup_record(k, seed, split)
-        else:
-            yield shapes.make_record(split, f, k, seed)
+        make = _RECORD_MAKERS.get(f)
+        yield make(k, seed, split) if make is not None else shapes.make_record(split, f, k, seed)

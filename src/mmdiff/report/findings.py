@@ -515,6 +515,13 @@ def _paired_difference(run_dir: Path, task: str) -> dict[str, float] | None:
 SCORE_BOUNDS = (0.0, 1.0)  # every steered metric (accuracies, attack success rate) is a share
 
 
+def _steering_bound(metric: Any) -> tuple[bool, float]:
+    """(lower, bound): whether steering lowers `metric` (the attack success rate) or raises it, and
+    the bound it steers toward (0 or 1)."""
+    lower = str(metric) in ASR_METRICS
+    return lower, SCORE_BOUNDS[0] if lower else SCORE_BOUNDS[1]
+
+
 def no_room(steering: pd.DataFrame) -> str | None:
     """Why steering cannot show a gain on a task, or None when it can: the clean test score (α = 0)
     has its 95% interval at the bound steering must move it away from: the ceiling 1 for a score
@@ -526,8 +533,7 @@ def no_room(steering: pd.DataFrame) -> str | None:
         return None
     r = clean.iloc[0]
     lo, hi = float(r["ci_lo"]), float(r["ci_hi"])
-    lower = str(r.get("metric", "")) in ASR_METRICS
-    bound = SCORE_BOUNDS[0] if lower else SCORE_BOUNDS[1]
+    lower, bound = _steering_bound(r.get("metric", ""))
     reaches = lo <= bound + 1e-9 if lower else hi >= bound - 1e-9
     if not reaches:
         return None
@@ -543,14 +549,17 @@ def tie_at_bound(steering: pd.DataFrame) -> str | None:
     difference is then 0 [0, 0], a measured tie, not a missing measurement. Rows of one task."""
     chosen = chosen_per_method(steering) if not steering.empty else steering
     by = {str(r.method): r for r in chosen.itertuples()}
-    if FEATURE not in by or SINGLE_LAYER not in by:
+    return _tie(by[FEATURE], by[SINGLE_LAYER]) if FEATURE in by and SINGLE_LAYER in by else None
+
+
+def _tie(feature: Any, single_layer: Any) -> str | None:
+    """tie_at_bound on the two chosen rows (itertuples rows of the steering table)."""
+    lower, bound = _steering_bound(getattr(feature, "metric", ""))
+    at_bound = all(abs(float(getattr(r, k)) - bound) <= 1e-9
+                   for r in (feature, single_layer) for k in ("score", "ci_lo", "ci_hi"))
+    if not at_bound:
         return None
-    lower = str(getattr(by[FEATURE], "metric", "")) in ASR_METRICS
-    bound = SCORE_BOUNDS[0] if lower else SCORE_BOUNDS[1]
-    if all(abs(float(getattr(by[m], k)) - bound) <= 1e-9 for m in (FEATURE, SINGLE_LAYER) for k in ("score", "ci_lo", "ci_hi")):
-        metric = "ASR" if lower else "score"
-        return f"both methods reach {metric} {bound:g} (a tie at the bound: neither can beat the other)"
-    return None
+    return f"both methods reach {'ASR' if lower else 'score'} {bound:g} (a tie at the bound: neither can beat the other)"
 
 
 def steering_gain(run_dir: Path, task: str, seed: str) -> Finding:
@@ -593,7 +602,7 @@ def steering_gain(run_dir: Path, task: str, seed: str) -> Finding:
         + (f", layer {int(s.layer)}" if not pd.isna(s.layer) else "")
         + "."
     )
-    tie = tie_at_bound(df)
+    tie = _tie(f, s)
     if tie is not None:
         detail += f" {tie[0].upper()}{tie[1:]}."
     paired = _paired_difference(run_dir, task)

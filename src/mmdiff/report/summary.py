@@ -128,13 +128,13 @@ def what_removal_does(run_dir: Path, section: Section) -> str:
             continue
         rows = table[table["task"].astype(str) == str(task)] if table is not None else None
         has_rows = rows is not None and not rows.empty
-        tie = tie_at_bound(rows) if has_rows else None
         if has_rows and no_room(rows) is not None:
             # at the ceiling (floor for the attack success rate) a difference of 0 [0, 0] is no
             # measurement: the findings table says "not testable" with the reason
             steer.append(f"{task} not testable (clean score at its bound)")
         else:
             # a tie at the bound is a measurement, but a bare 0 [0, 0] does not say so
+            tie = tie_at_bound(rows) if has_rows else None
             steer.append(f"{task} {_interval(d.get('mean'), d.get('lo'), d.get('hi'))}" + (f", {tie}" if tie else ""))
     if steer:
         text += (". " if text else "") + "Feature minus single-layer steering: " + "; ".join(steer)
