@@ -23,7 +23,8 @@ Then the same at each implementation's own recommended settings (RECOMMENDED), e
 time to quality against each peer: training seconds until ours' held-out FVU first reaches the
 best FVU the peer reached in the run, beside the peer's own seconds to it (FVU measured at
 log-spaced steps, dense early; a ratio marked ">=" means ours was already there at its first
-measurement); on CPU, the ceiling of the tokens/s ratio an exact TopK allows (the peer's step
+measurement; "not resolved" that the peer was too, so the first step's times would be all the
+ratio measured); on CPU, the ceiling of the tokens/s ratio an exact TopK allows (the peer's step
 over one dense fp32 encoder product, which no exact selection avoids); and an ablation of ours
 (one ingredient changed at a time) at equal tokens. Ours selects with the certified exact TopK
 (mmdiff.sae.selection): split bf16 ("bf16x3") candidates on CUDA, working-dtype candidates on CPUs
@@ -424,6 +425,9 @@ def print_table(title: str, results: dict[str, dict], roof_t: float, fp32_produc
         q = time_to_peer_best(results, peer)
         if q["ratio"] is None:
             line += f"); ours never reached {peer}'s best FVU {q['target']:.4f}"
+        elif q["lower_bound"] and q["peer"][2]:
+            line += (f"); {peer}'s best FVU {q['target']:.4f} came at its first measurement, "
+                     f"where ours was already below it: time to it not resolved")
         else:
             ge = ">= " if q["lower_bound"] else ""
             line += (f"); to {peer}'s best FVU {q['target']:.4f}: ours {q['ours'][1]:.1f} s at "
