@@ -582,6 +582,12 @@ def main() -> None:
         print(profile_ours(D, F, k, B, a.lr, a.device, bf16, data, a.adam))
         return
 
+    # The ceiling holds where ours' candidates come from the fp32 product that roof_t times: what
+    # "auto" resolves to is selection's choice (bf16 on fast-bf16 CPUs), not a rule restated here.
+    cand = candidate_product(a.device, bf16)
+    if cand == "auto":
+        cand = selection.default_candidate_dtype(torch.device(a.device), torch.float32)
+    fp32_product = not bf16 and cand in (None, torch.float32)
     gflops, roof_t = matmul_rate(B, D, F, a.device, torch.bfloat16 if bf16 else torch.float32)
     print(f"dense matmul [{B},{D}]@[{D},{F}] {'bf16' if bf16 else 'fp32'}: {gflops:.1f} GFLOP/s "
           f"({roof_t * 1e3:.1f} ms)")
@@ -600,8 +606,7 @@ def main() -> None:
                                   eval_every=a.eval_every)
         title = ("each at its own recommended settings" if recommended
                  else f"equal settings (Adam, lr {a.lr})")
-        print_table(title, results, roof_t, fp32_product=a.device == "cpu" and not bf16
-                    and CANDIDATE_CHOICE in ("auto", "fp32"))
+        print_table(title, results, roof_t, fp32_product=fp32_product)
         if not math.isfinite(sum(r["fvu"] for r in results.values())):
             raise SystemExit("a run diverged (non-finite FVU)")
     if a.ablation:
