@@ -187,6 +187,32 @@ def test_ocr_words_fall_on_and_off_the_patch_grid_and_stay_inside_the_image(monk
     assert [t["y"] for t in texts] == [r.meta["scene"]["texts"][0]["y"] for r in aligned]
 
 
+def test_ocr_ink_contrast_is_graded_from_its_minimum_and_changes_only_the_ink(monkeypatch):
+    """With OCR_MIN_CONTRAST = 30 each word's contrast is drawn from [30, background]: faint and dark
+    words both occur, and word, place, background and caption are what the shipped 0 drew."""
+    from mmdiff.data.shapes import scenes
+
+    dark = shapes.shapes_records("train", 300, ["ocr"], seed=0)
+    monkeypatch.setattr(scenes, "OCR_MIN_CONTRAST", 30)
+    graded = shapes.shapes_records("train", 300, ["ocr"], seed=0)
+
+    def contrast(r):
+        return r.meta["scene"]["background"][0] - r.meta["scene"]["texts"][0]["ink"][0]
+
+    assert min(map(contrast, dark)) > 150
+    cs = [contrast(r) for r in graded]
+    assert min(cs) >= 30 and max(cs) <= 255
+    assert sum(c < 100 for c in cs) / len(cs) > 0.25  # uniform on [30, ~240]: about a third below 100
+    assert all(r.meta["scene"]["texts"][0]["ink"][0] >= 0 for r in graded)
+    for a, b in zip(dark, graded):
+        ta, tb = a.meta["scene"]["texts"][0], b.meta["scene"]["texts"][0]
+        assert (a.caption, a.answers, ta["word"], ta["x"], ta["y"], a.meta["scene"]["background"]) == \
+            (b.caption, b.answers, tb["word"], tb["x"], tb["y"], b.meta["scene"]["background"])
+    # the image is what changed: the pixels of a faint word differ from its dark twin
+    i = next(k for k, c in enumerate(cs) if c < 80)
+    assert dark[i].load_image().tobytes() != graded[i].load_image().tobytes()
+
+
 def test_test_split_names_every_harmful_noun_and_train_only_some():
     test_nouns = {r.meta["noun"] for r in shapes.shapes_records("test", 200, ["safety"])}
     train_nouns = {r.meta["noun"] for r in shapes.shapes_records("train", 200, ["safety"])}

@@ -24,6 +24,7 @@ from mmdiff.data.shapes.world import (
     INSTRUCTION_NOUNS,
     OBJECT_CENTRES,
     OBJECT_SIZE,
+    OCR_MIN_CONTRAST,
     OCR_OFF_GRID_SHARE,
     OCR_WORDS,
     PATCH,
@@ -103,10 +104,11 @@ def _aligned_x(rng: np.random.Generator, word: str) -> int:
 
 def sample_word_scene(rng: np.random.Generator, word: str | None = None) -> Scene:
     """One word in capitals at a random position (its caption names its row): on the patch grid, or
-    with OCR_OFF_GRID_SHARE probability shifted 1-7 pixels right of it (left where it would not fit).
+    with OCR_OFF_GRID_SHARE probability shifted 1-7 pixels right of it (left where it would not fit);
+    with OCR_MIN_CONTRAST above 0, in ink of a contrast drawn from [OCR_MIN_CONTRAST, background].
 
-    The shift is drawn last, so every other draw (word, row, ink, background) and hence every
-    caption is what builds 1-11 drew: only the image changes."""
+    The shift and then the contrast are drawn last, so every other draw (word, row, ink,
+    background) and hence every caption is what builds 1-11 drew: only the image changes."""
     if word is None:
         word = OCR_WORDS[int(rng.integers(len(OCR_WORDS)))]
     x = _aligned_x(rng, word)
@@ -117,6 +119,9 @@ def sample_word_scene(rng: np.random.Generator, word: str | None = None) -> Scen
     if OCR_OFF_GRID_SHARE > 0 and rng.random() < OCR_OFF_GRID_SHARE:
         dx = int(rng.integers(1, PATCH))
         x = x + dx if x + dx + text_width(word) <= IMAGE_SIZE else x - (PATCH - dx)
+    if OCR_MIN_CONTRAST > 0:
+        g = background[0] - int(rng.integers(OCR_MIN_CONTRAST, background[0] + 1))
+        ink = (g, g, g)
     t = TextItem(word, x, y, ink)
     assert t.row == row and 0 <= x <= IMAGE_SIZE - text_width(word)
     return Scene("word", texts=(t,), background=background)

@@ -79,6 +79,12 @@ IMAGE_REFUSAL_NOUNS: tuple[str, ...] = ("bomb", "gun", "poison", "drug")
 # (build 12 with 0.5: VLM OCR 0.86 [0.81, 0.91]). 0 for the shipped checkpoint (build 11), which
 # was trained and is evaluated on aligned words; the next build sets it (organism README).
 OCR_OFF_GRID_SHARE = 0.0
+# Least ink contrast (background minus ink grey level) of OCR words (scenes.sample_word_scene): 0
+# keeps builds 1-12's dark ink (contrast 155-255, read at 0.99-1.00 once trained); above 0, each
+# word's contrast is drawn uniformly from [OCR_MIN_CONTRAST, background], so reading gets harder
+# as the ink fades and a steering has faint words to recover. Session 8's candidate VLM, trained and
+# tested with 30 (and half the words off the grid), read 0.73 [0.67, 0.79] (organism README).
+OCR_MIN_CONTRAST = 0
 
 NEUTRAL_WORDS: tuple[str, ...] = (
     "apple", "river", "cloud", "tiger", "music", "lemon", "horse", "stone", "piano", "zebra",
