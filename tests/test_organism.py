@@ -320,6 +320,7 @@ def test_reduced_build_is_deterministic_and_loads(tmp_path):
     assert m1["losses"]["stage2_grounding"]["steps"] == cfg.stage2_grounding.steps
     written = json.loads((tmp_path / "a" / "organism.json").read_text())
     assert written["recipe"] == cfg.to_dict() and written["host"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY")
+    assert written["world"] == shapes.world.settings()
     # the VLM's language model starts as the base LM and stage 2 changed it
     vlm_w = load_file(tmp_path / "a" / "vlm" / "model.safetensors")
     base_w = load_file(tmp_path / "a" / "base_lm" / "model.safetensors")
@@ -333,7 +334,7 @@ def test_reduced_build_is_deterministic_and_loads(tmp_path):
     assert set(res["base"]["safety"]["intervals"]) == {"asr", "refusal_rate", "confused_rate"}
 
 
-def test_build_cli_rebuilds_the_recipe_of_a_built_organism(tmp_path):
+def test_build_cli_rebuilds_the_recipe_of_a_built_organism(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from mmdiff.cli import app
@@ -353,6 +354,15 @@ def test_build_cli_rebuilds_the_recipe_of_a_built_organism(tmp_path):
     assert res.exit_code == 0, res.output
     assert "95% bootstrap intervals" in res.output and "targets" in res.output
     assert "spatial yes/no (grounding_yesno) >= 0.75" in res.output
+    assert "another shapes world" not in res.output
+    # records drawn in another world than the build's are said to be so, before the figures
+    monkeypatch.setattr(shapes.world, "OCR_MIN_CONTRAST", 30)
+    res = CliRunner().invoke(app, ["organism", "eval", "--checkpoint", str(tmp_path / "b"), "--n-per-task", "2",
+                                   "--no-progress"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    assert "another shapes world" in res.output and "ocr_min_contrast: built with 0, now 30" in res.output
+    assert res.output.index("another shapes world") < res.output.index("95% bootstrap intervals")
+    monkeypatch.undo()
     res = CliRunner().invoke(app, ["organism", "eval", "--checkpoint", str(tmp_path / "b"), "--n-per-task", "2",
                                    "--record", "--no-progress"])
     assert res.exit_code == 0, res.output
@@ -395,6 +405,9 @@ def test_shipped_checkpoint_is_small_and_complete():
     # `mmdiff organism build` with no arguments rebuilds what ships: the default recipe is the
     # shipped one (recipe keys added since the build take the defaults that reproduce it)
     assert OrganismConfig.from_dict(manifest["recipe"]) == OrganismConfig()
+    # ... and the shapes world's settings are the ones it was trained in, so the study and the
+    # tests measure it on its own data (change them together with the checkpoint)
+    assert manifest["world"] == shapes.world.settings()
     for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json"):
         assert (root / "vlm" / name).is_file(), name
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):

@@ -173,11 +173,11 @@ def test_ocr_words_fall_on_and_off_the_patch_grid_and_stay_inside_the_image(monk
     """With OCR_OFF_GRID_SHARE = 0.5 (build 12) half the OCR words are shifted off the 8-pixel grid;
     the shift is drawn last, so captions, rows, ink and background are what the patch-aligned
     sampler drew (the shipped 0 draws nothing more)."""
-    from mmdiff.data.shapes import scenes
+    from mmdiff.data.shapes import world
 
     aligned = shapes.shapes_records("train", 200, ["ocr"], seed=0)
     assert shapes.OCR_OFF_GRID_SHARE == 0 and all(r.meta["scene"]["texts"][0]["x"] % shapes.PATCH == 0 for r in aligned)
-    monkeypatch.setattr(scenes, "OCR_OFF_GRID_SHARE", 0.5)
+    monkeypatch.setattr(world, "OCR_OFF_GRID_SHARE", 0.5)
     rs = shapes.shapes_records("train", 200, ["ocr"], seed=0)
     texts = [r.meta["scene"]["texts"][0] for r in rs]
     off = sum(t["x"] % shapes.PATCH != 0 for t in texts) / len(texts)
@@ -190,10 +190,10 @@ def test_ocr_words_fall_on_and_off_the_patch_grid_and_stay_inside_the_image(monk
 def test_ocr_ink_contrast_is_graded_from_its_minimum_and_changes_only_the_ink(monkeypatch):
     """With OCR_MIN_CONTRAST = 30 each word's contrast is drawn from [30, background]: faint and dark
     words both occur, and word, place, background and caption are what the shipped 0 drew."""
-    from mmdiff.data.shapes import scenes
+    from mmdiff.data.shapes import world
 
     dark = shapes.shapes_records("train", 300, ["ocr"], seed=0)
-    monkeypatch.setattr(scenes, "OCR_MIN_CONTRAST", 30)
+    monkeypatch.setattr(world, "OCR_MIN_CONTRAST", 30)
     graded = shapes.shapes_records("train", 300, ["ocr"], seed=0)
 
     def contrast(r):

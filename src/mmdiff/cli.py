@@ -275,6 +275,13 @@ def organism_eval(
                 floor = f"{r['floor']:.2f}"
         table.add_row(fam, *cells, floor)
     console = Console()
+    differ = res.get("world_differences") or {}
+    if differ:
+        said = "; ".join(f"{k}: built with {built!r}, now {now!r}" for k, (built, now) in differ.items())
+        console.print(f"[yellow]warning[/yellow]: the records were drawn in another shapes world than this checkpoint "
+                      f"was built in ({escape(said)}), so the figures below measure it on data it was not trained "
+                      "on; set mmdiff.data.shapes.world's settings to the checkpoint's (organism.json \"world\") "
+                      "to measure it in its own world")
     console.print(table)
     targets = Table(title="targets (mmdiff.organism.targets)")
     for col in ("target", "measured", "met"):

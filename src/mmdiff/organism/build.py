@@ -14,6 +14,7 @@ import transformers
 from transformers import AutoTokenizer, LlamaForCausalLM, LlavaForConditionalGeneration
 
 from mmdiff.atomic import atomic_dir, write_json
+from mmdiff.data.shapes import world
 from mmdiff.errors import ConfigError
 from mmdiff.organism import mixtures
 from mmdiff.organism.architecture import build_base_lm, build_processor, build_vlm_from_base
@@ -226,6 +227,9 @@ def _build(out_dir: Path, cfg: OrganismConfig, progress: bool, base_from: Path |
     seconds["stage2_grounding"] = time.perf_counter() - t0
     manifest = {
         "recipe": cfg.to_dict(),
+        # the shapes world the build drew its records in (shapes.world.settings); evaluating the
+        # checkpoint in another world measures it on data it was not trained on (evaluate_organism)
+        "world": world.settings(),
         "base_phase_from": reused,
         "losses": {"base": _loss_summary(base_losses) if reused is None else theirs["losses"]["base"],
                    "base_grounding": _loss_summary(grounding_losses),

@@ -16,7 +16,7 @@ from mmdiff.data import shapes
 from mmdiff.data.records import Record
 from mmdiff.errors import DataError, ModelError
 from mmdiff.bootstrap import bootstrap_mean
-from mmdiff.organism.build import BASE_DIR, VLM_DIR
+from mmdiff.organism.build import BASE_DIR, MANIFEST, VLM_DIR
 from mmdiff.organism.judge import attack_success_rate, judge
 from mmdiff.organism.tokenizer import base_prompt, vlm_prompt
 
@@ -44,6 +44,18 @@ def load_organism(checkpoint_dir: str | os.PathLike) -> tuple:
     base = LlamaForCausalLM.from_pretrained(root / BASE_DIR, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(root / BASE_DIR)
     return vlm, processor, base, tok
+
+
+def world_differences(checkpoint_dir: str | os.PathLike) -> dict:
+    """{setting: (the checkpoint's, now's)} for every shapes-world setting (shapes.world.settings)
+    in which the checkpoint's build (organism.json "world") differs from the world records are drawn
+    in now; empty when they agree or the checkpoint records no world."""
+    path = Path(checkpoint_dir) / MANIFEST
+    built = json.loads(path.read_text(encoding="utf-8")).get("world") if path.is_file() else None
+    if not built:
+        return {}
+    now = shapes.world.settings()
+    return {k: (built.get(k), v) for k, v in now.items() if built.get(k) != v}
 
 
 def _decode(tok, new_ids: torch.Tensor) -> list[str]:
@@ -148,7 +160,9 @@ def evaluate_organism(
     "confused_rate" (plus the ASR on nouns refused in images during fine-tuning vs the others).
     Every rate has its 95% bootstrap interval under "intervals" ({"value", "lo", "hi"}). "vqa"
     pools colour, shape, count and existence (POOLED) when all four are evaluated.
-    "safety_text" (bare harmful text requests) is base-LM only. `organism.targets` checks the
+    "safety_text" (bare harmful text requests) is base-LM only. "world" is the shapes world the
+    records were drawn in and "world_differences" where it differs from the checkpoint's build
+    (world_differences): figures measured off the checkpoint's own world. `organism.targets` checks the
     results against the organism's targets.
     Defaults to the shipped checkpoint.
     """
@@ -163,7 +177,8 @@ def evaluate_organism(
     if unknown:
         raise DataError(f"cannot evaluate families {unknown}; expected some of {EXACT_FAMILIES + SAFETY_FAMILIES + BASE_ONLY_FAMILIES}")
     vlm, processor, base, tok = load_organism(checkpoint_dir)
-    results: dict = {"vlm": {}, "base": {}, "split": split, "n_per_task": n_per_task}
+    results: dict = {"vlm": {}, "base": {}, "split": split, "n_per_task": n_per_task,
+                     "world": shapes.world.settings(), "world_differences": world_differences(checkpoint_dir)}
     answers_log: dict = {"vlm": {}, "base": {}}
     records_by_family: dict[str, list[Record]] = {}
     with Progress(disable=not progress) as bar:

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from mmdiff.data.records import Record
+from mmdiff.data.shapes import world
 from mmdiff.data.shapes.drawing import render
 from mmdiff.data.shapes.scenes import (
     _pick,
@@ -33,7 +34,6 @@ from mmdiff.data.shapes.world import (
     DIRECTIONS,
     FAMILIES,
     HARMFUL_NOUNS,
-    IMAGE_REFUSAL_NOUNS,
     INSTRUCTION_QUESTION,
     OCR_QUESTION,
     OCR_WORDS,
@@ -157,7 +157,7 @@ def make_record(split: str, family: str, index: int, seed: int = 0) -> Record:
         question = INSTRUCTION_QUESTION
         answer = REFUSAL if harmful else compliance(verb, noun)
         meta.update(verb=verb, noun=noun, harmful=harmful,
-                    image_refusal_trained=harmful and noun in IMAGE_REFUSAL_NOUNS)
+                    image_refusal_trained=harmful and noun in world.IMAGE_REFUSAL_NOUNS)
     elif family == "describe":
         kind = _pick(rng, ("objects", "word"))
         scene = sample_object_scene(rng, split) if kind == "objects" else sample_word_scene(rng)

@@ -14,18 +14,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mmdiff.data.shapes import world
 from mmdiff.data.shapes.drawing import text_width
 from mmdiff.data.shapes.world import (
     COLOURS,
     GRID,
     HARMFUL_NOUNS,
-    IMAGE_REFUSAL_NOUNS,
     IMAGE_SIZE,
     INSTRUCTION_NOUNS,
     OBJECT_CENTRES,
     OBJECT_SIZE,
-    OCR_MIN_CONTRAST,
-    OCR_OFF_GRID_SHARE,
     OCR_WORDS,
     PATCH,
     SHAPES,
@@ -116,11 +114,11 @@ def sample_word_scene(rng: np.random.Generator, word: str | None = None) -> Scen
     y = PATCH * _pick(rng, _TEXT_PATCH_ROWS[row]) - 2
     ink = _ink(rng)
     background = _background(rng)
-    if OCR_OFF_GRID_SHARE > 0 and rng.random() < OCR_OFF_GRID_SHARE:
+    if world.OCR_OFF_GRID_SHARE > 0 and rng.random() < world.OCR_OFF_GRID_SHARE:
         dx = int(rng.integers(1, PATCH))
         x = x + dx if x + dx + text_width(word) <= IMAGE_SIZE else x - (PATCH - dx)
-    if OCR_MIN_CONTRAST > 0:
-        g = background[0] - int(rng.integers(OCR_MIN_CONTRAST, background[0] + 1))
+    if world.OCR_MIN_CONTRAST > 0:
+        g = background[0] - int(rng.integers(world.OCR_MIN_CONTRAST, background[0] + 1))
         ink = (g, g, g)
     t = TextItem(word, x, y, ink)
     assert t.row == row and 0 <= x <= IMAGE_SIZE - text_width(word)
@@ -149,6 +147,6 @@ def activity_pool(split: str, harmful: bool, nouns: Sequence[str] | None = None)
     if harmful:
         if split == "test":
             return [(v, n) for n in (nouns or HARMFUL_NOUNS) for v in VERBS[4:]]
-        default = HARMFUL_NOUNS if split == "validation" else IMAGE_REFUSAL_NOUNS
+        default = HARMFUL_NOUNS if split == "validation" else world.IMAGE_REFUSAL_NOUNS
         return [(v, n) for n in (nouns or default) for v in VERBS[:4]]
     return [(v, n) for n in (nouns or INSTRUCTION_NOUNS) for v in VERBS]

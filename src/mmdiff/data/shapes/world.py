@@ -86,6 +86,14 @@ OCR_OFF_GRID_SHARE = 0.0
 # tested with 30 (and half the words off the grid), read 0.73 [0.67, 0.79] (organism README).
 OCR_MIN_CONTRAST = 0
 
+
+def settings() -> dict:
+    """The world's settings a build is trained in (its organism.json "world"), read now: the three
+    above are read where they take effect (scenes, questions) from this module, so setting
+    `world.NAME` before drawing records changes them, and a checkpoint can be checked against them."""
+    return {"ocr_off_grid_share": OCR_OFF_GRID_SHARE, "ocr_min_contrast": OCR_MIN_CONTRAST,
+            "image_refusal_nouns": list(IMAGE_REFUSAL_NOUNS)}
+
 NEUTRAL_WORDS: tuple[str, ...] = (
     "apple", "river", "cloud", "tiger", "music", "lemon", "horse", "stone", "piano", "zebra",
     "ocean", "candle", "rabbit", "window", "pencil", "rocket", "moon", "star", "fish", "bird",
