@@ -334,7 +334,7 @@ def test_reduced_build_is_deterministic_and_loads(tmp_path):
     assert set(res["base"]["safety"]["intervals"]) == {"asr", "refusal_rate", "confused_rate"}
 
 
-def test_build_cli_rebuilds_the_recipe_of_a_built_organism(tmp_path, monkeypatch):
+def test_build_cli_rebuilds_the_recipe_of_a_built_organism(tmp_path, monkeypatch, capsys):
     from typer.testing import CliRunner
 
     from mmdiff.cli import app
@@ -362,6 +362,16 @@ def test_build_cli_rebuilds_the_recipe_of_a_built_organism(tmp_path, monkeypatch
     assert res.exit_code == 0, res.output
     assert "another shapes world" in res.output and "ocr_min_contrast: built with 0, now 30" in res.output
     assert res.output.index("another shapes world") < res.output.index("95% bootstrap intervals")
+    # ... and rebuilding its recipe in this world would train another organism: refused, with the way out
+    from mmdiff.cli import run_cli
+    from mmdiff.errors import EXIT_BAD_INPUT
+
+    capsys.readouterr()
+    code = run_cli(["organism", "build", str(tmp_path / "c"), "--recipe", str(tmp_path / "a" / "organism.json"),
+                    "--no-progress"])
+    said = " ".join(capsys.readouterr().err.split())
+    assert code == EXIT_BAD_INPUT and not (tmp_path / "c").exists()
+    assert "built in another shapes world" in said and "ocr_min_contrast: built with 0, now 30" in said, said
     monkeypatch.undo()
     res = CliRunner().invoke(app, ["organism", "eval", "--checkpoint", str(tmp_path / "b"), "--n-per-task", "2",
                                    "--record", "--no-progress"])

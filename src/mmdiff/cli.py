@@ -218,9 +218,20 @@ def organism_build(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Rebuild the organism from scratch, deterministically (base LM on text, then LLaVA's two stages)."""
+    import json
+
     from mmdiff.organism import OrganismConfig, build_organism
+    from mmdiff.organism.build import world_differences
 
     config = OrganismConfig.from_file(recipe) if recipe is not None else None
+    if recipe is not None:
+        differ = world_differences(json.loads(recipe.read_text(encoding="utf-8")))
+        if differ:
+            said = "; ".join(f"{k}: built with {built!r}, now {now!r}" for k, (built, now) in differ.items())
+            raise ConfigError(
+                f"{recipe} was built in another shapes world ({said}), so its recipe would train another "
+                "organism here; set mmdiff.data.shapes.world's settings to its organism.json \"world\" to "
+                "rebuild it, or pass its \"recipe\" dict alone to build that recipe in today's world")
     manifest = build_organism(out_dir, config, progress=progress, base_from=base_from)
     seconds = manifest.get("seconds") if isinstance(manifest, dict) else None
     typer.echo(f"organism written to {out_dir.resolve()}" + (f" in {seconds}" if seconds else ""))

@@ -161,6 +161,16 @@ def train_vlm_stage2_grounding(cfg: OrganismConfig, tok, vlm: LlavaForConditiona
     return _train_vlm(cfg, tok, vlm, records, cfg.stage2_grounding, cfg.seed + 5, "VLM stage 2 (grounding)", progress)
 
 
+def world_differences(manifest: dict) -> dict:
+    """{setting: (the build's, now's)} for every shapes-world setting (shapes.world.settings) in which
+    a built organism's manifest (organism.json "world") differs from the world records are drawn in
+    now; empty when they agree or the manifest records no world."""
+    built = manifest.get("world") if isinstance(manifest, dict) else None
+    if not isinstance(built, dict):
+        return {}
+    return {k: (built.get(k), v) for k, v in world.settings().items() if built.get(k) != v}
+
+
 def save_organism(out_dir: Path, cfg: OrganismConfig, tok, base: LlamaForCausalLM,
                   vlm: LlavaForConditionalGeneration, manifest: dict) -> None:
     """Write base_lm/, vlm/ and organism.json, replacing `out_dir` atomically."""

@@ -16,7 +16,7 @@ from mmdiff.data import shapes
 from mmdiff.data.records import Record
 from mmdiff.errors import DataError, ModelError
 from mmdiff.bootstrap import bootstrap_mean
-from mmdiff.organism.build import BASE_DIR, MANIFEST, VLM_DIR
+from mmdiff.organism.build import BASE_DIR, MANIFEST, VLM_DIR, world_differences
 from mmdiff.organism.judge import attack_success_rate, judge
 from mmdiff.organism.tokenizer import base_prompt, vlm_prompt
 
@@ -46,16 +46,9 @@ def load_organism(checkpoint_dir: str | os.PathLike) -> tuple:
     return vlm, processor, base, tok
 
 
-def world_differences(checkpoint_dir: str | os.PathLike) -> dict:
-    """{setting: (the checkpoint's, now's)} for every shapes-world setting (shapes.world.settings)
-    in which the checkpoint's build (organism.json "world") differs from the world records are drawn
-    in now; empty when they agree or the checkpoint records no world."""
+def _manifest(checkpoint_dir: str | os.PathLike) -> dict:
     path = Path(checkpoint_dir) / MANIFEST
-    built = json.loads(path.read_text(encoding="utf-8")).get("world") if path.is_file() else None
-    if not built:
-        return {}
-    now = shapes.world.settings()
-    return {k: (built.get(k), v) for k, v in now.items() if built.get(k) != v}
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _decode(tok, new_ids: torch.Tensor) -> list[str]:
@@ -162,8 +155,8 @@ def evaluate_organism(
     pools colour, shape, count and existence (POOLED) when all four are evaluated.
     "safety_text" (bare harmful text requests) is base-LM only. "world" is the shapes world the
     records were drawn in and "world_differences" where it differs from the checkpoint's build
-    (world_differences): figures measured off the checkpoint's own world. `organism.targets` checks the
-    results against the organism's targets.
+    (build.world_differences): figures measured off the checkpoint's own world.
+    `organism.targets` checks the results against the organism's targets.
     Defaults to the shipped checkpoint.
     """
     if checkpoint_dir is None:
@@ -178,7 +171,7 @@ def evaluate_organism(
         raise DataError(f"cannot evaluate families {unknown}; expected some of {EXACT_FAMILIES + SAFETY_FAMILIES + BASE_ONLY_FAMILIES}")
     vlm, processor, base, tok = load_organism(checkpoint_dir)
     results: dict = {"vlm": {}, "base": {}, "split": split, "n_per_task": n_per_task,
-                     "world": shapes.world.settings(), "world_differences": world_differences(checkpoint_dir)}
+                     "world": shapes.world.settings(), "world_differences": world_differences(_manifest(checkpoint_dir))}
     answers_log: dict = {"vlm": {}, "base": {}}
     records_by_family: dict[str, list[Record]] = {}
     with Progress(disable=not progress) as bar:
