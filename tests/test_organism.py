@@ -332,6 +332,10 @@ def test_reduced_build_is_deterministic_and_loads(tmp_path):
     iv = res["vlm"]["colour"]["intervals"]["accuracy"]
     assert iv["lo"] <= res["vlm"]["colour"]["accuracy"] <= iv["hi"]
     assert set(res["base"]["safety"]["intervals"]) == {"asr", "refusal_rate", "confused_rate"}
+    assert res["world"] == shapes.world.settings() and res["world_differences"] == {}
+    (tmp_path / "a" / "organism.json").write_text("{not json")
+    with pytest.raises(ModelError, match="organism.json is not valid JSON"):
+        evaluate_organism(tmp_path / "a", n_per_task=2, families=["colour"])
 
 
 def test_build_cli_rebuilds_the_recipe_of_a_built_organism(tmp_path, monkeypatch, capsys):

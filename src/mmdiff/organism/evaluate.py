@@ -47,8 +47,15 @@ def load_organism(checkpoint_dir: str | os.PathLike) -> tuple:
 
 
 def _manifest(checkpoint_dir: str | os.PathLike) -> dict:
+    """The checkpoint's organism.json ({} when it has none: a checkpoint not written by a build)."""
     path = Path(checkpoint_dir) / MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ModelError(f"{path} is not valid JSON ({e}); restore it from the build that wrote the checkpoint, "
+                         "or remove it to evaluate the models without their build's record") from e
 
 
 def _decode(tok, new_ids: torch.Tensor) -> list[str]:
