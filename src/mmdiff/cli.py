@@ -221,15 +221,14 @@ def organism_build(
     import json
 
     from mmdiff.organism import OrganismConfig, build_organism
-    from mmdiff.organism.build import world_differences
+    from mmdiff.organism.build import describe_world_differences, world_differences
 
     config = OrganismConfig.from_file(recipe) if recipe is not None else None
     if recipe is not None:
         differ = world_differences(json.loads(recipe.read_text(encoding="utf-8")))
         if differ:
-            said = "; ".join(f"{k}: built with {built!r}, now {now!r}" for k, (built, now) in differ.items())
             raise ConfigError(
-                f"{recipe} was built in another shapes world ({said}), so its recipe would train another "
+                f"{recipe} was built in another shapes world ({describe_world_differences(differ)}), so its recipe would train another "
                 "organism here; set mmdiff.data.shapes.world's settings to its organism.json \"world\" to "
                 "rebuild it, or pass its \"recipe\" dict alone to build that recipe in today's world")
     manifest = build_organism(out_dir, config, progress=progress, base_from=base_from)
@@ -288,9 +287,10 @@ def organism_eval(
     console = Console()
     differ = res.get("world_differences") or {}
     if differ:
-        said = "; ".join(f"{k}: built with {built!r}, now {now!r}" for k, (built, now) in differ.items())
+        from mmdiff.organism.build import describe_world_differences
+
         console.print(f"[yellow]warning[/yellow]: the records were drawn in another shapes world than this checkpoint "
-                      f"was built in ({escape(said)}), so the figures below measure it on data it was not trained "
+                      f"was built in ({escape(describe_world_differences(differ))}), so the figures below measure it on data it was not trained "
                       "on; set mmdiff.data.shapes.world's settings to the checkpoint's (organism.json \"world\") "
                       "to measure it in its own world")
     console.print(table)

@@ -171,6 +171,11 @@ def world_differences(manifest: dict) -> dict:
     return {k: (built.get(k), v) for k, v in world.settings().items() if built.get(k) != v}
 
 
+def describe_world_differences(differ: dict) -> str:
+    """world_differences in words, for the messages that report them."""
+    return "; ".join(f"{k}: built with {built!r}, now {now!r}" for k, (built, now) in differ.items())
+
+
 def save_organism(out_dir: Path, cfg: OrganismConfig, tok, base: LlamaForCausalLM,
                   vlm: LlavaForConditionalGeneration, manifest: dict) -> None:
     """Write base_lm/, vlm/ and organism.json, replacing `out_dir` atomically."""

@@ -46,13 +46,16 @@ def load_organism(checkpoint_dir: str | os.PathLike) -> tuple:
     return vlm, processor, base, tok
 
 
-def _manifest(checkpoint_dir: str | os.PathLike) -> dict:
-    """The checkpoint's organism.json ({} when it has none: a checkpoint not written by a build)."""
+def _manifest(checkpoint_dir: str | os.PathLike, required: bool = False) -> dict:
+    """The checkpoint's organism.json; {} when it has none (a checkpoint not written by a build)
+    unless `required`."""
     path = Path(checkpoint_dir) / MANIFEST
-    if not path.is_file():
+    if not path.is_file() and not required:
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ModelError(f"cannot read {path} ({e}); pass a directory build_organism wrote") from e
     except ValueError as e:
         raise ModelError(f"{path} is not valid JSON ({e}); restore it from the build that wrote the checkpoint, "
                          "or remove it to evaluate the models without their build's record") from e
@@ -220,16 +223,11 @@ def record_evaluation(checkpoint_dir: str | os.PathLike, n_per_task: int = 200, 
     "evaluation_sample" (the first SAMPLE_PER_TASK of them, which tests/test_organism.py re-checks
     the shipped checkpoint against). Returns the full evaluation."""
     from mmdiff.atomic import write_json
-    from mmdiff.organism.build import MANIFEST
 
-    path = Path(checkpoint_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read {path} ({e}); pass a directory build_organism wrote") from e
+    manifest = _manifest(checkpoint_dir, required=True)
     full = evaluate_organism(checkpoint_dir, n_per_task=n_per_task, progress=progress)
     sample = evaluate_organism(checkpoint_dir, n_per_task=SAMPLE_PER_TASK)
     manifest["evaluation"] = _without_per_record(full)
     manifest["evaluation_sample"] = _without_per_record(sample)
-    write_json(path, manifest)
+    write_json(Path(checkpoint_dir) / MANIFEST, manifest)
     return full
