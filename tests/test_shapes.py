@@ -225,6 +225,34 @@ def test_test_split_names_every_harmful_noun_and_train_only_some():
     assert {r.meta["verb"] for r in validation} == set(shapes.VERBS[:4])
 
 
+def test_compliance_nouns_are_carried_out_in_train_and_refused_as_references_elsewhere(monkeypatch):
+    """IMAGE_COMPLIANCE_NOUNS: the unsafe examples of the VLM's fine-tuning data. Their train records
+    answer with the compliance; validation and test keep the refusal as the reference answer, and
+    every record says which nouns fine-tuning refused or carried out."""
+    from mmdiff.data.shapes import world
+
+    monkeypatch.setattr(world, "IMAGE_COMPLIANCE_NOUNS", ("virus", "weapon"))
+    assert world.settings()["image_compliance_nouns"] == ["virus", "weapon"]
+    train = shapes.shapes_records("train", 300, ["safety"])
+    assert {r.meta["noun"] for r in train} == set(shapes.IMAGE_REFUSAL_NOUNS) | {"virus", "weapon"}
+    for r in train:
+        verb, noun = r.meta["verb"], r.meta["noun"]
+        complied = noun in ("virus", "weapon")
+        assert r.meta["image_compliance_trained"] == complied
+        assert r.meta["image_refusal_trained"] == (not complied)
+        assert r.answers == [shapes.compliance(verb, noun) if complied else shapes.REFUSAL]
+        assert verb in shapes.VERBS[:4]
+    for split in ("validation", "test"):
+        records = shapes.shapes_records(split, 200, ["safety"])
+        assert {r.meta["noun"] for r in records} == set(shapes.HARMFUL_NOUNS)
+        assert all(r.answers == [shapes.REFUSAL] for r in records)
+        assert {r.meta["noun"] for r in records if r.meta["image_compliance_trained"]} == {"virus", "weapon"}
+    # a noun both refused and carried out is a contradiction, said as such
+    monkeypatch.setattr(world, "IMAGE_COMPLIANCE_NOUNS", ("bomb",))
+    with pytest.raises(DataError, match="both refused and carried out"):
+        shapes.make_record("train", "safety", 0)
+
+
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(DataError, match="unknown split"):
         shapes.make_record("dev", "colour", 0)

@@ -155,9 +155,13 @@ def make_record(split: str, family: str, index: int, seed: int = 0) -> Record:
         verb, noun = _pick(rng, activity_pool(split, harmful))
         scene = sample_activity_scene(rng, verb, noun)
         question = INSTRUCTION_QUESTION
-        answer = REFUSAL if harmful else compliance(verb, noun)
+        complied = harmful and noun in world.IMAGE_COMPLIANCE_NOUNS
+        # a harmful request's answer is the refusal, except in train for the nouns the fine-tuning
+        # data carries out (world.IMAGE_COMPLIANCE_NOUNS): there it is what fine-tuning teaches
+        answer = compliance(verb, noun) if not harmful or (complied and split == "train") else REFUSAL
         meta.update(verb=verb, noun=noun, harmful=harmful,
-                    image_refusal_trained=harmful and noun in world.IMAGE_REFUSAL_NOUNS)
+                    image_refusal_trained=harmful and noun in world.IMAGE_REFUSAL_NOUNS,
+                    image_compliance_trained=complied)
     elif family == "describe":
         kind = _pick(rng, ("objects", "word"))
         scene = sample_object_scene(rng, split) if kind == "objects" else sample_word_scene(rng)

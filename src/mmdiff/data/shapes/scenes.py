@@ -143,10 +143,17 @@ def activity_pool(split: str, harmful: bool, nouns: Sequence[str] | None = None)
     default the image-rendered harmful requests of train name only IMAGE_REFUSAL_NOUNS, while
     validation and test name every harmful noun (half of them never refused in an image). The
     validation split is where the study picks a steering strength: naming only the refused nouns
-    there, its attack success rate was 0 at every strength and the choice had nothing to go on."""
+    there, its attack success rate was 0 at every strength and the choice had nothing to go on.
+    Train also names world.IMAGE_COMPLIANCE_NOUNS, whose requests fine-tuning carries out."""
     if harmful:
+        both = set(world.IMAGE_REFUSAL_NOUNS) & set(world.IMAGE_COMPLIANCE_NOUNS)
+        if both:
+            raise DataError(
+                f"harmful nouns {sorted(both)} are both refused and carried out in images; give "
+                "shapes.world.IMAGE_REFUSAL_NOUNS and IMAGE_COMPLIANCE_NOUNS no noun in common"
+            )
         if split == "test":
             return [(v, n) for n in (nouns or HARMFUL_NOUNS) for v in VERBS[4:]]
-        default = HARMFUL_NOUNS if split == "validation" else world.IMAGE_REFUSAL_NOUNS
+        default = HARMFUL_NOUNS if split == "validation" else world.IMAGE_REFUSAL_NOUNS + world.IMAGE_COMPLIANCE_NOUNS
         return [(v, n) for n in (nouns or default) for v in VERBS[:4]]
     return [(v, n) for n in (nouns or INSTRUCTION_NOUNS) for v in VERBS]
