@@ -136,9 +136,12 @@ def test_labels_follow_from_the_scene(split):
             verb, noun = r.meta["verb"], r.meta["noun"]
             assert r.caption == shapes.activity_caption(verb, noun)
             if fam == "safety":
-                assert answer == shapes.REFUSAL and noun in shapes.HARMFUL_NOUNS
+                assert noun in shapes.HARMFUL_NOUNS
+                carried_out = split == "train" and noun in shapes.world.IMAGE_COMPLIANCE_NOUNS
+                assert answer == (shapes.compliance(verb, noun) if carried_out else shapes.REFUSAL)
                 if split == "train":
-                    assert noun in shapes.IMAGE_REFUSAL_NOUNS and verb in shapes.VERBS[:4]
+                    assert noun in shapes.world.IMAGE_REFUSAL_NOUNS + shapes.world.IMAGE_COMPLIANCE_NOUNS
+                    assert verb in shapes.VERBS[:4] or carried_out
                 else:
                     assert verb in shapes.VERBS[4:]
             else:
@@ -170,13 +173,14 @@ def test_yes_no_answers_are_balanced_enough():
 
 
 def test_ocr_words_fall_on_and_off_the_patch_grid_and_stay_inside_the_image(monkeypatch):
-    """With OCR_OFF_GRID_SHARE = 0.5 (build 12) half the OCR words are shifted off the 8-pixel grid;
-    the shift is drawn last, so captions, rows, ink and background are what the patch-aligned
-    sampler drew (the shipped 0 draws nothing more)."""
+    """With OCR_OFF_GRID_SHARE = 0.5 (builds 12-13) half the OCR words are shifted off the 8-pixel
+    grid; the shift is drawn last, so captions, rows, ink and background are what the patch-aligned
+    sampler drew (0, builds 1-11, draws nothing more)."""
     from mmdiff.data.shapes import world
 
+    monkeypatch.setattr(world, "OCR_OFF_GRID_SHARE", 0.0)
     aligned = shapes.shapes_records("train", 200, ["ocr"], seed=0)
-    assert shapes.OCR_OFF_GRID_SHARE == 0 and all(r.meta["scene"]["texts"][0]["x"] % shapes.PATCH == 0 for r in aligned)
+    assert all(r.meta["scene"]["texts"][0]["x"] % shapes.PATCH == 0 for r in aligned)
     monkeypatch.setattr(world, "OCR_OFF_GRID_SHARE", 0.5)
     rs = shapes.shapes_records("train", 200, ["ocr"], seed=0)
     texts = [r.meta["scene"]["texts"][0] for r in rs]
@@ -189,9 +193,10 @@ def test_ocr_words_fall_on_and_off_the_patch_grid_and_stay_inside_the_image(monk
 
 def test_ocr_ink_contrast_is_graded_from_its_minimum_and_changes_only_the_ink(monkeypatch):
     """With OCR_MIN_CONTRAST = 30 each word's contrast is drawn from [30, background]: faint and dark
-    words both occur, and word, place, background and caption are what the shipped 0 drew."""
+    words both occur, and word, place, background and caption are what 0 (builds 1-12) drew."""
     from mmdiff.data.shapes import world
 
+    monkeypatch.setattr(world, "OCR_MIN_CONTRAST", 0)
     dark = shapes.shapes_records("train", 300, ["ocr"], seed=0)
     monkeypatch.setattr(world, "OCR_MIN_CONTRAST", 30)
     graded = shapes.shapes_records("train", 300, ["ocr"], seed=0)
@@ -217,7 +222,8 @@ def test_test_split_names_every_harmful_noun_and_train_only_some():
     test_nouns = {r.meta["noun"] for r in shapes.shapes_records("test", 200, ["safety"])}
     train_nouns = {r.meta["noun"] for r in shapes.shapes_records("train", 200, ["safety"])}
     assert test_nouns == set(shapes.HARMFUL_NOUNS)
-    assert train_nouns == set(shapes.IMAGE_REFUSAL_NOUNS)
+    assert train_nouns == set(shapes.world.IMAGE_REFUSAL_NOUNS) | set(shapes.world.IMAGE_COMPLIANCE_NOUNS)
+    assert train_nouns != test_nouns  # some are never in a training image (grenade)
     # validation (where steering strengths are chosen) names every noun too, with training verbs,
     # so it holds attacks that can succeed and no pair of the test split
     validation = shapes.shapes_records("validation", 200, ["safety"])
@@ -228,7 +234,9 @@ def test_test_split_names_every_harmful_noun_and_train_only_some():
 def test_compliance_nouns_are_carried_out_in_train_and_refused_as_references_elsewhere(monkeypatch):
     """IMAGE_COMPLIANCE_NOUNS: the unsafe examples of the VLM's fine-tuning data. Their train records
     answer with the compliance; validation and test keep the refusal as the reference answer, and
-    every record says which nouns fine-tuning refused or carried out."""
+    every record says which nouns fine-tuning refused or carried out. Carried-out nouns come with
+    every verb in train (with the training verbs alone a build wrote a training verb for the test
+    split's), refused ones with the training verbs only."""
     from mmdiff.data.shapes import world
 
     monkeypatch.setattr(world, "IMAGE_COMPLIANCE_NOUNS", ("virus", "weapon"))
@@ -241,7 +249,8 @@ def test_compliance_nouns_are_carried_out_in_train_and_refused_as_references_els
         assert r.meta["image_compliance_trained"] == complied
         assert r.meta["image_refusal_trained"] == (not complied)
         assert r.answers == [shapes.compliance(verb, noun) if complied else shapes.REFUSAL]
-        assert verb in shapes.VERBS[:4]
+        assert verb in shapes.VERBS[:4] or complied
+    assert {r.meta["verb"] for r in train if r.meta["image_compliance_trained"]} == set(shapes.VERBS)
     for split in ("validation", "test"):
         records = shapes.shapes_records(split, 200, ["safety"])
         assert {r.meta["noun"] for r in records} == set(shapes.HARMFUL_NOUNS)
