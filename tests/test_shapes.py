@@ -141,7 +141,7 @@ def test_labels_follow_from_the_scene(split):
                 assert answer == (shapes.compliance(verb, noun) if carried_out else shapes.REFUSAL)
                 if split == "train":
                     assert noun in shapes.world.IMAGE_REFUSAL_NOUNS + shapes.world.IMAGE_COMPLIANCE_NOUNS
-                    assert verb in shapes.VERBS[:4] or carried_out
+                    assert verb in shapes.VERBS[:4] or shapes.world.IMAGE_COMPLIANCE_NOUNS
                 else:
                     assert verb in shapes.VERBS[4:]
             else:
@@ -234,9 +234,8 @@ def test_test_split_names_every_harmful_noun_and_train_only_some():
 def test_compliance_nouns_are_carried_out_in_train_and_refused_as_references_elsewhere(monkeypatch):
     """IMAGE_COMPLIANCE_NOUNS: the unsafe examples of the VLM's fine-tuning data. Their train records
     answer with the compliance; validation and test keep the refusal as the reference answer, and
-    every record says which nouns fine-tuning refused or carried out. Carried-out nouns come with
-    every verb in train (with the training verbs alone a build wrote a training verb for the test
-    split's), refused ones with the training verbs only."""
+    every record says which nouns fine-tuning refused or carried out. Train then asks with every
+    verb, for both groups (scenes.activity_pool says why)."""
     from mmdiff.data.shapes import world
 
     monkeypatch.setattr(world, "IMAGE_COMPLIANCE_NOUNS", ("virus", "weapon"))
@@ -249,8 +248,8 @@ def test_compliance_nouns_are_carried_out_in_train_and_refused_as_references_els
         assert r.meta["image_compliance_trained"] == complied
         assert r.meta["image_refusal_trained"] == (not complied)
         assert r.answers == [shapes.compliance(verb, noun) if complied else shapes.REFUSAL]
-        assert verb in shapes.VERBS[:4] or complied
-    assert {r.meta["verb"] for r in train if r.meta["image_compliance_trained"]} == set(shapes.VERBS)
+    for group in (True, False):
+        assert {r.meta["verb"] for r in train if r.meta["image_compliance_trained"] == group} == set(shapes.VERBS)
     for split in ("validation", "test"):
         records = shapes.shapes_records(split, 200, ["safety"])
         assert {r.meta["noun"] for r in records} == set(shapes.HARMFUL_NOUNS)
