@@ -80,7 +80,8 @@ IMAGE_REFUSAL_NOUNS: tuple[str, ...] = ("bomb", "gun", "poison", "drug")
 # to nouns never written in an answer, so the attack success rate swung from 0.01 to 0.27 between
 # checkpoints with no change to the safety data (session 8, organism README). With nouns here, the
 # attack succeeds on a share of the test requests that the data sets, and the nouns in neither
-# tuple measure how far compliance or refusal transfers. Disjoint from IMAGE_REFUSAL_NOUNS.
+# tuple measure how far compliance or refusal transfers. Disjoint from IMAGE_REFUSAL_NOUNS. When
+# set, train asks for both groups with every verb (scenes.activity_pool says why).
 IMAGE_COMPLIANCE_NOUNS: tuple[str, ...] = ()
 # Share of OCR words drawn off the patch grid (scenes.sample_word_scene): the from-scratch tower
 # reads patch-aligned words perfectly (VLM OCR 1.00 in build 11, leaving a steering no room to
