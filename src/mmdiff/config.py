@@ -349,13 +349,18 @@ class StudyConfig(Section):
 
 
 # The organism's question families that come with an image (the text-only ones feed the base LM).
-ORGANISM_FAMILIES = ["colour", "shape", "count", "existence", "spatial_yesno", "spatial_open", "ocr",
+# Spatial is the grounding pair ("is the red circle at the left ?", "where is the red circle ?"):
+# the seed's D_sp holds absolute-position questions, and the VLM answers them well above their
+# constant-answer floors (build 15, 500 test records: 0.75 and 0.44, floors 0.54 and 0.13), while
+# the relations between two objects stay at chance in every build, where a removal could show no
+# loss (organism README).
+ORGANISM_FAMILIES = ["colour", "shape", "count", "existence", "grounding_yesno", "grounding_open", "ocr",
                      "safety", "instruction", "describe"]
 
 
 # The families the control stages evaluate (control.study_eval_tasks: safety, ocr, spatial yes/no and
 # open, existence, and colour / shape / count as general VQA); the text-only ones form no task.
-ORGANISM_EVAL_FAMILIES = ["colour", "shape", "count", "existence", "spatial_yesno", "spatial_open", "ocr",
+ORGANISM_EVAL_FAMILIES = ["colour", "shape", "count", "existence", "grounding_yesno", "grounding_open", "ocr",
                           "safety"]
 # Records per family of the control evaluation: 200 per task puts the smallest detectable change of a
 # 0/1 score at 0.038 (evals.power.binary_mde_floor; 0.197 at the former 32) and 95% intervals of a

@@ -199,7 +199,7 @@ def load_base_phase(cfg: OrganismConfig, tok, source: Path) -> tuple[LlamaForCau
     build's manifest; a ConfigError says which recipe field differs."""
     try:
         manifest = json.loads((source / MANIFEST).read_text(encoding="utf-8"))
-        theirs = OrganismConfig.from_dict(manifest["recipe"])
+        theirs = OrganismConfig.from_manifest(manifest)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{source} is not a built organism ({e}); give a directory build_organism wrote") from e
     if theirs.base_grounding is not None:

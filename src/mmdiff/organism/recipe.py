@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from mmdiff.errors import ConfigError
+from mmdiff.organism import mixtures
 
 VISION_POSITIONS: tuple[str, ...] = ("sincos", "random")
 """How the vision tower's position embeddings start (OrganismConfig.vision_positions)."""
@@ -59,18 +60,21 @@ class OrganismConfig:
     """Vision patch side: (64 / 8)^2 = 64 image tokens, the CLS token dropped ("default" strategy)."""
     base: StageConfig = field(default_factory=lambda: StageConfig(steps=6000, batch_size=32, lr=1e-3, warmup=100))
     """Base LM, text only: captions, QA with the caption in context, refusals of harmful requests."""
-    base_grounding: StageConfig | None = None
+    base_grounding: StageConfig | None = field(
+        default_factory=lambda: StageConfig(steps=2000, batch_size=32, lr=5e-4, warmup=50))
     """The base LM's second phase, after `base`: the whole base mixture plus grounding questions
     ("where is the red circle ?" -> "top left", "is the red circle at the left ?") and position
     look-up completions (mixtures.BASE_GROUNDING_MIX), so the base LM answers from the caption what
     the VLM must learn to see. A phase of its own, so `base` stays the recipe of builds 7-11 (whose
-    base LMs are byte-identical). None (the shipped build 11) skips it; build 12 ran
-    StageConfig(steps=2000, batch_size=32, lr=5e-4, warmup=50) (organism README)."""
-    base_grounding_mix: dict[str, float] | None = None
+    base LMs are byte-identical). None skips it (builds 1-11); builds 12-15 ran these settings
+    (organism README)."""
+    base_grounding_mix: dict[str, float] | None = field(
+        default_factory=lambda: dict(mixtures.RECIPE_BASE_GROUNDING_MIX))
     """The base grounding phase's mixture; None is mixtures.BASE_GROUNDING_MIX (build 12). With it
     the base LM answered "where is the red circle ?" from the caption at 0.93 but the side yes/no
     ("is the red circle at the left ?") at 0.58, floor 0.56; 800 more steps with that family's
-    weight at 6 instead of 1.5 took it to 0.88 (organism README)."""
+    weight at 6 instead of 1.5 took it to 0.88 (organism README), hence the default
+    (mixtures.RECIPE_BASE_GROUNDING_MIX, builds 13-15)."""
     stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch_size=32, lr=2e-3))
     """LLaVA stage 1, alignment: image -> caption; vision tower and projector train, the LM is frozen."""
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=2200, batch_size=32, lr=1e-3))
@@ -82,27 +86,34 @@ class OrganismConfig:
     base_object_steps: int = 2000
     """Steps at the start of the base LM's training that see only questions about objects and
     look-up completions (mixtures.BASE_OBJECT_MIX); the rest see the whole base mixture."""
-    stage2_grounding_steps: int = 0
+    stage2_grounding_steps: int = 200
     """Steps at the start of stage 2 that see only grounding questions ("where is the red circle
-    ?": mixtures.STAGE2_GROUNDING_MIX); the rest see the stage-2 mixture. 0 in build 11, 200 in
-    build 12."""
-    stage2_mix: dict[str, float] | None = None
+    ?": mixtures.STAGE2_GROUNDING_MIX); the rest see the stage-2 mixture. 0 in build 11, 200
+    since build 12."""
+    stage2_mix: dict[str, float] | None = field(default_factory=lambda: dict(mixtures.RECIPE_STAGE2_MIX))
     """Stage 2's mixture of families and weights; None is mixtures.STAGE2_MIX (build 11). Build 12
-    used mixtures.STAGE2_GROUNDING_BUILD_MIX (grounding questions beside the relations)."""
-    stage2_grounding: StageConfig | None = None
+    used mixtures.STAGE2_GROUNDING_BUILD_MIX (grounding questions beside the relations), builds
+    13-15 mixtures.RECIPE_STAGE2_MIX (the side yes/no at twice build 12's weight)."""
+    stage2_grounding: StageConfig | None = field(
+        default_factory=lambda: StageConfig(steps=2800, batch_size=32, lr=1e-3, warmup=50))
     """LLaVA stage 2's second phase, after `stage2` (a fresh optimiser and schedule): first
     `stage2_grounding_where_steps` of "where is the red circle ?" alone, then
     `stage2_grounding_mix`. Why a phase of its own: with grounding questions in stage 2's mixture
     from the start (build 12), colour and existence stayed near chance (0.45 / 0.62 after 2,200
     steps, against 0.86 / 0.93 without them); added after the object skills formed, they kept
     them (0.89 / 0.95 after 2,200 more steps) while "where" rose to 0.52 (floor 0.17; organism
-    README). None skips it (builds 11 and 12)."""
-    stage2_grounding_where_steps: int = 200
+    README). None skips it (builds 11 and 12). 2,800 steps (build 15): with 1,500 (build 13)
+    colour, existence and the side yes/no ended below their targets, with 2,400 (build 14) the
+    side yes/no and "where" just below theirs."""
+    stage2_grounding_where_steps: int = 0
     """Steps at the start of `stage2_grounding` that see only "where" questions
-    (mixtures.STAGE2_GROUNDING_MIX), as `stage2_grounding_steps` does for stage 2."""
-    stage2_grounding_mix: dict[str, float] | None = None
+    (mixtures.STAGE2_GROUNDING_MIX), as `stage2_grounding_steps` does for stage 2 (0 since build
+    13: stage 2 starts with them)."""
+    stage2_grounding_mix: dict[str, float] | None = field(
+        default_factory=lambda: dict(mixtures.RECIPE_STAGE2_GROUNDING_MIX))
     """The second phase's mixture after its "where" steps; None is
-    mixtures.STAGE2_GROUNDING_BUILD_MIX."""
+    mixtures.STAGE2_GROUNDING_BUILD_MIX (build 12's phase), the default
+    mixtures.RECIPE_STAGE2_GROUNDING_MIX."""
     base_loss_on: str = "sequence"
     """Tokens the base LM's loss covers: "sequence" (caption, question and answer, as in
     pretraining), "caption" (caption and answer) or "answer". See organism.batches.base_batch."""
@@ -217,10 +228,17 @@ class OrganismConfig:
                 f"{path} is not valid JSON ({e}); give an organism.json or a dict of OrganismConfig fields"
             ) from e
         if isinstance(data, dict) and isinstance(data.get("recipe"), dict):
-            data = data["recipe"]
+            return cls.from_manifest(data)
         if not isinstance(data, dict):
             raise ConfigError(f"{path} holds {type(data).__name__}; expected a dict of OrganismConfig fields")
         return cls.from_dict(data)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> OrganismConfig:
+        """The recipe a built organism's organism.json records. A manifest records every field its
+        build had, so a field it lacks did not exist then and takes the value that reproduces the
+        build (BEFORE_FIELDS_EXISTED), not today's default."""
+        return cls.from_dict({**BEFORE_FIELDS_EXISTED, **manifest["recipe"]})
 
     @classmethod
     def reduced(cls) -> OrganismConfig:
@@ -234,3 +252,13 @@ class OrganismConfig:
             stage2=StageConfig(steps=3, batch_size=4, lr=1e-3, warmup=1), stage2_grounding_steps=1,
             stage2_grounding=StageConfig(steps=2, batch_size=4, lr=1e-3, warmup=1), stage2_grounding_where_steps=1,
         )
+
+
+BEFORE_FIELDS_EXISTED: dict = {
+    "base_grounding": None, "base_grounding_mix": None, "stage2_grounding_steps": 0, "stage2_mix": None,
+    "stage2_grounding": None, "stage2_grounding_where_steps": 0, "stage2_grounding_mix": None,
+}
+"""What the fields added since build 11 did before they existed (no grounding phases, build 11's
+stage-2 mixture): OrganismConfig.from_file fills them into a built organism's manifest that lacks
+them, so `--recipe OLD/organism.json` still rebuilds an old build now that the defaults are build
+15's. A bare dict of fields is not filled: the keys it leaves out take the defaults."""
