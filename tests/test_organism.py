@@ -442,8 +442,10 @@ def test_shipped_checkpoint_is_small_and_complete():
     manifest = json.loads((root / "organism.json").read_text())
     assert OrganismConfig.from_manifest(manifest).n_image_tokens == 64
     # `mmdiff organism build` with no arguments rebuilds what ships: the default recipe is the
-    # shipped one (recipe keys added since the build take the defaults that reproduce it)
+    # shipped one, its mixtures in the same family order (the order seeds the data streams)
     assert OrganismConfig.from_manifest(manifest) == OrganismConfig()
+    for name in ("base_grounding_mix", "stage2_mix", "stage2_grounding_mix"):
+        assert list(getattr(OrganismConfig(), name)) == list(manifest["recipe"][name]), name
     # ... and the shapes world's settings are the ones it was trained in, so the study and the
     # tests measure it on its own data (change them together with the checkpoint)
     assert manifest["world"] == shapes.world.settings()
@@ -470,11 +472,11 @@ def test_shipped_checkpoint_loads_through_the_llava_adapter(shipped):
 
 def test_shipped_checkpoint_reaches_its_measured_accuracy():
     """The first 16 held-out test records per task against what the shipped checkpoint scored on
-    exactly those records when it was built (organism.json "evaluation_sample"; the 200-record
-    "evaluation" starts with the same 16). Two answers per task may flip: a few first answer tokens
+    exactly those records when it was built (organism.json "evaluation_sample"; the recorded
+    500-record "evaluation" starts with the same 16). Two answers per task may flip: a few first answer tokens
     are decided by a logit margin under 0.01, which another CPU's arithmetic could move; a broken
     checkpoint, prompt format, processor or shapes-world change moves many. A sample's level is not
-    compared with the 200-record one: 16 records stray far from it."""
+    compared with the 500-record one: 16 records stray far from it."""
     manifest = json.loads((checkpoint_path() / "organism.json").read_text())
     measured, full = manifest["evaluation_sample"], manifest["evaluation"]
     assert measured["n_per_task"] == 16 and full["n_per_task"] >= 16

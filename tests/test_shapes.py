@@ -173,7 +173,7 @@ def test_yes_no_answers_are_balanced_enough():
 
 
 def test_ocr_words_fall_on_and_off_the_patch_grid_and_stay_inside_the_image(monkeypatch):
-    """With OCR_OFF_GRID_SHARE = 0.5 (builds 12-13) half the OCR words are shifted off the 8-pixel
+    """With OCR_OFF_GRID_SHARE = 0.5 (since build 12) half the OCR words are shifted off the 8-pixel
     grid; the shift is drawn last, so captions, rows, ink and background are what the patch-aligned
     sampler drew (0, builds 1-11, draws nothing more)."""
     from mmdiff.data.shapes import world

@@ -259,6 +259,6 @@ BEFORE_FIELDS_EXISTED: dict = {
     "stage2_grounding": None, "stage2_grounding_where_steps": 0, "stage2_grounding_mix": None,
 }
 """What the fields added since build 11 did before they existed (no grounding phases, build 11's
-stage-2 mixture): OrganismConfig.from_file fills them into a built organism's manifest that lacks
-them, so `--recipe OLD/organism.json` still rebuilds an old build now that the defaults are build
+stage-2 mixture): OrganismConfig.from_manifest fills them into a built organism's manifest that
+lacks them, so `--recipe OLD/organism.json` still rebuilds an old build now that the defaults are build
 15's. A bare dict of fields is not filled: the keys it leaves out take the defaults."""
